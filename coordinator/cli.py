@@ -1,0 +1,180 @@
+"""The `flashmesh` command: pack, run, demo.
+
+Errors a user can cause end as one line on stderr with the fix and exit status 2; never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from node.cache import format_bytes, parse_bytes
+from node.store_format import StoreError
+
+log = logging.getLogger("flashmesh")
+err = Console(stderr=True)
+
+
+def _add_generation_args(p: argparse.ArgumentParser, *, prompt_default: str | None) -> None:
+    p.add_argument("--prompt", default=prompt_default, required=prompt_default is None)
+    p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument("--ram-budget", default=None, help="bytes of expert weights kept in RAM, e.g. 2GB, 512MiB")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-p", type=float, default=0.0)
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
+    p.add_argument("--page-cache", action="store_true", help="let the OS page cache help (default: bypass it)")
+    p.add_argument("--prefill-step", type=int, default=512, help="prompt tokens per prefill chunk")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of text and a table")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="flashmesh", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("pack", help="turn a model directory or hub id into a flash store")
+    p.add_argument("src", help="model directory (config.json, *.safetensors, tokenizer) or a hub id")
+    p.add_argument("out", type=Path)
+    p.add_argument("--force", action="store_true", help="replace OUT if it exists")
+
+    p = sub.add_parser("run", help="generate with experts streamed from a store")
+    p.add_argument("store", type=Path)
+    _add_generation_args(p, prompt_default=None)
+
+    p = sub.add_parser("demo", help="build a small MoE model locally, pack it and run it streamed")
+    p.add_argument("--workdir", type=Path, default=Path(".flashmesh/demo"))
+    p.add_argument("--arch", default="qwen3_moe")
+    _add_generation_args(p, prompt_default="The experts live on flash and")
+    return parser
+
+
+def _print_stats(stats: dict, *, title: str) -> None:
+    table = Table(title=title, show_header=False)
+    rows = [
+        ("time to first token", f"{stats['ttft_s']:.3f} s"),
+        ("decode", f"{stats['decode_tokens_per_s']:.2f} tok/s"),
+        ("cache hit rate", f"{stats['cache_hit_rate']:.1%}"),
+        ("expert bytes read from flash", format_bytes(stats["expert_bytes_read"])),
+        ("  per generated token", format_bytes(stats["bytes_read_per_token"])),
+        ("effective read rate", f"{stats['read_gbps']:.2f} GB/s"),
+        ("seconds in I/O / expert compute", f"{stats['io_seconds']:.3f} / {stats['compute_seconds']:.3f}"),
+        (
+            "RAM budget / peak cache",
+            f"{format_bytes(stats['ram_budget_bytes'])} / {format_bytes(stats['peak_cache_bytes'])}",
+        ),
+        ("expert bytes in the model", format_bytes(stats["expert_bytes_total"])),
+    ]
+    for key, label in (("tokens_match_reference", "greedy tokens equal mlx-lm's"),):
+        if key in stats:
+            rows.append((label, str(stats[key]).lower()))
+    for name, value in rows:
+        table.add_row(name, value)
+    err.print(table)
+
+
+def _run_store(args, store: Path, *, extra: dict | None = None) -> dict:
+    from coordinator.engine import open_local
+    from coordinator.generate import add_cache_stats, encode_prompt, generate
+    from node.store_format import Manifest
+
+    manifest = Manifest.load(store)
+    budget = parse_bytes(args.ram_budget) if args.ram_budget else manifest.expert_bytes_total
+    streaming = open_local(store, ram_budget=budget, page_cache=args.page_cache)
+    try:
+        prompt = encode_prompt(streaming.tokenizer, args.prompt, chat=args.chat)
+        stream = None if args.json else (lambda s: print(s, end="", flush=True))
+        stats = generate(
+            streaming.model,
+            streaming.tokenizer,
+            prompt,
+            max_tokens=args.max_tokens,
+            temperature=args.temperature,
+            top_p=args.top_p,
+            prefill_step_size=args.prefill_step,
+            on_text=stream,
+        )
+        if stream is not None:
+            print(flush=True)
+        add_cache_stats(
+            stats, streaming.cache.stats, ram_budget_bytes=budget, expert_bytes_total=manifest.expert_bytes_total
+        )
+        result = stats.to_json()
+        result["page_cache_bypassed"] = streaming.store.bypassing_cache
+        result.update(extra or {})
+        return result
+    finally:
+        streaming.close()
+
+
+def cmd_pack(args) -> int:
+    from node.store_writer import pack
+
+    manifest = pack(args.src, args.out, force=args.force, show_progress=sys.stderr.isatty())
+    err.print(
+        f"packed {len(manifest.layers)} MoE layers, {format_bytes(manifest.expert_bytes_total)} of experts "
+        f"into {args.out} (fingerprint {manifest.fingerprint})"
+    )
+    return 0
+
+
+def cmd_run(args) -> int:
+    result = _run_store(args, args.store)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        _print_stats(result, title=f"flashmesh run {args.store}")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from coordinator.demo import prepare_demo, reference_tokens
+
+    store, source = prepare_demo(args.workdir, arch=args.arch, show_progress=not args.json)
+    if args.ram_budget is None:
+        from node.store_format import Manifest
+
+        manifest = Manifest.load(store)
+        # A quarter of the experts fit: most tokens stream something from flash.
+        args.ram_budget = str(max(manifest.expert_bytes_total // 4, manifest.min_budget_bytes))
+    result = _run_store(args, store, extra={"store": str(store)})
+    if args.temperature == 0:
+        reference = reference_tokens(
+            source, args.prompt, max_tokens=args.max_tokens, chat=args.chat, prefill_step_size=args.prefill_step
+        )
+        result["tokens_match_reference"] = reference == result["tokens"]
+    if args.json:
+        print(json.dumps(result))
+    else:
+        _print_stats(result, title=f"flashmesh demo ({args.arch}, store {store})")
+    return 0
+
+
+COMMANDS = {"pack": cmd_pack, "run": cmd_run, "demo": cmd_demo}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    # transformers (used only for tokenizers) announces that PyTorch is absent; it does not need it.
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        return COMMANDS[args.command](args)
+    except StoreError as e:
+        err.print(f"error: {e}", style="red", markup=False, highlight=False, soft_wrap=True)
+        return 2
+    except KeyboardInterrupt:
+        err.print("interrupted")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,113 @@
+"""Building a streaming model from a store: mlx-lm's class, dense weights only, experts dispatched.
+
+`open_local` is the embedded default: the experts are computed in this process from the store's
+flash records through the expert cache. The distributed path swaps the backend, nothing else.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+from mlx_lm.tokenizer_utils import TokenizerWrapper
+from mlx_lm.utils import load_tokenizer
+
+from coordinator.dispatch import ExpertBackend, install_dispatch
+from node.cache import ExpertCache
+from node.compute import LocalExperts
+from node.experts import find_expert_modules, layer_index, load_lazy
+from node.store_format import Manifest, StoreError
+from node.store_reader import ExpertStore
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class StreamingModel:
+    model: nn.Module
+    tokenizer: TokenizerWrapper
+    manifest: Manifest
+    backend: ExpertBackend
+    cache: ExpertCache | None = None  # the local cache, when experts run in this process
+    store: ExpertStore | None = None
+
+    def close(self) -> None:
+        if self.store is not None:
+            self.store.close()
+
+
+def _dense_keys(store_path: Path, manifest: Manifest) -> set[str]:
+    keys: set[str] = set()
+    for name in manifest.dense_files:
+        path = store_path / name
+        if not path.is_file():
+            raise StoreError(f"{path} is missing; the store's dense weights are incomplete, re-run `flashmesh pack`")
+        try:
+            keys.update(mx.load(str(path)).keys())
+        except (RuntimeError, ValueError) as e:
+            raise StoreError(f"{path} cannot be read ({e}); re-run `flashmesh pack`") from None
+    return keys
+
+
+def load_dense_model(store_path: Path) -> tuple[nn.Module, Manifest, dict[int, nn.Module]]:
+    """mlx-lm's model for the store with dense weights loaded; return it, the manifest and the
+    routed-expert modules (by layer) still in place, to be swapped for a dispatch."""
+    store_path = Path(store_path)
+    manifest = Manifest.load(store_path)
+    model, _ = load_lazy(store_path, strict=False)
+    experts = {layer_index(p): m for p, m in find_expert_modules(model).items()}
+    if sorted(experts) != sorted(s.layer for s in manifest.layers):
+        raise StoreError(
+            f"{store_path}: the manifest's MoE layers do not match the model built from its "
+            "config; the store is from another model, re-run `flashmesh pack`"
+        )
+    expert_paths = tuple(f"{s.module}." for s in manifest.layers)
+    wanted = {k for k, _ in tree_flatten(model.parameters()) if not k.startswith(expert_paths)}
+    missing = sorted(wanted - _dense_keys(store_path, manifest))
+    if missing:
+        raise StoreError(
+            f"{store_path} lacks dense weights ({missing[0]} and {len(missing) - 1} more); re-run `flashmesh pack`"
+        )
+    return model, manifest, experts
+
+
+def attach(model: nn.Module, backend: ExpertBackend) -> None:
+    """Swap the routed-expert modules for the dispatch, then read the dense weights."""
+    install_dispatch(model, backend)
+    mx.eval(model.parameters())
+
+
+def load_store_tokenizer(store_path: Path, manifest: Manifest) -> TokenizerWrapper:
+    try:
+        return load_tokenizer(Path(store_path), eos_token_ids=manifest.config.get("eos_token_id"))
+    except (OSError, ValueError) as e:
+        raise StoreError(
+            f"{store_path} has no usable tokenizer ({e}); pack from a directory with tokenizer files"
+        ) from None
+
+
+def open_local(
+    store_path: Path, *, ram_budget: int, page_cache: bool = False, verify: bool = True, queue_depth: int = 8
+) -> StreamingModel:
+    """The embedded default: dense part in RAM, experts streamed from this store in-process."""
+    store_path = Path(store_path)
+    model, manifest, templates = load_dense_model(store_path)
+    if manifest.shard is not None:
+        raise StoreError(
+            f"{store_path} is a shard ({manifest.shard}); run the full store, or serve shards "
+            "as nodes and run with --cluster"
+        )
+    store = ExpertStore(store_path, page_cache=page_cache, verify=verify, queue_depth=queue_depth)
+    try:
+        cache = ExpertCache(store, budget_bytes=ram_budget)
+    except StoreError:
+        store.close()
+        raise
+    backend = LocalExperts(cache, templates)
+    attach(model, backend)
+    tokenizer = load_store_tokenizer(store_path, manifest)
+    return StreamingModel(model, tokenizer, manifest, backend, cache=cache, store=store)

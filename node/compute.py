@@ -1,0 +1,73 @@
+"""Expert compute on MLX: one batched call per layer (per wave) with mlx-lm's own expert module.
+
+The kernel is the model's own SwitchGLU (or SwitchMLP, or any variant) taken from an mlx-lm model
+built lazily from the store's config: its activation, biases and quantization are exactly the
+model's. For each call its stacked weights are swapped for the experts the call needs, and the
+expert ids are renumbered into that stack, so the arithmetic is mlx-lm's.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+from mlx.utils import tree_unflatten
+
+from node.cache import ExpertCache
+from node.experts import find_expert_modules, layer_index, load_lazy
+
+_EMPTY = mx.zeros((0,))
+
+
+def expert_templates(store_path: Path) -> dict[int, nn.Module]:
+    """layer -> the model's routed-expert module, from a lazily built model (no weights read)."""
+    model, _ = load_lazy(Path(store_path), strict=False)
+    return {layer_index(path): module for path, module in find_expert_modules(model).items()}
+
+
+class LocalExperts:
+    """The in-process expert backend: cache + store + mlx-lm's expert modules as kernels."""
+
+    def __init__(self, cache: ExpertCache, templates: dict[int, nn.Module]) -> None:
+        self.cache = cache
+        self.templates = templates
+
+    def compute(self, layer: int, x: mx.array, indices: mx.array) -> mx.array:
+        """x [N, D], indices [N, k] (expert ids) -> per-pair expert outputs [N, k, D]."""
+        idx = np.array(indices)  # forces the graph up to the router: the experts must be known
+        n, k = idx.shape
+        waves = self.cache.plan_waves(layer, np.unique(idx).tolist())
+        if len(waves) == 1:
+            return self._run_wave(layer, waves[0], x, idx)
+        # Budget smaller than this call's experts: compute wave by wave, each on its own pairs.
+        flat = idx.reshape(-1)
+        out = None
+        for wave in waves:
+            pairs = np.nonzero(np.isin(flat, wave))[0]
+            y = self._run_wave(layer, wave, x[mx.array(pairs // k)], flat[pairs].reshape(-1, 1))  # [P, 1, D]
+            if out is None:
+                out = mx.zeros((n * k, y.shape[-1]), dtype=y.dtype)
+            out[mx.array(pairs)] = y[:, 0]
+            mx.eval(out)
+        return out.reshape(n, k, -1)
+
+    def _run_wave(self, layer: int, wave: list[int], x: mx.array, idx: np.ndarray) -> mx.array:
+        arrays = self.cache.acquire(layer, wave)
+        try:
+            start = time.perf_counter()
+            names = next(iter(arrays.values())).keys()
+            stacked = {name: mx.stack([arrays[e][name] for e in wave]) for name in names}  # [W, ...]
+            module = self.templates[layer]
+            module.update(tree_unflatten(list(stacked.items())))
+            position = np.zeros(max(wave) + 1, dtype=np.uint32)
+            position[wave] = np.arange(len(wave), dtype=np.uint32)
+            y = module(x, mx.array(position[idx]))  # [N, k, D]
+            mx.eval(y)  # before release: evicted experts must not be needed by a pending graph
+            module.update(tree_unflatten([(name, _EMPTY) for name in names]))  # drop the stacked copy
+            self.cache.stats.compute_seconds += time.perf_counter() - start
+            return y
+        finally:
+            self.cache.release(layer, wave)

@@ -1,0 +1,226 @@
+"""The flash store's on-disk format: manifest, record layout, dtypes, checksums.
+
+A store is a directory:
+  manifest.json            format version, source config, fingerprint, per MoE layer the tensor table
+  config.json              the model's config (plus per-path quantization of the expert modules)
+  model-*.safetensors      dense weights (everything but routed experts), mlx-lm names
+  tokenizer files
+  experts/layer_XXX.bin    one record per held expert, each RECORD_ALIGN-aligned
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+import xxhash
+
+FORMAT_VERSION = 1
+RECORD_ALIGN = 16 * 1024  # one aligned pread per expert; also the iOS page size
+TENSOR_ALIGN = 64  # tensors inside a record start on cache-line boundaries
+MANIFEST = "manifest.json"
+
+
+class StoreError(Exception):
+    """A problem with a store the user can fix; the message is one line with the fix."""
+
+
+# mx dtype name -> (numpy dtype used to carry the bytes, mx dtype)
+_DTYPES: dict[str, tuple[np.dtype, mx.Dtype]] = {
+    "float32": (np.dtype(np.float32), mx.float32),
+    "float16": (np.dtype(np.float16), mx.float16),
+    "bfloat16": (np.dtype(np.uint16), mx.bfloat16),  # numpy has no bf16: carry as uint16
+    "uint32": (np.dtype(np.uint32), mx.uint32),
+    "uint8": (np.dtype(np.uint8), mx.uint8),
+    "int8": (np.dtype(np.int8), mx.int8),
+    "int32": (np.dtype(np.int32), mx.int32),
+}
+
+
+def dtype_name(dtype: mx.Dtype) -> str:
+    for name, (_, mxd) in _DTYPES.items():
+        if mxd == dtype:
+            return name
+    raise StoreError(f"expert tensors of dtype {dtype} are not supported by the store")
+
+
+def to_bytes(a: mx.array) -> bytes:
+    """The raw little-endian bytes of an evaluated array."""
+    if a.dtype == mx.bfloat16:
+        a = a.view(mx.uint16)
+    return np.asarray(a).tobytes()
+
+
+def from_buffer(buf, spec: TensorSpec, base: int = 0) -> mx.array:
+    """Copy one tensor out of a record buffer into a new mx array."""
+    np_dtype, mx_dtype = _DTYPES[spec.dtype]
+    count = int(np.prod(spec.shape)) if spec.shape else 1
+    arr = np.frombuffer(buf, dtype=np_dtype, count=count, offset=base + spec.offset)
+    out = mx.array(arr.reshape(spec.shape))
+    return out.view(mx.bfloat16) if spec.dtype == "bfloat16" else out
+
+
+def checksum(data) -> str:
+    return xxhash.xxh3_64_hexdigest(data)
+
+
+def align_up(n: int, to: int) -> int:
+    return (n + to - 1) // to * to
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str  # relative to the expert module, e.g. "gate_proj.weight"
+    dtype: str
+    shape: tuple[int, ...]
+    offset: int  # bytes from the start of the record
+    nbytes: int
+
+
+@dataclass
+class LayerSpec:
+    layer: int  # decoder layer index
+    module: str  # path of the routed-expert module in the mlx-lm model
+    num_experts: int  # experts in the full model
+    record_size: int  # bytes, a multiple of RECORD_ALIGN
+    tensors: list[TensorSpec]
+    experts: list[int]  # experts held by this store, in file order
+    checksums: list[str]  # one per held expert, same order
+    file: str = ""
+
+    def __post_init__(self) -> None:
+        self.file = self.file or f"experts/layer_{self.layer:03d}.bin"
+        self._slot = {e: i for i, e in enumerate(self.experts)}
+
+    @property
+    def payload_bytes(self) -> int:
+        """Bytes of one expert's tensors (the RAM an expert costs in the cache)."""
+        return sum(t.nbytes for t in self.tensors)
+
+    def holds(self, expert: int) -> bool:
+        return expert in self._slot
+
+    def record_offset(self, expert: int) -> int:
+        try:
+            return self._slot[expert] * self.record_size
+        except KeyError:
+            raise StoreError(f"layer {self.layer} expert {expert} is not held by this store") from None
+
+    def record_checksum(self, expert: int) -> str:
+        return self.checksums[self._slot[expert]]
+
+    def to_json(self) -> dict:
+        d = {k: v for k, v in asdict(self).items() if not k.startswith("_")}
+        d["tensors"] = [asdict(t) for t in self.tensors]
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict) -> LayerSpec:
+        tensors = [TensorSpec(**{**t, "shape": tuple(t["shape"])}) for t in d["tensors"]]
+        return cls(**{**d, "tensors": tensors})
+
+
+def layout_record(arrays: dict[str, tuple[str, tuple[int, ...], int]]) -> tuple[list[TensorSpec], int]:
+    """Place tensors (name -> (dtype, shape, nbytes)) in a record; return specs and record size."""
+    specs, offset = [], 0
+    for name in sorted(arrays):
+        dtype, shape, nbytes = arrays[name]
+        offset = align_up(offset, TENSOR_ALIGN)
+        specs.append(TensorSpec(name, dtype, tuple(shape), offset, nbytes))
+        offset += nbytes
+    return specs, align_up(max(offset, 1), RECORD_ALIGN)
+
+
+@dataclass
+class Manifest:
+    config: dict
+    fingerprint: str
+    layers: list[LayerSpec]
+    quantization: dict | None = None
+    format_version: int = FORMAT_VERSION
+    dense_files: list[str] = field(default_factory=list)
+    shard: dict | None = None  # {"index": i, "count": n} for a subset store
+
+    @property
+    def top_k(self) -> int:
+        for key in ("num_experts_per_tok", "moe_topk", "top_k", "num_experts_per_token"):
+            for cfg in (self.config, self.config.get("text_config", {})):
+                if key in cfg:
+                    return int(cfg[key])
+        raise StoreError("the model config names no experts-per-token count")
+
+    def layer(self, layer: int) -> LayerSpec:
+        for spec in self.layers:
+            if spec.layer == layer:
+                return spec
+        raise StoreError(f"layer {layer} is not a MoE layer of this model")
+
+    @property
+    def expert_bytes_total(self) -> int:
+        """Payload bytes of every routed expert of the full model."""
+        return sum(s.num_experts * s.payload_bytes for s in self.layers)
+
+    @property
+    def min_budget_bytes(self) -> int:
+        """One decode step's top-k experts of the largest layer must fit in the cache at once."""
+        return self.top_k * max(s.payload_bytes for s in self.layers)
+
+    def to_json(self) -> dict:
+        return {
+            "format_version": self.format_version,
+            "fingerprint": self.fingerprint,
+            "config": self.config,
+            "quantization": self.quantization,
+            "dense_files": self.dense_files,
+            "shard": self.shard,
+            "layers": [s.to_json() for s in self.layers],
+        }
+
+    def save(self, directory: Path) -> None:
+        write_json_atomic(directory / MANIFEST, self.to_json())
+
+    @classmethod
+    def load(cls, directory: Path) -> Manifest:
+        path = Path(directory) / MANIFEST
+        if not path.is_file():
+            raise StoreError(f"{directory} is not a flashmesh store (no {MANIFEST}); create one with `flashmesh pack`")
+        try:
+            d = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise StoreError(f"{path} is not valid JSON ({e}); re-run `flashmesh pack`") from None
+        version = d.get("format_version")
+        if version != FORMAT_VERSION:
+            raise StoreError(
+                f"{directory} has store format {version}, this flashmesh reads format "
+                f"{FORMAT_VERSION}; re-pack it with `flashmesh pack`"
+            )
+        return cls(
+            config=d["config"],
+            fingerprint=d["fingerprint"],
+            layers=[LayerSpec.from_json(x) for x in d["layers"]],
+            quantization=d.get("quantization"),
+            format_version=version,
+            dense_files=d.get("dense_files", []),
+            shard=d.get("shard"),
+        )
+
+
+def write_json_atomic(path: Path, obj) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1))
+    os.replace(tmp, path)
+
+
+def fingerprint(config: dict, layers: list[LayerSpec], dense_checksums: list[str]) -> str:
+    """Identity of the full model: config, expert tensor tables and every record's checksum."""
+    h = xxhash.xxh3_128()
+    h.update(json.dumps(config, sort_keys=True).encode())
+    for s in layers:
+        h.update(json.dumps([s.layer, s.module, [asdict(t) for t in s.tensors]]).encode())
+        h.update("".join(s.checksums).encode())
+    h.update("".join(dense_checksums).encode())
+    return h.hexdigest()

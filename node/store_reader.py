@@ -1,0 +1,165 @@
+"""ExpertStore: aligned parallel reads of whole expert records from flash.
+
+One record = one aligned pread into a page-aligned buffer. Reads are issued from a small thread
+pool (os.preadv releases the GIL) so several are in flight: flash bandwidth needs queue depth.
+The default goes around the OS page cache (O_DIRECT on Linux, F_NOCACHE on macOS) so that the
+engine's cache and its byte budget are the whole story; `page_cache=True` lets the OS help.
+Experts are never mmapped: page faults would serialize reads at queue depth 1.
+"""
+
+from __future__ import annotations
+
+import logging
+import mmap
+import os
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlx.core as mx
+
+from node.store_format import LayerSpec, Manifest, StoreError, checksum, from_buffer
+
+log = logging.getLogger(__name__)
+
+F_NOCACHE = 48  # macOS fcntl command; not exported by Python's fcntl module
+
+
+@dataclass
+class ReadStats:
+    records: int = 0
+    bytes: int = 0
+    seconds: float = 0.0  # wall time spent waiting for reads
+
+
+def _open_bypassing_cache(path: Path) -> tuple[int, bool]:
+    """Open for reading around the page cache where the OS and filesystem allow it."""
+    if hasattr(os, "O_DIRECT"):
+        try:
+            return os.open(path, os.O_RDONLY | os.O_DIRECT), True
+        except OSError:  # tmpfs and some filesystems refuse O_DIRECT
+            log.warning("%s: filesystem refuses O_DIRECT; reading through the page cache", path)
+            return os.open(path, os.O_RDONLY), False
+    fd = os.open(path, os.O_RDONLY)
+    if sys.platform == "darwin":
+        import fcntl
+
+        fcntl.fcntl(fd, F_NOCACHE, 1)
+        return fd, True
+    return fd, False
+
+
+class ExpertStore:
+    """Reads expert records of one store; thread-safe reads, MLX arrays made on the caller's thread."""
+
+    def __init__(self, path: Path, *, page_cache: bool = False, queue_depth: int = 8, verify: bool = True) -> None:
+        self.path = Path(path)
+        self.manifest = Manifest.load(self.path)
+        self.page_cache = page_cache
+        self.verify = verify
+        self.queue_depth = queue_depth
+        self.bypassing_cache = False
+        self._fds: dict[int, int] = {}
+        self._specs = {s.layer: s for s in self.manifest.layers}
+        for spec in self.manifest.layers:
+            self._fds[spec.layer] = self._open(spec)
+        self._pool = ThreadPoolExecutor(max_workers=queue_depth, thread_name_prefix="flashmesh-read")
+        self._buffers: list[mmap.mmap] = []
+        self._lock = threading.Lock()
+        self.stats = ReadStats()
+
+    def _open(self, spec: LayerSpec) -> int:
+        path = self.path / spec.file
+        if not path.is_file():
+            raise StoreError(f"{path} is missing; the store is incomplete, re-run `flashmesh pack`")
+        expected = len(spec.experts) * spec.record_size
+        if path.stat().st_size < expected:
+            raise StoreError(
+                f"{path} is truncated ({path.stat().st_size} of {expected} bytes); re-run `flashmesh pack`"
+            )
+        if self.page_cache:
+            return os.open(path, os.O_RDONLY)
+        fd, bypassing = _open_bypassing_cache(path)
+        self.bypassing_cache = self.bypassing_cache or bypassing
+        return fd
+
+    def layer(self, layer: int) -> LayerSpec:
+        return self._specs[layer]
+
+    def _buffer(self, size: int) -> mmap.mmap:
+        with self._lock:
+            for i, buf in enumerate(self._buffers):
+                if len(buf) >= size:
+                    return self._buffers.pop(i)
+        return mmap.mmap(-1, size)  # anonymous memory: page aligned, as O_DIRECT requires
+
+    def _release(self, buf: mmap.mmap) -> None:
+        with self._lock:
+            if len(self._buffers) < 2 * self.queue_depth:
+                self._buffers.append(buf)
+
+    def _read_one(self, layer: int, expert: int) -> mmap.mmap:
+        spec = self._specs[layer]
+        buf = self._buffer(spec.record_size)
+        view = memoryview(buf)[: spec.record_size]
+        got = os.preadv(self._fds[layer], [view], spec.record_offset(expert))
+        if got != spec.record_size:
+            self._release(buf)
+            raise StoreError(
+                f"layer {layer} expert {expert}: short read ({got} of {spec.record_size} bytes); "
+                "the store file is truncated, re-run `flashmesh pack`"
+            )
+        if self.verify and checksum(view) != spec.record_checksum(expert):
+            self._release(buf)
+            raise StoreError(
+                f"layer {layer} expert {expert}: record checksum mismatch in {self.path / spec.file}; "
+                "the flash copy is corrupt, re-pack or re-copy the store"
+            )
+        return buf
+
+    def read(self, layer: int, experts: list[int]) -> dict[int, dict[str, mx.array]]:
+        """Fetch whole records of `experts` in parallel; return expert -> {tensor name: array}."""
+        spec = self._specs[layer]
+        start = time.perf_counter()
+        futures = {e: self._pool.submit(self._read_one, layer, e) for e in experts}
+        out: dict[int, dict[str, mx.array]] = {}
+        error: Exception | None = None
+        for e, fut in futures.items():
+            try:
+                buf = fut.result()
+            except Exception as exc:  # collect, finish the other reads, then raise the first
+                error = error or exc
+                continue
+            out[e] = {t.name: from_buffer(buf, t) for t in spec.tensors}
+            self._release(buf)
+        elapsed = time.perf_counter() - start
+        with self._lock:
+            self.stats.records += len(out)
+            self.stats.bytes += len(out) * spec.record_size
+            self.stats.seconds += elapsed
+        if error is not None:
+            raise error
+        return out
+
+    def read_raw(self, layer: int, expert: int) -> bytes:
+        """One record's bytes, checksum-verified (for shipping records, tests and verification)."""
+        buf = self._read_one(layer, expert)
+        try:
+            return bytes(memoryview(buf)[: self._specs[layer].record_size])
+        finally:
+            self._release(buf)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+    def __enter__(self) -> ExpertStore:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,0 +1,43 @@
+"""Tiny random MoE models built from mlx-lm's own classes, packed once per test session."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+from coordinator.synthetic import build_model  # noqa: E402
+from node.store_writer import pack  # noqa: E402
+
+ARCHS = ["qwen3_moe", "mixtral", "deepseek_v3", "gpt_oss", "qwen3_next"]
+QUANTS = {
+    "fp32": None,
+    "affine4": {"bits": 4, "group_size": 64, "mode": "affine"},
+    "affine8": {"bits": 8, "group_size": 32, "mode": "affine"},
+    "mxfp4": {"bits": 4, "group_size": 32, "mode": "mxfp4"},
+}
+
+
+class ModelFactory:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self._built: dict[tuple, tuple[Path, Path]] = {}
+
+    def get(self, arch: str, quant: str = "fp32", **shape) -> tuple[Path, Path]:
+        """(source model dir, packed store) for an architecture and quantization, built once."""
+        key = (arch, quant, tuple(sorted(shape.items())))
+        if key not in self._built:
+            name = f"{arch}-{quant}-" + "-".join(f"{k}{v}" for k, v in sorted(shape.items()))
+            src = build_model(self.root / f"{name}-src", arch, quantize=QUANTS[quant], **shape)
+            store = self.root / f"{name}-store"
+            pack(str(src), store, show_progress=False)
+            self._built[key] = (src, store)
+        return self._built[key]
+
+
+@pytest.fixture(scope="session")
+def models(tmp_path_factory) -> ModelFactory:
+    return ModelFactory(tmp_path_factory.mktemp("models"))

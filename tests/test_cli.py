@@ -1,0 +1,69 @@
+"""`flashmesh demo` and `flashmesh run` as a user runs them: console script, JSON, statistics."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+RUN_KEYS = {
+    "tokens",
+    "text",
+    "ttft_s",
+    "decode_tokens_per_s",
+    "cache_hit_rate",
+    "expert_bytes_read",
+    "ram_budget_bytes",
+    "expert_bytes_total",
+    "peak_cache_bytes",
+}
+
+
+def flashmesh(*args, cwd=None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "TRANSFORMERS_VERBOSITY": "error"}
+    return subprocess.run(
+        [sys.executable, "-m", "coordinator.cli", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=cwd,
+        env=env,
+    )
+
+
+def test_demo_json(tmp_path):
+    proc = flashmesh("demo", "--json", "--workdir", tmp_path / "demo", "--max-tokens", "12")
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)  # stdout is exactly one JSON object
+    assert RUN_KEYS | {"tokens_match_reference", "store"} <= set(result)
+    assert result["tokens_match_reference"] is True
+    assert result["ram_budget_bytes"] < result["expert_bytes_total"]
+    assert 0 < result["peak_cache_bytes"] <= result["ram_budget_bytes"]
+    assert result["expert_bytes_read"] > 0
+    # Second run reuses the cached model and store.
+    again = flashmesh("demo", "--json", "--workdir", tmp_path / "demo", "--max-tokens", "12")
+    assert json.loads(again.stdout)["tokens"] == result["tokens"]
+
+
+def test_pack_then_run(models, tmp_path):
+    src, _ = models.get("qwen3_next")
+    proc = flashmesh("pack", src, tmp_path / "store")
+    assert proc.returncode == 0, proc.stderr
+    proc = flashmesh(
+        "run", tmp_path / "store", "--prompt", "Hello", "--max-tokens", "5", "--ram-budget", "1MiB", "--json"
+    )
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    assert RUN_KEYS <= set(result) and len(result["tokens"]) == 5
+    assert result["ram_budget_bytes"] == 2**20
+
+
+def test_run_prints_text_and_table(models):
+    _, store = models.get("qwen3_moe")
+    proc = flashmesh(
+        "run", store, "--prompt", "Hello", "--max-tokens", "4", "--chat", "--temperature", "0.7", "--top-p", "0.9"
+    )
+    assert proc.returncode == 0, proc.stderr
+    for label in ("time to first token", "decode", "cache hit rate", "expert bytes read", "I/O"):
+        assert label in proc.stderr
