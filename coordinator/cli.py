@@ -6,6 +6,7 @@ Errors a user can cause end as one line on stderr with the fix and exit status 2
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import logging
 import os
@@ -20,6 +21,9 @@ from node.store_format import StoreError
 
 log = logging.getLogger("flashmesh")
 err = Console(stderr=True)
+
+# Modules that add subcommands: each has register(subparsers) and sets `func` on its parsers.
+EXTENSIONS = ("coordinator.cluster_cli", "mobile_export.cli", "bench.cli")
 
 
 def _add_generation_args(p: argparse.ArgumentParser, *, prompt_default: str | None) -> None:
@@ -40,18 +44,23 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("pack", help="turn a model directory or hub id into a flash store")
+    p.set_defaults(func=cmd_pack)
     p.add_argument("src", help="model directory (config.json, *.safetensors, tokenizer) or a hub id")
     p.add_argument("out", type=Path)
     p.add_argument("--force", action="store_true", help="replace OUT if it exists")
 
     p = sub.add_parser("run", help="generate with experts streamed from a store")
+    p.set_defaults(func=cmd_run)
     p.add_argument("store", type=Path)
     _add_generation_args(p, prompt_default=None)
 
     p = sub.add_parser("demo", help="build a small MoE model locally, pack it and run it streamed")
+    p.set_defaults(func=cmd_demo)
     p.add_argument("--workdir", type=Path, default=Path(".flashmesh/demo"))
     p.add_argument("--arch", default="qwen3_moe")
     _add_generation_args(p, prompt_default="The experts live on flash and")
+    for module in EXTENSIONS:
+        importlib.import_module(module).register(sub)
     return parser
 
 
@@ -156,9 +165,6 @@ def cmd_demo(args) -> int:
     return 0
 
 
-COMMANDS = {"pack": cmd_pack, "run": cmd_run, "demo": cmd_demo}
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     # transformers (used only for tokenizers) announces that PyTorch is absent; it does not need it.
@@ -167,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )
     try:
-        return COMMANDS[args.command](args)
+        return args.func(args)
     except StoreError as e:
         err.print(f"error: {e}", style="red", markup=False, highlight=False, soft_wrap=True)
         return 2
