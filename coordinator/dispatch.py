@@ -20,6 +20,10 @@ class ExpertBackend(Protocol):
         """x [N, D], indices [N, k] -> per-pair expert outputs [N, k, D]."""
         ...
 
+    def prefetch(self, layer: int, experts: list[int]) -> None:
+        """A hint that `experts` of `layer` will be needed soon; may be ignored."""
+        ...
+
 
 class ExpertDispatch(nn.Module):
     def __init__(self, layer: int, backend: ExpertBackend) -> None:

@@ -54,6 +54,13 @@ class LocalExperts:
             mx.eval(out)
         return out.reshape(n, k, -1)
 
+    def prefetch(self, layer: int, experts: list[int]) -> None:
+        """Read `experts` of `layer` into the cache now (as many as fit), without computing."""
+        waves = self.cache.plan_waves(layer, sorted(set(experts)))
+        if waves:
+            self.cache.acquire(layer, waves[0])
+            self.cache.release(layer, waves[0])
+
     def _run_wave(self, layer: int, wave: list[int], x: mx.array, idx: np.ndarray) -> mx.array:
         arrays = self.cache.acquire(layer, wave)
         try:

@@ -70,3 +70,17 @@ def test_parse_bytes():
     assert parse_bytes("512MiB") == 512 * 2**20
     assert parse_bytes("1.5g") == int(1.5 * 2**30)
     assert parse_bytes("1048576") == 1048576
+
+
+def test_prefetch_warms_the_cache(models):
+    from coordinator.engine import open_local
+
+    _, store = models.get("qwen3_moe")
+    streaming = open_local(store, ram_budget=Manifest.load(store).expert_bytes_total)
+    try:
+        layer = streaming.manifest.layers[0].layer
+        streaming.backend.prefetch(layer, [3, 1, 3])
+        assert (layer, 1) in streaming.cache and (layer, 3) in streaming.cache
+        assert streaming.cache.stats.bytes_read == 2 * streaming.manifest.layers[0].record_size
+    finally:
+        streaming.close()
