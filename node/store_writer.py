@@ -64,7 +64,11 @@ def resolve_source(src: str) -> Path:
             )
         )
     except Exception as e:  # the hub raises many types; all mean "could not fetch"
-        raise StoreError(f"{src} is not a local directory and could not be downloaded: {e}") from None
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise StoreError(
+            f"{src} is not a local directory and could not be downloaded from the Hugging Face hub "
+            f"({type(e).__name__}: {reason[:200]}); check the id and the network, or pass a local directory"
+        ) from None
 
 
 def pack(src: str, out: Path, *, force: bool = False, show_progress: bool = True) -> Manifest:
