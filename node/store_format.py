@@ -48,11 +48,11 @@ def dtype_name(dtype: mx.Dtype) -> str:
     raise StoreError(f"expert tensors of dtype {dtype} are not supported by the store")
 
 
-def to_bytes(a: mx.array) -> bytes:
-    """The raw little-endian bytes of an evaluated array."""
+def raw_bytes(a: mx.array) -> memoryview:
+    """The raw little-endian bytes of an evaluated array, without copying where the buffer allows."""
     if a.dtype == mx.bfloat16:
         a = a.view(mx.uint16)
-    return np.asarray(a).tobytes()
+    return memoryview(np.ascontiguousarray(np.asarray(a))).cast("B")
 
 
 def from_buffer(buf, spec: TensorSpec, base: int = 0) -> mx.array:
@@ -66,6 +66,14 @@ def from_buffer(buf, spec: TensorSpec, base: int = 0) -> mx.array:
 
 def checksum(data) -> str:
     return xxhash.xxh3_64_hexdigest(data)
+
+
+def file_checksum(path: Path, *, chunk: int = 16 * 1024 * 1024) -> str:
+    h = xxhash.xxh3_64()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
 
 
 def align_up(n: int, to: int) -> int:

@@ -23,9 +23,10 @@ from node.store_format import (
     StoreError,
     checksum,
     dtype_name,
+    file_checksum,
     fingerprint,
     layout_record,
-    to_bytes,
+    raw_bytes,
     write_json_atomic,
 )
 
@@ -76,18 +77,12 @@ def pack(src: str, out: Path, *, force: bool = False, show_progress: bool = True
     if out.exists() and not force:
         raise StoreError(f"{out} already exists; remove it or pass --force")
     source = resolve_source(src)
-    model, config = load_lazy(source, strict=True)
-    experts = find_expert_modules(model)
-    if not experts:
-        raise StoreError(
-            f"{source} is a dense model ({config.get('model_type')}): it has no routed experts to "
-            "stream; flashmesh runs Mixture-of-Experts models"
-        )
+    params, config, expert_paths = _lazy_source(source)
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     (tmp / "experts").mkdir(parents=True)
     try:
-        manifest = _write_store(model, config, experts, source, tmp, show_progress)
+        manifest = _write_store(params, config, expert_paths, source, tmp, show_progress)
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)
@@ -98,22 +93,37 @@ def pack(src: str, out: Path, *, force: bool = False, show_progress: bool = True
     return manifest
 
 
-def _write_store(model, config, experts, source: Path, tmp: Path, show_progress: bool) -> Manifest:
+def _lazy_source(source: Path) -> tuple[dict[str, mx.array], dict, list[str]]:
+    """The source's parameters as lazy arrays (name -> array), its config, and the expert module paths.
+
+    Only the flat dict survives this function: no module tree keeps a reference to a tensor, so
+    each one is freed as soon as it has been written.
+    """
+    model, config = load_lazy(source, strict=True)
+    experts = find_expert_modules(model)
+    if not experts:
+        raise StoreError(
+            f"{source} is a dense model ({config.get('model_type')}): it has no routed experts to "
+            "stream; flashmesh runs Mixture-of-Experts models"
+        )
     # Quantization of each expert linear goes into config["quantization"] by path, where
     # mlx-lm's own loader looks first, so the node's template modules match the records.
     quantization = config.get("quantization")
-    expert_quant = {}
-    for path, module in experts.items():
-        for name, child in module.children().items():
-            if hasattr(child, "num_experts"):
-                expert_quant[f"{path}.{name}"] = quantization_of(child)
     if quantization is not None:
+        expert_quant = {
+            f"{path}.{name}": quantization_of(child)
+            for path, module in experts.items()
+            for name, child in module.children().items()
+            if hasattr(child, "num_experts")
+        }
         config = {**config, "quantization": {**quantization, **expert_quant}}
         config.pop("quantization_config", None)
+    return dict(tree_flatten(model.parameters())), config, sorted(experts, key=layer_index)
 
-    params = dict(tree_flatten(model.parameters()))
-    del model  # the module tree holds the lazy arrays too; drop it so written tensors are freed
-    by_layer = sorted(experts, key=layer_index)
+
+def _write_store(
+    params: dict[str, mx.array], config: dict, by_layer: list[str], source: Path, tmp: Path, show_progress: bool
+) -> Manifest:
     columns = (
         TextColumn("{task.description}"),
         BarColumn(),
@@ -175,7 +185,7 @@ def _write_layer(path: str, params: dict[str, mx.array], tmp: Path) -> LayerSpec
         os.ftruncate(fd, num_experts * record_size)
         for t in tensors:
             # One stacked tensor [E, ...] in RAM at a time; each expert's slice goes to its record.
-            data = to_bytes(_evaluated(prefix + t.name, params.pop(prefix + t.name)))
+            data = raw_bytes(_evaluated(prefix + t.name, params.pop(prefix + t.name)))
             for e in range(num_experts):
                 os.pwrite(fd, data[e * t.nbytes : (e + 1) * t.nbytes], e * record_size + t.offset)
             del data
@@ -202,8 +212,7 @@ def _write_dense(params: dict[str, mx.array], tmp: Path, advance) -> tuple[list[
             _evaluated(k, v)
         mx.save_safetensors(str(tmp / name), shard, metadata={"format": "mlx"})
         advance(len(shard))
-        with open(tmp / name, "rb") as f:
-            sums.append(checksum(f.read()))
+        sums.append(file_checksum(tmp / name))
         files.append(name)
         for k in shard:
             params.pop(k)
