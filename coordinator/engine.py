@@ -36,6 +36,9 @@ class StreamingModel:
     store: ExpertStore | None = None
 
     def close(self) -> None:
+        close_backend = getattr(self.backend, "close", None)
+        if close_backend is not None:
+            close_backend()
         if self.store is not None:
             self.store.close()
 
@@ -111,3 +114,27 @@ def open_local(
     attach(model, backend)
     tokenizer = load_store_tokenizer(store_path, manifest)
     return StreamingModel(model, tokenizer, manifest, backend, cache=cache, store=store)
+
+
+def open_cluster(
+    store_path: Path, addresses: list, *, token: str, timeout: float = 10.0
+) -> tuple[StreamingModel, list]:
+    """Dense part in RAM (a full store or a `flashmesh shard --dense` one), experts on the nodes at
+    `addresses` (coordinator.discovery.NodeAddress); return the model and the connected nodes."""
+    from coordinator.cluster import connect
+    from coordinator.placement import place
+    from coordinator.remote import RemoteExperts
+
+    store_path = Path(store_path)
+    model, manifest, _ = load_dense_model(store_path)
+    nodes = connect(addresses, token=token, fingerprint=manifest.fingerprint, timeout=timeout)
+    try:
+        placement = place(manifest.layers, [n.capacity() for n in nodes])
+        backend = RemoteExperts({n.node_id: n.client for n in nodes}, placement)
+        attach(model, backend)
+        tokenizer = load_store_tokenizer(store_path, manifest)
+    except BaseException:
+        for n in nodes:
+            n.client.close()
+        raise
+    return StreamingModel(model, tokenizer, manifest, backend), nodes

@@ -1,0 +1,7 @@
+"""The node protocol: flashmesh.proto, its generated modules, the array codec and shared constants."""
+
+PROTOCOL_VERSION = 1
+SERVICE_TYPE = "_flashmesh._tcp.local."
+TOKEN_METADATA_KEY = "x-flashmesh-token"  # gRPC metadata entry carrying the cluster token
+TOKEN_ENV = "FLASHMESH_TOKEN"
+DEFAULT_MAX_MESSAGE_BYTES = 256 * 1024 * 1024

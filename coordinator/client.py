@@ -1,0 +1,98 @@
+"""The coordinator's gRPC adapter to one node. Every call carries the cluster token; every failure
+becomes a `NodeError` (a StoreError: one line naming the node and why)."""
+
+from __future__ import annotations
+
+import time
+
+import grpc
+
+from coordinator.discovery import NodeAddress
+from node.store_format import StoreError
+from protos import DEFAULT_MAX_MESSAGE_BYTES, TOKEN_METADATA_KEY
+from protos import flashmesh_pb2 as pb
+from protos import flashmesh_pb2_grpc as pb_grpc
+
+
+class NodeError(StoreError):
+    """A node could not be used: unreachable, refused the token, wrong model, failed a request."""
+
+
+def _why(e: grpc.RpcError, timeout: float) -> str:
+    code, details = e.code(), (e.details() or "").splitlines()[0] if e.details() else ""
+    if code == grpc.StatusCode.UNAVAILABLE:
+        return f"unreachable ({details or 'connection refused'}); is `flashmesh node serve` running there?"
+    if code == grpc.StatusCode.UNAUTHENTICATED:
+        return "refused the cluster token; pass the node's token with --token or FLASHMESH_TOKEN"
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        return f"did not answer within {timeout:g} s"
+    return f"{code.name.lower()}: {details}"
+
+
+class Call:
+    """A request in flight; result() waits and raises NodeError on failure."""
+
+    def __init__(self, future: grpc.Future, link: NodeClient) -> None:
+        self.sent_at = time.perf_counter()
+        self.done_at: float | None = None
+        self._future = future
+        self._link = link
+        future.add_done_callback(self._done)  # runs on a gRPC thread: a timestamp, nothing else
+
+    def _done(self, _future) -> None:
+        self.done_at = time.perf_counter()
+
+    @property
+    def seconds(self) -> float:
+        return (self.done_at or time.perf_counter()) - self.sent_at
+
+    def result(self):
+        try:
+            return self._future.result()
+        except grpc.RpcError as e:
+            raise NodeError(f"node {self._link.label}: {_why(e, self._link.timeout)}") from None
+
+
+class NodeClient:
+    """One channel to one node."""
+
+    def __init__(
+        self,
+        address: NodeAddress,
+        *,
+        token: str,
+        timeout: float = 60.0,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+    ) -> None:
+        self.address = address
+        self.label = address.label
+        self.timeout = timeout
+        limit = max_message_bytes + 1024 * 1024
+        self._channel = grpc.insecure_channel(
+            address.target,
+            options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)],
+        )
+        self._stub = pb_grpc.NodeStub(self._channel)
+        self._metadata = ((TOKEN_METADATA_KEY, token),)
+
+    def _unary(self, method: str, request, timeout: float | None = None):
+        call = getattr(self._stub, method).future(request, timeout=timeout or self.timeout, metadata=self._metadata)
+        return Call(call, self).result()
+
+    def info(self, *, timeout: float | None = None) -> pb.NodeInfo:
+        return self._unary("Info", pb.InfoRequest(), timeout)
+
+    def stats(self, *, timeout: float | None = None) -> pb.NodeStats:
+        return self._unary("Stats", pb.StatsRequest(), timeout)
+
+    def health(self, *, timeout: float | None = None) -> pb.HealthReply:
+        return self._unary("Health", pb.HealthRequest(), timeout)
+
+    def prefetch(self, request: pb.PrefetchRequest) -> pb.PrefetchReply:
+        return self._unary("Prefetch", request)
+
+    def compute_async(self, request: pb.ComputeRequest) -> Call:
+        return Call(self._stub.Compute.future(request, timeout=self.timeout, metadata=self._metadata), self)
+
+    def close(self) -> None:
+        self._channel.close()

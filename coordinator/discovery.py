@@ -1,0 +1,128 @@
+"""Finding nodes: zeroconf browse of `_flashmesh._tcp.local.` on the interfaces given, plus static
+HOST:PORT addresses for networks without mDNS. Returns addresses only; whether a node serves the
+right model is checked over the protocol (coordinator.client / coordinator.engine.open_cluster).
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+import time
+from dataclasses import dataclass
+
+from zeroconf import IPVersion, ServiceBrowser, ServiceListener, Zeroconf
+
+from node.store_format import StoreError
+from protos import SERVICE_TYPE
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class NodeAddress:
+    host: str
+    port: int
+    name: str = ""
+    node_id: str = ""
+    fingerprint: str = ""
+    protocol_version: int = 0
+    source: str = "static"  # "static" or "zeroconf"
+
+    @property
+    def target(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+    @property
+    def label(self) -> str:
+        return f"{self.name} ({self.target})" if self.name else self.target
+
+
+def parse_address(text: str) -> NodeAddress:
+    host, sep, port = text.strip().rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise StoreError(f"cannot read node address {text!r}; write it as HOST:PORT, e.g. 192.168.1.20:50051")
+    return NodeAddress(host=host, port=int(port))
+
+
+class _Collector(ServiceListener):
+    def __init__(self) -> None:
+        self.names: list[str] = []
+        self.changed = threading.Event()
+
+    def add_service(self, zc: Zeroconf, type_: str, name: str) -> None:
+        self.names.append(name)
+        self.changed.set()
+
+    def update_service(self, zc: Zeroconf, type_: str, name: str) -> None:
+        pass
+
+    def remove_service(self, zc: Zeroconf, type_: str, name: str) -> None:
+        pass
+
+
+def _txt(props: dict, key: str) -> str:
+    value = props.get(key.encode())
+    return value.decode() if isinstance(value, bytes) else ""
+
+
+def browse(*, interfaces: list[str], timeout: float = 3.0, expect: int | None = None) -> list[NodeAddress]:
+    """Nodes advertised on `interfaces` within `timeout` seconds (sooner once `expect` are found)."""
+    zc = Zeroconf(interfaces=list(interfaces), ip_version=IPVersion.V4Only)
+    collector = _Collector()
+    browser = ServiceBrowser(zc, SERVICE_TYPE, collector)
+    found: dict[str, NodeAddress] = {}
+    resolved: set[str] = set()
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline and (expect is None or len(found) < expect):
+            collector.changed.wait(timeout=min(0.1, max(0.0, deadline - time.monotonic())))
+            collector.changed.clear()
+            for name in list(collector.names):
+                if name in resolved:
+                    continue
+                info = zc.get_service_info(SERVICE_TYPE, name, timeout=1000)
+                if info is None or not info.parsed_addresses(IPVersion.V4Only):
+                    continue
+                resolved.add(name)
+                props = info.properties
+                proto = _txt(props, "proto")
+                node = NodeAddress(
+                    host=info.parsed_addresses(IPVersion.V4Only)[0],
+                    port=int(info.port),
+                    name=_txt(props, "name"),
+                    node_id=_txt(props, "id"),
+                    fingerprint=_txt(props, "fp"),
+                    protocol_version=int(proto) if proto.isdigit() else 0,
+                    source="zeroconf",
+                )
+                found[node.node_id or name] = node
+    finally:
+        browser.cancel()
+        zc.close()
+    return sorted(found.values(), key=lambda n: (n.name, n.host, n.port))
+
+
+def discover(
+    *,
+    static: list[str] | None = None,
+    interfaces: list[str] | None = None,
+    timeout: float = 3.0,
+    expect: int | None = None,
+) -> list[NodeAddress]:
+    """Static addresses first, then zeroconf on `interfaces` (none given: no multicast at all)."""
+    nodes = [parse_address(a) for a in static or []]
+    if interfaces:
+        for a in interfaces:
+            try:
+                socket.inet_aton(a)
+            except OSError:
+                raise StoreError(f"--interfaces takes IPv4 addresses such as 127.0.0.1, not {a!r}") from None
+        want = None if expect is None else max(0, expect - len(nodes))
+        if want != 0:
+            seen = {(n.host, n.port) for n in nodes}
+            nodes += [
+                n for n in browse(interfaces=interfaces, timeout=timeout, expect=want) if (n.host, n.port) not in seen
+            ]
+    return nodes

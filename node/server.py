@@ -1,0 +1,81 @@
+"""The gRPC adapter of a node: maps RPCs onto `NodeService` and `RequestError` onto status codes.
+
+Every RPC must carry the cluster token in the `x-flashmesh-token` metadata entry. gRPC's own
+message limit is set a little above the node's validated limit, so an oversized request is
+refused (INVALID_ARGUMENT, or RESOURCE_EXHAUSTED from gRPC itself far above it) while the node
+keeps serving.
+"""
+
+from __future__ import annotations
+
+import logging
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+
+from node.service import INTERNAL, INVALID, UNAUTHENTICATED, NodeService, RequestError
+from protos import TOKEN_METADATA_KEY
+from protos import flashmesh_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+
+_CODES = {
+    INVALID: grpc.StatusCode.INVALID_ARGUMENT,
+    UNAUTHENTICATED: grpc.StatusCode.UNAUTHENTICATED,
+    INTERNAL: grpc.StatusCode.INTERNAL,
+}
+
+
+def _token(context: grpc.ServicerContext) -> str | None:
+    for key, value in context.invocation_metadata():
+        if key == TOKEN_METADATA_KEY:
+            return value
+    return None
+
+
+class NodeServicer(pb_grpc.NodeServicer):
+    def __init__(self, service: NodeService) -> None:
+        self.service = service
+
+    def _serve(self, context: grpc.ServicerContext, handler, *args):
+        try:
+            self.service.check_token(_token(context))
+            return handler(*args)
+        except RequestError as e:
+            log.info("refused request: %s", e)
+            context.abort(_CODES[e.status], str(e))
+
+    def Info(self, request, context):
+        return self._serve(context, self.service.info)
+
+    def Compute(self, request, context):
+        return self._serve(context, self.service.compute, request)
+
+    def Prefetch(self, request, context):
+        return self._serve(context, self.service.prefetch, request)
+
+    def Stats(self, request, context):
+        return self._serve(context, self.service.stats)
+
+    def Health(self, request, context):
+        return self._serve(context, self.service.health)
+
+
+def start_server(
+    service: NodeService, *, addresses: list[str], port: int = 0, workers: int = 8
+) -> tuple[grpc.Server, int]:
+    """Serve `service` on each of `addresses` at one port (0 = any free port); return (server, port)."""
+    limit = service.max_message_bytes + 1024 * 1024
+    server = grpc.server(
+        ThreadPoolExecutor(max_workers=workers, thread_name_prefix="flashmesh-grpc"),
+        options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)],
+    )
+    pb_grpc.add_NodeServicer_to_server(NodeServicer(service), server)
+    for address in addresses:
+        host = f"[{address}]" if ":" in address else address
+        bound = server.add_insecure_port(f"{host}:{port}")
+        if bound == 0:
+            raise OSError(f"cannot listen on {address}:{port}")
+        port = bound
+    server.start()
+    return server, port

@@ -1,0 +1,247 @@
+"""The node's request handling, transport-free: validation, token check, statistics, and the one
+thread every MLX operation of the node runs on.
+
+`NodeService` takes and returns the protocol's messages (protos.flashmesh_pb2) and raises
+`RequestError` with a status name; node.server maps it onto gRPC status codes. Tests drive this
+object directly, without a network. Requests are validated on the calling (gRPC) thread with numpy
+only; the expert compute is funnelled through a single worker thread, so MLX is never used from
+two threads of the node at once.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import threading
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+
+from node.cache import ExpertCache
+from node.compute import LocalExperts, expert_templates
+from node.store_format import StoreError
+from node.store_reader import ExpertStore
+from protos import DEFAULT_MAX_MESSAGE_BYTES, PROTOCOL_VERSION
+from protos import flashmesh_pb2 as pb
+from protos.codec import FLOAT_DTYPES, CodecError, decode, encode, to_numpy
+
+log = logging.getLogger(__name__)
+
+INVALID, UNAUTHENTICATED, INTERNAL = "invalid_argument", "unauthenticated", "internal"
+
+
+class RequestError(Exception):
+    """A request the node refuses or cannot serve; `status` names the gRPC status code."""
+
+    def __init__(self, status: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def hidden_size(config: dict) -> int:
+    for cfg in (config, config.get("text_config", {})):
+        if "hidden_size" in cfg:
+            return int(cfg["hidden_size"])
+    raise StoreError("the model config names no hidden_size")
+
+
+def measure_read_gbps(store: ExpertStore, *, max_bytes: int = 64 * 1024**2, max_records: int = 64) -> float:
+    """Flash read bandwidth of this store: parallel whole-record reads, the way the cache reads."""
+    jobs = []
+    for spec in store.manifest.layers:
+        for e in spec.experts:
+            if len(jobs) >= max_records or len(jobs) * spec.record_size >= max_bytes:
+                break
+            jobs.append((spec.layer, e, spec.record_size))
+    if not jobs:
+        return 0.0
+    start = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=store.queue_depth) as pool:
+        list(pool.map(lambda j: store.read_raw(j[0], j[1]), jobs))
+    seconds = time.perf_counter() - start
+    return sum(j[2] for j in jobs) / seconds / 1e9 if seconds > 0 else 0.0
+
+
+class NodeService:
+    """Serves the experts one store (usually a shard) holds, under a RAM budget."""
+
+    def __init__(
+        self,
+        store_path: Path,
+        *,
+        ram_budget: int,
+        token: str,
+        name: str = "node",
+        page_cache: bool = False,
+        verify: bool = True,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        flash_gbps: float | None = None,
+    ) -> None:
+        if not token:
+            raise StoreError("a node needs a cluster token")
+        self.token = token
+        self.name = name
+        self.node_id = uuid.uuid4().hex[:12]
+        self.max_message_bytes = max_message_bytes
+        self._mlx = ThreadPoolExecutor(max_workers=1, thread_name_prefix="flashmesh-mlx")
+        self.store = ExpertStore(Path(store_path), page_cache=page_cache, verify=verify)
+        try:
+            self.manifest = self.store.manifest
+            self.cache = ExpertCache(self.store, budget_bytes=ram_budget)
+            self.hidden_size = hidden_size(self.manifest.config)
+            self.top_k = self.manifest.top_k
+            self._held = {}
+            for spec in self.manifest.layers:
+                mask = np.zeros(spec.num_experts, dtype=bool)
+                mask[spec.experts] = True
+                self._held[spec.layer] = mask
+            self.experts = self._mlx.submit(lambda: LocalExperts(self.cache, expert_templates(store_path))).result()
+            self.flash_gbps = measure_read_gbps(self.store) if flash_gbps is None else flash_gbps
+        except BaseException:
+            self.close()
+            raise
+        self._lock = threading.Lock()
+        self._counters = dict(requests=0, pairs=0, bytes_in=0, bytes_out=0, rejected=0)
+        self._busy = 0.0
+        self._started = time.monotonic()
+
+    # --- checks (any thread, no MLX) ---------------------------------------------------------
+
+    def check_token(self, given: str | None) -> None:
+        if not given or not hmac.compare_digest(given.encode(), self.token.encode()):
+            self._count(rejected=1)
+            raise RequestError(UNAUTHENTICATED, "missing or wrong cluster token")
+
+    def _invalid(self, message: str) -> RequestError:
+        self._count(rejected=1)
+        return RequestError(INVALID, message)
+
+    def _check_layer(self, layer: int) -> np.ndarray:
+        if layer not in self._held:
+            raise self._invalid(f"layer {layer} is not a MoE layer of this model")
+        return self._held[layer]
+
+    def _validate_compute(self, req: pb.ComputeRequest) -> tuple[np.ndarray, np.ndarray]:
+        size = req.ByteSize()
+        if size > self.max_message_bytes:
+            raise self._invalid(f"request of {size} bytes exceeds this node's limit of {self.max_message_bytes}")
+        held = self._check_layer(req.layer)
+        try:
+            x = to_numpy(req.x)
+            rows = to_numpy(req.rows)
+            experts = to_numpy(req.experts)
+        except CodecError as e:
+            raise self._invalid(str(e)) from None
+        if req.x.dtype not in FLOAT_DTYPES or x.ndim != 2 or x.shape[1] != self.hidden_size or x.shape[0] == 0:
+            raise self._invalid(
+                f"x must be a float tensor [M, {self.hidden_size}] with M > 0, got {req.x.dtype} {list(x.shape)}"
+            )
+        for label, t, a in (("rows", req.rows, rows), ("experts", req.experts, experts)):
+            if t.dtype != "int32" or a.ndim != 1:
+                raise self._invalid(f"{label} must be an int32 vector, got {t.dtype} {list(a.shape)}")
+        if rows.shape != experts.shape or rows.size == 0:
+            raise self._invalid(
+                f"rows and experts must have the same non-zero length, got {rows.size} and {experts.size}"
+            )
+        if rows.size > x.shape[0] * self.top_k:
+            raise self._invalid(f"{rows.size} pairs for {x.shape[0]} tokens exceeds top-k {self.top_k} per token")
+        if rows.min() < 0 or rows.max() >= x.shape[0]:
+            raise self._invalid(f"rows must index the {x.shape[0]} rows of x")
+        if experts.min() < 0 or experts.max() >= held.size or not held[experts].all():
+            bad = sorted({int(e) for e in experts if not (0 <= e < held.size and held[e])})
+            raise self._invalid(f"layer {req.layer}: experts {bad[:8]} are not held by node {self.name}")
+        return rows, experts
+
+    # --- RPCs --------------------------------------------------------------------------------
+
+    def info(self) -> pb.NodeInfo:
+        layers = [
+            pb.LayerHoldings(
+                layer=s.layer, num_experts=s.num_experts, experts=list(s.experts), expert_bytes=s.payload_bytes
+            )
+            for s in self.manifest.layers
+        ]
+        return pb.NodeInfo(
+            node_id=self.node_id,
+            name=self.name,
+            fingerprint=self.manifest.fingerprint,
+            protocol_version=PROTOCOL_VERSION,
+            layers=layers,
+            ram_budget_bytes=self.cache.budget_bytes,
+            flash_read_gbps=self.flash_gbps,
+            max_message_bytes=self.max_message_bytes,
+            hidden_size=self.hidden_size,
+            model_type=str(self.manifest.config.get("model_type", "")),
+        )
+
+    def compute(self, req: pb.ComputeRequest) -> pb.ComputeReply:
+        rows, experts = self._validate_compute(req)
+        start = time.perf_counter()
+        try:
+            reply = self._mlx.submit(self._compute, req, rows, experts).result()
+        except StoreError as e:
+            raise RequestError(INTERNAL, f"node {self.name}: {e}") from None
+        seconds = time.perf_counter() - start
+        reply.compute_seconds = seconds
+        self._count(requests=1, pairs=int(rows.size), bytes_in=req.ByteSize(), bytes_out=reply.ByteSize())
+        with self._lock:
+            self._busy += seconds
+        return reply
+
+    def _compute(self, req: pb.ComputeRequest, rows: np.ndarray, experts: np.ndarray) -> pb.ComputeReply:
+        # Runs on the MLX thread.
+        x = decode(req.x)  # [M, D]
+        pairs_x = x[mx.array(rows)]  # [P, D]
+        y = self.experts.compute(req.layer, pairs_x, mx.array(experts)[:, None])  # [P, 1, D]
+        return pb.ComputeReply(y=encode(y[:, 0]))  # [P, D]
+
+    def prefetch(self, req: pb.PrefetchRequest) -> pb.PrefetchReply:
+        held = self._check_layer(req.layer)
+        experts = sorted(set(req.experts))
+        if any(not (0 <= e < held.size and held[e]) for e in experts):
+            raise self._invalid(f"layer {req.layer}: prefetch names experts not held by node {self.name}")
+        start = time.perf_counter()
+        try:
+            self._mlx.submit(self.experts.prefetch, req.layer, experts).result()
+        except StoreError as e:
+            raise RequestError(INTERNAL, f"node {self.name}: {e}") from None
+        with self._lock:
+            self._busy += time.perf_counter() - start
+        resident = sum((req.layer, e) in self.cache for e in experts)
+        return pb.PrefetchReply(resident=resident)
+
+    def stats(self) -> pb.NodeStats:
+        # Plain reads of counters the MLX thread updates: a snapshot, possibly mid-request.
+        s = self.cache.stats
+        with self._lock:
+            counters, busy = dict(self._counters), self._busy
+        return pb.NodeStats(
+            hits=s.hits,
+            misses=s.misses,
+            evictions=s.evictions,
+            bytes_read=s.bytes_read,
+            io_seconds=s.io_seconds,
+            compute_seconds=s.compute_seconds,
+            peak_cache_bytes=s.peak_bytes,
+            cache_bytes=self.cache.bytes,
+            ram_budget_bytes=self.cache.budget_bytes,
+            busy_seconds=busy,
+            uptime_seconds=time.monotonic() - self._started,
+            **counters,
+        )
+
+    def health(self) -> pb.HealthReply:
+        return pb.HealthReply(serving=True, node_id=self.node_id)
+
+    def _count(self, **deltas: int) -> None:
+        with self._lock:
+            for key, value in deltas.items():
+                self._counters[key] += value
+
+    def close(self) -> None:
+        self._mlx.shutdown(wait=True)
+        self.store.close()
