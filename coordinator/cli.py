@@ -16,6 +16,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from coordinator.cluster_cli import add_discovery_args
 from node.cache import format_bytes, parse_bytes
 from node.store_format import StoreError
 
@@ -51,13 +52,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", help="generate with experts streamed from a store")
     p.set_defaults(func=cmd_run)
-    p.add_argument("store", type=Path)
+    p.add_argument("store", type=Path, help="a store, or with --cluster its dense part (`flashmesh shard --dense`)")
     _add_generation_args(p, prompt_default=None)
+    p.add_argument("--cluster", action="store_true", help="compute the experts on nodes (zeroconf and/or --node)")
+    add_discovery_args(p)
 
     p = sub.add_parser("demo", help="build a small MoE model locally, pack it and run it streamed")
     p.set_defaults(func=cmd_demo)
     p.add_argument("--workdir", type=Path, default=Path(".flashmesh/demo"))
     p.add_argument("--arch", default="qwen3_moe")
+    p.add_argument(
+        "--nodes", type=int, default=3, help="local node processes, each with its own shard (0: all in-process)"
+    )
     _add_generation_args(p, prompt_default="The experts live on flash and")
     for module in EXTENSIONS:
         importlib.import_module(module).register(sub)
@@ -122,6 +128,60 @@ def _run_store(args, store: Path, *, extra: dict | None = None) -> dict:
         streaming.close()
 
 
+def _run_cluster(args, store: Path, *, addresses=None, token: str | None = None, extra: dict | None = None) -> dict:
+    from coordinator.cluster_cli import find_nodes
+    from coordinator.cluster_run import resolve_token, run_on_cluster
+    from node.store_format import Manifest
+
+    manifest = Manifest.load(store)
+    token = token or resolve_token(args.token)
+    if addresses is None:
+        addresses = find_nodes(args, fingerprint=manifest.fingerprint)
+    stream = None if args.json else (lambda s: print(s, end="", flush=True))
+    result = run_on_cluster(
+        store,
+        addresses,
+        token=token,
+        prompt=args.prompt,
+        chat=args.chat,
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        prefill_step_size=args.prefill_step,
+        on_text=stream,
+    )
+    if stream is not None:
+        print(flush=True)
+    result.update(extra or {})
+    return result
+
+
+def _print_nodes(result: dict) -> None:
+    if "nodes" not in result:
+        return
+    table = Table(title="nodes")
+    for c in ("node", "address", "held / assigned", "RAM budget", "peak cache", "hit rate", "read", "RPCs", "RPC ms"):
+        table.add_column(c, justify="left" if c in ("node", "address") else "right")
+    for n in result["nodes"]:
+        table.add_row(
+            n["name"],
+            n["address"],
+            f"{n['experts_held']} / {n['experts_assigned']}",
+            format_bytes(n["ram_budget_bytes"]),
+            format_bytes(n["peak_cache_bytes"]),
+            f"{n['cache_hit_rate']:.1%}",
+            format_bytes(n["expert_bytes_read"]),
+            str(n["requests"]),
+            f"{n['rpc_ms_mean']:.2f} (p99 {n['rpc_ms_p99']:.2f})",
+        )
+    err.print(table)
+    d = result["dispatch"]
+    err.print(
+        f"{d['rpc_requests_per_token']:.1f} RPCs and {format_bytes(d['wire_bytes_per_token'])} on the wire per "
+        f"token; MoE layer dispatch {d['layer_dispatch_ms_mean']:.2f} ms mean, {d['layer_dispatch_ms_p99']:.2f} ms p99"
+    )
+
+
 def cmd_pack(args) -> int:
     from node.store_writer import pack
 
@@ -134,11 +194,15 @@ def cmd_pack(args) -> int:
 
 
 def cmd_run(args) -> int:
-    result = _run_store(args, args.store)
+    if args.cluster or args.node:
+        result = _run_cluster(args, args.store)
+    else:
+        result = _run_store(args, args.store)
     if args.json:
         print(json.dumps(result))
     else:
         _print_stats(result, title=f"flashmesh run {args.store}")
+        _print_nodes(result)
     return 0
 
 
@@ -146,13 +210,25 @@ def cmd_demo(args) -> int:
     from coordinator.demo import prepare_demo, reference_tokens
 
     store, source = prepare_demo(args.workdir, arch=args.arch, show_progress=not args.json)
-    if args.ram_budget is None:
-        from node.store_format import Manifest
+    from node.store_format import Manifest
 
-        manifest = Manifest.load(store)
+    manifest = Manifest.load(store)
+    if args.ram_budget is None:
         # A quarter of the experts fit: most tokens stream something from flash.
         args.ram_budget = str(max(manifest.expert_bytes_total // 4, manifest.min_budget_bytes))
-    result = _run_store(args, store, extra={"store": str(store)})
+    if args.nodes > 0:
+        import secrets
+
+        from coordinator.cluster_run import ensure_shards, local_nodes
+
+        shards = ensure_shards(store, args.workdir, count=args.nodes)
+        # The budget is shared: each node keeps its part of it (at least one layer's top-k).
+        budget = max(parse_bytes(args.ram_budget) // args.nodes, manifest.min_budget_bytes)
+        token = secrets.token_urlsafe(18)
+        with local_nodes(shards, budgets=[budget] * args.nodes, token=token, logdir=args.workdir / "logs") as nodes:
+            result = _run_cluster(args, store, addresses=nodes, token=token, extra={"store": str(store)})
+    else:
+        result = _run_store(args, store, extra={"store": str(store)})
     if args.temperature == 0:
         reference = reference_tokens(
             source, args.prompt, max_tokens=args.max_tokens, chat=args.chat, prefill_step_size=args.prefill_step
@@ -162,6 +238,7 @@ def cmd_demo(args) -> int:
         print(json.dumps(result))
     else:
         _print_stats(result, title=f"flashmesh demo ({args.arch}, store {store})")
+        _print_nodes(result)
     return 0
 
 

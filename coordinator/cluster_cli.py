@@ -1,9 +1,269 @@
-"""Subcommands added to `flashmesh` by this part of the project."""
+"""`flashmesh node serve`, `flashmesh shard` and `flashmesh cluster ls | inspect | top`."""
 
 from __future__ import annotations
 
 import argparse
+import json
+import logging
+import os
+import secrets
+import signal
+import socket
+import sys
+import threading
+import time
+from pathlib import Path
+
+from rich.console import Console
+from rich.live import Live
+
+from node.cache import parse_bytes
+from node.store_format import StoreError
+from protos import DEFAULT_MAX_MESSAGE_BYTES, TOKEN_ENV
+
+log = logging.getLogger(__name__)
+out = Console()
+err = Console(stderr=True)
+
+
+def add_discovery_args(p: argparse.ArgumentParser) -> None:
+    """Where to look for nodes: static addresses and zeroconf interfaces."""
+    p.add_argument("--node", action="append", default=[], metavar="HOST:PORT", help="a node's address (repeatable)")
+    p.add_argument(
+        "--interfaces",
+        nargs="+",
+        default=["127.0.0.1"],
+        metavar="ADDR",
+        help="IPv4 addresses of the interfaces zeroconf browses on (default 127.0.0.1; e.g. your LAN address)",
+    )
+    p.add_argument("--no-zeroconf", action="store_true", help="use only --node addresses; send no multicast")
+    p.add_argument("--discover-timeout", type=float, default=3.0, help="seconds to browse for nodes")
+    p.add_argument("--expect", type=int, default=None, help="stop browsing once this many nodes are found")
+    p.add_argument("--token", default=None, help=f"the cluster token (default: ${TOKEN_ENV})")
+
+
+def find_nodes(args, *, fingerprint: str | None = None) -> list:
+    from coordinator.discovery import discover
+
+    nodes = discover(
+        static=args.node,
+        interfaces=None if args.no_zeroconf else args.interfaces,
+        timeout=args.discover_timeout,
+        expect=args.expect,
+        accept=None if fingerprint is None else (lambda n: n.fingerprint == fingerprint),
+    )
+    if not nodes:
+        where = "" if args.no_zeroconf else f" by zeroconf on {', '.join(args.interfaces)}"
+        raise StoreError(f"no flashmesh nodes found{where}; start `flashmesh node serve` or pass --node HOST:PORT")
+    return nodes
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    """Add this part's subcommands to the `flashmesh` parser (none yet)."""
+    p = sub.add_parser("node", help="serve this machine's experts to a coordinator")
+    node_sub = p.add_subparsers(dest="node_command", required=True)
+    s = node_sub.add_parser("serve", help="serve a store (or shard) over gRPC and advertise it by zeroconf")
+    s.set_defaults(func=cmd_node_serve)
+    s.add_argument("store", type=Path)
+    s.add_argument("--ram-budget", required=True, help="bytes of expert weights kept in RAM, e.g. 8GB")
+    s.add_argument("--port", type=int, default=0, help="TCP port (default: any free port)")
+    s.add_argument("--name", default=None, help="node name (default: the host name)")
+    s.add_argument(
+        "--interfaces", nargs="+", default=["127.0.0.1"], metavar="ADDR",
+        help="IPv4 addresses to listen and advertise on (default 127.0.0.1 only)",
+    )  # fmt: skip
+    s.add_argument("--token", default=None, help=f"the cluster token (default: ${TOKEN_ENV}; else one is generated)")
+    s.add_argument("--no-advertise", action="store_true", help="do not advertise by zeroconf (static --node only)")
+    s.add_argument("--page-cache", action="store_true", help="let the OS page cache help (default: bypass it)")
+    s.add_argument("--flash-gbps", type=float, default=None, help="report this read bandwidth instead of measuring")
+    s.add_argument("--max-message", default=str(DEFAULT_MAX_MESSAGE_BYTES), help="largest request accepted")
+    s.add_argument("--parent-pid", type=int, default=None, help=argparse.SUPPRESS)  # exit when this process goes
+
+    p = sub.add_parser("shard", help="write the part of a store one machine serves")
+    p.set_defaults(func=cmd_shard)
+    p.add_argument("store", type=Path)
+    p.add_argument("out", type=Path)
+    p.add_argument("--count", type=int, help="number of shards")
+    p.add_argument("--index", type=int, help="which shard, 0..count-1")
+    p.add_argument("--replicas", type=int, default=1, help="machines holding each expert (default 1)")
+    p.add_argument("--dense", action="store_true", help="write the coordinator's dense part instead")
+    p.add_argument("--force", action="store_true", help="replace OUT if it exists")
+
+    p = sub.add_parser("cluster", help="see the nodes of a cluster")
+    cluster_sub = p.add_subparsers(dest="cluster_command", required=True)
+    for name, func, text in (
+        ("ls", cmd_cluster_ls, "list the nodes found"),
+        ("inspect", cmd_cluster_inspect, "nodes with per-layer holdings and assignment"),
+        ("top", cmd_cluster_top, "refresh the nodes' figures live"),
+    ):
+        c = cluster_sub.add_parser(name, help=text)
+        c.set_defaults(func=func)
+        add_discovery_args(c)
+        c.add_argument("--json", action="store_true", help="print JSON instead of tables")
+        if name == "top":
+            c.add_argument("--interval", type=float, default=1.0, help="seconds between refreshes")
+            c.add_argument("--iterations", type=int, default=0, help="stop after this many refreshes (0: never)")
+
+
+def _check_interfaces(interfaces: list[str]) -> None:
+    for a in interfaces:
+        try:
+            socket.inet_aton(a)
+        except OSError:
+            raise StoreError(f"--interfaces takes IPv4 addresses such as 127.0.0.1, not {a!r}") from None
+
+
+def cmd_node_serve(args) -> int:
+    from node.advertise import Advertiser
+    from node.server import start_server
+    from node.service import NodeService
+
+    _check_interfaces(args.interfaces)
+    token = args.token or os.environ.get(TOKEN_ENV)
+    generated = not token
+    token = token or secrets.token_urlsafe(18)
+    service = NodeService(
+        args.store,
+        ram_budget=parse_bytes(args.ram_budget),
+        token=token,
+        name=args.name or socket.gethostname(),
+        page_cache=args.page_cache,
+        max_message_bytes=parse_bytes(args.max_message),
+        flash_gbps=args.flash_gbps,
+    )
+    server = advertiser = None
+    stop = threading.Event()
+    try:
+        try:
+            server, port = start_server(service, addresses=args.interfaces, port=args.port)
+        except (OSError, RuntimeError) as e:
+            raise StoreError(f"cannot listen on {', '.join(args.interfaces)} port {args.port}: {e}") from None
+        info = service.info()
+        if not args.no_advertise:
+            advertiser = Advertiser(
+                name=service.name, node_id=service.node_id, fingerprint=info.fingerprint, port=port,
+                interfaces=args.interfaces,
+            )  # fmt: skip
+        held = sum(len(h.experts) for h in info.layers)
+        total = sum(h.num_experts for h in info.layers)
+        print(
+            f"node {service.name} ({service.node_id}) serving {held} of {total} experts of model "
+            f"{info.fingerprint[:16]} on {', '.join(args.interfaces)} port {port}",
+            flush=True,
+        )
+        if generated:
+            print(f"cluster token: {token}  (give it to the coordinator: --token or {TOKEN_ENV})", flush=True)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: stop.set())
+        while not stop.wait(0.5):
+            if args.parent_pid is not None and os.getppid() != args.parent_pid:
+                log.warning("parent process %d is gone; stopping", args.parent_pid)
+                break
+    finally:
+        if advertiser is not None:
+            advertiser.close()
+        if server is not None:
+            server.stop(grace=1.0).wait()
+        service.close()
+    return 0
+
+
+def cmd_shard(args) -> int:
+    from node.shard import write_dense, write_shard
+
+    if args.dense:
+        write_dense(args.store, args.out, force=args.force)
+        err.print(f"wrote the dense part of {args.store} to {args.out}")
+        return 0
+    if args.count is None or args.index is None:
+        raise StoreError("pass --count N and --index I (or --dense for the coordinator's part)")
+    m = write_shard(args.store, args.out, count=args.count, index=args.index, replicas=args.replicas, force=args.force)
+    held = sum(len(s.experts) for s in m.layers)
+    err.print(f"wrote shard {args.index} of {args.count} ({held} experts) to {args.out}")
+    return 0
+
+
+def _rows(args) -> list[dict]:
+    from coordinator.client import NodeClient
+    from coordinator.cluster_run import resolve_token
+    from coordinator.cluster_view import add_assignment, node_row
+
+    token = resolve_token(args.token)
+    rows = []
+    for address in find_nodes(args):
+        client = NodeClient(address, token=token)
+        try:
+            rows.append(node_row(address, client))
+        finally:
+            client.close()
+    add_assignment(rows)
+    return rows
+
+
+def cmd_cluster_ls(args) -> int:
+    from coordinator.cluster_view import nodes_table, public
+
+    rows = _rows(args)
+    if args.json:
+        print(json.dumps([public(r) for r in rows]))
+    else:
+        out.print(nodes_table(rows, title=f"flashmesh cluster: {len(rows)} nodes"))
+    return 0
+
+
+def cmd_cluster_inspect(args) -> int:
+    from coordinator.cluster_view import layers_table, nodes_table, public
+
+    rows = _rows(args)
+    if args.json:
+        print(json.dumps([public(r) for r in rows]))
+        return 0
+    out.print(nodes_table(rows, title=f"flashmesh cluster: {len(rows)} nodes"))
+    for row in rows:
+        if "error" not in row:
+            out.print(layers_table(row))
+        if "placement_error" in row:
+            out.print(f"placement: {row['placement_error']}", style="yellow", markup=False)
+    return 0
+
+
+def cmd_cluster_top(args) -> int:
+    from coordinator.client import NodeClient
+    from coordinator.cluster_run import resolve_token
+    from coordinator.cluster_view import add_assignment, node_row, nodes_table, public
+
+    token = resolve_token(args.token)
+    clients = [(a, NodeClient(a, token=token)) for a in find_nodes(args)]
+    previous: dict[str, tuple[float, int, int]] = {}
+    try:
+        with Live(console=out, auto_refresh=False, transient=False) if not args.json else _NoLive() as live:
+            count = 0
+            while args.iterations == 0 or count < args.iterations:
+                rows = [node_row(a, c) for a, c in clients]
+                add_assignment(rows)
+                now, rates = time.monotonic(), {}
+                for r in rows:
+                    if "node_id" in r:
+                        t0, req0, read0 = previous.get(r["node_id"], (now, r["requests"], r["expert_bytes_read"]))
+                        dt = max(now - t0, 1e-9)
+                        rates[r["node_id"]] = ((r["requests"] - req0) / dt, (r["expert_bytes_read"] - read0) / dt)
+                        previous[r["node_id"]] = (now, r["requests"], r["expert_bytes_read"])
+                if args.json:
+                    print(json.dumps([{**public(r), "requests_per_s": rates.get(r.get("node_id"), (0, 0))[0]}
+                                      for r in rows]), flush=True)  # fmt: skip
+                else:
+                    live.update(nodes_table(rows, title="flashmesh cluster top", rates=rates), refresh=True)
+                count += 1
+                if args.iterations == 0 or count < args.iterations:
+                    time.sleep(args.interval)
+    finally:
+        for _, client in clients:
+            client.close()
+    return 0
+
+
+class _NoLive:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        sys.stdout.flush()

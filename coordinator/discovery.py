@@ -9,6 +9,7 @@ import logging
 import socket
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from zeroconf import IPVersion, ServiceBrowser, ServiceListener, Zeroconf
@@ -67,8 +68,15 @@ def _txt(props: dict, key: str) -> str:
     return value.decode() if isinstance(value, bytes) else ""
 
 
-def browse(*, interfaces: list[str], timeout: float = 3.0, expect: int | None = None) -> list[NodeAddress]:
-    """Nodes advertised on `interfaces` within `timeout` seconds (sooner once `expect` are found)."""
+def browse(
+    *,
+    interfaces: list[str],
+    timeout: float = 3.0,
+    expect: int | None = None,
+    accept: Callable[[NodeAddress], bool] | None = None,
+) -> list[NodeAddress]:
+    """Nodes advertised on `interfaces` within `timeout` seconds (sooner once `expect` are found);
+    `accept` filters them (e.g. by model fingerprint or name)."""
     zc = Zeroconf(interfaces=list(interfaces), ip_version=IPVersion.V4Only)
     collector = _Collector()
     browser = ServiceBrowser(zc, SERVICE_TYPE, collector)
@@ -97,7 +105,10 @@ def browse(*, interfaces: list[str], timeout: float = 3.0, expect: int | None = 
                     protocol_version=int(proto) if proto.isdigit() else 0,
                     source="zeroconf",
                 )
-                found[node.node_id or name] = node
+                if accept is None or accept(node):
+                    found[node.node_id or name] = node
+                else:
+                    log.info("skipping node %s: not accepted (fingerprint %s)", node.label, node.fingerprint[:16])
     finally:
         browser.cancel()
         zc.close()
@@ -110,6 +121,7 @@ def discover(
     interfaces: list[str] | None = None,
     timeout: float = 3.0,
     expect: int | None = None,
+    accept: Callable[[NodeAddress], bool] | None = None,
 ) -> list[NodeAddress]:
     """Static addresses first, then zeroconf on `interfaces` (none given: no multicast at all)."""
     nodes = [parse_address(a) for a in static or []]
@@ -123,6 +135,8 @@ def discover(
         if want != 0:
             seen = {(n.host, n.port) for n in nodes}
             nodes += [
-                n for n in browse(interfaces=interfaces, timeout=timeout, expect=want) if (n.host, n.port) not in seen
+                n
+                for n in browse(interfaces=interfaces, timeout=timeout, expect=want, accept=accept)
+                if (n.host, n.port) not in seen
             ]
     return nodes

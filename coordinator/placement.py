@@ -14,12 +14,30 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 
-from node.store_format import LayerSpec, StoreError
+from node.store_format import StoreError
 
 Key = tuple[int, int]  # (layer, expert)
+
+
+class LayerLike(Protocol):
+    """What placement needs of a MoE layer: node.store_format.LayerSpec or LayerShape."""
+
+    layer: int
+    num_experts: int
+
+    @property
+    def payload_bytes(self) -> int: ...
+
+
+@dataclass(frozen=True)
+class LayerShape:
+    layer: int
+    num_experts: int
+    payload_bytes: int
 
 
 @dataclass(frozen=True)
@@ -51,7 +69,7 @@ def _cost(assigned: int, node: NodeCapacity) -> tuple[float, float]:
     return (max(0, assigned - node.ram_budget_bytes) / gbps, assigned / gbps)
 
 
-def place(layers: Sequence[LayerSpec], nodes: Sequence[NodeCapacity]) -> Placement:
+def place(layers: Sequence[LayerLike], nodes: Sequence[NodeCapacity]) -> Placement:
     """Map every routed expert of `layers` (the full model's) to one node holding it on flash."""
     if not nodes:
         raise StoreError("no nodes to place experts on; start `flashmesh node serve` or pass --node HOST:PORT")

@@ -1,0 +1,150 @@
+"""What `flashmesh cluster ls | inspect | top` show: one row of figures per node, as JSON or rich tables."""
+
+from __future__ import annotations
+
+import time
+
+from rich.table import Table
+
+from coordinator.client import NodeClient, NodeError
+from coordinator.discovery import NodeAddress
+from coordinator.placement import LayerShape, NodeCapacity, place
+from node.cache import format_bytes
+from node.store_format import StoreError
+from protos import flashmesh_pb2 as pb
+
+
+def _ping_ms(client: NodeClient, *, tries: int = 3) -> float:
+    best = float("inf")
+    for _ in range(tries):
+        start = time.perf_counter()
+        client.health(timeout=5.0)
+        best = min(best, time.perf_counter() - start)
+    return best * 1e3
+
+
+def node_row(address: NodeAddress, client: NodeClient) -> dict:
+    """Figures of one node; an unreachable node gives a row with `error` set."""
+    row: dict = {"name": address.name, "address": address.target, "source": address.source}
+    try:
+        info = client.info(timeout=5.0)
+        stats = client.stats(timeout=5.0)
+        row["rpc_latency_ms"] = _ping_ms(client)
+    except NodeError as e:
+        row["error"] = str(e)
+        return row
+    lookups = stats.hits + stats.misses
+    row.update(
+        name=info.name,
+        node_id=info.node_id,
+        fingerprint=info.fingerprint,
+        protocol_version=info.protocol_version,
+        model_type=info.model_type,
+        experts_held=sum(len(h.experts) for h in info.layers),
+        experts_total=sum(h.num_experts for h in info.layers),
+        ram_budget_bytes=stats.ram_budget_bytes,
+        cache_bytes=stats.cache_bytes,
+        peak_cache_bytes=stats.peak_cache_bytes,
+        cache_hit_rate=stats.hits / lookups if lookups else 0.0,
+        expert_bytes_read=stats.bytes_read,
+        read_gbps=stats.bytes_read / stats.io_seconds / 1e9 if stats.io_seconds else 0.0,
+        flash_read_gbps=info.flash_read_gbps,
+        requests=stats.requests,
+        pairs=stats.pairs,
+        rejected=stats.rejected,
+        uptime_s=stats.uptime_seconds,
+        layers=[{"layer": h.layer, "held": len(h.experts), "experts": h.num_experts} for h in info.layers],
+    )
+    row["_info"] = info
+    return row
+
+
+def add_assignment(rows: list[dict]) -> None:
+    """experts_assigned per node: the placement a coordinator would build over the nodes of each model."""
+    by_model: dict[str, list[dict]] = {}
+    for row in rows:
+        if "_info" in row:
+            by_model.setdefault(row["fingerprint"], []).append(row)
+    for group in by_model.values():
+        infos: list[pb.NodeInfo] = [r["_info"] for r in group]
+        layers = [LayerShape(h.layer, h.num_experts, h.expert_bytes) for h in infos[0].layers]
+        capacities = [
+            NodeCapacity(
+                i.node_id, {h.layer: frozenset(h.experts) for h in i.layers}, i.flash_read_gbps, i.ram_budget_bytes
+            )
+            for i in infos
+        ]
+        try:
+            placement = place(layers, capacities)
+        except StoreError as e:
+            for row in group:
+                row["experts_assigned"] = None
+                row["placement_error"] = str(e)
+            continue
+        for row in group:
+            assigned = placement.assigned(row["node_id"])
+            row["experts_assigned"] = len(assigned)
+            per_layer: dict[int, int] = {}
+            for layer, _ in assigned:
+                per_layer[layer] = per_layer.get(layer, 0) + 1
+            for entry in row["layers"]:
+                entry["assigned"] = per_layer.get(entry["layer"], 0)
+
+
+def public(row: dict) -> dict:
+    return {k: v for k, v in row.items() if not k.startswith("_")}
+
+
+def nodes_table(rows: list[dict], *, title: str, rates: dict | None = None) -> Table:
+    table = Table(title=title)
+    columns = [
+        "name",
+        "address",
+        "model",
+        "ver",
+        "experts held / assigned",
+        "RAM budget",
+        "hit rate",
+        "bytes read",
+        "read GB/s",
+        "flash GB/s",
+        "requests",
+        "RPC ms",
+    ]
+    if rates is not None:
+        columns += ["req/s", "read MB/s"]
+    for c in columns:
+        table.add_column(c, justify="left" if c in ("name", "address", "model") else "right")
+    for row in rows:
+        if "error" in row:
+            table.add_row(row["name"] or "?", row["address"], f"[red]{row['error']}[/red]", *[""] * (len(columns) - 3))
+            continue
+        assigned = "-" if row.get("experts_assigned") is None else str(row["experts_assigned"])
+        cells = [
+            row["name"],
+            row["address"],
+            f"{row['model_type']} {row['fingerprint'][:12]}",
+            str(row["protocol_version"]),
+            f"{row['experts_held']} / {assigned}",
+            format_bytes(row["ram_budget_bytes"]),
+            f"{row['cache_hit_rate']:.1%}",
+            format_bytes(row["expert_bytes_read"]),
+            f"{row['read_gbps']:.2f}",
+            f"{row['flash_read_gbps']:.2f}",
+            str(row["requests"]),
+            f"{row['rpc_latency_ms']:.2f}",
+        ]
+        if rates is not None:
+            r = rates.get(row.get("node_id"), (0.0, 0.0))
+            cells += [f"{r[0]:.1f}", f"{r[1] / 1e6:.1f}"]
+        table.add_row(*cells)
+    return table
+
+
+def layers_table(row: dict) -> Table:
+    table = Table(title=f"{row['name']} ({row['address']}) node {row['node_id']}")
+    for c in ("layer", "experts held", "assigned", "experts in layer"):
+        table.add_column(c, justify="right")
+    for entry in row["layers"]:
+        table.add_row(str(entry["layer"]), str(entry["held"]), str(entry.get("assigned", "-")), str(entry["experts"]))
+    return table
