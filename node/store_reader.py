@@ -15,17 +15,19 @@ import os
 import sys
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import mlx.core as mx
+import numpy as np
 
-from node.store_format import LayerSpec, Manifest, StoreError, checksum, from_buffer
+from node.store_format import _DTYPES, RECORD_ALIGN, LayerSpec, Manifest, StoreError, TensorSpec, checksum
 
 log = logging.getLogger(__name__)
 
 F_NOCACHE = 48  # macOS fcntl command; not exported by Python's fcntl module
+_PAGE = 4096  # O_DIRECT buffer alignment (covers 512 B and 4 KiB logical blocks)
 
 
 @dataclass
@@ -33,6 +35,33 @@ class ReadStats:
     records: int = 0
     bytes: int = 0
     seconds: float = 0.0  # wall time spent waiting for reads
+
+
+def _tensor_view(raw: mx.array, skew: int, t: TensorSpec) -> mx.array:
+    """One tensor of a record as a view of the record's MLX buffer (no copy)."""
+    start = skew + t.offset
+    return raw[start : start + t.nbytes].view(_DTYPES[t.dtype][1]).reshape(t.shape)
+
+
+class PendingRead:
+    """Reads in flight for one layer; `result()` (on the thread that submitted) waits and checks."""
+
+    def __init__(
+        self,
+        store: ExpertStore,
+        layer: int,
+        raws: dict[int, mx.array],
+        jobs: dict[int, tuple[int, list[Future]]],
+        started: float,
+    ) -> None:
+        self.store, self.layer, self.raws, self.jobs, self.started = store, layer, raws, jobs, started
+        self.experts = list(raws)
+
+    def done(self) -> bool:
+        return all(f.done() for _, futures in self.jobs.values() for f in futures)
+
+    def result(self) -> dict[int, dict[str, mx.array]]:
+        return self.store._finish(self)
 
 
 def _open_bypassing_cache(path: Path) -> tuple[int, bool]:
@@ -55,12 +84,21 @@ def _open_bypassing_cache(path: Path) -> tuple[int, bool]:
 class ExpertStore:
     """Reads expert records of one store; thread-safe reads, MLX arrays made on the caller's thread."""
 
-    def __init__(self, path: Path, *, page_cache: bool = False, queue_depth: int = 8, verify: bool = True) -> None:
+    def __init__(
+        self,
+        path: Path,
+        *,
+        page_cache: bool = False,
+        queue_depth: int = 8,
+        verify: bool = True,
+        chunk_bytes: int = 8 * 1024 * 1024,
+    ) -> None:
         self.path = Path(path)
         self.manifest = Manifest.load(self.path)
         self.page_cache = page_cache
         self.verify = verify
         self.queue_depth = queue_depth
+        self.chunk_bytes = max(RECORD_ALIGN, chunk_bytes // RECORD_ALIGN * RECORD_ALIGN)
         self.bypassing_cache = False
         self._fds: dict[int, int] = {}
         self._specs = {s.layer: s for s in self.manifest.layers}
@@ -120,25 +158,71 @@ class ExpertStore:
             )
         return buf
 
+    def _read_chunk(self, layer: int, expert: int, view: memoryview, offset: int) -> int:
+        """Reader thread: one aligned pread into (a slice of) MLX-owned memory; nothing else."""
+        return os.preadv(self._fds[layer], [view], offset)
+
+    def submit(self, layer: int, experts: list[int]) -> PendingRead:
+        """Start reading whole records of `experts`; MLX buffers are made here, on the caller's thread.
+
+        Each record is read straight into the memory of one MLX uint8 array (page aligned inside
+        it, as O_DIRECT requires); the tensors handed out are views of that array, so no byte is
+        copied between the read and the cache. Large records are split into `chunk_bytes` preads so
+        that even a few records keep `queue_depth` reads in flight.
+        """
+        spec = self._specs[layer]
+        size = spec.record_size
+        raws = {e: mx.zeros((size + _PAGE,), dtype=mx.uint8) for e in experts}
+        mx.eval(list(raws.values()))
+        jobs: dict[int, tuple[int, list[Future]]] = {}
+        for e, raw in raws.items():
+            host = np.array(raw, copy=False)  # a writable view of the MLX buffer
+            skew = (-host.ctypes.data) % _PAGE
+            view = memoryview(host)[skew : skew + size]
+            base = spec.record_offset(e)
+            futures = [
+                self._pool.submit(self._read_chunk, layer, e, view[o : o + self.chunk_bytes], base + o)
+                for o in range(0, size, self.chunk_bytes)
+            ]
+            jobs[e] = (skew, futures)
+        return PendingRead(self, layer, raws, jobs, time.perf_counter())
+
     def read(self, layer: int, experts: list[int]) -> dict[int, dict[str, mx.array]]:
         """Fetch whole records of `experts` in parallel; return expert -> {tensor name: array}."""
-        spec = self._specs[layer]
-        start = time.perf_counter()
-        futures = {e: self._pool.submit(self._read_one, layer, e) for e in experts}
+        return self.submit(layer, experts).result()
+
+    def _finish(self, pending: PendingRead) -> dict[int, dict[str, mx.array]]:
+        spec = self._specs[pending.layer]
+        size = spec.record_size
         out: dict[int, dict[str, mx.array]] = {}
         error: Exception | None = None
-        for e, fut in futures.items():
+        for e, (skew, futures) in pending.jobs.items():
             try:
-                buf = fut.result()
+                got = sum(f.result() for f in futures)
             except Exception as exc:  # collect, finish the other reads, then raise the first
                 error = error or exc
                 continue
-            out[e] = {t.name: from_buffer(buf, t) for t in spec.tensors}
-            self._release(buf)
-        elapsed = time.perf_counter() - start
+            if got != size:
+                error = error or StoreError(
+                    f"layer {pending.layer} expert {e}: short read ({got} of {size} bytes); "
+                    "the store file is truncated, re-run `flashmesh pack`"
+                )
+                continue
+            raw = pending.raws[e]
+            if self.verify:
+                host = memoryview(np.array(raw, copy=False))[skew : skew + size]
+                if checksum(host) != spec.record_checksum(e):
+                    error = error or StoreError(
+                        f"layer {pending.layer} expert {e}: record checksum mismatch in {self.path / spec.file}; "
+                        "the flash copy is corrupt, re-pack or re-copy the store"
+                    )
+                    continue
+            out[e] = {t.name: _tensor_view(raw, skew, t) for t in spec.tensors}
+        mx.eval([a for arrays in out.values() for a in arrays.values()])
+        elapsed = time.perf_counter() - pending.started
         with self._lock:
             self.stats.records += len(out)
-            self.stats.bytes += len(out) * spec.record_size
+            self.stats.bytes += len(out) * size
             self.stats.seconds += elapsed
         if error is not None:
             raise error

@@ -1,0 +1,166 @@
+"""`flashmesh bench io`: the store's fetch path against fio's random reads on the same file.
+
+Both sides read whole records (the store's record size, 16 KiB aligned) at random record offsets of
+the same layer file with the page cache bypassed (O_DIRECT), at several queue depths, in one run.
+The figure of merit is the ratio engine / fio-best: absolute GB/s on a VM disk mean little.
+
+The engine side is the store's fetch path exactly as the cache uses it: aligned preads from the
+reader's thread pool straight into MLX-owned buffers, xxh3 checksums, tensor views made on this
+thread. `engine_gbps` keeps two calls in flight (`submit` of the next before `result` of the
+current, as the prefetching engine does); `engine_sync_gbps` is plain `read()` calls back to back.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+
+from node.store_format import Manifest, StoreError
+from node.store_reader import ExpertStore
+
+log = logging.getLogger(__name__)
+
+QUEUE_DEPTHS = (1, 4, 8, 16, 32)
+
+
+def ensure_fio() -> str:
+    """Path of fio, installed with apt when missing (Debian/Ubuntu, as root)."""
+    found = shutil.which("fio")
+    if found:
+        return found
+    log.warning("fio is missing; installing it with apt-get")
+    subprocess.run(["apt-get", "install", "-y", "fio"], check=False, capture_output=True)
+    found = shutil.which("fio")
+    if not found:
+        raise StoreError("fio is not installed and apt-get could not install it; install fio and re-run")
+    return found
+
+
+def fio_randread(path: Path, *, block: int, queue_depth: int, seconds: float, size: int) -> float:
+    """fio random-read GB/s (O_DIRECT, libaio) at `block` bytes and `queue_depth`, on `path`."""
+    cmd = [
+        ensure_fio(),
+        "--name=flashmesh",
+        f"--filename={path}",
+        "--rw=randread",
+        f"--bs={block}",
+        f"--size={size}",  # the records' span: offsets are multiples of bs, i.e. record starts
+        "--direct=1",
+        "--ioengine=libaio",
+        f"--iodepth={queue_depth}",
+        "--numjobs=1",
+        f"--runtime={seconds}",
+        "--time_based",
+        "--randrepeat=0",
+        "--output-format=json",
+    ]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    job = json.loads(out[out.index("{") :])["jobs"][0]["read"]
+    return job["io_bytes"] / (job["runtime"] / 1000.0) / 1e9 if job["runtime"] else 0.0
+
+
+def engine_randread(
+    store_path: Path,
+    layer: int,
+    *,
+    queue_depth: int,
+    seconds: float,
+    verify: bool,
+    pipelined: bool = True,
+    seed: int = 0,
+) -> float:
+    """GB/s of the store's fetch path on random records of one layer, `queue_depth` records per call.
+
+    pipelined: the next call's reads are submitted before the current one is finished (what the
+    engine does when it prefetches layer l+1 while layer l computes); otherwise plain read() calls.
+    """
+    rng = np.random.default_rng(seed)
+    with ExpertStore(store_path, queue_depth=queue_depth, verify=verify) as store:
+        if not store.bypassing_cache:
+            log.warning("%s: O_DIRECT unavailable; engine numbers include the page cache", store_path)
+        experts = store.layer(layer).experts
+        batch = min(queue_depth, len(experts))
+        deadline = time.perf_counter() + seconds
+        start = time.perf_counter()
+        pending = None
+        while time.perf_counter() < deadline:
+            chosen = rng.choice(experts, size=batch, replace=False).tolist()
+            if not pipelined:
+                store.read(layer, chosen)
+                continue
+            following = store.submit(layer, chosen)
+            if pending is not None:
+                pending.result()
+            pending = following
+        if pending is not None:
+            pending.result()
+        elapsed = time.perf_counter() - start
+        return store.stats.bytes / elapsed / 1e9
+
+
+def run_io_bench(
+    store_path: Path,
+    *,
+    queue_depths: tuple[int, ...] = QUEUE_DEPTHS,
+    seconds: float = 1.0,
+    rounds: int = 3,
+    verify: bool = True,
+) -> dict:
+    """fio and the engine at each queue depth, interleaved in short trials, `rounds` times.
+
+    A VM's virtual disk swings by 2-4x from second to second; alternating short trials and taking
+    per-queue-depth medians makes both sides see the same disk, so the ratio means something.
+    """
+    manifest = Manifest.load(store_path)
+    spec = max(manifest.layers, key=lambda s: len(s.experts) * s.record_size)
+    path = Path(store_path) / spec.file
+    span = len(spec.experts) * spec.record_size
+    fio_runs: dict[int, list[float]] = {qd: [] for qd in queue_depths}
+    engine_runs: dict[int, list[float]] = {qd: [] for qd in queue_depths}
+    sync_runs: dict[int, list[float]] = {qd: [] for qd in queue_depths}
+    for r in range(rounds):
+        for qd in queue_depths:
+            fio_runs[qd].append(fio_randread(path, block=spec.record_size, queue_depth=qd, seconds=seconds, size=span))
+            engine_runs[qd].append(
+                engine_randread(store_path, spec.layer, queue_depth=qd, seconds=seconds, verify=verify, seed=r)
+            )
+            sync_runs[qd].append(
+                engine_randread(
+                    store_path, spec.layer, queue_depth=qd, seconds=seconds, verify=verify, pipelined=False, seed=r
+                )
+            )
+            log.info("round %d qd %d: fio %.3f GB/s, engine %.3f GB/s", r, qd, fio_runs[qd][-1], engine_runs[qd][-1])
+    fio = {qd: float(np.median(v)) for qd, v in fio_runs.items()}
+    engine = {qd: float(np.median(v)) for qd, v in engine_runs.items()}
+    sync = {qd: float(np.median(v)) for qd, v in sync_runs.items()}
+    fio_best, engine_best = max(fio.values()), max(engine.values())
+    return {
+        "bench": "io",
+        "store": str(store_path),
+        "file": str(path),
+        "file_bytes": span,
+        "record_bytes": spec.record_size,
+        "verify_checksums": verify,
+        "seconds_per_trial": seconds,
+        "rounds": rounds,
+        "queue_depths": list(queue_depths),
+        "fio_gbps_by_qd": {str(k): round(v, 4) for k, v in fio.items()},
+        "engine_gbps_by_qd": {str(k): round(v, 4) for k, v in engine.items()},
+        "engine_sync_gbps_by_qd": {str(k): round(v, 4) for k, v in sync.items()},
+        "engine_sync_gbps": round(max(sync.values()), 4),
+        "ratio_sync": round(max(sync.values()) / fio_best, 4) if fio_best else None,
+        "fio_trials": {str(k): [round(x, 4) for x in v] for k, v in fio_runs.items()},
+        "engine_trials": {str(k): [round(x, 4) for x in v] for k, v in engine_runs.items()},
+        "fio_gbps": round(fio_best, 4),
+        "fio_best_qd": max(fio, key=fio.get),
+        "engine_gbps": round(engine_best, 4),
+        "engine_best_qd": max(engine, key=engine.get),
+        "ratio": round(engine_best / fio_best, 4) if fio_best else None,
+        "ratio_by_qd": {str(k): round(engine[k] / fio[k], 4) for k in queue_depths if fio[k]},
+    }
