@@ -61,6 +61,69 @@ def cmd_io(args: argparse.Namespace) -> int:
     return 0
 
 
+def _budget(store: Path, text: str | None, *, fraction: float) -> int:
+    from node.cache import parse_bytes
+    from node.store_format import Manifest
+
+    manifest = Manifest.load(store)
+    if text is not None:
+        return parse_bytes(text)
+    return max(int(manifest.expert_bytes_total * fraction), manifest.min_budget_bytes)
+
+
+def cmd_prefetch(args: argparse.Namespace) -> int:
+    from bench.engine import run_prefetch_bench
+
+    store = _store_or_demo(args.store)
+    budget = _budget(store, args.ram_budget, fraction=0.25)
+    result = run_prefetch_bench(store, ram_budget=budget, max_tokens=args.max_tokens, repeats=args.repeats)
+    path = write_result(args.name or f"prefetch-{store.name}", result)
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    print(f"store {store}, budget {budget / 2**20:.0f} MiB of {result['expert_bytes_total'] / 2**20:.0f} MiB")
+    print(f"{'config':>8} {'tok/s':>7} {'x base':>7} {'hit':>6} {'covered':>8} {'waste/use':>9} {'MB/tok':>7}")
+    for name, c in result["configs"].items():
+        print(
+            f"{name:>8} {c['decode_tokens_per_s']:>7.2f} {c['speedup_vs_off_lru']:>7.2f} {c['hit_rate']:>6.3f}"
+            f" {c['prefetch_coverage']:>8.3f} {c['wasted_per_useful']:>9.2f} {c['bytes_read_per_token'] / 1e6:>7.2f}"
+        )
+    print("policy hit rates on the routing trace (budget as a fraction of all experts):")
+    for frac, hits in result["policy_hit_rate_by_budget_fraction"].items():
+        print(f"  {frac:>6}: lru {hits['lru']:.3f}  lfu {hits['lfu']:.3f}")
+    print(f"written to {path}")
+    return 0
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from bench.engine import plot_sweep, run_budget_sweep
+
+    store = _store_or_demo(args.store)
+    source = args.source
+    if source is None and args.store is None:
+        from coordinator.demo import prepare_demo
+
+        _, source = prepare_demo(DEMO_WORKDIR, show_progress=False)
+    result = run_budget_sweep(
+        store, source=source, max_tokens=args.max_tokens, points=args.points, lookahead=not args.no_lookahead
+    )
+    name = args.name or f"sweep-{store.name}"
+    result["plot"] = str(plot_sweep(result, RESULTS / f"{name}.png"))
+    path = write_result(name, result)
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    print(f"{'budget MiB':>10} {'% experts':>9} {'tok/s':>7} {'hit':>6} {'vs mlx-lm':>9} {'same tokens':>11}")
+    for r in result["rows"]:
+        vs = f"{r['vs_mlx_lm_in_ram']:.2f}" if r["vs_mlx_lm_in_ram"] else "-"
+        print(
+            f"{r['ram_budget_bytes'] / 2**20:>10.1f} {r['budget_fraction'] * 100:>9.1f}"
+            f" {r['decode_tokens_per_s']:>7.2f} {r['hit_rate']:>6.3f} {vs:>9} {str(r['tokens_match_mlx_lm']):>11}"
+        )
+    print(f"written to {path} and {result['plot']}")
+    return 0
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     """Add `flashmesh bench ...` to the parser."""
     bench = sub.add_parser("bench", help="benchmarks (results to bench/results/*.json)")
@@ -74,4 +137,23 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--rounds", type=int, default=3, help="interleaved fio/engine trials per queue depth (median)")
     p.add_argument("--no-verify", action="store_true", help="skip record checksums on the engine side")
     p.add_argument("--name", default=None, help="result file name (default io-<store>)")
+    p.add_argument("--json", action="store_true")
+
+    p = bsub.add_parser("prefetch", help="router lookahead on/off x LRU/LFU at one budget, same run")
+    p.set_defaults(func=cmd_prefetch)
+    p.add_argument("store", type=Path, nargs="?", default=None)
+    p.add_argument("--ram-budget", default=None, help="default: a quarter of the expert bytes")
+    p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--name", default=None)
+    p.add_argument("--json", action="store_true")
+
+    p = bsub.add_parser("sweep", help="tok/s and hit rate vs RAM budget, with mlx-lm in RAM as reference")
+    p.set_defaults(func=cmd_sweep)
+    p.add_argument("store", type=Path, nargs="?", default=None)
+    p.add_argument("--source", type=Path, default=None, help="the unpacked model, for the mlx-lm reference")
+    p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument("--points", type=int, default=6)
+    p.add_argument("--no-lookahead", action="store_true")
+    p.add_argument("--name", default=None)
     p.add_argument("--json", action="store_true")

@@ -34,6 +34,7 @@ class LocalExperts:
     def __init__(self, cache: ExpertCache, templates: dict[int, nn.Module]) -> None:
         self.cache = cache
         self.templates = templates
+        self._hint: tuple[int, list[int]] | None = None  # (layer, experts) to read once a wave is pinned
 
     def compute(self, layer: int, x: mx.array, indices: mx.array) -> mx.array:
         """x [N, D], indices [N, k] (expert ids) -> per-pair expert outputs [N, k, D]."""
@@ -41,7 +42,8 @@ class LocalExperts:
         n, k = idx.shape
         waves = self.cache.plan_waves(layer, np.unique(idx).tolist())
         if len(waves) == 1:
-            return self._run_wave(layer, waves[0], x, idx)
+            return self._run_wave(layer, waves[0], x, idx, issue_hint=True)
+        self._hint = None  # this layer alone overflows the budget: reading ahead would only thrash
         # Budget smaller than this call's experts: compute wave by wave, each on its own pairs.
         flat = idx.reshape(-1)
         out = None
@@ -55,15 +57,25 @@ class LocalExperts:
         return out.reshape(n, k, -1)
 
     def prefetch(self, layer: int, experts: list[int]) -> None:
-        """Read `experts` of `layer` into the cache now (as many as fit), without computing."""
-        waves = self.cache.plan_waves(layer, sorted(set(experts)))
-        if waves:
-            self.cache.acquire(layer, waves[0])
-            self.cache.release(layer, waves[0])
+        """Start reading `experts` of `layer` into the cache (as many as fit); does not wait."""
+        self.cache.prefetch(layer, sorted(set(experts)))
 
-    def _run_wave(self, layer: int, wave: list[int], x: mx.array, idx: np.ndarray) -> mx.array:
+    def hint(self, layer: int, experts: list[int]) -> None:
+        """Predicted experts of an upcoming layer: read them as soon as the next compute() has pinned
+        its own experts, so that the reads overlap its compute without evicting what it needs."""
+        if self._hint is not None:
+            self.prefetch(*self._hint)
+        self._hint = (layer, list(experts))
+
+    def _run_wave(
+        self, layer: int, wave: list[int], x: mx.array, idx: np.ndarray, *, issue_hint: bool = False
+    ) -> mx.array:
         arrays = self.cache.acquire(layer, wave)
         try:
+            if issue_hint and self._hint is not None:
+                hinted, self._hint = self._hint, None
+                if hinted[0] != layer:
+                    self.prefetch(*hinted)
             start = time.perf_counter()
             names = next(iter(arrays.values())).keys()
             stacked = {name: mx.stack([arrays[e][name] for e in wave]) for name in names}  # [W, ...]

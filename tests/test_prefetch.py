@@ -1,0 +1,58 @@
+"""Router lookahead prefetch and cache policies: tokens stay identical to mlx-lm, budget holds."""
+
+from __future__ import annotations
+
+import pytest
+from mlx_lm import load
+
+from coordinator.dispatch import set_lookahead
+from coordinator.engine import open_local
+from coordinator.generate import generate
+from node.store_format import Manifest
+
+PROMPT = "The quick brown fox jumps over the lazy dog. Mixture of experts"
+
+
+@pytest.mark.parametrize("policy", ["lru", "lfu"])
+@pytest.mark.parametrize("arch", ["qwen3_moe", "deepseek_v3", "gpt_oss"])
+@pytest.mark.parametrize("which", ["quarter", "minimum"])
+def test_lookahead_and_policy_match_mlx_lm(models, arch, policy, which):
+    src, store = models.get(arch)
+    ref_model, tokenizer = load(str(src))
+    prompt = tokenizer.encode(PROMPT)
+    reference = generate(ref_model, tokenizer, prompt, max_tokens=10)
+    manifest = Manifest.load(store)
+    budget = {
+        "quarter": max(manifest.expert_bytes_total // 4, manifest.min_budget_bytes),
+        "minimum": manifest.min_budget_bytes,
+    }[which]
+    streaming = open_local(store, ram_budget=budget)
+    try:
+        assert set_lookahead(streaming.model, enabled=True) > 0
+        streaming.cache.policy = policy
+        assert generate(streaming.model, streaming.tokenizer, prompt, max_tokens=10).tokens == reference.tokens
+        stats = streaming.cache.close_stats()
+        assert stats.peak_bytes <= budget  # in-flight prefetched records count against the budget
+        if which == "quarter":
+            assert stats.prefetched > 0 and stats.prefetch_used > 0
+        assert stats.prefetch_used + stats.prefetch_wasted == stats.prefetched
+    finally:
+        streaming.close()
+
+
+def test_prefetch_is_asynchronous_and_budgeted(models):
+    _, store = models.get("qwen3_moe")
+    manifest = Manifest.load(store)
+    spec = manifest.layers[0]
+    streaming = open_local(store, ram_budget=manifest.min_budget_bytes)
+    try:
+        cache = streaming.cache
+        submitted = cache.prefetch(spec.layer, list(range(spec.num_experts)))
+        assert 0 < len(submitted) <= manifest.top_k  # only what the budget allows is in flight
+        assert cache.bytes <= cache.budget_bytes
+        arrays = cache.acquire(spec.layer, submitted[:1])  # lands the reads on this thread
+        cache.release(spec.layer, submitted[:1])
+        assert set(arrays) == {submitted[0]}
+        assert cache.close_stats().prefetch_used == 1
+    finally:
+        streaming.close()
