@@ -13,6 +13,7 @@ import numpy as np
 from coremltools.converters.mil import Builder as mb
 
 from mobile_export.weights import DenseWeights
+from node.store_format import checksum
 
 NEG_INF = float("-inf")
 
@@ -33,7 +34,8 @@ class WeightRegistry:
     def const(self, key: str, dtype: str = "float16"):
         arr = self.array(key).astype(np.dtype(dtype))
         name = "w_" + re.sub(r"[^A-Za-z0-9_]", "_", key) + ("_f32" if dtype == "float32" else "")
-        self.used[name] = {"key": key, "dtype": dtype}
+        # save_multifunction stores identical constants once under one name: verify also finds by content
+        self.used[name] = {"key": key, "dtype": dtype, "checksum": checksum(np.ascontiguousarray(arr).tobytes())}
         return mb.const(val=arr, name=name)
 
     def clear_cache(self) -> None:

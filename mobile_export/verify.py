@@ -189,16 +189,23 @@ def _check_packages(bundle: Path, manifest: dict, report: Report, store, source)
             else:
                 report.count("functions with the manifest's I/O")
         values = consts(program)
+        by_content = {
+            checksum(np.ascontiguousarray(v).tobytes()): n for n, v in values.items() if isinstance(v, np.ndarray)
+        }
         for name, w in pkg["weights"].items():
-            if name not in values:
+            found = name if name in values else by_content.get(w["checksum"])
+            if found is None:
                 report.errors.append(f"{rel}: weight {name} ({w['key']}) is missing")
+                continue
+            got = np.asarray(values[found])
+            if checksum(np.ascontiguousarray(got).tobytes()) != w["checksum"]:
+                report.errors.append(f"{rel}: weight {name} ({w['key']}) does not match its manifest checksum")
                 continue
             if dense is not None:
                 want = dense.get(w["key"]).astype(np.dtype(w["dtype"]))
-                got = np.asarray(values[name])
                 if got.dtype != want.dtype or got.shape != want.shape or got.tobytes() != want.tobytes():
                     report.errors.append(f"{rel}: weight {name} differs from the store's {w['key']}")
                     continue
                 report.count("weights equal to the store, bit for bit")
             else:
-                report.count("weights present")
+                report.count("weights present with their checksum")
