@@ -69,11 +69,26 @@ class NodeTraffic:
     latencies: list[float] = field(default_factory=list)  # seconds, send -> reply, per request
 
 
+@dataclass(frozen=True)
+class LayerCall:
+    tokens: int  # N: 1 in decode, the chunk length in prefill
+    requests: int  # nodes asked
+    wire_bytes: int  # request + reply payload bytes, all nodes
+    seconds: float  # split -> all replies in -> reassembled
+
+
 @dataclass
 class DispatchStats:
-    layer_calls: int = 0
-    layer_seconds: list[float] = field(default_factory=list)  # per MoE layer call, split -> reassembled
+    calls: list[LayerCall] = field(default_factory=list)  # one per MoE layer call
     nodes: dict[str, NodeTraffic] = field(default_factory=dict)
+
+    @property
+    def layer_calls(self) -> int:
+        return len(self.calls)
+
+    @property
+    def layer_seconds(self) -> list[float]:
+        return [c.seconds for c in self.calls]
 
     @property
     def requests(self) -> int:
@@ -112,15 +127,17 @@ class RemoteExperts:
                 layer=layer, x=encode(xs), rows=encode_numpy(rows.astype(np.int32)), experts=encode_numpy(flat[pairs])
             )
             in_flight.append((node_id, pairs, request.ByteSize(), self.links[node_id].compute_async(request)))
-        outputs, order = [], []
+        outputs, order, wire = [], [], 0
         for node_id, pairs, sent, call in in_flight:
             reply = call.result()
             traffic = self.stats.nodes[node_id]
             traffic.requests += 1
             traffic.pairs += pairs.size
             traffic.bytes_sent += sent
-            traffic.bytes_received += reply.ByteSize()
+            received = reply.ByteSize()
+            traffic.bytes_received += received
             traffic.latencies.append(call.seconds)
+            wire += sent + received
             try:
                 y = decode(reply.y)  # [P, D]
             except CodecError as e:
@@ -135,9 +152,11 @@ class RemoteExperts:
         y_all = outputs[0] if len(outputs) == 1 else mx.concatenate(outputs)  # [N*k, D] in `order`
         out = y_all[mx.array(np.argsort(np.concatenate(order)))].reshape(n, k, -1)  # [N, k, D]
         mx.eval(out)
-        self.stats.layer_calls += 1
-        self.stats.layer_seconds.append(time.perf_counter() - start)
+        self.stats.calls.append(LayerCall(n, len(in_flight), wire, time.perf_counter() - start))
         return out
+
+    def reset_stats(self) -> None:
+        self.stats = DispatchStats(nodes={n: NodeTraffic() for n in self.placement.node_ids})
 
     def prefetch(self, layer: int, experts: list[int]) -> None:
         """Ask each owning node to read its share of `experts` into its cache (waits for all)."""
