@@ -98,10 +98,11 @@ def main() -> None:
                 _generate(streaming, args.max_tokens)  # warm-up
                 streaming.backend.reset_stats()
                 stats = _generate(streaming, args.max_tokens)  # the wire figures come from this one
+                figures = _cluster_figures(streaming.backend, stats, len(manifest.layers))
                 repeats = [stats] + [_generate(streaming, args.max_tokens) for _ in range(args.repeats - 1)]
                 run = {"config": f"{count} node{'s' if count > 1 else ''}", "nodes": count, **_speeds(repeats)}
                 run["tokens_match_in_process"] = all(r.tokens == reference.tokens for r in repeats)
-                run.update(_cluster_figures(streaming.backend, stats, len(manifest.layers)))
+                run.update(figures)
                 runs.append(run)
             finally:
                 streaming.close()

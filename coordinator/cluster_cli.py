@@ -22,7 +22,7 @@ from node.store_format import StoreError
 from protos import DEFAULT_MAX_MESSAGE_BYTES, TOKEN_ENV
 
 log = logging.getLogger(__name__)
-out = Console()
+out = Console(width=None if sys.stdout.isatty() else 160)  # tables stay readable when piped
 err = Console(stderr=True)
 
 

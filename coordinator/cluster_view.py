@@ -117,7 +117,7 @@ def nodes_table(rows: list[dict], *, title: str, rates: dict | None = None) -> T
         table.add_column(c, justify="left" if c in ("name", "address", "model") else "right")
     for row in rows:
         if "error" in row:
-            table.add_row(row["name"] or "?", row["address"], f"[red]{row['error']}[/red]", *[""] * (len(columns) - 3))
+            table.add_row(row["name"] or "?", row["address"], "[red]unreachable[/red]", *[""] * (len(columns) - 3))
             continue
         assigned = "-" if row.get("experts_assigned") is None else str(row["experts_assigned"])
         cells = [
@@ -138,6 +138,9 @@ def nodes_table(rows: list[dict], *, title: str, rates: dict | None = None) -> T
             r = rates.get(row.get("node_id"), (0.0, 0.0))
             cells += [f"{r[0]:.1f}", f"{r[1] / 1e6:.1f}"]
         table.add_row(*cells)
+    if any("error" in row for row in rows):
+        table.caption = "\n".join(row["error"] for row in rows if "error" in row)
+        table.caption_style = "red"
     return table
 
 

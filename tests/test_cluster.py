@@ -64,7 +64,10 @@ def test_three_disjoint_nodes_match_the_local_run(cluster):
         for spec in Manifest.load(shard).layers:
             held[i] |= {(spec.layer, e) for e in spec.experts}
     assert not (held[0] & held[1]) and not (held[1] & held[2]) and not (held[0] & held[2])
-    assert all(a.source == "zeroconf" and a.host == "127.0.0.1" for a in cluster.addresses)
+    fingerprint = Manifest.load(cluster.store).fingerprint
+    for a in cluster.addresses:
+        assert a.source == "zeroconf" and a.host == "127.0.0.1"
+        assert a.fingerprint == fingerprint and a.protocol_version == 1 and a.node_id
 
     result = run_on_cluster(cluster.dense, cluster.addresses, token=TOKEN, prompt=PROMPT, chat=False, max_tokens=10)
     assert result["tokens"] == _local_tokens(cluster.store)
@@ -198,3 +201,21 @@ def test_unreachable_node_and_cleanup(models, tmp_path, capsys):
     client.close()
     code, err = _cli(capsys, "run", store, "--node", address.target, "--no-zeroconf", "--token", TOKEN, "--prompt", "x")
     assert_one_line_error(code, err, address.target, "unreachable")
+
+
+def test_advertisement_carries_no_secret(cluster):
+    from zeroconf import IPVersion, Zeroconf
+
+    from node.advertise import instance_name
+    from protos import SERVICE_TYPE
+
+    a = cluster.addresses[0]
+    zc = Zeroconf(interfaces=["127.0.0.1"], ip_version=IPVersion.V4Only)
+    try:
+        info = zc.get_service_info(SERVICE_TYPE, f"{instance_name(a.name, a.node_id)}.{SERVICE_TYPE}", timeout=3000)
+    finally:
+        zc.close()
+    assert info is not None and info.port == a.port
+    props = {k.decode(): v.decode() for k, v in info.properties.items()}
+    assert set(props) == {"id", "name", "fp", "proto", "port"}
+    assert TOKEN not in "".join(props.values())

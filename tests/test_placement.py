@@ -238,3 +238,19 @@ def test_node_validates_requests(models, tmp_path):
     finally:
         service.close()
         half.close()
+
+
+def test_shard_cli(models, tmp_path, capsys):
+    from coordinator.cli import main
+
+    _, store = models.get("qwen3_moe")
+    assert main(["shard", str(store), str(tmp_path / "s1"), "--count", "2", "--index", "1", "--replicas", "2"]) == 0
+    assert "wrote shard 1 of 2" in capsys.readouterr().err
+    m = Manifest.load(tmp_path / "s1")
+    assert m.shard == {"index": 1, "count": 2, "replicas": 2} and m.layers[0].experts == list(range(16))
+    assert main(["shard", str(store), str(tmp_path / "d"), "--dense"]) == 0
+    assert Manifest.load(tmp_path / "d").shard == {"dense_only": True}
+    assert main(["shard", str(store), str(tmp_path / "d"), "--dense"]) == 2  # exists: one-line error
+    assert "--force" in capsys.readouterr().err
+    assert main(["shard", str(tmp_path / "s1"), str(tmp_path / "again"), "--count", "2", "--index", "0"]) == 2
+    assert "itself a shard" in capsys.readouterr().err
