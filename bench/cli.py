@@ -88,9 +88,9 @@ def cmd_prefetch(args: argparse.Namespace) -> int:
             f"{name:>8} {c['decode_tokens_per_s']:>7.2f} {c['speedup_vs_off_lru']:>7.2f} {c['hit_rate']:>6.3f}"
             f" {c['prefetch_coverage']:>8.3f} {c['wasted_per_useful']:>9.2f} {c['bytes_read_per_token'] / 1e6:>7.2f}"
         )
-    print("policy hit rates on the routing trace (budget as a fraction of all experts):")
-    for frac, hits in result["policy_hit_rate_by_budget_fraction"].items():
-        print(f"  {frac:>6}: lru {hits['lru']:.3f}  lfu {hits['lfu']:.3f}")
+    print("policy hit rates replayed on the routing trace (capacity in tokens' worth of experts):")
+    for frac, hits in result["policy_hit_rate_by_capacity_in_tokens"].items():
+        print(f"  {frac:>6}: " + "  ".join(f"{p} {h:.3f}" for p, h in hits.items()))
     print(f"written to {path}")
     return 0
 
@@ -124,6 +124,43 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_oversub(args: argparse.Namespace) -> int:
+    from bench.oversub import run_oversub_bench
+    from node.cache import parse_bytes
+    from node.store_format import Manifest
+
+    manifest = Manifest.load(args.store)
+    limit = parse_bytes(args.limit) if args.limit else int(manifest.expert_bytes_total / 3.2)
+    budget = parse_bytes(args.ram_budget) if args.ram_budget else int(limit * 0.45)
+    result = run_oversub_bench(
+        args.store, args.source, limit_bytes=limit, ram_budget=budget, max_tokens=args.max_tokens
+    )
+    path = write_result(args.name or f"oversub-{args.store.name}", result)
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    print(
+        f"experts {result['expert_bytes_total'] / 1e9:.2f} GB, cgroup {limit / 1e9:.2f} GB "
+        f"({result['oversubscription']:.1f}x), budget {budget / 1e9:.2f} GB, fio {result['fio_gbps']:.2f} GB/s"
+    )
+    for name, r in result["runs"].items():
+        if "decode_tokens_per_s" in r:
+            extra = ""
+            if r.get("io_bound_tokens_per_s"):
+                extra = (
+                    f", I/O bound {r['io_bound_tokens_per_s']:.2f} tok/s"
+                    f" (reached {r['fraction_of_io_bound']:.2f}), hit {r['hit_rate']:.3f}"
+                )
+            print(
+                f"{name:>22}: {r['decode_tokens_per_s']:.2f} tok/s,"
+                f" peak cgroup {r['max_usage_bytes'] / 1e9:.2f} GB{extra}"
+            )
+        else:
+            print(f"{name:>22}: rc {r['returncode']}, oom_killed {r['oom_killed']}")
+    print(f"written to {path}")
+    return 0
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     """Add `flashmesh bench ...` to the parser."""
     bench = sub.add_parser("bench", help="benchmarks (results to bench/results/*.json)")
@@ -145,6 +182,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--ram-budget", default=None, help="default: a quarter of the expert bytes")
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--name", default=None)
+    p.add_argument("--json", action="store_true")
+
+    p = bsub.add_parser("oversub", help="decode in a memory cgroup a third of the expert bytes, vs fio and mlx-lm")
+    p.set_defaults(func=cmd_oversub)
+    p.add_argument("store", type=Path)
+    p.add_argument("--source", type=Path, required=True, help="the unpacked model (for mlx_lm.generate)")
+    p.add_argument("--limit", default=None, help="cgroup memory limit (default: expert bytes / 3.2)")
+    p.add_argument("--ram-budget", default=None, help="expert cache budget (default: 45%% of the limit)")
+    p.add_argument("--max-tokens", type=int, default=16)
     p.add_argument("--name", default=None)
     p.add_argument("--json", action="store_true")
 

@@ -20,7 +20,7 @@ def streamed_decode(
     ram_budget: int,
     max_tokens: int,
     lookahead: bool = True,
-    policy: str = "lru",
+    policy: str = "auto",
     prompt: str = PROMPT,
     page_cache: bool = False,
     queue_depth: int = 8,
@@ -39,6 +39,7 @@ def streamed_decode(
             "tokens": result.tokens,
             "lookahead": lookahead,
             "policy": policy,
+            "effective_policy": streaming.cache.effective_policy,
             "ram_budget_bytes": ram_budget,
             "expert_bytes_total": streaming.manifest.expert_bytes_total,
             "ttft_s": result.ttft_s,
@@ -48,7 +49,10 @@ def streamed_decode(
             "hits": stats.hits,
             "bytes_read": stats.bytes_read,
             "bytes_read_per_token": stats.bytes_read / n,
-            "missed_expert_bytes_per_token": stats.misses * streaming.manifest.layers[0].payload_bytes / n,
+            # experts not resident when first wanted (read on demand or by a prefetch): the bound's bytes
+            "missed_expert_bytes_per_token": (stats.misses + stats.prefetch_used)
+            * streaming.manifest.layers[0].payload_bytes
+            / n,
             "prefetched": stats.prefetched,
             "prefetch_used": stats.prefetch_used,
             "prefetch_wasted": stats.prefetch_wasted,

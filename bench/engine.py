@@ -33,9 +33,9 @@ def routing_trace(store: Path, *, max_tokens: int, prompt: str = PROMPT) -> list
 
 
 def run_prefetch_bench(store: Path, *, ram_budget: int, max_tokens: int, repeats: int = 2) -> dict:
-    """Lookahead off/on x LRU/LFU at one budget; plus policy hit rates replayed on the routing trace."""
+    """Lookahead off/on x LRU/LFU/cyclic at one budget; plus policy hit rates replayed on the routing trace."""
     manifest = Manifest.load(store)
-    configs = [(False, "lru"), (True, "lru"), (False, "lfu"), (True, "lfu")]
+    configs = [(la, p) for p in ("lru", "lfu", "cyclic", "auto") for la in (False, True)]
     runs: dict[str, list[dict]] = {f"{'on' if la else 'off'}-{p}": [] for la, p in configs}
     for _ in range(repeats):  # interleaved so that every configuration sees the same disk moods
         for la, policy in configs:
@@ -63,11 +63,14 @@ def run_prefetch_bench(store: Path, *, ram_budget: int, max_tokens: int, repeats
     trace = routing_trace(store, max_tokens=max_tokens)
     payload = manifest.layers[0].payload_bytes
     total_experts = sum(len(s.experts) for s in manifest.layers)
-    fractions = (0.125, 0.25, 0.5, 0.75)
+    per_token = manifest.top_k * len(manifest.layers)
+    fractions = (0.5, 0.9, 1.0, 1.25, 2.0, 4.0)  # of one token's experts
     policy_hits = {
         f"{f:g}": {
-            p: round(simulate(trace, capacity=max(manifest.top_k, int(total_experts * f)), policy=p), 4)
-            for p in ("lru", "lfu")
+            p: round(
+                simulate(trace, capacity=max(manifest.top_k, int(per_token * f)), policy=p, per_token=per_token), 4
+            )
+            for p in ("auto", "lru", "lfu", "cyclic")
         }
         for f in fractions
     }
@@ -81,7 +84,9 @@ def run_prefetch_bench(store: Path, *, ram_budget: int, max_tokens: int, repeats
         "repeats": repeats,
         "configs": summary,
         "trace_requests": len(trace),
-        "policy_hit_rate_by_budget_fraction": policy_hits,
+        "experts_per_token": per_token,
+        "total_experts": total_experts,
+        "policy_hit_rate_by_capacity_in_tokens": policy_hits,
     }
 
 

@@ -23,14 +23,21 @@ def record_trace(cache) -> Trace:
     return trace
 
 
-def simulate(trace: Trace, *, capacity: int, policy: str, decay: float = 0.999) -> float:
-    """Hit rate of `policy` holding `capacity` experts (all layers' experts cost the same)."""
+def simulate(trace: Trace, *, capacity: int, policy: str, per_token: int = 0, decay: float = 0.999) -> float:
+    """Hit rate of `policy` holding `capacity` experts (all layers' experts cost the same).
+    per_token: experts one token uses (top-k x MoE layers), for "auto"."""
     if policy not in POLICIES:
         raise ValueError(policy)
+    if policy == "auto":
+        policy = "cyclic" if capacity < per_token else "lru"
+    capacity = max(capacity, max((len(e) for _, e in trace), default=1))  # one request must fit
+    positions = {layer: i for i, layer in enumerate(sorted({layer for layer, _ in trace}))}
+    n = len(positions)
     entries: OrderedDict[tuple[int, int], None] = OrderedDict()
     freq: dict[tuple[int, int], float] = {}
     clock, hits, total = 1.0, 0, 0
     for layer, experts in trace:
+        now = positions[layer]
         clock /= decay
         keys = [(layer, e) for e in experts]
         for key in keys:
@@ -44,7 +51,12 @@ def simulate(trace: Trace, *, capacity: int, policy: str, decay: float = 0.999) 
             if key in entries:
                 continue
             while len(entries) >= capacity:
-                order = list(entries) if policy == "lru" else sorted(entries, key=lambda k: freq.get(k, 0.0))
+                if policy == "lru":
+                    order = list(entries)
+                elif policy == "lfu":
+                    order = sorted(entries, key=lambda k: freq.get(k, 0.0))
+                else:
+                    order = sorted(entries, key=lambda k: -((positions[k[0]] - now - 1) % n))
                 victim = next(k for k in order if k not in pinned)
                 del entries[victim]
             entries[key] = None

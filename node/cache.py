@@ -1,8 +1,13 @@
 """ExpertCache: the node's RAM cache of expert weights under a hard byte budget.
 
 Entries are whole experts (all tensors of one record) as MLX arrays. The experts one batched call
-needs are pinned while it runs; everything else is evictable by the policy ("lru", or "lfu": least
-often used over a decayed history, ties broken by recency). The cache never holds more than
+needs are pinned while it runs; everything else is evictable by the policy: "lru"; "lfu" (least
+often used over a decayed history, ties broken by recency); or "cyclic": layers are visited in a
+fixed order every token, so the entry whose layer comes up last from now is the one needed furthest
+in the future (Belady's choice for that order); ties broken by recency; or "auto" (the default):
+"cyclic" when the budget holds fewer experts than one token uses (top-k x MoE layers), where LRU
+evicts every entry just before it is needed again and hits nothing, and "lru" otherwise. Chosen by
+replaying routing traces (docs/benchmarks.md). The cache never holds more than
 `budget_bytes` of expert weights, counting records whose reads are still in flight (prefetches):
 a request larger than the budget is split into waves by `plan_waves`, each of which fits.
 
@@ -60,7 +65,7 @@ class CacheStats:
         return self.bytes_read / self.io_seconds / 1e9 if self.io_seconds else 0.0
 
 
-POLICIES = ("lru", "lfu")
+POLICIES = ("auto", "lru", "lfu", "cyclic")
 
 
 class ExpertCache:
@@ -83,6 +88,8 @@ class ExpertCache:
         self._unused_prefetch: set[Key] = set()  # prefetched, not yet asked for
         self._freq: dict[Key, float] = {}
         self._clock = 1.0  # LFU: a use at time t adds clock(t); the clock grows by 1/decay per acquire
+        self._position = {spec.layer: i for i, spec in enumerate(sorted(store.manifest.layers, key=lambda s: s.layer))}
+        self._now = 0  # position of the layer last acquired
         self.bytes = 0  # resident + in flight
         self.stats = CacheStats()
 
@@ -102,7 +109,7 @@ class ExpertCache:
 
     def _touch(self, key: Key) -> None:
         self._entries.move_to_end(key)
-        if self.policy == "lfu":
+        if self.effective_policy == "lfu":
             self._freq[key] = self._freq.get(key, 0.0) + self._clock
 
     def _collect(self, layer: int) -> None:
@@ -128,6 +135,7 @@ class ExpertCache:
         if len(experts) * cost > self.budget_bytes:
             raise ValueError("acquire() asked for more than the budget; use plan_waves()")
         self._collect(layer)
+        self._now = self._position.get(layer, 0)
         self._clock /= self.lfu_decay
         if self._clock > 1e100:  # renormalise the decayed counts before floats overflow
             self._freq = {k: v / self._clock for k, v in self._freq.items()}
@@ -186,11 +194,25 @@ class ExpertCache:
         for e in experts:
             self._pinned.discard((layer, e))
 
+    @property
+    def effective_policy(self) -> str:
+        if self.policy != "auto":
+            return self.policy
+        manifest = self.store.manifest
+        per_token = manifest.top_k * len(manifest.layers)
+        capacity = self.budget_bytes // max(s.payload_bytes for s in manifest.layers)
+        return "cyclic" if capacity < per_token else "lru"
+
     def _victims(self):
-        if self.policy == "lru":
+        policy = self.effective_policy
+        if policy == "lru":
             yield from list(self._entries)
-            return
-        yield from sorted(self._entries, key=lambda k: self._freq.get(k, 0.0))  # stable: LRU breaks ties
+        elif policy == "lfu":
+            yield from sorted(self._entries, key=lambda k: self._freq.get(k, 0.0))  # stable: LRU breaks ties
+        else:
+            n = len(self._position)
+            # distance, in layers, until key's layer is computed again (0 = the layer after this one)
+            yield from sorted(self._entries, key=lambda k: -((self._position.get(k[0], 0) - self._now - 1) % n))
 
     def _make_room(self, needed: int) -> None:
         self._evict(needed)

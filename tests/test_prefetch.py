@@ -13,7 +13,7 @@ from node.store_format import Manifest
 PROMPT = "The quick brown fox jumps over the lazy dog. Mixture of experts"
 
 
-@pytest.mark.parametrize("policy", ["lru", "lfu"])
+@pytest.mark.parametrize("policy", ["auto", "lru", "lfu", "cyclic"])
 @pytest.mark.parametrize("arch", ["qwen3_moe", "deepseek_v3", "gpt_oss"])
 @pytest.mark.parametrize("which", ["quarter", "minimum"])
 def test_lookahead_and_policy_match_mlx_lm(models, arch, policy, which):

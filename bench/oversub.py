@@ -1,0 +1,175 @@
+"""Larger than RAM: decode in a memory cgroup (v1) whose limit, page cache included, is a third or
+less of the model's expert bytes; against the I/O bound and against mlx-lm in the same cgroup.
+
+The parent measures fio's random-read GB/s at the record size (before and after, averaged), drops
+the page cache, and starts each generation as a child process that joins the cgroup before exec.
+Children print one JSON line; a child killed for memory is recorded as such.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from bench.io import fio_randread
+from node.store_format import Manifest, StoreError
+
+log = logging.getLogger(__name__)
+
+CGROUP_ROOT = Path("/sys/fs/cgroup/memory")
+
+
+def make_cgroup(name: str, *, limit_bytes: int) -> Path:
+    if not CGROUP_ROOT.is_dir():
+        raise StoreError(f"{CGROUP_ROOT} is missing: this benchmark needs the cgroup v1 memory controller")
+    path = CGROUP_ROOT / name
+    path.mkdir(exist_ok=True)
+    (path / "memory.limit_in_bytes").write_text(str(limit_bytes))
+    return path
+
+
+def oom_kills(cgroup: Path) -> int:
+    for line in (cgroup / "memory.oom_control").read_text().splitlines():
+        if line.startswith("oom_kill "):
+            return int(line.split()[1])
+    return 0
+
+
+def drop_page_cache() -> None:
+    os.sync()
+    Path("/proc/sys/vm/drop_caches").write_text("3\n")
+
+
+def run_in_cgroup(cgroup: Path, args: list[str], *, timeout: float) -> dict:
+    """Run `python -m bench.oversub --child ...` inside `cgroup`; return its JSON or what killed it."""
+    procs = cgroup / "cgroup.procs"
+    kills_before = oom_kills(cgroup)
+    (cgroup / "memory.max_usage_in_bytes").write_text("0")
+    start = time.perf_counter()
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.oversub", "--child", *args],
+        preexec_fn=lambda: procs.write_text(str(os.getpid())),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    out: dict = {"returncode": proc.returncode, "wall_s": time.perf_counter() - start}
+    out["oom_killed"] = oom_kills(cgroup) > kills_before
+    out["max_usage_bytes"] = int((cgroup / "memory.max_usage_in_bytes").read_text())
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if proc.returncode == 0 and lines:
+        out.update(json.loads(lines[-1]))
+    else:
+        out["stderr_tail"] = proc.stderr[-800:]
+    return out
+
+
+def child(argv: list[str]) -> int:
+    """In the cgroup: one greedy generation, streamed or with mlx-lm; print one JSON line."""
+    import mlx.core as mx
+
+    mode, path, max_tokens = argv[0], Path(argv[1]), int(argv[2])
+    from bench.decode import PROMPT
+
+    if mode == "streamed":
+        from bench.decode import streamed_decode
+
+        mx.set_cache_limit(int(argv[4]))  # MLX's free-buffer cache counts against the cgroup too
+        r = streamed_decode(path, ram_budget=int(argv[3]), max_tokens=max_tokens, lookahead=argv[5] == "on")
+    else:
+        from bench.engine import mlx_lm_in_ram
+
+        r = mlx_lm_in_ram(path, max_tokens=max_tokens, prompt=PROMPT)
+    r["peak_rss_bytes"] = _peak_rss()
+    print(json.dumps(r))
+    return 0
+
+
+def _peak_rss() -> int:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def run_oversub_bench(
+    store: Path,
+    source: Path,
+    *,
+    limit_bytes: int,
+    ram_budget: int,
+    max_tokens: int,
+    mlx_cache_bytes: int = 64 * 2**20,
+    fio_seconds: float = 2.0,
+) -> dict:
+    manifest = Manifest.load(store)
+    spec = max(manifest.layers, key=lambda s: len(s.experts) * s.record_size)
+    file = store / spec.file
+    span = len(spec.experts) * spec.record_size
+
+    def fio_best() -> float:
+        return max(
+            fio_randread(file, block=spec.record_size, queue_depth=qd, seconds=fio_seconds, size=span) for qd in (8, 16)
+        )
+
+    fio_before = fio_best()
+    cgroup = make_cgroup(f"flashmesh-bench-{os.getpid()}", limit_bytes=limit_bytes)
+    try:
+        runs = {}
+        for name, args in (
+            ("streamed", ["streamed", str(store), str(max_tokens), str(ram_budget), str(mlx_cache_bytes), "on"]),
+            (
+                "streamed_no_lookahead",
+                ["streamed", str(store), str(max_tokens), str(ram_budget), str(mlx_cache_bytes), "off"],
+            ),
+            ("mlx_lm", ["mlx_lm", str(source), str(max_tokens)]),
+        ):
+            drop_page_cache()
+            log.info("running %s in %s", name, cgroup)
+            runs[name] = run_in_cgroup(cgroup, args, timeout=1800)
+    finally:
+        for pid in (cgroup / "cgroup.procs").read_text().split():
+            log.warning("pid %s still in %s", pid, cgroup)
+        cgroup.rmdir()
+    fio_after = fio_best()
+    fio_gbps = (fio_before + fio_after) / 2
+    result = {
+        "bench": "oversub",
+        "store": str(store),
+        "cgroup_limit_bytes": limit_bytes,
+        "ram_budget_bytes": ram_budget,
+        "mlx_cache_limit_bytes": mlx_cache_bytes,
+        "expert_bytes_total": manifest.expert_bytes_total,
+        "oversubscription": manifest.expert_bytes_total / limit_bytes,
+        "max_tokens": max_tokens,
+        "fio_gbps_before": fio_before,
+        "fio_gbps_after": fio_after,
+        "fio_gbps": fio_gbps,
+        "runs": runs,
+    }
+    for name in ("streamed", "streamed_no_lookahead"):
+        r = runs[name]
+        if "decode_tokens_per_s" not in r:
+            continue
+        bound_missed = (
+            fio_gbps * 1e9 / r["missed_expert_bytes_per_token"] if r["missed_expert_bytes_per_token"] else None
+        )
+        bound_read = fio_gbps * 1e9 / r["bytes_read_per_token"] if r["bytes_read_per_token"] else None
+        r["io_bound_tokens_per_s"] = bound_missed
+        r["io_bound_read_tokens_per_s"] = bound_read
+        r["fraction_of_io_bound"] = r["decode_tokens_per_s"] / bound_missed if bound_missed else None
+        r["fraction_of_io_bound_read"] = r["decode_tokens_per_s"] / bound_read if bound_read else None
+        r["engine_read_gbps_over_fio"] = r["store_read_gbps"] / fio_gbps if fio_gbps else None
+        ref = runs["mlx_lm"]
+        r["tokens_match_mlx_lm"] = ref.get("tokens") == r["tokens"] if "tokens" in ref else None
+    return result
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "--child":
+        sys.exit(child(sys.argv[2:]))
+    sys.exit("usage: flashmesh bench oversub STORE --source MODEL_DIR")
