@@ -121,6 +121,8 @@ def run_on_cluster(
                 "peak_cache_bytes": a.peak_cache_bytes,
                 "cache_hit_rate": hits / (hits + misses) if hits + misses else 0.0,
                 "expert_bytes_read": _delta(a, b, "bytes_read"),
+                "prefetched": _delta(a, b, "prefetched"),
+                "prefetch_used": _delta(a, b, "prefetch_used"),
                 "requests": traffic.requests,
                 "pairs": traffic.pairs,
                 "wire_bytes": traffic.bytes_sent + traffic.bytes_received,

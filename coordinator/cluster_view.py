@@ -50,6 +50,8 @@ def node_row(address: NodeAddress, client: NodeClient) -> dict:
         read_gbps=stats.bytes_read / stats.io_seconds / 1e9 if stats.io_seconds else 0.0,
         flash_read_gbps=info.flash_read_gbps,
         requests=stats.requests,
+        prefetched=stats.prefetched,
+        prefetch_used=stats.prefetch_used,
         pairs=stats.pairs,
         rejected=stats.rejected,
         uptime_s=stats.uptime_seconds,

@@ -2,8 +2,10 @@
 
 Per layer: the (token, expert) pairs are split by placement, each node gets ONE request holding
 the hidden states of the tokens that have work on it, plus for each pair its row and expert id;
-all requests are in flight at once; the replies are put back into [N, k, D] order. No thread of
-this module touches MLX: encoding and decoding run on the caller's thread, gRPC only moves bytes.
+all requests are in flight at once; the replies are put back into [N, k, D] order. The router
+lookahead's prediction of the next layer's experts (`hint`) rides on those requests, so each node
+starts reading its share while it computes. No thread of this module touches MLX: encoding and
+decoding run on the caller's thread, gRPC only moves bytes.
 """
 
 from __future__ import annotations
@@ -108,7 +110,20 @@ class RemoteExperts:
             raise StoreError(f"placement names nodes without a connection: {missing}")
         self.links = dict(links)
         self.placement = placement
+        self._next: tuple[int, np.ndarray] | None = None  # router lookahead: (layer, experts)
         self.stats = DispatchStats(nodes={n: NodeTraffic() for n in placement.node_ids})
+
+    def hint(self, layer: int, experts: list[int]) -> None:
+        """The router lookahead's guess at `layer`'s experts; it rides on the next compute's
+        requests (each node gets the experts it owns, no extra round trip)."""
+        self._next = (layer, np.asarray(experts, dtype=np.int32))
+
+    def _hint_for(self, layer: int, slot: int) -> pb.PrefetchRequest | None:
+        if self._next is None or self._next[0] == layer:
+            return None
+        next_layer, experts = self._next
+        mine = experts[self.placement.owner[next_layer][experts] == slot]
+        return pb.PrefetchRequest(layer=next_layer, experts=mine.tolist()) if mine.size else None
 
     def compute(self, layer: int, x: mx.array, indices: mx.array) -> mx.array:
         """x [N, D], indices [N, k] (expert ids) -> per-pair expert outputs [N, k, D]."""
@@ -124,9 +139,14 @@ class RemoteExperts:
             tokens, rows = np.unique(pairs // k, return_inverse=True)  # [M], [P]
             xs = x if tokens.size == n else x[mx.array(tokens)]  # [M, D]
             request = pb.ComputeRequest(
-                layer=layer, x=encode(xs), rows=encode_numpy(rows.astype(np.int32)), experts=encode_numpy(flat[pairs])
+                layer=layer,
+                x=encode(xs),
+                rows=encode_numpy(rows.astype(np.int32)),
+                experts=encode_numpy(flat[pairs]),
+                next=self._hint_for(layer, int(slot)),
             )
             in_flight.append((node_id, pairs, request.ByteSize(), self.links[node_id].compute_async(request)))
+        self._next = None
         outputs, order, wire = [], [], 0
         for node_id, pairs, sent, call in in_flight:
             reply = call.result()

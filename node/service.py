@@ -154,7 +154,16 @@ class NodeService:
         if experts.min() < 0 or experts.max() >= held.size or not held[experts].all():
             bad = sorted({int(e) for e in experts if not (0 <= e < held.size and held[e])})
             raise self._invalid(f"layer {req.layer}: experts {bad[:8]} are not held by node {self.name}")
+        if req.HasField("next"):
+            self._check_held(req.next.layer, req.next.experts, what="hint")
         return rows, experts
+
+    def _check_held(self, layer: int, experts, *, what: str) -> list[int]:
+        held = self._check_layer(layer)
+        wanted = sorted(set(experts))
+        if any(not (0 <= e < held.size and held[e]) for e in wanted):
+            raise self._invalid(f"layer {layer}: {what} names experts not held by node {self.name}")
+        return wanted
 
     # --- RPCs --------------------------------------------------------------------------------
 
@@ -194,25 +203,29 @@ class NodeService:
 
     def _compute(self, req: pb.ComputeRequest, rows: np.ndarray, experts: np.ndarray) -> pb.ComputeReply:
         # Runs on the MLX thread.
+        if req.HasField("next") and req.next.experts:
+            # LocalExperts starts these reads once this call's experts are pinned, so they overlap it.
+            self.experts.hint(req.next.layer, sorted(set(req.next.experts)))
         x = decode(req.x)  # [M, D]
         pairs_x = x[mx.array(rows)]  # [P, D]
         y = self.experts.compute(req.layer, pairs_x, mx.array(experts)[:, None])  # [P, 1, D]
         return pb.ComputeReply(y=encode(y[:, 0]))  # [P, D]
 
     def prefetch(self, req: pb.PrefetchRequest) -> pb.PrefetchReply:
-        held = self._check_layer(req.layer)
-        experts = sorted(set(req.experts))
-        if any(not (0 <= e < held.size and held[e]) for e in experts):
-            raise self._invalid(f"layer {req.layer}: prefetch names experts not held by node {self.name}")
+        experts = self._check_held(req.layer, req.experts, what="prefetch")
         start = time.perf_counter()
         try:
-            self._mlx.submit(self.experts.prefetch, req.layer, experts).result()
+            resident = self._mlx.submit(self._prefetch, req.layer, experts).result()
         except StoreError as e:
             raise RequestError(INTERNAL, f"node {self.name}: {e}") from None
         with self._lock:
             self._busy += time.perf_counter() - start
-        resident = sum((req.layer, e) in self.cache for e in experts)
         return pb.PrefetchReply(resident=resident)
+
+    def _prefetch(self, layer: int, experts: list[int]) -> int:
+        # Runs on the MLX thread: starts the reads (they finish in the store's threads).
+        self.experts.prefetch(layer, experts)
+        return sum((layer, e) in self.cache for e in experts)
 
     def stats(self) -> pb.NodeStats:
         # Plain reads of counters the MLX thread updates: a snapshot, possibly mid-request.
@@ -227,6 +240,8 @@ class NodeService:
             io_seconds=s.io_seconds,
             compute_seconds=s.compute_seconds,
             peak_cache_bytes=s.peak_bytes,
+            prefetched=s.prefetched,
+            prefetch_used=s.prefetch_used,
             cache_bytes=self.cache.bytes,
             ram_budget_bytes=self.cache.budget_bytes,
             busy_seconds=busy,
@@ -243,5 +258,10 @@ class NodeService:
                 self._counters[key] += value
 
     def close(self) -> None:
+        if getattr(self, "cache", None) is not None:
+            try:
+                self._mlx.submit(self.cache.drain).result()  # reads in flight finish before the store closes
+            except StoreError as e:
+                log.warning("node %s: a read ahead failed while closing: %s", self.name, e)
         self._mlx.shutdown(wait=True)
         self.store.close()

@@ -164,6 +164,9 @@ def test_remote_dispatch_in_process_is_bit_exact(models, tmp_path, arch):
         per_call = backend.stats.requests / backend.stats.layer_calls
         assert 1 < per_call <= 3
         assert sum(s.stats().requests for s in services) == backend.stats.requests
+        # the router lookahead's hints rode along: the nodes read ahead, and some of it was used
+        assert sum(s.stats().prefetched for s in services) > 0
+        assert sum(s.stats().prefetch_used for s in services) > 0
     finally:
         for s in services:
             s.close()
@@ -224,6 +227,8 @@ def test_node_validates_requests(models, tmp_path):
                 {"rows": encode_numpy(np.zeros(9, np.int32)), "experts": encode_numpy(np.full(9, 2, np.int32))},
                 "exceeds top-k",
             ),
+            ({"next": pb.PrefetchRequest(layer=1, experts=[3])}, "hint names experts not held"),
+            ({"next": pb.PrefetchRequest(layer=77, experts=[2])}, "not a MoE layer"),
         ]
         for change, needle in bad:
             with pytest.raises(RequestError, match=needle) as e:
@@ -234,7 +239,9 @@ def test_node_validates_requests(models, tmp_path):
             half.compute(pb.ComputeRequest(**good))
         half.max_message_bytes = 10**8
         assert half.compute(pb.ComputeRequest(**good)).y.shape == [2, 64]  # still serving
-        assert half.stats().rejected == len(bad) + 1 and half.stats().requests == 2
+        hinted = half.compute(pb.ComputeRequest(**good, next=pb.PrefetchRequest(layer=1, experts=[0, 2])))
+        assert hinted.y.shape == [2, 64]
+        assert half.stats().rejected == len(bad) + 1 and half.stats().requests == 3
     finally:
         service.close()
         half.close()
