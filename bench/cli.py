@@ -161,6 +161,47 @@ def cmd_oversub(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_decode(args: argparse.Namespace) -> int:
+    from bench.decode import streamed_decode
+    from bench.io import fio_randread
+    from node.store_format import Manifest
+
+    store = _store_or_demo(args.store)
+    manifest = Manifest.load(store)
+    budget = _budget(store, args.ram_budget, fraction=0.25)
+    spec = max(manifest.layers, key=lambda s: len(s.experts) * s.record_size)
+    span = len(spec.experts) * spec.record_size
+
+    def fio() -> float:
+        file = store / spec.file
+        return max(fio_randread(file, block=spec.record_size, queue_depth=q, seconds=2, size=span) for q in (8, 16))
+
+    before = fio()
+    r = streamed_decode(
+        store, ram_budget=budget, max_tokens=args.max_tokens, lookahead=args.lookahead, policy=args.policy
+    )
+    fio_gbps = (before + fio()) / 2
+    r.update(
+        bench="decode",
+        store=str(store),
+        fio_gbps=fio_gbps,
+        engine_read_gbps_over_fio=r["store_read_gbps"] / fio_gbps if fio_gbps else None,
+        expert_bytes_over_budget=manifest.expert_bytes_total / budget,
+    )
+    path = write_result(args.name or f"decode-{store.name}", r)
+    if args.json:
+        print(json.dumps(r))
+        return 0
+    print(
+        f"{store.name}: budget {budget / 2**20:.0f} MiB (experts {r['expert_bytes_over_budget']:.1f}x the budget), "
+        f"decode {r['decode_tokens_per_s']:.2f} tok/s, hit rate {r['hit_rate']:.3f}, "
+        f"{r['bytes_read_per_token'] / 1e6:.2f} MB read/token, engine {r['store_read_gbps']:.2f} GB/s / "
+        f"fio {fio_gbps:.2f} GB/s = {r['engine_read_gbps_over_fio']:.2f}"
+    )
+    print(f"written to {path}")
+    return 0
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     """Add `flashmesh bench ...` to the parser."""
     bench = sub.add_parser("bench", help="benchmarks (results to bench/results/*.json)")
@@ -182,6 +223,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--ram-budget", default=None, help="default: a quarter of the expert bytes")
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--name", default=None)
+    p.add_argument("--json", action="store_true")
+
+    p = bsub.add_parser("decode", help="one streamed decode with fio at the record size before and after")
+    p.set_defaults(func=cmd_decode)
+    p.add_argument("store", type=Path, nargs="?", default=None)
+    p.add_argument("--ram-budget", default=None, help="default: a quarter of the expert bytes")
+    p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument("--lookahead", action="store_true", help="router lookahead prefetch on")
+    p.add_argument("--policy", default="auto")
     p.add_argument("--name", default=None)
     p.add_argument("--json", action="store_true")
 

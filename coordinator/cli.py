@@ -36,6 +36,12 @@ def _add_generation_args(p: argparse.ArgumentParser, *, prompt_default: str | No
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
     p.add_argument("--page-cache", action="store_true", help="let the OS page cache help (default: bypass it)")
     p.add_argument("--prefill-step", type=int, default=512, help="prompt tokens per prefill chunk")
+    p.add_argument(
+        "--lookahead",
+        action="store_true",
+        help="predict the next layer's experts with its router and read them ahead (helps where flash, not "
+        "compute, is the limit; docs/benchmarks.md)",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text and a table")
 
 
@@ -101,7 +107,7 @@ def _run_store(args, store: Path, *, extra: dict | None = None) -> dict:
 
     manifest = Manifest.load(store)
     budget = parse_bytes(args.ram_budget) if args.ram_budget else manifest.expert_bytes_total
-    streaming = open_local(store, ram_budget=budget, page_cache=args.page_cache)
+    streaming = open_local(store, ram_budget=budget, page_cache=args.page_cache, lookahead=args.lookahead)
     try:
         prompt = encode_prompt(streaming.tokenizer, args.prompt, chat=args.chat)
         stream = None if args.json else (lambda s: print(s, end="", flush=True))
@@ -148,6 +154,7 @@ def _run_cluster(args, store: Path, *, addresses=None, token: str | None = None,
         temperature=args.temperature,
         top_p=args.top_p,
         prefill_step_size=args.prefill_step,
+        lookahead=args.lookahead,
         on_text=stream,
     )
     if stream is not None:

@@ -56,13 +56,14 @@ def run_on_cluster(
     temperature: float = 0.0,
     top_p: float = 0.0,
     prefill_step_size: int = 512,
+    lookahead: bool = False,
     on_text=None,
 ) -> dict:
     """Generate with the dense part here and the experts on the nodes; return the run's JSON."""
     from coordinator.engine import open_cluster
     from coordinator.generate import encode_prompt, generate
 
-    streaming, nodes = open_cluster(store, addresses, token=token)
+    streaming, nodes = open_cluster(store, addresses, token=token, lookahead=lookahead)
     try:
         before = {n.node_id: n.client.stats() for n in nodes}
         tokens = encode_prompt(streaming.tokenizer, prompt, chat=chat)

@@ -87,11 +87,14 @@ def _router_of(block: nn.Module) -> nn.Module | None:
     return None
 
 
-def install_dispatch(model: nn.Module, backend: ExpertBackend, *, lookahead: bool = True) -> dict[int, nn.Module]:
+def install_dispatch(model: nn.Module, backend: ExpertBackend, *, lookahead: bool = False) -> dict[int, nn.Module]:
     """Replace every routed-expert module with an ExpertDispatch; return layer -> the module replaced.
 
     lookahead: each dispatch predicts the next MoE layer's experts with that layer's router and
-    hints them to the backend (used by backends that have `hint`, i.e. the in-process one)."""
+    hints them to the backend (used by backends that have `hint`, i.e. the in-process one). Off by
+    default: measured a net loss (0.72-0.79x decode tok/s) on the CPU-bound reference VM, where it
+    covers ~57% of misses but reads 0.6-1.2 wasted experts per useful one (docs/benchmarks.md).
+    Turn it on with set_lookahead(model, enabled=True) where flash, not compute, is the limit."""
     replaced = {}
     paths = {}
     for path, module in find_expert_modules(model).items():

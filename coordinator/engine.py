@@ -78,9 +78,9 @@ def load_dense_model(store_path: Path) -> tuple[nn.Module, Manifest, dict[int, n
     return model, manifest, experts
 
 
-def attach(model: nn.Module, backend: ExpertBackend) -> None:
+def attach(model: nn.Module, backend: ExpertBackend, *, lookahead: bool = False) -> None:
     """Swap the routed-expert modules for the dispatch, then read the dense weights."""
-    install_dispatch(model, backend)
+    install_dispatch(model, backend, lookahead=lookahead)
     mx.eval(model.parameters())
 
 
@@ -94,7 +94,13 @@ def load_store_tokenizer(store_path: Path, manifest: Manifest) -> TokenizerWrapp
 
 
 def open_local(
-    store_path: Path, *, ram_budget: int, page_cache: bool = False, verify: bool = True, queue_depth: int = 8
+    store_path: Path,
+    *,
+    ram_budget: int,
+    page_cache: bool = False,
+    verify: bool = True,
+    queue_depth: int = 8,
+    lookahead: bool = False,
 ) -> StreamingModel:
     """The embedded default: dense part in RAM, experts streamed from this store in-process."""
     store_path = Path(store_path)
@@ -111,13 +117,13 @@ def open_local(
         store.close()
         raise
     backend = LocalExperts(cache, templates)
-    attach(model, backend)
+    attach(model, backend, lookahead=lookahead)
     tokenizer = load_store_tokenizer(store_path, manifest)
     return StreamingModel(model, tokenizer, manifest, backend, cache=cache, store=store)
 
 
 def open_cluster(
-    store_path: Path, addresses: list, *, token: str, timeout: float = 10.0
+    store_path: Path, addresses: list, *, token: str, timeout: float = 10.0, lookahead: bool = False
 ) -> tuple[StreamingModel, list]:
     """Dense part in RAM (a full store or a `flashmesh shard --dense` one), experts on the nodes at
     `addresses` (coordinator.discovery.NodeAddress); return the model and the connected nodes."""
@@ -131,7 +137,7 @@ def open_cluster(
     try:
         placement = place(manifest.layers, [n.capacity() for n in nodes])
         backend = RemoteExperts({n.node_id: n.client for n in nodes}, placement)
-        attach(model, backend)
+        attach(model, backend, lookahead=lookahead)
         tokenizer = load_store_tokenizer(store_path, manifest)
     except BaseException:
         for n in nodes:

@@ -176,7 +176,9 @@ class ExpertCache:
         wanted = wanted[:room]
         if not wanted:
             return []
-        self._make_room(len(wanted) * cost)
+        # A read-ahead evicts what is needed furthest in layer order, whatever the policy: under LRU
+        # the oldest entries are those of the very next layers, which a prefetch must not displace.
+        self._make_room(len(wanted) * cost, policy="cyclic")
         self.bytes += len(wanted) * cost
         self.stats.peak_bytes = max(self.stats.peak_bytes, self.bytes)
         self._pending[layer] = self.store.submit(layer, wanted)
@@ -203,8 +205,8 @@ class ExpertCache:
         capacity = self.budget_bytes // max(s.payload_bytes for s in manifest.layers)
         return "cyclic" if capacity < per_token else "lru"
 
-    def _victims(self):
-        policy = self.effective_policy
+    def _victims(self, policy: str | None = None):
+        policy = policy or self.effective_policy
         if policy == "lru":
             yield from list(self._entries)
         elif policy == "lfu":
@@ -214,16 +216,16 @@ class ExpertCache:
             # distance, in layers, until key's layer is computed again (0 = the layer after this one)
             yield from sorted(self._entries, key=lambda k: -((self._position.get(k[0], 0) - self._now - 1) % n))
 
-    def _make_room(self, needed: int) -> None:
-        self._evict(needed)
+    def _make_room(self, needed: int, *, policy: str | None = None) -> None:
+        self._evict(needed, policy)
         if self.bytes + needed > self.budget_bytes and self._pending:
             self.drain()  # reads in flight hold reserved room: land them so they can be evicted
-            self._evict(needed)
+            self._evict(needed, policy)
         if self.bytes + needed > self.budget_bytes:
             raise RuntimeError("expert cache: pinned experts leave no room (a bug in wave planning)")
 
-    def _evict(self, needed: int) -> None:
-        for key in self._victims():
+    def _evict(self, needed: int, policy: str | None) -> None:
+        for key in self._victims(policy):
             if self.bytes + needed <= self.budget_bytes:
                 return
             if key in self._pinned:

@@ -149,7 +149,7 @@ def test_remote_dispatch_in_process_is_bit_exact(models, tmp_path, arch):
             {s.node_id: InProcessLink(s, s.name) for s in services},
             place(manifest.layers, [_capacity(s) for s in services]),
         )
-        attach(model, backend)
+        attach(model, backend, lookahead=True)
         tokenizer = load_store_tokenizer(tmp_path / "dense", manifest)
         prompt = tokenizer.encode(PROMPT)
         ref_model, _ = load(str(src))

@@ -56,3 +56,23 @@ def test_prefetch_is_asynchronous_and_budgeted(models):
         assert cache.close_stats().prefetch_used == 1
     finally:
         streaming.close()
+
+
+def test_cyclic_policy_evicts_the_layer_needed_last(models):
+    """Layers come round in order: after layer 1, layer 1's experts are needed furthest ahead."""
+    from node.cache import ExpertCache
+    from node.store_reader import ExpertStore
+
+    _, store_path = models.get("qwen3_moe")
+    manifest = Manifest.load(store_path)
+    layers, k = [s.layer for s in manifest.layers], manifest.top_k
+    assert len(layers) >= 3
+    with ExpertStore(store_path) as store:
+        cache = ExpertCache(store, budget_bytes=2 * manifest.min_budget_bytes, policy="cyclic")
+        for layer in layers[:3]:
+            cache.acquire(layer, list(range(k)))
+            cache.release(layer, list(range(k)))
+        assert all((layers[2], e) in cache for e in range(k))  # just used, but last to be needed
+        assert not any((layers[1], e) in cache for e in range(k))  # evicted when layer 2 came in
+        assert all((layers[0], e) in cache for e in range(k))  # needed soonest after layer 2
+        assert cache.effective_policy == "cyclic"
