@@ -15,6 +15,10 @@ Prefetch: `prefetch(layer, experts)` reserves room and submits the reads to the 
 without waiting; the next `acquire` of that layer (or `drain`) turns them into entries, on the
 caller's thread. Statistics say how many prefetched experts were then used (misses covered) and
 how many were evicted or never asked for (wasted reads).
+
+Memory: entries live in slots of preallocated slabs (node/slab.py), allocated when the cache is made
+(budget // expert bytes slots, at most one per expert), so the budget is the memory, and compute
+uses the slabs in place. Records are read into transient buffers and copied into their slot.
 """
 
 from __future__ import annotations
@@ -23,9 +27,8 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass
 
-import mlx.core as mx
-
-from node.store_format import StoreError
+from node.slab import Slab, signature
+from node.store_format import Manifest, StoreError
 from node.store_reader import ExpertStore, PendingRead
 
 Key = tuple[int, int]  # (layer, expert)
@@ -82,7 +85,9 @@ class ExpertCache:
         self.budget_bytes = budget_bytes
         self.policy = policy
         self.lfu_decay = lfu_decay  # per acquire: older uses count for less
-        self._entries: OrderedDict[Key, dict[str, mx.array]] = OrderedDict()  # recency order, oldest first
+        self._slabs = _make_slabs(store.manifest, budget_bytes)  # layer -> its slab (shared by same-shape layers)
+        self._entries: OrderedDict[Key, int] = OrderedDict()  # -> slot; recency order, oldest first
+        self._reserved: dict[Key, int] = {}  # slots of reads in flight
         self._pinned: set[Key] = set()
         self._pending: dict[int, PendingRead] = {}  # layer -> prefetch reads in flight
         self._unused_prefetch: set[Key] = set()  # prefetched, not yet asked for
@@ -96,6 +101,10 @@ class ExpertCache:
     def _cost(self, layer: int) -> int:
         return self.store.layer(layer).payload_bytes
 
+    def slab(self, layer: int) -> Slab:
+        """The stacked arrays that hold `layer`'s cached experts (index them by the slots acquire returns)."""
+        return self._slabs[layer]
+
     def __contains__(self, key: Key) -> bool:
         """Resident, or read ahead and in flight."""
         pending = self._pending.get(key[0])
@@ -103,7 +112,7 @@ class ExpertCache:
 
     def plan_waves(self, layer: int, experts: list[int]) -> list[list[int]]:
         """Split `experts` into groups that each fit the budget; resident experts go first."""
-        capacity = max(1, self.budget_bytes // self._cost(layer))
+        capacity = self._slabs[layer].slots
         ordered = sorted(experts, key=lambda e: (layer, e) not in self)
         return [ordered[i : i + capacity] for i in range(0, len(ordered), capacity)]
 
@@ -118,21 +127,32 @@ class ExpertCache:
         if pending is None:
             return
         start = time.perf_counter()
-        fetched = pending.result()
+        slab = self._slabs[layer]
+        slots = {e: self._reserved.pop((layer, e)) for e in pending.experts}
+        try:
+            fetched = pending.result()
+        except BaseException:  # a failed read-ahead (e.g. a corrupt record): give its room back
+            for e, slot in slots.items():
+                slab.give_back(slot)
+                self._unused_prefetch.discard((layer, e))
+            self.bytes -= len(slots) * self._cost(layer)
+            raise
         self.stats.prefetch_wait_seconds += time.perf_counter() - start
         self.stats.io_seconds += time.perf_counter() - start
-        for e, arrays in fetched.items():
-            self._entries[(layer, e)] = arrays  # bytes were reserved at submission
+        for e, slot in slots.items():
+            slab.fill(slot, fetched[e])
+            self._entries[(layer, e)] = slot  # bytes were reserved at submission
 
     def drain(self) -> None:
         """Finish every prefetch in flight (before closing the store, or to measure)."""
         for layer in list(self._pending):
             self._collect(layer)
 
-    def acquire(self, layer: int, experts: list[int]) -> dict[int, dict[str, mx.array]]:
-        """Make `experts` resident (reading misses in parallel) and pin them until release()."""
+    def acquire(self, layer: int, experts: list[int]) -> dict[int, int]:
+        """Make `experts` resident (reading misses in parallel) and pin them until release();
+        return expert -> its slot in `slab(layer)`."""
         cost = self._cost(layer)
-        if len(experts) * cost > self.budget_bytes:
+        if len(experts) > self._slabs[layer].slots:
             raise ValueError("acquire() asked for more than the budget; use plan_waves()")
         self._collect(layer)
         self._now = self._position.get(layer, 0)
@@ -153,13 +173,21 @@ class ExpertCache:
                 self._touch(key)
             self._pinned.add(key)
         if missing:
-            self._make_room(len(missing) * cost)
+            self._make_room(layer, len(missing))
             before = self.store.stats.bytes, self.store.stats.seconds
-            fetched = self.store.read(layer, missing)
+            try:
+                fetched = self.store.read(layer, missing)
+            except BaseException:
+                for e in experts:
+                    self._pinned.discard((layer, e))
+                raise
             self.stats.bytes_read += self.store.stats.bytes - before[0]
             self.stats.io_seconds += self.store.stats.seconds - before[1]
-            for e, arrays in fetched.items():
-                self._entries[(layer, e)] = arrays
+            slab = self._slabs[layer]
+            for e, tensors in fetched.items():
+                slot = slab.take()
+                slab.fill(slot, tensors)
+                self._entries[(layer, e)] = slot
                 self._touch((layer, e))
                 self.bytes += cost
             self.stats.peak_bytes = max(self.stats.peak_bytes, self.bytes)
@@ -172,13 +200,14 @@ class ExpertCache:
             self._collect(layer)  # one batch in flight per layer
         cost = self._cost(layer)
         wanted = [e for e in dict.fromkeys(experts) if (layer, e) not in self._entries]
-        room = self._free_room(cost, limit=len(wanted))
-        wanted = wanted[:room]
+        wanted = wanted[: self._free_room(layer, limit=len(wanted))]
         if not wanted:
             return []
         # A read-ahead evicts what is needed furthest in layer order, whatever the policy: under LRU
         # the oldest entries are those of the very next layers, which a prefetch must not displace.
-        self._make_room(len(wanted) * cost, policy="cyclic")
+        self._make_room(layer, len(wanted), policy="cyclic")
+        slab = self._slabs[layer]
+        self._reserved.update(((layer, e), slab.take()) for e in wanted)
         self.bytes += len(wanted) * cost
         self.stats.peak_bytes = max(self.stats.peak_bytes, self.bytes)
         self._pending[layer] = self.store.submit(layer, wanted)
@@ -187,10 +216,11 @@ class ExpertCache:
         self._unused_prefetch.update((layer, e) for e in wanted)
         return wanted
 
-    def _free_room(self, cost: int, *, limit: int) -> int:
-        """How many records of `cost` could be made room for by evicting unpinned entries."""
-        evictable = sum(self._cost(k[0]) for k in self._entries if k not in self._pinned)
-        return min(limit, max(0, (self.budget_bytes - self.bytes + evictable) // cost))
+    def _free_room(self, layer: int, *, limit: int) -> int:
+        """How many of `layer`'s experts could be made room for by evicting unpinned entries."""
+        slab = self._slabs[layer]
+        evictable = sum(1 for k in self._entries if k not in self._pinned and self._slabs[k[0]] is slab)
+        return min(limit, slab.free + evictable)
 
     def release(self, layer: int, experts: list[int]) -> None:
         for e in experts:
@@ -202,7 +232,7 @@ class ExpertCache:
             return self.policy
         manifest = self.store.manifest
         per_token = manifest.top_k * len(manifest.layers)
-        capacity = self.budget_bytes // max(s.payload_bytes for s in manifest.layers)
+        capacity = sum(slab.slots for slab in {id(s): s for s in self._slabs.values()}.values())
         return "cyclic" if capacity < per_token else "lru"
 
     def _victims(self, policy: str | None = None):
@@ -216,21 +246,23 @@ class ExpertCache:
             # distance, in layers, until key's layer is computed again (0 = the layer after this one)
             yield from sorted(self._entries, key=lambda k: -((self._position.get(k[0], 0) - self._now - 1) % n))
 
-    def _make_room(self, needed: int, *, policy: str | None = None) -> None:
-        self._evict(needed, policy)
-        if self.bytes + needed > self.budget_bytes and self._pending:
-            self.drain()  # reads in flight hold reserved room: land them so they can be evicted
-            self._evict(needed, policy)
-        if self.bytes + needed > self.budget_bytes:
+    def _make_room(self, layer: int, count: int, *, policy: str | None = None) -> None:
+        """Evict until `layer`'s slab has `count` free slots."""
+        slab = self._slabs[layer]
+        self._evict(slab, count, policy)
+        if slab.free < count and self._pending:
+            self.drain()  # reads in flight hold reserved slots: land them so they can be evicted
+            self._evict(slab, count, policy)
+        if slab.free < count:
             raise RuntimeError("expert cache: pinned experts leave no room (a bug in wave planning)")
 
-    def _evict(self, needed: int, policy: str | None) -> None:
+    def _evict(self, slab: Slab, count: int, policy: str | None) -> None:
         for key in self._victims(policy):
-            if self.bytes + needed <= self.budget_bytes:
+            if slab.free >= count:
                 return
-            if key in self._pinned:
+            if key in self._pinned or self._slabs[key[0]] is not slab:
                 continue
-            del self._entries[key]
+            slab.give_back(self._entries.pop(key))
             self.bytes -= self._cost(key[0])
             self.stats.evictions += 1
             if key in self._unused_prefetch:
@@ -243,6 +275,28 @@ class ExpertCache:
         self.stats.prefetch_wasted += len(self._unused_prefetch)
         self._unused_prefetch.clear()
         return self.stats
+
+
+def _make_slabs(manifest: Manifest, budget_bytes: int) -> dict[int, Slab]:
+    """One slab per expert shape, its slots the budget's share (by expert bytes), at most one per expert."""
+    groups: dict[tuple, list] = {}
+    for spec in manifest.layers:
+        groups.setdefault(signature(spec), []).append(spec)
+    total = sum(s.num_experts * s.payload_bytes for specs in groups.values() for s in specs)
+    slots = {}
+    for sig, specs in groups.items():
+        payload = specs[0].payload_bytes
+        share = budget_bytes * sum(s.num_experts * s.payload_bytes for s in specs) // total
+        slots[sig] = min(max(manifest.top_k, share // payload), sum(s.num_experts for s in specs))
+    needed = sum(max(n, manifest.top_k) * groups[sig][0].payload_bytes for sig, n in slots.items())
+    if needed > budget_bytes:
+        minimum = sum(manifest.top_k * specs[0].payload_bytes for specs in groups.values())
+        raise StoreError(
+            f"RAM budget {format_bytes(budget_bytes)} is below this model's minimum {format_bytes(minimum)} "
+            f"(the top-k experts of one layer of each expert shape); pass --ram-budget {minimum} or more"
+        )
+    slabs = {sig: Slab(specs[0], slots=slots[sig]) for sig, specs in groups.items()}
+    return {spec.layer: slabs[sig] for sig, specs in groups.items() for spec in specs}
 
 
 def format_bytes(n: float) -> str:
