@@ -36,6 +36,7 @@ def _add_generation_args(p: argparse.ArgumentParser, *, prompt_default: str | No
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
     p.add_argument("--page-cache", action="store_true", help="let the OS page cache help (default: bypass it)")
     p.add_argument("--prefill-step", type=int, default=512, help="prompt tokens per prefill chunk")
+    p.add_argument("--preload", action="store_true", help="read every expert up front when the budget holds them all")
     p.add_argument(
         "--lookahead",
         action="store_true",
@@ -107,7 +108,9 @@ def _run_store(args, store: Path, *, extra: dict | None = None) -> dict:
 
     manifest = Manifest.load(store)
     budget = parse_bytes(args.ram_budget) if args.ram_budget else manifest.expert_bytes_total
-    streaming = open_local(store, ram_budget=budget, page_cache=args.page_cache, lookahead=args.lookahead)
+    streaming = open_local(
+        store, ram_budget=budget, page_cache=args.page_cache, lookahead=args.lookahead, preload=args.preload
+    )
     try:
         prompt = encode_prompt(streaming.tokenizer, args.prompt, chat=args.chat)
         stream = None if args.json else (lambda s: print(s, end="", flush=True))

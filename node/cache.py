@@ -27,6 +27,9 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass
 
+import mlx.core as mx
+import numpy as np
+
 from node.slab import Slab, signature
 from node.store_format import Manifest, StoreError
 from node.store_reader import ExpertStore, PendingRead
@@ -96,7 +99,52 @@ class ExpertCache:
         self._position = {spec.layer: i for i, spec in enumerate(sorted(store.manifest.layers, key=lambda s: s.layer))}
         self._now = 0  # position of the layer last acquired
         self.bytes = 0  # resident + in flight
-        self.stats = CacheStats()
+        self._stats = CacheStats()
+        self._tables: dict[int, mx.array] = {}  # layer -> expert -> slot, once it is resident for good
+        self._uncounted: list[mx.array] = []  # expert ids of lazy calls, counted as hits when stats are read
+
+    @property
+    def stats(self) -> CacheStats:
+        if self._uncounted:
+            self._stats.hits += sum(len(np.unique(np.array(ids))) for ids in self._uncounted)
+            self._uncounted.clear()
+        return self._stats
+
+    def resident_slots(self, layer: int) -> mx.array | None:
+        """expert id -> slot [num_experts] for a layer whose experts are all resident in a slab that
+        holds every expert of its shape (so nothing is ever evicted from it); else None. With it a
+        layer call needs neither a sync on the router's choice nor pins: the graph stays lazy."""
+        table = self._tables.get(layer)
+        if table is None:
+            slab, spec = self._slabs[layer], self.store.layer(layer)
+            if slab.slots < slab.experts or any((layer, e) not in self._entries for e in spec.experts):
+                return None
+            slots = np.zeros(spec.num_experts, dtype=np.uint32)  # experts this store lacks are never asked for
+            slots[spec.experts] = [self._entries[(layer, e)] for e in spec.experts]
+            table = self._tables[layer] = mx.array(slots)
+        return table
+
+    def count_hits(self, indices: mx.array) -> None:
+        """A lazy call's expert ids [N, k]: hits on resident experts, counted when stats are read."""
+        self._uncounted.append(indices)
+        if len(self._uncounted) >= 4096:
+            _ = self.stats
+
+    def preload(self) -> int:
+        """Read every expert whose slab holds its whole shape group (the budget covers them);
+        return the number read. For comparisons with engines that load the whole model."""
+        done, counted = 0, (self._stats.hits, self._stats.misses)
+        for spec in self.store.manifest.layers:
+            if self._slabs[spec.layer].slots < self._slabs[spec.layer].experts:
+                continue
+            step = min(self._slabs[spec.layer].slots, 4 * self.store.manifest.top_k)
+            for start in range(0, len(spec.experts), step):
+                batch = spec.experts[start : start + step]
+                self.acquire(spec.layer, batch)
+                self.release(spec.layer, batch)
+                done += len(batch)
+        self._stats.hits, self._stats.misses = counted  # loading is not a use: the reads still count as bytes
+        return done
 
     def _cost(self, layer: int) -> int:
         return self.store.layer(layer).payload_bytes
@@ -137,8 +185,8 @@ class ExpertCache:
                 self._unused_prefetch.discard((layer, e))
             self.bytes -= len(slots) * self._cost(layer)
             raise
-        self.stats.prefetch_wait_seconds += time.perf_counter() - start
-        self.stats.io_seconds += time.perf_counter() - start
+        self._stats.prefetch_wait_seconds += time.perf_counter() - start
+        self._stats.io_seconds += time.perf_counter() - start
         for e, slot in slots.items():
             slab.fill(slot, fetched[e])
             self._entries[(layer, e)] = slot  # bytes were reserved at submission
@@ -162,13 +210,13 @@ class ExpertCache:
             self._clock = 1.0
         missing = [e for e in experts if (layer, e) not in self._entries]
         hits = len(experts) - len(missing)
-        self.stats.hits += hits
-        self.stats.misses += len(missing)
+        self._stats.hits += hits
+        self._stats.misses += len(missing)
         for e in experts:
             key = (layer, e)
             if key in self._unused_prefetch:
                 self._unused_prefetch.discard(key)
-                self.stats.prefetch_used += 1  # a hit (no blocking read) that prefetch paid for
+                self._stats.prefetch_used += 1  # a hit (no blocking read) that prefetch paid for
             if key in self._entries:
                 self._touch(key)
             self._pinned.add(key)
@@ -181,8 +229,8 @@ class ExpertCache:
                 for e in experts:
                     self._pinned.discard((layer, e))
                 raise
-            self.stats.bytes_read += self.store.stats.bytes - before[0]
-            self.stats.io_seconds += self.store.stats.seconds - before[1]
+            self._stats.bytes_read += self.store.stats.bytes - before[0]
+            self._stats.io_seconds += self.store.stats.seconds - before[1]
             slab = self._slabs[layer]
             for e, tensors in fetched.items():
                 slot = slab.take()
@@ -190,7 +238,7 @@ class ExpertCache:
                 self._entries[(layer, e)] = slot
                 self._touch((layer, e))
                 self.bytes += cost
-            self.stats.peak_bytes = max(self.stats.peak_bytes, self.bytes)
+            self._stats.peak_bytes = max(self._stats.peak_bytes, self.bytes)
         return {e: self._entries[(layer, e)] for e in experts}
 
     def prefetch(self, layer: int, experts: list[int]) -> list[int]:
@@ -209,10 +257,10 @@ class ExpertCache:
         slab = self._slabs[layer]
         self._reserved.update(((layer, e), slab.take()) for e in wanted)
         self.bytes += len(wanted) * cost
-        self.stats.peak_bytes = max(self.stats.peak_bytes, self.bytes)
+        self._stats.peak_bytes = max(self._stats.peak_bytes, self.bytes)
         self._pending[layer] = self.store.submit(layer, wanted)
-        self.stats.bytes_read += len(wanted) * self.store.layer(layer).record_size
-        self.stats.prefetched += len(wanted)
+        self._stats.bytes_read += len(wanted) * self.store.layer(layer).record_size
+        self._stats.prefetched += len(wanted)
         self._unused_prefetch.update((layer, e) for e in wanted)
         return wanted
 
@@ -264,17 +312,17 @@ class ExpertCache:
                 continue
             slab.give_back(self._entries.pop(key))
             self.bytes -= self._cost(key[0])
-            self.stats.evictions += 1
+            self._stats.evictions += 1
             if key in self._unused_prefetch:
                 self._unused_prefetch.discard(key)
-                self.stats.prefetch_wasted += 1
+                self._stats.prefetch_wasted += 1
 
     def close_stats(self) -> CacheStats:
         """Count prefetched experts nobody asked for as wasted; return the statistics."""
         self.drain()
-        self.stats.prefetch_wasted += len(self._unused_prefetch)
+        self._stats.prefetch_wasted += len(self._unused_prefetch)
         self._unused_prefetch.clear()
-        return self.stats
+        return self._stats
 
 
 def _make_slabs(manifest: Manifest, budget_bytes: int) -> dict[int, Slab]:
@@ -282,12 +330,13 @@ def _make_slabs(manifest: Manifest, budget_bytes: int) -> dict[int, Slab]:
     groups: dict[tuple, list] = {}
     for spec in manifest.layers:
         groups.setdefault(signature(spec), []).append(spec)
-    total = sum(s.num_experts * s.payload_bytes for specs in groups.values() for s in specs)
+    held = {sig: sum(len(s.experts) for s in specs) for sig, specs in groups.items()}  # a shard holds a subset
+    total = sum(held[sig] * specs[0].payload_bytes for sig, specs in groups.items())
     slots = {}
     for sig, specs in groups.items():
         payload = specs[0].payload_bytes
-        share = budget_bytes * sum(s.num_experts * s.payload_bytes for s in specs) // total
-        slots[sig] = min(max(manifest.top_k, share // payload), sum(s.num_experts for s in specs))
+        share = budget_bytes * held[sig] * payload // max(1, total)
+        slots[sig] = min(max(manifest.top_k, share // payload), held[sig])
     needed = sum(max(n, manifest.top_k) * groups[sig][0].payload_bytes for sig, n in slots.items())
     if needed > budget_bytes:
         minimum = sum(manifest.top_k * specs[0].payload_bytes for specs in groups.values())
@@ -295,7 +344,7 @@ def _make_slabs(manifest: Manifest, budget_bytes: int) -> dict[int, Slab]:
             f"RAM budget {format_bytes(budget_bytes)} is below this model's minimum {format_bytes(minimum)} "
             f"(the top-k experts of one layer of each expert shape); pass --ram-budget {minimum} or more"
         )
-    slabs = {sig: Slab(specs[0], slots=slots[sig]) for sig, specs in groups.items()}
+    slabs = {sig: Slab(specs[0], slots=slots[sig], experts=held[sig]) for sig, specs in groups.items()}
     return {spec.layer: slabs[sig] for sig, specs in groups.items() for spec in specs}
 
 

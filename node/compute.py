@@ -38,6 +38,10 @@ class LocalExperts:
 
     def compute(self, layer: int, x: mx.array, indices: mx.array) -> mx.array:
         """x [N, D], indices [N, k] (expert ids) -> per-pair expert outputs [N, k, D]."""
+        table = self.cache.resident_slots(layer)
+        if table is not None:  # every expert of this layer is in RAM for good: keep the graph lazy
+            self.cache.count_hits(indices)
+            return self._call(layer, x, table[indices])
         idx = np.array(indices)  # forces the graph up to the router: the experts must be known
         n, k = idx.shape
         waves = self.cache.plan_waves(layer, np.unique(idx).tolist())
@@ -55,6 +59,15 @@ class LocalExperts:
             out[mx.array(pairs)] = y[:, 0]
             mx.eval(out)
         return out.reshape(n, k, -1)
+
+    def _call(self, layer: int, x: mx.array, slots: mx.array) -> mx.array:
+        """mlx-lm's expert module on the cache's slabs: x [N, D], slots [N, k] -> [N, k, D] (lazy)."""
+        module = self.templates[layer]
+        slab = self.cache.slab(layer).arrays  # name -> [slots, ...], the cache's own memory
+        module.update(tree_unflatten(list(slab.items())))
+        y = module(x, slots)
+        module.update(tree_unflatten([(name, _EMPTY) for name in slab]))  # the graph holds what it needs
+        return y
 
     def prefetch(self, layer: int, experts: list[int]) -> None:
         """Start reading `experts` of `layer` into the cache (as many as fit); does not wait."""
@@ -77,14 +90,10 @@ class LocalExperts:
                 if hinted[0] != layer:
                     self.prefetch(*hinted)
             start = time.perf_counter()
-            module = self.templates[layer]
-            slab = self.cache.slab(layer).arrays  # name -> [slots, ...], the cache's own memory
-            module.update(tree_unflatten(list(slab.items())))
             slot = np.zeros(max(wave) + 1, dtype=np.uint32)
             slot[wave] = [slots[e] for e in wave]
-            y = module(x, mx.array(slot[idx]))  # [N, k, D]
+            y = self._call(layer, x, mx.array(slot[idx]))  # [N, k, D]
             mx.eval(y)  # before release: a slot refilled later must not be read by a pending graph
-            module.update(tree_unflatten([(name, _EMPTY) for name in slab]))  # the cache owns the slab
             self.cache.stats.compute_seconds += time.perf_counter() - start
             return y
         finally:

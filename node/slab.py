@@ -25,9 +25,10 @@ def signature(spec: LayerSpec) -> Signature:
 class Slab:
     """`slots` experts' tensors as arrays [slots, *shape]; free slots are handed out and taken back."""
 
-    def __init__(self, spec: LayerSpec, *, slots: int) -> None:
+    def __init__(self, spec: LayerSpec, *, slots: int, experts: int) -> None:
         self.payload_bytes = spec.payload_bytes
         self.slots = slots
+        self.experts = experts  # of every layer sharing this slab: slots >= experts means nothing is evicted
         self.arrays = {t.name: mx.zeros((slots, *t.shape), dtype=_DTYPES[t.dtype][1]) for t in spec.tensors}
         mx.eval(list(self.arrays.values()))
         # byte views of the same memory: records are copied in through these, MLX computes on `arrays`
