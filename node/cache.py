@@ -23,6 +23,7 @@ uses the slabs in place. Records are read into transient buffers and copied into
 
 from __future__ import annotations
 
+import os
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -346,6 +347,13 @@ def _make_slabs(manifest: Manifest, budget_bytes: int) -> dict[int, Slab]:
         )
     slabs = {sig: Slab(specs[0], slots=slots[sig], experts=held[sig]) for sig, specs in groups.items()}
     return {spec.layer: slabs[sig] for sig, specs in groups.items() for spec in specs}
+
+
+def default_budget(manifest: Manifest) -> int:
+    """Without --ram-budget: every expert, but at most half of this machine's RAM (the slabs are
+    allocated up front, so a budget above what the machine has would fail at start)."""
+    physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return min(manifest.expert_bytes_total, max(manifest.min_budget_bytes, physical // 2))
 
 
 def format_bytes(n: float) -> str:
