@@ -23,6 +23,7 @@ uses the slabs in place. Records are read into transient buffers and copied into
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from collections import OrderedDict
@@ -34,6 +35,8 @@ import numpy as np
 from node.slab import Slab, signature
 from node.store_format import Manifest, StoreError
 from node.store_reader import ExpertStore, PendingRead
+
+log = logging.getLogger(__name__)
 
 Key = tuple[int, int]  # (layer, expert)
 
@@ -180,12 +183,15 @@ class ExpertCache:
         slots = {e: self._reserved.pop((layer, e)) for e in pending.experts}
         try:
             fetched = pending.result()
-        except BaseException:  # a failed read-ahead (e.g. a corrupt record): give its room back
-            for e, slot in slots.items():
+        except StoreError as e:
+            # A read-ahead is a hint: drop the whole batch and give its room back; a corrupt record
+            # is reported by the acquire that really needs it, to the request that asked for it.
+            log.warning("read-ahead of layer %d dropped: %s", layer, e)
+            for expert, slot in slots.items():
                 slab.give_back(slot)
-                self._unused_prefetch.discard((layer, e))
+                self._unused_prefetch.discard((layer, expert))
             self.bytes -= len(slots) * self._cost(layer)
-            raise
+            return
         self._stats.prefetch_wait_seconds += time.perf_counter() - start
         self._stats.io_seconds += time.perf_counter() - start
         for e, slot in slots.items():
@@ -222,13 +228,12 @@ class ExpertCache:
                 self._touch(key)
             self._pinned.add(key)
         if missing:
-            self._make_room(layer, len(missing))
             before = self.store.stats.bytes, self.store.stats.seconds
             try:
+                self._make_room(layer, len(missing))
                 fetched = self.store.read(layer, missing)
             except BaseException:
-                for e in experts:
-                    self._pinned.discard((layer, e))
+                self.release(layer, experts)  # a failed read (corrupt record) must not leave pins behind
                 raise
             self._stats.bytes_read += self.store.stats.bytes - before[0]
             self._stats.io_seconds += self.store.stats.seconds - before[1]
