@@ -70,6 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--nodes", type=int, default=3, help="local node processes, each with its own shard (0: all in-process)"
     )
+    p.add_argument("--no-tls", action="store_true", help="plaintext to the nodes (default: mutual TLS)")
     _add_generation_args(p, prompt_default="The experts live on flash and")
     for module in EXTENSIONS:
         importlib.import_module(module).register(sub)
@@ -134,13 +135,16 @@ def _run_store(args, store: Path, *, extra: dict | None = None) -> dict:
         streaming.close()
 
 
-def _run_cluster(args, store: Path, *, addresses=None, token: str | None = None, extra: dict | None = None) -> dict:
-    from coordinator.cluster_cli import find_nodes
+def _run_cluster(
+    args, store: Path, *, addresses=None, token: str | None = None, tls=None, extra: dict | None = None
+) -> dict:
+    from coordinator.cluster_cli import coordinator_tls, find_nodes
     from coordinator.cluster_run import resolve_token, run_on_cluster
     from node.store_format import Manifest
 
     manifest = Manifest.load(store)
     token = token or resolve_token(args.token)
+    tls = tls if tls is not None else coordinator_tls(args)
     if addresses is None:
         addresses = find_nodes(args, fingerprint=manifest.fingerprint)
     stream = None if args.json else (lambda s: print(s, end="", flush=True))
@@ -156,6 +160,7 @@ def _run_cluster(args, store: Path, *, addresses=None, token: str | None = None,
         prefill_step_size=args.prefill_step,
         lookahead=args.lookahead,
         on_text=stream,
+        tls=tls,
     )
     if stream is not None:
         print(flush=True)
@@ -227,13 +232,20 @@ def cmd_demo(args) -> int:
         import secrets
 
         from coordinator.cluster_run import ensure_shards, local_nodes
+        from coordinator.demo import demo_cluster_dir
+        from node.tls import COORDINATOR, load_identity
 
         shards = ensure_shards(store, args.workdir, count=args.nodes)
         # The budget is shared: each node keeps its part of it (at least one layer's top-k).
         budget = max(parse_bytes(args.ram_budget) // args.nodes, manifest.min_budget_bytes)
         token = secrets.token_urlsafe(18)
-        with local_nodes(shards, budgets=[budget] * args.nodes, token=token, logdir=args.workdir / "logs") as nodes:
-            result = _run_cluster(args, store, addresses=nodes, token=token, extra={"store": str(store)})
+        cluster_dir = None if args.no_tls else demo_cluster_dir(args.workdir)
+        tls = None if cluster_dir is None else load_identity(cluster_dir, role=COORDINATOR)
+        with local_nodes(
+            shards, budgets=[budget] * args.nodes, token=token, logdir=args.workdir / "logs", tls=cluster_dir
+        ) as nodes:
+            extra = {"store": str(store), "tls": tls is not None}
+            result = _run_cluster(args, store, addresses=nodes, token=token, tls=tls, extra=extra)
     else:
         result = _run_store(args, store, extra={"store": str(store)})
     if args.temperature == 0:
