@@ -19,8 +19,7 @@ from rich.live import Live
 
 from node.cache import parse_bytes
 from node.store_format import StoreError
-from node.tls import TLS_ENV
-from protos import DEFAULT_MAX_MESSAGE_BYTES, TOKEN_ENV
+from protos import DEFAULT_MAX_MESSAGE_BYTES, TLS_ENV, TOKEN_ENV
 
 log = logging.getLogger(__name__)
 out = Console(width=None if sys.stdout.isatty() else 160)  # tables stay readable when piped

@@ -23,8 +23,8 @@ import numpy as np
 
 from coordinator.discovery import NodeAddress, discover
 from node.store_format import MANIFEST, Manifest, StoreError
-from node.tls import TLS_ENV, TlsIdentity
-from protos import TOKEN_ENV
+from node.tls import TlsIdentity
+from protos import TLS_ENV, TOKEN_ENV
 from protos import flashmesh_pb2 as pb
 
 log = logging.getLogger(__name__)

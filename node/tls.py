@@ -22,6 +22,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from node.store_format import StoreError
+from protos import TLS_ENV
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +30,6 @@ CA_FILE, CERT_FILE, KEY_FILE = "ca.crt", "tls.crt", "tls.key"
 NODE, COORDINATOR = "node", "coordinator"
 # Where `cluster init` puts each identity inside a cluster directory.
 CA_DIR, NODES_DIR, COORDINATOR_DIR = "ca", "nodes", "coordinator"
-TLS_ENV = "FLASHMESH_TLS"
 
 # A node's name is the DNS name in its certificate that the coordinator checks, so it must be one.
 _LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
