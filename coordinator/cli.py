@@ -265,6 +265,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     # transformers (used only for tokenizers) announces that PyTorch is absent; it does not need it.
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    if args.command != "node" and not args.verbose:
+        # gRPC's C core logs refused TLS handshakes itself; the coordinator reports them in one line.
+        os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )

@@ -119,9 +119,9 @@ def _certificate(path: Path) -> tuple[bytes, x509.Certificate]:
         raise StoreError(f"{path} is not a PEM certificate; {REISSUE}") from None
 
 
-def _check_dates(path: Path, cert: x509.Certificate, now: datetime) -> None:
+def _check_dates(path: Path, cert: x509.Certificate, now: datetime, *, fix: str = REISSUE) -> None:
     if now > cert.not_valid_after_utc:
-        raise StoreError(f"{path} expired on {cert.not_valid_after_utc:%Y-%m-%d %H:%M} UTC; {REISSUE}")
+        raise StoreError(f"{path} expired on {cert.not_valid_after_utc:%Y-%m-%d %H:%M} UTC; {fix}")
     if now < cert.not_valid_before_utc:
         raise StoreError(
             f"{path} is valid only from {cert.not_valid_before_utc:%Y-%m-%d %H:%M} UTC; check this machine's clock"
@@ -150,7 +150,7 @@ def load_identity(path: Path, *, role: str, name: str | None = None) -> TlsIdent
             f"{directory / CERT_FILE} was not issued by the cluster CA in {directory / CA_FILE}; {REISSUE}"
         ) from None
     now = datetime.now(UTC)
-    _check_dates(directory / CA_FILE, ca, now)
+    _check_dates(directory / CA_FILE, ca, now, fix="make a new CA and certificates: `flashmesh cluster init --force`")
     _check_dates(directory / CERT_FILE, cert, now)
     found = role_of(cert)
     if found != role:
@@ -176,17 +176,23 @@ def handshake_hint(details: str, *, tls: bool) -> str | None:
     text = details.lower()
     closed = any(k in text for k in ("socket closed", "connection reset", "end of file"))
     if tls and "hostname verification" in text:
-        return "presented a certificate for another name; issue it one for the name it uses (`cluster add-node`)"
-    if tls and any(k in text for k in ("ssl", "handshake", "certificate", "tsi_")):
         return (
-            f"refused the TLS handshake ({details}); its certificate must come from the same cluster CA as "
-            "ours (`flashmesh cluster init`) and carry the node's name or the address used (--san)"
+            "its certificate is not for the name or address we reached it by; give it as NAME@HOST:PORT with "
+            "its certificate's name, or reissue: `flashmesh cluster add-node CLUSTER_DIR NAME --san HOST --force`"
+        )
+    if tls and "wrong_version_number" in text:
+        return "does not speak TLS; start it with `--tls CLUSTER_DIR/nodes/NAME`, or leave out --tls here"
+    if tls and any(k in text for k in ("ssl", "handshake", "certificate", "tsi_")):
+        reason = re.search(r"certificate_verify_failed: ([^:]+)", text)
+        return (
+            f"refused the TLS handshake ({reason.group(1).strip() if reason else details}); its certificate must "
+            f"come from the same cluster CA as ours (`flashmesh cluster init`) and be valid now: {REISSUE}"
         )
     if tls and closed:
         return (
-            f"closed the connection during the TLS handshake ({details}): it does not accept our certificate "
-            "(issued by another cluster CA?) or does not serve TLS"
+            "closed the connection during the TLS handshake: it does not accept our certificate "
+            "(issued by another cluster CA, or expired?) or does not serve TLS"
         )
     if not tls and closed:
-        return f"closed the connection ({details}); if it serves TLS, pass --tls CLUSTER_DIR (or set {TLS_ENV})"
+        return f"closed the connection; if it serves TLS, pass --tls CLUSTER_DIR (or set {TLS_ENV})"
     return None

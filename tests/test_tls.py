@@ -29,6 +29,7 @@ from protos import TOKEN_METADATA_KEY
 from protos import flashmesh_pb2 as pb
 from protos import flashmesh_pb2_grpc as pb_grpc
 
+from .test_cli import flashmesh
 from .test_cluster import PROMPT, _local_tokens
 from .test_errors import assert_one_line_error
 
@@ -76,6 +77,11 @@ def test_tls_run_matches_the_local_run(tls_cluster, capsys):
                           "--token", TOKEN, "--prompt", PROMPT, "--max-tokens", MAX_TOKENS, "--json")  # fmt: skip
     assert code == 0, err
     assert json.loads(out)["tokens"] == expected
+    code, out, err = _cli(capsys, "cluster", "ls", "--json", *static, "--no-zeroconf", "--tls", c.work / "cluster",
+                          "--token", TOKEN)  # fmt: skip
+    rows = json.loads(out)
+    assert code == 0 and not [r for r in rows if "error" in r], rows
+    assert sum(r["experts_held"] for r in rows) == rows[0]["experts_total"]
 
 
 def _info(channel: grpc.Channel, metadata=((TOKEN_METADATA_KEY, TOKEN),)) -> pb.NodeInfo:
@@ -122,13 +128,14 @@ def test_clients_without_a_cluster_certificate_are_refused(tls_cluster):
         assert address.target in message and needle in message and "\n" not in message
 
 
-def test_node_with_a_foreign_certificate_is_refused(tls_cluster, capsys, caplog):
+def test_node_with_a_foreign_certificate_is_refused(tls_cluster, caplog):
     c = tls_cluster
     logdir = c.work / "foreign-logs"
     with local_nodes([c.store], budgets=[c.budget], token=TOKEN, logdir=logdir, tls=c.work / "other") as (foreign,):
-        code, _, err = _cli(capsys, "run", c.store, "--node", foreign.target, "--no-zeroconf", "--tls",
-                            c.work / "cluster", "--token", TOKEN, "--prompt", "x")  # fmt: skip
-        assert_one_line_error(code, err, foreign.target, "TLS handshake", "cluster CA")
+        # As a user runs it: gRPC's own handshake log lines must not surround the one-line error.
+        proc = flashmesh("run", c.store, "--node", foreign.target, "--no-zeroconf", "--tls", c.work / "cluster",
+                         "--token", TOKEN, "--prompt", "x")  # fmt: skip
+        assert_one_line_error(proc.returncode, proc.stderr, foreign.target, "TLS handshake", "cluster CA")
         # Found by zeroconf instead: skipped with a warning naming it, the others are used.
         with caplog.at_level(logging.WARNING, logger="coordinator.cluster"):
             nodes = connect([*c.addresses, foreign], token=TOKEN, tls=c.identity)
@@ -160,7 +167,7 @@ def test_advertised_name_must_match_the_certificate(tls_cluster, caplog):
             for n in nodes:
                 n.client.close()
             assert {n.info.name for n in nodes} == {a.name for a in c.addresses}
-            with pytest.raises(NodeError, match="no usable node.*another name"):
+            with pytest.raises(NodeError, match="no usable node.*not for the name"):
                 connect([fake], token=TOKEN, tls=c.identity)
     finally:
         advertiser.close()
@@ -176,7 +183,7 @@ def test_without_tls_the_token_and_identity_gate_every_node(tls_cluster, caplog)
                 _info(grpc.insecure_channel(plain.target), metadata)
             assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
         assert _info(grpc.insecure_channel(plain.target)).name == plain.name
-        with pytest.raises(NodeError, match="TLS"):  # a TLS coordinator does not talk to it
+        with pytest.raises(NodeError, match="does not speak TLS"):  # a TLS coordinator does not talk to it
             NodeClient(plain, token=TOKEN, tls=c.identity).info(timeout=10)
         with caplog.at_level(logging.WARNING, logger="coordinator.cluster"):
             # Found by zeroconf and refusing our token: skipped with a warning (an error only when none is left).
