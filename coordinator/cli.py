@@ -144,8 +144,8 @@ def _run_cluster(
 
     manifest = Manifest.load(store)
     token = token or resolve_token(args.token)
-    tls = tls if tls is not None else coordinator_tls(args)
-    if addresses is None:
+    if addresses is None:  # `run`: nodes and TLS from the command line (the demo passes its own)
+        tls = coordinator_tls(args)
         addresses = find_nodes(args, fingerprint=manifest.fingerprint)
     stream = None if args.json else (lambda s: print(s, end="", flush=True))
     result = run_on_cluster(

@@ -42,9 +42,11 @@ def test_demo_json(tmp_path):
     assert result["ram_budget_bytes"] < result["expert_bytes_total"]
     assert 0 < result["peak_cache_bytes"] <= result["ram_budget_bytes"]
     assert result["expert_bytes_read"] > 0
-    # Second run reuses the cached model and store.
-    again = flashmesh("demo", "--json", "--workdir", tmp_path / "demo", "--max-tokens", "12")
+    # Second run reuses the cached model and store; plaintext gives the same tokens.
+    again = flashmesh("demo", "--json", "--workdir", tmp_path / "demo", "--max-tokens", "12", "--no-tls")
+    assert again.returncode == 0, again.stderr
     assert json.loads(again.stdout)["tokens"] == result["tokens"]
+    assert json.loads(again.stdout)["tls"] is False
 
 
 def test_pack_then_run(models, tmp_path):
