@@ -75,6 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--nodes", type=int, default=3, help="local node processes, each with its own shard (0: all in-process)"
     )
+    p.add_argument("--no-tls", action="store_true", help="plaintext to the nodes (default: mutual TLS)")
     _add_generation_args(p, prompt_default="The experts live on flash and")
     for module in EXTENSIONS:
         importlib.import_module(module).register(sub)
@@ -141,14 +142,17 @@ def _run_store(args, store: Path, *, extra: dict | None = None) -> dict:
         streaming.close()
 
 
-def _run_cluster(args, store: Path, *, addresses=None, token: str | None = None, extra: dict | None = None) -> dict:
-    from coordinator.cluster_cli import find_nodes
+def _run_cluster(
+    args, store: Path, *, addresses=None, token: str | None = None, tls=None, extra: dict | None = None
+) -> dict:
+    from coordinator.cluster_cli import coordinator_tls, find_nodes
     from coordinator.cluster_run import resolve_token, run_on_cluster
     from node.store_format import Manifest
 
     manifest = Manifest.load(store)
     token = token or resolve_token(args.token)
-    if addresses is None:
+    if addresses is None:  # `run`: nodes and TLS from the command line (the demo passes its own)
+        tls = coordinator_tls(args)
         addresses = find_nodes(args, fingerprint=manifest.fingerprint)
     stream = None if args.json else (lambda s: print(s, end="", flush=True))
     result = run_on_cluster(
@@ -163,6 +167,7 @@ def _run_cluster(args, store: Path, *, addresses=None, token: str | None = None,
         prefill_step_size=args.prefill_step,
         lookahead=args.lookahead,
         on_text=stream,
+        tls=tls,
     )
     if stream is not None:
         print(flush=True)
@@ -234,13 +239,20 @@ def cmd_demo(args) -> int:
         import secrets
 
         from coordinator.cluster_run import ensure_shards, local_nodes
+        from coordinator.demo import demo_cluster_dir
+        from node.tls import COORDINATOR, load_identity
 
         shards = ensure_shards(store, args.workdir, count=args.nodes)
         # The budget is shared: each node keeps its part of it (at least one layer's top-k).
         budget = max(parse_bytes(args.ram_budget) // args.nodes, manifest.min_budget_bytes)
         token = secrets.token_urlsafe(18)
-        with local_nodes(shards, budgets=[budget] * args.nodes, token=token, logdir=args.workdir / "logs") as nodes:
-            result = _run_cluster(args, store, addresses=nodes, token=token, extra={"store": str(store)})
+        cluster_dir = None if args.no_tls else demo_cluster_dir(args.workdir)
+        tls = None if cluster_dir is None else load_identity(cluster_dir, role=COORDINATOR)
+        with local_nodes(
+            shards, budgets=[budget] * args.nodes, token=token, logdir=args.workdir / "logs", tls=cluster_dir
+        ) as nodes:
+            extra = {"store": str(store), "tls": tls is not None}
+            result = _run_cluster(args, store, addresses=nodes, token=token, tls=tls, extra=extra)
     else:
         result = _run_store(args, store, extra={"store": str(store)})
     if args.temperature == 0:
@@ -260,6 +272,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     # transformers (used only for tokenizers) announces that PyTorch is absent; it does not need it.
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    if args.command != "node" and not args.verbose:
+        # gRPC's C core logs refused TLS handshakes itself; the coordinator reports them in one line.
+        os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )

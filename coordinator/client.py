@@ -9,6 +9,7 @@ import grpc
 
 from coordinator.discovery import NodeAddress
 from node.store_format import StoreError
+from node.tls import TlsIdentity, handshake_hint
 from protos import DEFAULT_MAX_MESSAGE_BYTES, TOKEN_METADATA_KEY
 from protos import flashmesh_pb2 as pb
 from protos import flashmesh_pb2_grpc as pb_grpc
@@ -18,8 +19,10 @@ class NodeError(StoreError):
     """A node could not be used: unreachable, refused the token, wrong model, failed a request."""
 
 
-def _why(e: grpc.RpcError, timeout: float) -> str:
+def _why(e: grpc.RpcError, timeout: float, *, tls: bool = False) -> str:
     code, details = e.code(), (e.details() or "").splitlines()[0] if e.details() else ""
+    if code == grpc.StatusCode.UNAVAILABLE and (hint := handshake_hint(details, tls=tls)):
+        return hint
     if code == grpc.StatusCode.UNAVAILABLE:
         return f"unreachable ({details or 'connection refused'}); is `flashmesh node serve` running there?"
     if code == grpc.StatusCode.UNAUTHENTICATED:
@@ -50,7 +53,20 @@ class Call:
         try:
             return self._future.result()
         except grpc.RpcError as e:
-            raise NodeError(f"node {self._link.label}: {_why(e, self._link.timeout)}") from None
+            raise NodeError(f"node {self._link.label}: {_why(e, self._link.timeout, tls=self._link.tls)}") from None
+
+
+def open_channel(address: NodeAddress, *, tls: TlsIdentity | None, options: list[tuple]) -> grpc.Channel:
+    """Plaintext, or mutual TLS with the cluster CA as the only root. A node known by name (zeroconf
+    or NAME@HOST:PORT) must present a certificate for that name; else for the host it is reached at."""
+    if tls is None:
+        return grpc.insecure_channel(address.target, options=options)
+    credentials = grpc.ssl_channel_credentials(
+        root_certificates=tls.ca_pem, private_key=tls.key_pem, certificate_chain=tls.cert_pem
+    )
+    if address.name:
+        options = [*options, ("grpc.ssl_target_name_override", address.name)]
+    return grpc.secure_channel(address.target, credentials, options=options)
 
 
 class NodeClient:
@@ -63,13 +79,16 @@ class NodeClient:
         token: str,
         timeout: float = 60.0,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        tls: TlsIdentity | None = None,
     ) -> None:
         self.address = address
         self.label = address.label
         self.timeout = timeout
         limit = max_message_bytes + 1024 * 1024
-        self._channel = grpc.insecure_channel(
-            address.target,
+        self.tls = tls is not None
+        self._channel = open_channel(
+            address,
+            tls=tls,
             options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)],
         )
         self._stub = pb_grpc.NodeStub(self._channel)

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from coordinator.client import NodeClient, NodeError
 from coordinator.discovery import NodeAddress
 from coordinator.placement import NodeCapacity
+from node.tls import TlsIdentity
 from protos import PROTOCOL_VERSION
 from protos import flashmesh_pb2 as pb
 
@@ -38,29 +39,69 @@ class ConnectedNode:
         )
 
 
+def identity_problem(address: NodeAddress, info: pb.NodeInfo) -> str | None:
+    """Why the node that answered is not the one `address` names (zeroconf's TXT record, or the
+    NAME of NAME@HOST:PORT); None when it is. Under TLS gRPC has already checked that the node's
+    certificate is for `address.name`."""
+    if address.node_id and info.node_id != address.node_id:
+        return f"advertises node id {address.node_id} but answers as {info.node_id}"
+    if address.name and info.name != address.name:
+        return f"was named {address.name!r} but calls itself {info.name!r}"
+    if address.fingerprint and info.fingerprint != address.fingerprint:
+        return f"advertises model {address.fingerprint[:16]} but serves {info.fingerprint[:16]}"
+    return None
+
+
+def _connect_one(
+    address: NodeAddress, *, token: str, fingerprint: str | None, timeout: float, tls: TlsIdentity | None
+) -> tuple[NodeClient, pb.NodeInfo]:
+    client = NodeClient(address, token=token, tls=tls)
+    try:
+        info = client.info(timeout=timeout)
+        problem = identity_problem(address, info)
+        if problem is not None:
+            raise NodeError(f"node {address.label} {problem}; not using it")
+        if info.protocol_version != PROTOCOL_VERSION:
+            raise NodeError(
+                f"node {address.label} speaks protocol {info.protocol_version}, this coordinator "
+                f"{PROTOCOL_VERSION}; run the same flashmesh version on every machine"
+            )
+        if fingerprint is not None and info.fingerprint != fingerprint:
+            raise NodeError(
+                f"node {address.label} serves model {info.fingerprint[:16]}, not this store's "
+                f"{fingerprint[:16]}; serve a shard of the same store there"
+            )
+    except BaseException:
+        client.close()
+        raise
+    return client, info
+
+
 def connect(
-    addresses: list[NodeAddress], *, token: str, fingerprint: str | None = None, timeout: float = 10.0
+    addresses: list[NodeAddress],
+    *,
+    token: str,
+    fingerprint: str | None = None,
+    timeout: float = 10.0,
+    tls: TlsIdentity | None = None,
 ) -> list[ConnectedNode]:
-    """Open a channel to each address and fetch its info; refuse wrong protocol or model."""
+    """Open a channel to each address and fetch its info; refuse wrong protocol, model or identity.
+
+    A zeroconf answer is only a hint: a node found that way that cannot be reached, refuses our
+    token or TLS certificate, or is not the node it advertised is skipped with a warning. A node
+    given statically (--node) that fails is an error."""
     nodes: dict[str, ConnectedNode] = {}
+    skipped: list[str] = []
     try:
         for address in addresses:
-            client = NodeClient(address, token=token)
             try:
-                info = client.info(timeout=timeout)
-                if info.protocol_version != PROTOCOL_VERSION:
-                    raise NodeError(
-                        f"node {address.label} speaks protocol {info.protocol_version}, this coordinator "
-                        f"{PROTOCOL_VERSION}; run the same flashmesh version on every machine"
-                    )
-                if fingerprint is not None and info.fingerprint != fingerprint:
-                    raise NodeError(
-                        f"node {address.label} serves model {info.fingerprint[:16]}, not this store's "
-                        f"{fingerprint[:16]}; serve a shard of the same store there"
-                    )
-            except BaseException:
-                client.close()
-                raise
+                client, info = _connect_one(address, token=token, fingerprint=fingerprint, timeout=timeout, tls=tls)
+            except NodeError as e:
+                if address.source != "zeroconf":
+                    raise
+                log.warning("skipping a node found by zeroconf: %s", e)
+                skipped.append(str(e))
+                continue
             if info.node_id in nodes:  # found twice (zeroconf and --node): keep one channel
                 client.close()
                 continue
@@ -71,4 +112,6 @@ def connect(
         for node in nodes.values():
             node.client.close()
         raise
+    if not nodes and skipped:
+        raise NodeError(f"no usable node: {'; '.join(skipped)}")
     return list(nodes.values())

@@ -19,7 +19,7 @@ from rich.live import Live
 
 from node.cache import parse_bytes
 from node.store_format import StoreError
-from protos import DEFAULT_MAX_MESSAGE_BYTES, TOKEN_ENV
+from protos import DEFAULT_MAX_MESSAGE_BYTES, TLS_ENV, TOKEN_ENV
 
 log = logging.getLogger(__name__)
 out = Console(width=None if sys.stdout.isatty() else 160)  # tables stay readable when piped
@@ -40,6 +40,21 @@ def add_discovery_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--discover-timeout", type=float, default=3.0, help="seconds to browse for nodes")
     p.add_argument("--expect", type=int, default=None, help="stop browsing once this many nodes are found")
     p.add_argument("--token", default=None, help=f"the cluster token (default: ${TOKEN_ENV})")
+    p.add_argument(
+        "--tls",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help=f"mutual TLS with this coordinator identity: CLUSTER_DIR or CLUSTER_DIR/coordinator (default: ${TLS_ENV})",
+    )
+
+
+def coordinator_tls(args):
+    """The coordinator's TLS identity from --tls or $FLASHMESH_TLS; None: plaintext."""
+    from node.tls import COORDINATOR, load_identity
+
+    path = args.tls or os.environ.get(TLS_ENV)
+    return None if not path else load_identity(Path(path), role=COORDINATOR)
 
 
 def find_nodes(args, *, fingerprint: str | None = None) -> list:
@@ -73,6 +88,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     )  # fmt: skip
     s.add_argument("--token", default=None, help=f"the cluster token (default: ${TOKEN_ENV}; else one is generated)")
     s.add_argument("--no-advertise", action="store_true", help="do not advertise by zeroconf (static --node only)")
+    s.add_argument(
+        "--tls",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help=f"serve only mutual TLS with this node identity: CLUSTER_DIR/nodes/NAME (default: ${TLS_ENV})",
+    )
     s.add_argument("--page-cache", action="store_true", help="let the OS page cache help (default: bypass it)")
     s.add_argument("--flash-gbps", type=float, default=None, help="report this read bandwidth instead of measuring")
     s.add_argument("--max-message", default=str(DEFAULT_MAX_MESSAGE_BYTES), help="largest request accepted")
@@ -102,6 +124,31 @@ def register(sub: argparse._SubParsersAction) -> None:
         if name == "top":
             c.add_argument("--interval", type=float, default=1.0, help="seconds between refreshes")
             c.add_argument("--iterations", type=int, default=0, help="stop after this many refreshes (0: never)")
+    c = cluster_sub.add_parser("init", help="create a cluster CA and certificates for mutual TLS")
+    c.set_defaults(func=cmd_cluster_init)
+    c.add_argument("dir", type=Path, help="the cluster directory (its ca/ subdirectory never leaves this machine)")
+    c.add_argument("--nodes", default="", help="comma-separated node names to issue certificates for")
+    c.add_argument("--coordinator", default="coordinator", help="the coordinator certificate's name")
+    _add_issue_args(c)
+    c = cluster_sub.add_parser("add-node", help="issue one more node certificate from the cluster CA")
+    c.set_defaults(func=cmd_cluster_add_node)
+    c.add_argument("dir", type=Path, help="the cluster directory made by `flashmesh cluster init`")
+    c.add_argument("name", help="the node's name (its `node serve --name`)")
+    _add_issue_args(c)
+
+
+def _add_issue_args(c: argparse.ArgumentParser) -> None:
+    from coordinator.certs import DEFAULT_DAYS
+
+    c.add_argument(
+        "--san",
+        action="append",
+        default=[],
+        metavar="HOST_OR_IP",
+        help="another host name or IP address the node is reached at (repeatable; for --node HOST:PORT)",
+    )
+    c.add_argument("--days", type=int, default=DEFAULT_DAYS, help=f"certificate lifetime (default {DEFAULT_DAYS})")
+    c.add_argument("--force", action="store_true", help="replace what exists")
 
 
 def _check_interfaces(interfaces: list[str]) -> None:
@@ -112,12 +159,29 @@ def _check_interfaces(interfaces: list[str]) -> None:
             raise StoreError(f"--interfaces takes IPv4 addresses such as 127.0.0.1, not {a!r}") from None
 
 
+def _node_tls(args):
+    """The node's TLS identity (--tls or $FLASHMESH_TLS); its certificate names the node."""
+    from node.tls import CERT_FILE, NODE, load_identity
+
+    path = args.tls or os.environ.get(TLS_ENV)
+    if not path:
+        return None
+    tls = load_identity(Path(path), role=NODE, name=args.name)
+    if args.name and args.name != tls.name:
+        raise StoreError(
+            f"--name {args.name} but {tls.path / CERT_FILE} is node {tls.name}'s certificate; "
+            f"drop --name, or issue one with `flashmesh cluster add-node CLUSTER_DIR {args.name}`"
+        )
+    return tls
+
+
 def cmd_node_serve(args) -> int:
     from node.advertise import Advertiser
     from node.server import start_server
     from node.service import NodeService
 
     _check_interfaces(args.interfaces)
+    tls = _node_tls(args)
     token = args.token or os.environ.get(TOKEN_ENV)
     generated = not token
     token = token or secrets.token_urlsafe(18)
@@ -125,7 +189,7 @@ def cmd_node_serve(args) -> int:
         args.store,
         ram_budget=parse_bytes(args.ram_budget),
         token=token,
-        name=args.name or socket.gethostname(),
+        name=args.name or (tls.name if tls else socket.gethostname()),
         page_cache=args.page_cache,
         max_message_bytes=parse_bytes(args.max_message),
         flash_gbps=args.flash_gbps,
@@ -134,7 +198,7 @@ def cmd_node_serve(args) -> int:
     stop = threading.Event()
     try:
         try:
-            server, port = start_server(service, addresses=args.interfaces, port=args.port)
+            server, port = start_server(service, addresses=args.interfaces, port=args.port, tls=tls)
         except (OSError, RuntimeError) as e:
             raise StoreError(f"cannot listen on {', '.join(args.interfaces)} port {args.port}: {e}") from None
         info = service.info()
@@ -150,6 +214,8 @@ def cmd_node_serve(args) -> int:
             f"{info.fingerprint[:16]} on {', '.join(args.interfaces)} port {port}",
             flush=True,
         )
+        if tls is not None:
+            print(f"mutual TLS: certificate {tls.path} valid until {tls.not_after:%Y-%m-%d}", flush=True)
         if generated:
             print(f"cluster token: {token}  (give it to the coordinator: --token or {TOKEN_ENV})", flush=True)
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -164,6 +230,40 @@ def cmd_node_serve(args) -> int:
         if server is not None:
             server.stop(grace=1.0).wait()
         service.close()
+    return 0
+
+
+def cmd_cluster_init(args) -> int:
+    from coordinator.certs import init_cluster
+
+    nodes = [n.strip() for n in args.nodes.split(",") if n.strip()]
+    written = init_cluster(
+        args.dir, nodes=nodes, coordinator=args.coordinator, sans=args.san, days=args.days, force=args.force
+    )
+
+    def say(text: str) -> None:
+        err.print(text, markup=False, highlight=False, soft_wrap=True)
+
+    say(f"cluster CA: {args.dir / 'ca'} (keep it on this machine; nodes never need it)")
+    for path in written:
+        say(f"  {path}  -> copy to {'the coordinator' if path.name == 'coordinator' else 'node ' + path.name}")
+    say(
+        "on each node: flashmesh node serve SHARD --tls NAME_DIR ...; on the coordinator: --tls "
+        f"{args.dir} (or its coordinator/ copied there); more nodes: flashmesh cluster add-node {args.dir} NAME"
+    )
+    return 0
+
+
+def cmd_cluster_add_node(args) -> int:
+    from coordinator.certs import issue
+
+    path = issue(args.dir, args.name, sans=args.san, days=args.days, force=args.force)
+    err.print(
+        f"{path}  -> copy to node {args.name}; there: flashmesh node serve SHARD --tls {path.name} ...",
+        markup=False,
+        highlight=False,
+        soft_wrap=True,
+    )
     return 0
 
 
@@ -188,9 +288,10 @@ def _rows(args) -> list[dict]:
     from coordinator.cluster_view import add_assignment, node_row
 
     token = resolve_token(args.token)
+    tls = coordinator_tls(args)
     rows = []
     for address in find_nodes(args):
-        client = NodeClient(address, token=token)
+        client = NodeClient(address, token=token, tls=tls)
         try:
             rows.append(node_row(address, client))
         finally:
@@ -232,7 +333,8 @@ def cmd_cluster_top(args) -> int:
     from coordinator.cluster_view import add_assignment, node_row, nodes_table, public
 
     token = resolve_token(args.token)
-    clients = [(a, NodeClient(a, token=token)) for a in find_nodes(args)]
+    tls = coordinator_tls(args)
+    clients = [(a, NodeClient(a, token=token, tls=tls)) for a in find_nodes(args)]
     previous: dict[str, tuple[float, int, int]] = {}
     try:
         with Live(console=out, auto_refresh=False, transient=False) if not args.json else _NoLive() as live:

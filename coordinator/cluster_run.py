@@ -13,6 +13,7 @@ import os
 import secrets
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -22,7 +23,8 @@ import numpy as np
 
 from coordinator.discovery import NodeAddress, discover
 from node.store_format import MANIFEST, Manifest, StoreError
-from protos import TOKEN_ENV
+from node.tls import TlsIdentity
+from protos import TLS_ENV, TOKEN_ENV
 from protos import flashmesh_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -58,12 +60,13 @@ def run_on_cluster(
     prefill_step_size: int = 512,
     lookahead: bool = False,
     on_text=None,
+    tls: TlsIdentity | None = None,
 ) -> dict:
     """Generate with the dense part here and the experts on the nodes; return the run's JSON."""
     from coordinator.engine import open_cluster
     from coordinator.generate import encode_prompt, generate
 
-    streaming, nodes = open_cluster(store, addresses, token=token, lookahead=lookahead)
+    streaming, nodes = open_cluster(store, addresses, token=token, lookahead=lookahead, tls=tls)
     try:
         before = {n.node_id: n.client.stats() for n in nodes}
         tokens = encode_prompt(streaming.tokenizer, prompt, chat=chat)
@@ -150,23 +153,37 @@ def ensure_shards(store: Path, workdir: Path, *, count: int) -> list[Path]:
 
 @contextmanager
 def local_nodes(
-    shards: list[Path], *, budgets: list[int], token: str, logdir: Path, timeout: float = 120.0
+    shards: list[Path],
+    *,
+    budgets: list[int],
+    token: str,
+    logdir: Path,
+    timeout: float = 120.0,
+    tls: Path | None = None,
 ) -> Iterator[list[NodeAddress]]:
     """Start one `flashmesh node serve` process per shard on 127.0.0.1, find them by zeroconf on
-    127.0.0.1, yield their addresses; always stop the processes on exit."""
+    127.0.0.1, yield their addresses; always stop the processes on exit. With `tls` (a cluster
+    directory holding its CA) each node gets a certificate for its name, in a directory removed
+    on exit, and serves only mutual TLS."""
     logdir = Path(logdir)
     logdir.mkdir(parents=True, exist_ok=True)
     run_id = f"local{os.getpid()}x{secrets.token_hex(2)}"
     names = [f"{run_id}-{i}" for i in range(len(shards))]
     env = {**os.environ, TOKEN_ENV: token, "TRANSFORMERS_VERBOSITY": "error"}
+    env.pop(TLS_ENV, None)
     procs: list[subprocess.Popen] = []
     logs = []
+    certs = tempfile.TemporaryDirectory(prefix="flashmesh-node-certs-") if tls is not None else None
     try:
         for shard, budget, name in zip(shards, budgets, names, strict=True):
             log_file = open(logdir / f"{name}.log", "wb")  # noqa: SIM115 - closed in finally
             logs.append(log_file)
             cmd = [sys.executable, "-m", "coordinator.cli", "node", "serve", str(shard), "--ram-budget", str(budget)]
             cmd += ["--port", "0", "--interfaces", "127.0.0.1", "--name", name, "--parent-pid", str(os.getpid())]
+            if certs is not None:
+                from coordinator.certs import issue
+
+                cmd += ["--tls", str(issue(tls, name, out=Path(certs.name) / name))]
             procs.append(subprocess.Popen(cmd, env=env, stdout=log_file, stderr=subprocess.STDOUT))
         wanted = set(names)
         found: dict[str, NodeAddress] = {}
@@ -198,3 +215,5 @@ def local_nodes(
                 proc.wait()
         for log_file in logs:
             log_file.close()
+        if certs is not None:
+            certs.cleanup()

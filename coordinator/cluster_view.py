@@ -7,6 +7,7 @@ import time
 from rich.table import Table
 
 from coordinator.client import NodeClient, NodeError
+from coordinator.cluster import identity_problem
 from coordinator.discovery import NodeAddress
 from coordinator.placement import LayerShape, NodeCapacity, place
 from node.cache import format_bytes
@@ -28,6 +29,10 @@ def node_row(address: NodeAddress, client: NodeClient) -> dict:
     row: dict = {"name": address.name, "address": address.target, "source": address.source}
     try:
         info = client.info(timeout=5.0)
+        problem = identity_problem(address, info)
+        if problem is not None:
+            row["error"] = f"node {address.label} {problem}; not using it"
+            return row
         stats = client.stats(timeout=5.0)
         row["rpc_latency_ms"] = _ping_ms(client)
     except NodeError as e:

@@ -32,6 +32,18 @@ def prepare_demo(workdir: Path, *, arch: str = "qwen3_moe", show_progress: bool 
     return store, source
 
 
+def demo_cluster_dir(workdir: Path) -> Path:
+    """The demo's cluster CA and coordinator certificate (made once); node certificates are
+    issued per run by `local_nodes`."""
+    from coordinator.certs import init_cluster
+    from node.tls import CA_DIR
+
+    path = Path(workdir) / "cluster"
+    if not (path / CA_DIR).is_dir():
+        init_cluster(path)
+    return path
+
+
 def reference_tokens(source: Path, prompt: str, *, max_tokens: int, chat: bool, prefill_step_size: int) -> list[int]:
     """Greedy tokens from mlx-lm's own load + stream_generate on the unpacked model."""
     from mlx_lm import load

@@ -40,11 +40,16 @@ class NodeAddress:
 
 
 def parse_address(text: str) -> NodeAddress:
-    host, sep, port = text.strip().rpartition(":")
+    """HOST:PORT, or NAME@HOST:PORT: then the node must call itself NAME (and, under TLS, hold a
+    certificate for NAME rather than for HOST)."""
+    name, _, rest = text.strip().rpartition("@")
+    host, sep, port = rest.rpartition(":")
     host = host.strip("[]")
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise StoreError(f"cannot read node address {text!r}; write it as HOST:PORT, e.g. 192.168.1.20:50051")
-    return NodeAddress(host=host, port=int(port))
+        raise StoreError(
+            f"cannot read node address {text!r}; write it as HOST:PORT or NAME@HOST:PORT, e.g. 192.168.1.20:50051"
+        )
+    return NodeAddress(host=host, port=int(port), name=name)
 
 
 class _Collector(ServiceListener):

@@ -22,6 +22,7 @@ from node.compute import LocalExperts
 from node.experts import find_expert_modules, layer_index, load_lazy
 from node.store_format import Manifest, StoreError
 from node.store_reader import ExpertStore
+from node.tls import TlsIdentity
 
 log = logging.getLogger(__name__)
 
@@ -126,17 +127,24 @@ def open_local(
 
 
 def open_cluster(
-    store_path: Path, addresses: list, *, token: str, timeout: float = 10.0, lookahead: bool = False
+    store_path: Path,
+    addresses: list,
+    *,
+    token: str,
+    timeout: float = 10.0,
+    lookahead: bool = False,
+    tls: TlsIdentity | None = None,
 ) -> tuple[StreamingModel, list]:
     """Dense part in RAM (a full store or a `flashmesh shard --dense` one), experts on the nodes at
-    `addresses` (coordinator.discovery.NodeAddress); return the model and the connected nodes."""
+    `addresses` (coordinator.discovery.NodeAddress), over mutual TLS with `tls`; return the model
+    and the connected nodes."""
     from coordinator.cluster import connect
     from coordinator.placement import place
     from coordinator.remote import RemoteExperts
 
     store_path = Path(store_path)
     model, manifest, _ = load_dense_model(store_path)
-    nodes = connect(addresses, token=token, fingerprint=manifest.fingerprint, timeout=timeout)
+    nodes = connect(addresses, token=token, fingerprint=manifest.fingerprint, timeout=timeout, tls=tls)
     try:
         placement = place(manifest.layers, [n.capacity() for n in nodes])
         backend = RemoteExperts({n.node_id: n.client for n in nodes}, placement)

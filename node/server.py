@@ -3,7 +3,8 @@
 Every RPC must carry the cluster token in the `x-flashmesh-token` metadata entry. gRPC's own
 message limit is set a little above the node's validated limit, so an oversized request is
 refused (INVALID_ARGUMENT, or RESOURCE_EXHAUSTED from gRPC itself far above it) while the node
-keeps serving.
+keeps serving. With TLS (`flashmesh node serve --tls`) the listener speaks only mutual TLS, and the
+token is still checked on every RPC.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 
 from node.service import INTERNAL, INVALID, UNAUTHENTICATED, NodeService, RequestError
+from node.tls import TlsIdentity
 from protos import TOKEN_METADATA_KEY
 from protos import flashmesh_pb2_grpc as pb_grpc
 
@@ -62,18 +64,28 @@ class NodeServicer(pb_grpc.NodeServicer):
 
 
 def start_server(
-    service: NodeService, *, addresses: list[str], port: int = 0, workers: int = 8
+    service: NodeService, *, addresses: list[str], port: int = 0, workers: int = 8, tls: TlsIdentity | None = None
 ) -> tuple[grpc.Server, int]:
-    """Serve `service` on each of `addresses` at one port (0 = any free port); return (server, port)."""
+    """Serve `service` on each of `addresses` at one port (0 = any free port); return (server, port).
+    With `tls`, only mutual TLS: a client must present a coordinator certificate from the cluster CA."""
     limit = service.max_message_bytes + 1024 * 1024
     server = grpc.server(
         ThreadPoolExecutor(max_workers=workers, thread_name_prefix="flashmesh-grpc"),
         options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)],
     )
     pb_grpc.add_NodeServicer_to_server(NodeServicer(service), server)
+    credentials = None
+    if tls is not None:
+        credentials = grpc.ssl_server_credentials(
+            [(tls.key_pem, tls.cert_pem)], root_certificates=tls.ca_pem, require_client_auth=True
+        )
     for address in addresses:
         host = f"[{address}]" if ":" in address else address
-        bound = server.add_insecure_port(f"{host}:{port}")
+        endpoint = f"{host}:{port}"
+        if credentials is None:
+            bound = server.add_insecure_port(endpoint)
+        else:
+            bound = server.add_secure_port(endpoint, credentials)
         if bound == 0:
             raise OSError(f"cannot listen on {address}:{port}")
         port = bound

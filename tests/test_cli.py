@@ -38,12 +38,15 @@ def test_demo_json(tmp_path):
     result = json.loads(proc.stdout)  # stdout is exactly one JSON object
     assert RUN_KEYS | {"tokens_match_reference", "store"} <= set(result)
     assert result["tokens_match_reference"] is True
+    assert result["tls"] is True  # the demo's nodes and coordinator speak mutual TLS
     assert result["ram_budget_bytes"] < result["expert_bytes_total"]
     assert 0 < result["peak_cache_bytes"] <= result["ram_budget_bytes"]
     assert result["expert_bytes_read"] > 0
-    # Second run reuses the cached model and store.
-    again = flashmesh("demo", "--json", "--workdir", tmp_path / "demo", "--max-tokens", "12")
+    # Second run reuses the cached model and store; plaintext gives the same tokens.
+    again = flashmesh("demo", "--json", "--workdir", tmp_path / "demo", "--max-tokens", "12", "--no-tls")
+    assert again.returncode == 0, again.stderr
     assert json.loads(again.stdout)["tokens"] == result["tokens"]
+    assert json.loads(again.stdout)["tls"] is False
 
 
 def test_pack_then_run(models, tmp_path):

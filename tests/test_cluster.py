@@ -29,7 +29,7 @@ from protos.codec import encode, encode_numpy
 from .test_errors import assert_one_line_error
 
 PROMPT = "The quick brown fox jumps over the lazy dog. Mixture of experts"
-TOKEN = "test-cluster-token"
+TOKEN = f"test-cluster-token-{os.getpid()}"  # nodes of other test runs on 127.0.0.1 refuse it
 
 
 class Cluster:
@@ -93,7 +93,8 @@ ONLY_QWEN = pytest.mark.parametrize("cluster", ["qwen3_moe"], indirect=True)
 @ONLY_QWEN
 def test_run_cli_on_the_cluster(cluster):
     env = {**os.environ, "FLASHMESH_TOKEN": TOKEN, "TRANSFORMERS_VERBOSITY": "error"}
-    args = ["run", cluster.dense, "--cluster", "--expect", "3", "--prompt", PROMPT, "--max-tokens", "10", "--json"]
+    # No --expect: nodes of other test runs may answer too; they refuse our token and are skipped.
+    args = ["run", cluster.dense, "--cluster", "--prompt", PROMPT, "--max-tokens", "10", "--json"]
     proc = subprocess.run(
         [sys.executable, "-m", "coordinator.cli", *map(str, args)], capture_output=True, text=True, env=env, timeout=300
     )
@@ -114,7 +115,7 @@ def test_cluster_ls_inspect_top(cluster, capsys):
         assert row["fingerprint"] == fingerprint and row["protocol_version"] == 1
         assert row["experts_held"] == row["experts_assigned"] > 0 and row["rpc_latency_ms"] > 0
     assert sum(r["experts_held"] for r in rows) == rows[0]["experts_total"]
-    assert main(["cluster", "inspect", "--token", TOKEN, "--interfaces", "127.0.0.1", "--expect", "3"]) == 0
+    assert main(["cluster", "inspect", "--token", TOKEN, "--interfaces", "127.0.0.1"]) == 0
     text = capsys.readouterr().out
     assert "experts held" in text and "assigned" in text and cluster.addresses[0].target in text
     assert main(["cluster", "top", "--json", "--iterations", "2", "--interval", "0.1", "--token", TOKEN, *static,
@@ -175,7 +176,7 @@ def test_coordinator_errors_are_one_line(cluster, models, capsys, monkeypatch):
                      "--prompt", "hi")  # fmt: skip
     assert_one_line_error(code, err, "held by no node")  # one node of three does not cover the model
     monkeypatch.setenv("FLASHMESH_TOKEN", TOKEN)
-    code, err = _cli(capsys, "run", cluster.dense, "--cluster", "--expect", "3", "--prompt", "hi", "--max-tokens", "2")
+    code, err = _cli(capsys, "run", cluster.dense, "--cluster", "--prompt", "hi", "--max-tokens", "2")
     assert code == 0, err  # zeroconf finds the three nodes, the token comes from the environment
     monkeypatch.delenv("FLASHMESH_TOKEN")
     code, err = _cli(capsys, "run", cluster.dense, "--cluster", "--prompt", "hi")
