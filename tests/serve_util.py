@@ -49,11 +49,12 @@ class Served:
 
 
 @contextmanager
-def served(store: Path, **options) -> Iterator[Served]:
+def served(store: Path, *, open_model=None, max_queue: int = 4, **options) -> Iterator[Served]:
+    """Serve `store` with its experts in-process, or as `open_model` (returning (model, nodes)) opens it."""
     budget = Manifest.load(store).expert_bytes_total
     metrics = ServerMetrics()
-    max_queue = options.pop("max_queue", 4)
-    worker = GenerationWorker(lambda: (open_local(store, ram_budget=budget), []), max_queue=max_queue, metrics=metrics)
+    open_model = open_model or (lambda: (open_local(store, ram_budget=budget), []))
+    worker = GenerationWorker(open_model, max_queue=max_queue, metrics=metrics)
     worker.start()
     try:
         app = create_app(worker, ServeOptions(model_id=MODEL, **options), metrics=metrics)

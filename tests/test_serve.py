@@ -19,6 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from coordinator.api.worker import DoneEvent, ErrorEvent, QueueFull, SamplingParams, StopMatcher, TextEvent
 from coordinator.cli import main
 from coordinator.generate import encode_prompt, generate
+from node.store_format import Manifest
 
 from .serve_util import MODEL, served
 from .test_errors import assert_one_line_error
@@ -161,7 +162,14 @@ def test_bad_requests_get_openai_errors(client, server):
     with pytest.raises(openai.NotFoundError) as e:
         client.completions.create(model="no-such-model", prompt="x", max_tokens=2)
     assert e.value.body["code"] == "model_not_found"
-    for bad in ({"max_tokens": 0}, {"max_tokens": 10**9}, {"temperature": -1}, {"top_p": 2}, {"stop": [""]}):
+    for bad in (
+        {"max_tokens": 0},
+        {"max_tokens": 10**9},
+        {"temperature": -1},
+        {"top_p": 2},
+        {"stop": [""]},
+        {"logit_bias": {"99999": 1}},
+    ):
         with pytest.raises(openai.BadRequestError):
             client.completions.create(model=MODEL, prompt="x", **{"max_tokens": 2, **bad})
     with pytest.raises(openai.BadRequestError, match="unrecognized request argument: frobnicate"):
@@ -275,6 +283,27 @@ def test_metrics_parse_and_count(client, server):
     assert metric(server, "flashmesh_generated_tokens_total") >= 4
     assert metric(server, "flashmesh_expert_bytes_read_total") > 0
     assert 0 < metric(server, "flashmesh_expert_cache_hit_rate") <= 1
+
+
+def test_cluster_mode_matches_and_reports_node_latency(tiny, reference, tmp_path):
+    """Experts on a node process on loopback: same text as mlx-lm, per-node dispatch latency in /metrics."""
+    from coordinator.cluster_run import local_nodes
+    from coordinator.engine import open_cluster
+
+    store = tiny[1]
+    budget = Manifest.load(store).expert_bytes_total
+    with local_nodes([store], budgets=[budget], token="serve-test", logdir=tmp_path) as addresses:
+        opener = lambda: open_cluster(store, addresses, token="serve-test")  # noqa: E731
+        with served(store, open_model=opener) as s:
+            assert len(s.worker.nodes) == 1
+            _, ref = reference(PROMPT, max_tokens=8)
+            status, _, body = s.post(
+                "/v1/completions", {"model": MODEL, "prompt": PROMPT, "max_tokens": 8, "temperature": 0}
+            )
+            assert status == 200 and body["choices"][0]["text"] == ref.text
+            assert metric(s, "flashmesh_node_dispatch_seconds_count") > 0
+            assert metric(s, "flashmesh_layer_dispatch_seconds_count") > 0
+            assert metric(s, "flashmesh_expert_bytes_read_total") > 0
 
 
 def test_stop_matcher_holds_back_partial_stops():

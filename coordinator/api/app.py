@@ -168,6 +168,10 @@ def create_app(worker: GenerationWorker, options: ServeOptions, *, metrics: Serv
             raise ApiError(400, f"max_tokens is {max_tokens}; at most {min(room, options.max_tokens_limit)} here "
                            f"(server limit {options.max_tokens_limit}, context {context} - prompt {prompt_len})",
                            param="max_tokens", code="max_tokens_too_large")  # fmt: skip
+        bad = [t for t in body.logit_bias or {} if not 0 <= t < vocab_size]
+        if bad:
+            raise ApiError(400, f"logit_bias names token {bad[0]}, outside the vocabulary (0..{vocab_size - 1})",
+                           param="logit_bias")  # fmt: skip
         return SamplingParams(
             max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, stop=tuple(body.stops),
             seed=body.seed, presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,

@@ -27,6 +27,11 @@ from node.store_format import Manifest
 
 log = logging.getLogger(__name__)
 
+# A thread that used MLX tears its per-thread MLX state down as the OS thread exits, which can race
+# with process exit and abort ("terminate called without an active exception"; 9 of 40 runs of a
+# three-line script here). So the worker thread, once finished, parks on this (never set) instead.
+_PARKED = threading.Event()
+
 
 class QueueFull(Exception):
     def __init__(self, depth: int, retry_after_s: int) -> None:
@@ -142,6 +147,7 @@ class GenerationWorker:
         self.metrics = metrics
         self._thread = threading.Thread(target=self._run, name="flashmesh-mlx", daemon=True)
         self._ready = threading.Event()
+        self._finished = threading.Event()
         self._open_error: BaseException | None = None
         self._closing = threading.Event()
         self._running: Job | None = None
@@ -156,7 +162,6 @@ class GenerationWorker:
         self._thread.start()
         self._ready.wait()
         if self._open_error is not None:
-            self._thread.join()
             raise self._open_error
         return self
 
@@ -176,8 +181,8 @@ class GenerationWorker:
             self._queue.put(None, timeout=timeout)
         except queue.Full:
             log.warning("worker queue stayed full while closing")
-        if self._thread.is_alive():
-            self._thread.join(timeout)
+        if not self._finished.wait(timeout):
+            log.warning("the worker did not finish within %g s", timeout)
 
     @property
     def tokenizer(self) -> TokenizerWrapper:
@@ -197,7 +202,7 @@ class GenerationWorker:
     # --- submitting ------------------------------------------------------------------------------
     def submit(self, prompt_tokens: list[int], params: SamplingParams, on_event: Callable[[Event], None]) -> Job:
         """Queue a generation; raise QueueFull when max_queue jobs already wait."""
-        if self._closing.is_set() or not self._thread.is_alive():
+        if self._closing.is_set() or self._finished.is_set():
             raise WorkerClosed("the server is shutting down")
         job = Job(list(prompt_tokens), params, on_event)
         try:
@@ -213,7 +218,7 @@ class GenerationWorker:
             self.streaming, self.nodes = self._open_model()
         except BaseException as e:  # noqa: BLE001 - handed to start()'s caller
             self._open_error = e
-            self._ready.set()
+            self._finish()
             return
         self._ready.set()
         try:
@@ -227,7 +232,15 @@ class GenerationWorker:
                 finally:
                     self._running = None
         finally:
-            self.streaming.close()
+            try:
+                self.streaming.close()
+            finally:
+                self._finish()
+
+    def _finish(self) -> None:
+        self._finished.set()
+        self._ready.set()
+        _PARKED.wait()
 
     def _send(self, job: Job, event: Event) -> None:
         try:
