@@ -243,21 +243,30 @@ def test_worker_cancels_at_the_next_token(server):
     assert len(event.stats.tokens) == holder["at"]  # not one token more
 
 
-def test_client_disconnect_cancels_generation(server):
+@pytest.mark.parametrize("stream", [True, False])
+def test_client_disconnect_cancels_generation(server, stream):
     before = metric(server, "flashmesh_generations_total", finish_reason="cancelled")
     tokens_before = metric(server, "flashmesh_generated_tokens_total")
     sock = socket.create_connection(("127.0.0.1", int(server.url.rsplit(":", 1)[1])))
-    body = json.dumps({"model": MODEL, "prompt": PROMPT, "max_tokens": 500, "stream": True}).encode()
+    no_eos = {str(server.worker.tokenizer.eos_token_id): -100}  # so only a cancel can end it early
+    body = json.dumps({"model": MODEL, "prompt": PROMPT, "max_tokens": 500, "stream": stream, "logit_bias": no_eos})
+    body = body.encode()
     sock.sendall(
         b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
         + f"Content-Length: {len(body)}\r\n\r\n".encode()
         + body
     )
-    received = b""
-    while b"data: " not in received:
-        chunk = sock.recv(4096)
-        assert chunk, received
-        received += chunk
+    if stream:  # leave after the first event
+        received = b""
+        while b"data: " not in received:
+            chunk = sock.recv(4096)
+            assert chunk, received
+            received += chunk
+    else:  # leave once the generation has started
+        deadline = time.monotonic() + 30
+        while server.worker.queue_depth == 0:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
     sock.close()
     deadline = time.monotonic() + 30
     while metric(server, "flashmesh_generations_total", finish_reason="cancelled") == before:

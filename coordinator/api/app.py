@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
@@ -223,14 +224,17 @@ def create_app(worker: GenerationWorker, options: ServeOptions, *, metrics: Serv
             job.cancel()  # a no-op when done; stops the work if this handler was cancelled
 
     async def _collect(request: Request, bridge: _Bridge, job: Job, reply: Reply) -> dict:
+        checked = time.monotonic()
         while True:
             try:
                 event = await asyncio.wait_for(bridge.events.get(), DISCONNECT_POLL_S)
             except TimeoutError:
+                event = None
+            if time.monotonic() - checked >= DISCONNECT_POLL_S:  # tokens may keep coming: check by the clock
+                checked = time.monotonic()
                 if await request.is_disconnected():
                     job.cancel()
                     return {}
-                continue
             if isinstance(event, DoneEvent):
                 return reply.complete(event.stats)
             if isinstance(event, ErrorEvent):
