@@ -208,6 +208,53 @@ def cmd_decode(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_soak(args: argparse.Namespace) -> int:
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from bench.soak import plot_soak, run_soak
+    from node.cache import format_bytes, parse_bytes
+
+    try:
+        import openai  # noqa: F401
+        import psutil  # noqa: F401
+    except ImportError as e:
+        from node.store_format import StoreError
+
+        raise StoreError(f"the soak needs {e.name}: pip install -e '.[bench,dev]'") from None
+    store = _store_or_demo(args.store)
+    budget = _budget(store, args.ram_budget, fraction=0.25)
+    seconds = args.minutes * 60
+    name = args.name or f"soak-{'demo' if args.store is None else store.name}-k{args.clients}"
+    logdir = DEMO_WORKDIR.parent / f"{name}-logs"
+    columns = [TextColumn("soak"), BarColumn(), TextColumn("{task.fields[served]} requests"), TimeRemainingColumn()]
+    with Progress(*columns, disable=args.json) as bar:
+        task = bar.add_task("soak", total=seconds, served=0)
+        result = run_soak(
+            store, clients=args.clients, seconds=seconds, ram_budget=budget, max_tokens=args.max_tokens,
+            warmup_s=args.warmup, rss_bound_bytes=parse_bytes(args.rss_bound), logdir=logdir,
+            progress=lambda done, served: bar.update(task, completed=done, served=served),
+        )  # fmt: skip
+    result.update(store=str(store), ram_budget_bytes=budget)
+    result["plot"] = str(plot_soak(result, RESULTS / f"{name}.png"))
+    path = write_result(name, result)
+    if args.json:
+        print(json.dumps({k: v for k, v in result.items() if k not in ("latencies", "rss_samples")}))
+        return 0
+    print(
+        f"{result['served']} requests served, {result['errors']} errors in {args.minutes:g} min with {args.clients} "
+        f"clients; latency p50 {result['latency_p50_s']:.2f} s, p99 {result['latency_p99_s']:.2f} s; "
+        f"{result['tokens_per_s']:.1f} tok/s"
+    )
+    print(
+        f"server RSS: start {format_bytes(result['rss_start_bytes'])}, after {args.warmup:g} s warm-up "
+        f"{format_bytes(result['rss_after_warmup_bytes'])}, end {format_bytes(result['rss_end_bytes'])} "
+        f"(growth {format_bytes(max(0, result['rss_growth_after_warmup_bytes']))}, bound {args.rss_bound}: "
+        f"{'within' if result['rss_within_bound'] else 'EXCEEDED'})"
+    )
+    print(f"written to {path} and {result['plot']}")
+    return 0 if result["errors"] == 0 and result["rss_within_bound"] else 1
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     """Add `flashmesh bench ...` to the parser."""
     bench = sub.add_parser("bench", help="benchmarks (results to bench/results/*.json)")
@@ -249,6 +296,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--limit", default=None, help="cgroup memory limit (default: expert bytes / 3.2)")
     p.add_argument("--ram-budget", default=None, help="expert cache budget (default: 45%% of the limit)")
     p.add_argument("--max-tokens", type=int, default=16)
+    p.add_argument("--name", default=None)
+    p.add_argument("--json", action="store_true")
+
+    p = bsub.add_parser("soak", help="K concurrent clients for M minutes against `flashmesh serve` on loopback")
+    p.set_defaults(func=cmd_soak)
+    p.add_argument("store", type=Path, nargs="?", default=None, help="a packed store (default: the demo store)")
+    p.add_argument("--clients", type=int, default=4)
+    p.add_argument("--minutes", type=float, default=3.0)
+    p.add_argument("--max-tokens", type=int, default=32, help="each request asks for 1..this many tokens")
+    p.add_argument("--ram-budget", default=None, help="default: a quarter of the expert bytes")
+    p.add_argument("--warmup", type=float, default=20.0, help="seconds before the RSS baseline is taken")
+    p.add_argument("--rss-bound", default="64MiB", help="allowed RSS growth after warm-up")
     p.add_argument("--name", default=None)
     p.add_argument("--json", action="store_true")
 

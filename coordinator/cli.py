@@ -24,7 +24,7 @@ log = logging.getLogger("flashmesh")
 err = Console(stderr=True)
 
 # Modules that add subcommands: each has register(subparsers) and sets `func` on its parsers.
-EXTENSIONS = ("coordinator.cluster_cli", "mobile_export.cli", "bench.cli")
+EXTENSIONS = ("coordinator.cluster_cli", "mobile_export.cli", "bench.cli", "coordinator.api.cli")
 
 
 def _add_generation_args(p: argparse.ArgumentParser, *, prompt_default: str | None) -> None:
