@@ -123,20 +123,34 @@ def open_local(
 
 
 def open_cluster(
-    store_path: Path, addresses: list, *, token: str, timeout: float = 10.0, lookahead: bool = False
+    store_path: Path,
+    addresses: list,
+    *,
+    token: str,
+    timeout: float = 10.0,
+    lookahead: bool = False,
+    rpc_deadline: float | None = None,
+    probe_backoff: float = 0.5,
 ) -> tuple[StreamingModel, list]:
     """Dense part in RAM (a full store or a `flashmesh shard --dense` one), experts on the nodes at
-    `addresses` (coordinator.discovery.NodeAddress); return the model and the connected nodes."""
+    `addresses` (coordinator.discovery.NodeAddress); return the model and the connected nodes.
+    `rpc_deadline`: least seconds a node gets per request before its work fails over (None: default)."""
     from coordinator.cluster import connect
     from coordinator.placement import place
-    from coordinator.remote import RemoteExperts
+    from coordinator.remote import DEFAULT_RPC_DEADLINE, RemoteExperts
 
     store_path = Path(store_path)
     model, manifest, _ = load_dense_model(store_path)
     nodes = connect(addresses, token=token, fingerprint=manifest.fingerprint, timeout=timeout)
     try:
         placement = place(manifest.layers, [n.capacity() for n in nodes])
-        backend = RemoteExperts({n.node_id: n.client for n in nodes}, placement)
+        backend = RemoteExperts(
+            {n.node_id: n.client for n in nodes},
+            placement,
+            rpc_deadline=rpc_deadline or DEFAULT_RPC_DEADLINE,
+            probe_backoff=probe_backoff,
+            fingerprint=manifest.fingerprint,
+        )
         attach(model, backend, lookahead=lookahead)
         tokenizer = load_store_tokenizer(store_path, manifest)
     except BaseException:

@@ -19,6 +19,7 @@ how many were evicted or never asked for (wasted reads).
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -27,6 +28,8 @@ import mlx.core as mx
 
 from node.store_format import StoreError
 from node.store_reader import ExpertStore, PendingRead
+
+log = logging.getLogger(__name__)
 
 Key = tuple[int, int]  # (layer, expert)
 
@@ -118,7 +121,15 @@ class ExpertCache:
         if pending is None:
             return
         start = time.perf_counter()
-        fetched = pending.result()
+        try:
+            fetched = pending.result()
+        except StoreError as e:
+            # A read-ahead is a hint: drop the whole batch and give its room back; a corrupt record
+            # is reported by the acquire that really needs it, to the request that asked for it.
+            log.warning("read-ahead of layer %d dropped: %s", layer, e)
+            fetched = {}
+            self.bytes -= len(pending.raws) * self._cost(layer)
+            self._unused_prefetch -= {(layer, e) for e in pending.raws}
         self.stats.prefetch_wait_seconds += time.perf_counter() - start
         self.stats.io_seconds += time.perf_counter() - start
         for e, arrays in fetched.items():
@@ -153,9 +164,13 @@ class ExpertCache:
                 self._touch(key)
             self._pinned.add(key)
         if missing:
-            self._make_room(len(missing) * cost)
             before = self.store.stats.bytes, self.store.stats.seconds
-            fetched = self.store.read(layer, missing)
+            try:
+                self._make_room(len(missing) * cost)
+                fetched = self.store.read(layer, missing)
+            except BaseException:
+                self.release(layer, experts)  # a failed read (corrupt record) must not leave pins behind
+                raise
             self.stats.bytes_read += self.store.stats.bytes - before[0]
             self.stats.io_seconds += self.store.stats.seconds - before[1]
             for e, arrays in fetched.items():

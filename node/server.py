@@ -13,9 +13,10 @@ from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 
-from node.service import INTERNAL, INVALID, UNAUTHENTICATED, NodeService, RequestError
-from protos import TOKEN_METADATA_KEY
+from node.service import DATA_LOSS, INTERNAL, INVALID, UNAUTHENTICATED, NodeService, RequestError
+from protos import LOST_RECORDS_METADATA_KEY, TOKEN_METADATA_KEY
 from protos import flashmesh_pb2_grpc as pb_grpc
+from protos.codec import format_records
 
 log = logging.getLogger(__name__)
 
@@ -23,6 +24,7 @@ _CODES = {
     INVALID: grpc.StatusCode.INVALID_ARGUMENT,
     UNAUTHENTICATED: grpc.StatusCode.UNAUTHENTICATED,
     INTERNAL: grpc.StatusCode.INTERNAL,
+    DATA_LOSS: grpc.StatusCode.DATA_LOSS,
 }
 
 
@@ -43,6 +45,8 @@ class NodeServicer(pb_grpc.NodeServicer):
             return handler(*args)
         except RequestError as e:
             log.info("refused request: %s", e)
+            if e.records:  # which records are damaged, for the coordinator's failover
+                context.set_trailing_metadata(((LOST_RECORDS_METADATA_KEY, format_records(e.records)),))
             context.abort(_CODES[e.status], str(e))
 
     def Info(self, request, context):

@@ -23,7 +23,7 @@ import numpy as np
 
 from node.cache import ExpertCache
 from node.compute import LocalExperts, expert_templates
-from node.store_format import StoreError
+from node.store_format import RecordError, StoreError
 from node.store_reader import ExpertStore
 from protos import DEFAULT_MAX_MESSAGE_BYTES, PROTOCOL_VERSION
 from protos import flashmesh_pb2 as pb
@@ -32,14 +32,23 @@ from protos.codec import FLOAT_DTYPES, CodecError, decode, encode, to_numpy
 log = logging.getLogger(__name__)
 
 INVALID, UNAUTHENTICATED, INTERNAL = "invalid_argument", "unauthenticated", "internal"
+DATA_LOSS = "data_loss"  # a record on this node's flash failed its checksum (or was cut short)
 
 
 class RequestError(Exception):
-    """A request the node refuses or cannot serve; `status` names the gRPC status code."""
+    """A request the node refuses or cannot serve; `status` names the gRPC status code, `records`
+    the (layer, expert) records found damaged (DATA_LOSS), so a coordinator can use a replica."""
 
-    def __init__(self, status: str, message: str) -> None:
+    def __init__(self, status: str, message: str, *, records: tuple[tuple[int, int], ...] = ()) -> None:
         super().__init__(message)
         self.status = status
+        self.records = records
+
+
+def _store_failure(name: str, e: StoreError) -> RequestError:
+    if isinstance(e, RecordError):
+        return RequestError(DATA_LOSS, f"node {name}: {e}", records=((e.layer, e.expert),))
+    return RequestError(INTERNAL, f"node {name}: {e}")
 
 
 def hidden_size(config: dict) -> int:
@@ -193,7 +202,7 @@ class NodeService:
         try:
             reply = self._mlx.submit(self._compute, req, rows, experts).result()
         except StoreError as e:
-            raise RequestError(INTERNAL, f"node {self.name}: {e}") from None
+            raise _store_failure(self.name, e) from None
         seconds = time.perf_counter() - start
         reply.compute_seconds = seconds
         self._count(requests=1, pairs=int(rows.size), bytes_in=req.ByteSize(), bytes_out=reply.ByteSize())
@@ -217,7 +226,7 @@ class NodeService:
         try:
             resident = self._mlx.submit(self._prefetch, req.layer, experts).result()
         except StoreError as e:
-            raise RequestError(INTERNAL, f"node {self.name}: {e}") from None
+            raise _store_failure(self.name, e) from None
         with self._lock:
             self._busy += time.perf_counter() - start
         return pb.PrefetchReply(resident=resident)

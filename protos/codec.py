@@ -72,3 +72,18 @@ def decode(t: pb.Tensor) -> mx.array:
     """Tensor -> mx array (a copy), bit-exact."""
     arr = mx.array(to_numpy(t))
     return arr.view(mx.bfloat16) if t.dtype == "bfloat16" else arr
+
+
+def format_records(records) -> str:
+    """(layer, expert) pairs -> "layer:expert,..." (the DATA_LOSS trailer)."""
+    return ",".join(f"{int(layer)}:{int(expert)}" for layer, expert in records)
+
+
+def parse_records(text: str) -> tuple[tuple[int, int], ...]:
+    """The DATA_LOSS trailer back into (layer, expert) pairs; malformed entries are skipped."""
+    out = []
+    for item in text.split(","):
+        layer, _, expert = item.partition(":")
+        if layer.strip().isdigit() and expert.strip().isdigit():
+            out.append((int(layer), int(expert)))
+    return tuple(out)
