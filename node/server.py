@@ -12,9 +12,11 @@ import logging
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from node.service import DATA_LOSS, INTERNAL, INVALID, UNAUTHENTICATED, NodeService, RequestError
 from protos import LOST_RECORDS_METADATA_KEY, TOKEN_METADATA_KEY
+from protos import flashmesh_pb2 as pb
 from protos import flashmesh_pb2_grpc as pb_grpc
 from protos.codec import format_records
 
@@ -65,6 +67,37 @@ class NodeServicer(pb_grpc.NodeServicer):
         return self._serve(context, self.service.health)
 
 
+def _parsed(method, request_class, service: NodeService):
+    """An RPC method that takes the raw request bytes: checks the token, then parses them itself,
+    so bytes that are not a valid message get INVALID_ARGUMENT (gRPC's parser would say INTERNAL)."""
+
+    def handle(data: bytes, context: grpc.ServicerContext):
+        try:
+            service.check_token(_token(context))
+            try:
+                request = request_class.FromString(data)
+            except DecodeError as e:
+                raise service.invalid(f"the request is not a valid {request_class.__name__} message ({e})") from None
+        except RequestError as e:
+            context.abort(_CODES[e.status], str(e))
+        return method(request, context)
+
+    return handle
+
+
+def _node_handler(servicer: NodeServicer) -> grpc.GenericRpcHandler:
+    """The generated service's methods (same names and messages), with requests parsed by `_parsed`."""
+    node = pb.DESCRIPTOR.services_by_name["Node"]
+    handlers = {
+        m.name: grpc.unary_unary_rpc_method_handler(
+            _parsed(getattr(servicer, m.name), getattr(pb, m.input_type.name), servicer.service),
+            response_serializer=getattr(pb, m.output_type.name).SerializeToString,
+        )
+        for m in node.methods
+    }
+    return grpc.method_handlers_generic_handler(node.full_name, handlers)
+
+
 def start_server(
     service: NodeService, *, addresses: list[str], port: int = 0, workers: int = 8
 ) -> tuple[grpc.Server, int]:
@@ -74,7 +107,7 @@ def start_server(
         ThreadPoolExecutor(max_workers=workers, thread_name_prefix="flashmesh-grpc"),
         options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)],
     )
-    pb_grpc.add_NodeServicer_to_server(NodeServicer(service), server)
+    server.add_generic_rpc_handlers((_node_handler(NodeServicer(service)),))
     for address in addresses:
         host = f"[{address}]" if ":" in address else address
         bound = server.add_insecure_port(f"{host}:{port}")

@@ -27,7 +27,7 @@ from node.store_format import RecordError, StoreError
 from node.store_reader import ExpertStore
 from protos import DEFAULT_MAX_MESSAGE_BYTES, PROTOCOL_VERSION
 from protos import flashmesh_pb2 as pb
-from protos.codec import FLOAT_DTYPES, CodecError, decode, encode, to_numpy
+from protos.codec import FLOAT_DTYPES, CodecError, all_finite, decode, encode, to_numpy
 
 log = logging.getLogger(__name__)
 
@@ -125,44 +125,46 @@ class NodeService:
             self._count(rejected=1)
             raise RequestError(UNAUTHENTICATED, "missing or wrong cluster token")
 
-    def _invalid(self, message: str) -> RequestError:
+    def invalid(self, message: str) -> RequestError:
         self._count(rejected=1)
         return RequestError(INVALID, message)
 
     def _check_layer(self, layer: int) -> np.ndarray:
         if layer not in self._held:
-            raise self._invalid(f"layer {layer} is not a MoE layer of this model")
+            raise self.invalid(f"layer {layer} is not a MoE layer of this model")
         return self._held[layer]
 
     def _validate_compute(self, req: pb.ComputeRequest) -> tuple[np.ndarray, np.ndarray]:
         size = req.ByteSize()
         if size > self.max_message_bytes:
-            raise self._invalid(f"request of {size} bytes exceeds this node's limit of {self.max_message_bytes}")
+            raise self.invalid(f"request of {size} bytes exceeds this node's limit of {self.max_message_bytes}")
         held = self._check_layer(req.layer)
         try:
             x = to_numpy(req.x)
             rows = to_numpy(req.rows)
             experts = to_numpy(req.experts)
         except CodecError as e:
-            raise self._invalid(str(e)) from None
+            raise self.invalid(str(e)) from None
         if req.x.dtype not in FLOAT_DTYPES or x.ndim != 2 or x.shape[1] != self.hidden_size or x.shape[0] == 0:
-            raise self._invalid(
+            raise self.invalid(
                 f"x must be a float tensor [M, {self.hidden_size}] with M > 0, got {req.x.dtype} {list(x.shape)}"
             )
+        if not all_finite(req.x):
+            raise self.invalid("x holds NaN or infinite values")
         for label, t, a in (("rows", req.rows, rows), ("experts", req.experts, experts)):
             if t.dtype != "int32" or a.ndim != 1:
-                raise self._invalid(f"{label} must be an int32 vector, got {t.dtype} {list(a.shape)}")
+                raise self.invalid(f"{label} must be an int32 vector, got {t.dtype} {list(a.shape)}")
         if rows.shape != experts.shape or rows.size == 0:
-            raise self._invalid(
+            raise self.invalid(
                 f"rows and experts must have the same non-zero length, got {rows.size} and {experts.size}"
             )
         if rows.size > x.shape[0] * self.top_k:
-            raise self._invalid(f"{rows.size} pairs for {x.shape[0]} tokens exceeds top-k {self.top_k} per token")
+            raise self.invalid(f"{rows.size} pairs for {x.shape[0]} tokens exceeds top-k {self.top_k} per token")
         if rows.min() < 0 or rows.max() >= x.shape[0]:
-            raise self._invalid(f"rows must index the {x.shape[0]} rows of x")
+            raise self.invalid(f"rows must index the {x.shape[0]} rows of x")
         if experts.min() < 0 or experts.max() >= held.size or not held[experts].all():
             bad = sorted({int(e) for e in experts if not (0 <= e < held.size and held[e])})
-            raise self._invalid(f"layer {req.layer}: experts {bad[:8]} are not held by node {self.name}")
+            raise self.invalid(f"layer {req.layer}: experts {bad[:8]} are not held by node {self.name}")
         if req.HasField("next"):
             self._check_held(req.next.layer, req.next.experts, what="hint")
         return rows, experts
@@ -171,7 +173,7 @@ class NodeService:
         held = self._check_layer(layer)
         wanted = sorted(set(experts))
         if any(not (0 <= e < held.size and held[e]) for e in wanted):
-            raise self._invalid(f"layer {layer}: {what} names experts not held by node {self.name}")
+            raise self.invalid(f"layer {layer}: {what} names experts not held by node {self.name}")
         return wanted
 
     # --- RPCs --------------------------------------------------------------------------------
