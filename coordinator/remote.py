@@ -234,7 +234,7 @@ class RemoteExperts:
             log.warning("%s; using a replica for those records", error)
         else:
             self.membership.mark_down(node_id, str(error))
-            log.warning("%s; marked down, its work goes to replicas", error)
+            log.warning("%s; marked down, its work goes to the other holders of its experts", error)
 
     def _lost(self, layer: int, experts: np.ndarray) -> ExpertsLost:
         lost = self.membership.lost()

@@ -211,3 +211,18 @@ def test_deadline_follows_measured_latency():
     d.observe(0.020, 4)
     assert d.seconds(4) == 0.5  # decode-sized: the floor
     assert d.seconds(1000) == pytest.approx(10 * 0.005 * 1000)  # a big prefill request gets more
+
+
+def test_logits_are_bit_identical_whichever_replica_answers(rig_factory):
+    rig = rig_factory()
+    prompt = mx.array(rig.tokenizer.encode(PROMPT))[None]
+    everyone = np.array(rig.model(prompt))
+    for service in rig.services:  # each node down in turn: its experts come from the other holder
+        rig.backend.membership.mark_down(service.node_id, "test")
+        np.testing.assert_array_equal(np.array(rig.model(prompt)), everyone)
+        rig.backend.membership.recovered(service.node_id, answered_id=service.node_id, held=_held(service))
+    assert rig.backend.membership.healthy
+
+
+def _held(service: NodeService) -> dict[int, frozenset[int]]:
+    return {h.layer: frozenset(h.experts) for h in service.info().layers}
