@@ -117,8 +117,8 @@ class NodeClient:
     def health(self, *, timeout: float | None = None) -> pb.HealthReply:
         return self._unary("Health", pb.HealthRequest(), timeout)
 
-    def prefetch(self, request: pb.PrefetchRequest) -> pb.PrefetchReply:
-        return self._unary("Prefetch", request)
+    def prefetch(self, request: pb.PrefetchRequest, *, timeout: float | None = None) -> pb.PrefetchReply:
+        return self._unary("Prefetch", request, timeout)
 
     def info_async(self, *, timeout: float | None = None) -> Call:
         """Info without waiting (the failover's probe of a node that is down)."""

@@ -6,6 +6,11 @@ all requests are in flight at once; the replies are put back into [N, k, D] orde
 lookahead's prediction of the next layer's experts (`hint`) rides on those requests, so each node
 starts reading its share while it computes. No thread of this module touches MLX: encoding and
 decoding run on the caller's thread, gRPC only moves bytes.
+
+Failures (coordinator.failover): every request has a deadline; a node that is unreachable, resets
+the connection or misses its deadline is marked down and the pairs it had are re-sent, in the same
+layer call, to the next holder of each expert; a damaged record (DATA_LOSS) moves only that
+record. Nodes that are down are probed on later layer calls and used again once they answer.
 """
 
 from __future__ import annotations
@@ -57,7 +62,7 @@ class NodeLink(Protocol):
 
     def info_async(self, *, timeout: float | None = None) -> PendingReply: ...
 
-    def prefetch(self, request: pb.PrefetchRequest) -> pb.PrefetchReply: ...
+    def prefetch(self, request: pb.PrefetchRequest, *, timeout: float | None = None) -> pb.PrefetchReply: ...
 
 
 _REQUEST_KINDS = {"data_loss": DATA_LOSS, "unauthenticated": "unauthenticated", "invalid_argument": "invalid"}
@@ -90,8 +95,8 @@ class InProcessLink:
     def info_async(self, *, timeout: float | None = None) -> PendingReply:
         return self._call(self.service.info)
 
-    def prefetch(self, request: pb.PrefetchRequest) -> pb.PrefetchReply:
-        return self.service.prefetch(request)
+    def prefetch(self, request: pb.PrefetchRequest, *, timeout: float | None = None) -> pb.PrefetchReply:
+        return self._call(self.service.prefetch, request).result()
 
 
 @dataclass
@@ -349,12 +354,20 @@ class RemoteExperts:
         self.stats = DispatchStats(nodes={n: NodeTraffic() for n in self.placement.node_ids})
 
     def prefetch(self, layer: int, experts: list[int]) -> None:
-        """Ask each node computing `experts` now to read its share into its cache (waits for all)."""
+        """Ask each node computing `experts` now to read its share into its cache (waits for all).
+        A hint: a node that fails it is marked down (its work moves on), nothing is raised."""
         wanted = np.asarray(sorted(set(experts)), dtype=np.int32)
         slots = self.membership.route(layer, wanted)
         for slot in np.unique(slots[slots >= 0]):
             node_id = self.placement.node_ids[int(slot)]
-            self.links[node_id].prefetch(pb.PrefetchRequest(layer=layer, experts=wanted[slots == slot].tolist()))
+            mine = wanted[slots == slot]
+            request = pb.PrefetchRequest(layer=layer, experts=mine.tolist())
+            try:
+                self.links[node_id].prefetch(request, timeout=self.deadline.seconds(mine.size))
+            except NodeError as e:
+                if e.kind not in FAILOVER_KINDS:
+                    raise
+                self._fail(node_id, e, layer, mine)
 
     def close(self) -> None:
         for state in self.membership.states.values():

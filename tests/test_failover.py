@@ -56,8 +56,10 @@ class FaultyLink:
     def info_async(self, *, timeout=None):
         return self._failed() if self.fail else self.link.info_async(timeout=timeout)
 
-    def prefetch(self, request):
-        return self.link.prefetch(request)
+    def prefetch(self, request, *, timeout=None):
+        if self.fail:
+            raise NodeError(f"node {self.label}: unreachable (test)", kind=self.fail)
+        return self.link.prefetch(request, timeout=timeout)
 
 
 def _capacity(s: NodeService) -> NodeCapacity:
@@ -226,3 +228,15 @@ def test_logits_are_bit_identical_whichever_replica_answers(rig_factory):
 
 def _held(service: NodeService) -> dict[int, frozenset[int]]:
     return {h.layer: frozenset(h.experts) for h in service.info().layers}
+
+
+def test_a_prefetch_to_a_lost_node_is_only_a_hint(rig_factory):
+    rig = rig_factory()
+    rig.links[1].fail = UNAVAILABLE
+    layer = rig.manifest.layers[0].layer
+    rig.backend.prefetch(layer, list(range(16)))  # does not raise
+    assert rig.backend.membership.down() == [rig.services[1].node_id]
+    rig.backend.prefetch(layer, list(range(16)))  # now goes to the replicas
+    held0 = {e for s in (0, 2) for e in Manifest.load(rig.services[s].store.path).layers[0].experts}
+    assert held0 == set(range(16))
+    assert all((layer, e) in rig.services[0].cache or (layer, e) in rig.services[2].cache for e in range(16))
