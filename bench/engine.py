@@ -100,8 +100,38 @@ def mlx_lm_in_ram(source: Path, *, max_tokens: int, prompt: str = PROMPT) -> dic
     return {"tokens": result.tokens, "decode_tokens_per_s": result.decode_tokens_per_s}
 
 
+def everything_fits_overhead(store: Path, source: Path, *, max_tokens: int, rounds: int = 5) -> dict:
+    """Decode tok/s of the engine with every expert preloaded vs mlx-lm fully in RAM: both models
+    in this process, generations alternated after a warm-up, median of the per-round ratios."""
+    from mlx_lm import load
+
+    manifest = Manifest.load(store)
+    streaming = open_local(store, ram_budget=manifest.expert_bytes_total, preload=True)
+    try:
+        model, tokenizer = load(str(source))
+        ours_in = encode_prompt(streaming.tokenizer, PROMPT, chat=False)
+        ref_in = encode_prompt(tokenizer, PROMPT, chat=False)
+        generate(streaming.model, streaming.tokenizer, ours_in, max_tokens=max_tokens)
+        generate(model, tokenizer, ref_in, max_tokens=max_tokens)
+        ratios, same = [], True
+        for _ in range(rounds):
+            ours = generate(streaming.model, streaming.tokenizer, ours_in, max_tokens=max_tokens)
+            ref = generate(model, tokenizer, ref_in, max_tokens=max_tokens)
+            ratios.append(ours.decode_tokens_per_s / ref.decode_tokens_per_s)
+            same = same and ours.tokens == ref.tokens
+        return {
+            "rounds": rounds,
+            "ratio_by_round": ratios,
+            "vs_mlx_lm_in_ram": sorted(ratios)[len(ratios) // 2],
+            "tokens_match_mlx_lm": same,
+            "misses_after_preload": streaming.cache.stats.misses,
+        }
+    finally:
+        streaming.close()
+
+
 def run_budget_sweep(
-    store: Path, *, source: Path | None, max_tokens: int, points: int = 6, lookahead: bool = True
+    store: Path, *, source: Path | None, max_tokens: int, points: int = 6, lookahead: bool = False
 ) -> dict:
     """tok/s and hit rate from the minimum budget to everything-fits; mlx-lm in RAM as reference."""
     manifest = Manifest.load(store)
@@ -140,6 +170,7 @@ def run_budget_sweep(
         "min_budget_bytes": lo,
         "mlx_lm_in_ram_tokens_per_s": ref_tps if reference else None,
         "rows": rows,
+        "everything_fits": everything_fits_overhead(store, source, max_tokens=max_tokens) if source else None,
     }
 
 

@@ -18,7 +18,7 @@ from rich.table import Table
 
 from coordinator.cluster_cli import add_discovery_args
 from coordinator.remote import DEFAULT_RPC_DEADLINE
-from node.cache import format_bytes, parse_bytes
+from node.cache import default_budget, format_bytes, parse_bytes
 from node.store_format import StoreError
 
 log = logging.getLogger("flashmesh")
@@ -31,12 +31,17 @@ EXTENSIONS = ("coordinator.cluster_cli", "mobile_export.cli", "bench.cli")
 def _add_generation_args(p: argparse.ArgumentParser, *, prompt_default: str | None) -> None:
     p.add_argument("--prompt", default=prompt_default, required=prompt_default is None)
     p.add_argument("--max-tokens", type=int, default=32)
-    p.add_argument("--ram-budget", default=None, help="bytes of expert weights kept in RAM, e.g. 2GB, 512MiB")
+    p.add_argument(
+        "--ram-budget",
+        default=None,
+        help="bytes of expert weights kept in RAM, e.g. 2GB, 512MiB (default: every expert, at most half the RAM)",
+    )
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-p", type=float, default=0.0)
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
     p.add_argument("--page-cache", action="store_true", help="let the OS page cache help (default: bypass it)")
     p.add_argument("--prefill-step", type=int, default=512, help="prompt tokens per prefill chunk")
+    p.add_argument("--preload", action="store_true", help="read every expert up front when the budget holds them all")
     p.add_argument(
         "--lookahead",
         action="store_true",
@@ -114,8 +119,10 @@ def _run_store(args, store: Path, *, extra: dict | None = None) -> dict:
     from node.store_format import Manifest
 
     manifest = Manifest.load(store)
-    budget = parse_bytes(args.ram_budget) if args.ram_budget else manifest.expert_bytes_total
-    streaming = open_local(store, ram_budget=budget, page_cache=args.page_cache, lookahead=args.lookahead)
+    budget = parse_bytes(args.ram_budget) if args.ram_budget else default_budget(manifest)
+    streaming = open_local(
+        store, ram_budget=budget, page_cache=args.page_cache, lookahead=args.lookahead, preload=args.preload
+    )
     try:
         prompt = encode_prompt(streaming.tokenizer, args.prompt, chat=args.chat)
         stream = None if args.json else (lambda s: print(s, end="", flush=True))

@@ -101,6 +101,7 @@ def open_local(
     verify: bool = True,
     queue_depth: int = 8,
     lookahead: bool = False,
+    preload: bool = False,
 ) -> StreamingModel:
     """The embedded default: dense part in RAM, experts streamed from this store in-process."""
     store_path = Path(store_path)
@@ -118,6 +119,8 @@ def open_local(
         raise
     backend = LocalExperts(cache, templates)
     attach(model, backend, lookahead=lookahead)
+    if preload:
+        cache.preload()
     tokenizer = load_store_tokenizer(store_path, manifest)
     return StreamingModel(model, tokenizer, manifest, backend, cache=cache, store=store)
 

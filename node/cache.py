@@ -15,18 +15,25 @@ Prefetch: `prefetch(layer, experts)` reserves room and submits the reads to the 
 without waiting; the next `acquire` of that layer (or `drain`) turns them into entries, on the
 caller's thread. Statistics say how many prefetched experts were then used (misses covered) and
 how many were evicted or never asked for (wasted reads).
+
+Memory: entries live in slots of preallocated slabs (node/slab.py), allocated when the cache is made
+(budget // expert bytes slots, at most one per expert), so the budget is the memory, and compute
+uses the slabs in place. Records are read into transient buffers and copied into their slot.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
 
 import mlx.core as mx
+import numpy as np
 
-from node.store_format import StoreError
+from node.slab import Slab, signature
+from node.store_format import Manifest, StoreError
 from node.store_reader import ExpertStore, PendingRead
 
 log = logging.getLogger(__name__)
@@ -85,7 +92,9 @@ class ExpertCache:
         self.budget_bytes = budget_bytes
         self.policy = policy
         self.lfu_decay = lfu_decay  # per acquire: older uses count for less
-        self._entries: OrderedDict[Key, dict[str, mx.array]] = OrderedDict()  # recency order, oldest first
+        self._slabs = _make_slabs(store.manifest, budget_bytes)  # layer -> its slab (shared by same-shape layers)
+        self._entries: OrderedDict[Key, int] = OrderedDict()  # -> slot; recency order, oldest first
+        self._reserved: dict[Key, int] = {}  # slots of reads in flight
         self._pinned: set[Key] = set()
         self._pending: dict[int, PendingRead] = {}  # layer -> prefetch reads in flight
         self._unused_prefetch: set[Key] = set()  # prefetched, not yet asked for
@@ -94,10 +103,59 @@ class ExpertCache:
         self._position = {spec.layer: i for i, spec in enumerate(sorted(store.manifest.layers, key=lambda s: s.layer))}
         self._now = 0  # position of the layer last acquired
         self.bytes = 0  # resident + in flight
-        self.stats = CacheStats()
+        self._stats = CacheStats()
+        self._tables: dict[int, mx.array] = {}  # layer -> expert -> slot, once it is resident for good
+        self._uncounted: list[mx.array] = []  # expert ids of lazy calls, counted as hits when stats are read
+
+    @property
+    def stats(self) -> CacheStats:
+        if self._uncounted:
+            self._stats.hits += sum(len(np.unique(np.array(ids))) for ids in self._uncounted)
+            self._uncounted.clear()
+        return self._stats
+
+    def resident_slots(self, layer: int) -> mx.array | None:
+        """expert id -> slot [num_experts] for a layer whose experts are all resident in a slab that
+        holds every expert of its shape (so nothing is ever evicted from it); else None. With it a
+        layer call needs neither a sync on the router's choice nor pins: the graph stays lazy."""
+        table = self._tables.get(layer)
+        if table is None:
+            slab, spec = self._slabs[layer], self.store.layer(layer)
+            if slab.slots < slab.experts or any((layer, e) not in self._entries for e in spec.experts):
+                return None
+            slots = np.zeros(spec.num_experts, dtype=np.uint32)  # experts this store lacks are never asked for
+            slots[spec.experts] = [self._entries[(layer, e)] for e in spec.experts]
+            table = self._tables[layer] = mx.array(slots)
+        return table
+
+    def count_hits(self, indices: mx.array) -> None:
+        """A lazy call's expert ids [N, k]: hits on resident experts, counted when stats are read."""
+        self._uncounted.append(indices)
+        if len(self._uncounted) >= 4096:
+            _ = self.stats
+
+    def preload(self) -> int:
+        """Read every expert whose slab holds its whole shape group (the budget covers them);
+        return the number read. For comparisons with engines that load the whole model."""
+        done, counted = 0, (self._stats.hits, self._stats.misses)
+        for spec in self.store.manifest.layers:
+            if self._slabs[spec.layer].slots < self._slabs[spec.layer].experts:
+                continue
+            step = min(self._slabs[spec.layer].slots, 4 * self.store.manifest.top_k)
+            for start in range(0, len(spec.experts), step):
+                batch = spec.experts[start : start + step]
+                self.acquire(spec.layer, batch)
+                self.release(spec.layer, batch)
+                done += len(batch)
+        self._stats.hits, self._stats.misses = counted  # loading is not a use: the reads still count as bytes
+        return done
 
     def _cost(self, layer: int) -> int:
         return self.store.layer(layer).payload_bytes
+
+    def slab(self, layer: int) -> Slab:
+        """The stacked arrays that hold `layer`'s cached experts (index them by the slots acquire returns)."""
+        return self._slabs[layer]
 
     def __contains__(self, key: Key) -> bool:
         """Resident, or read ahead and in flight."""
@@ -106,7 +164,7 @@ class ExpertCache:
 
     def plan_waves(self, layer: int, experts: list[int]) -> list[list[int]]:
         """Split `experts` into groups that each fit the budget; resident experts go first."""
-        capacity = max(1, self.budget_bytes // self._cost(layer))
+        capacity = self._slabs[layer].slots
         ordered = sorted(experts, key=lambda e: (layer, e) not in self)
         return [ordered[i : i + capacity] for i in range(0, len(ordered), capacity)]
 
@@ -121,29 +179,35 @@ class ExpertCache:
         if pending is None:
             return
         start = time.perf_counter()
+        slab = self._slabs[layer]
+        slots = {e: self._reserved.pop((layer, e)) for e in pending.experts}
         try:
             fetched = pending.result()
         except StoreError as e:
             # A read-ahead is a hint: drop the whole batch and give its room back; a corrupt record
             # is reported by the acquire that really needs it, to the request that asked for it.
             log.warning("read-ahead of layer %d dropped: %s", layer, e)
-            fetched = {}
-            self.bytes -= len(pending.raws) * self._cost(layer)
-            self._unused_prefetch -= {(layer, e) for e in pending.raws}
-        self.stats.prefetch_wait_seconds += time.perf_counter() - start
-        self.stats.io_seconds += time.perf_counter() - start
-        for e, arrays in fetched.items():
-            self._entries[(layer, e)] = arrays  # bytes were reserved at submission
+            for expert, slot in slots.items():
+                slab.give_back(slot)
+                self._unused_prefetch.discard((layer, expert))
+            self.bytes -= len(slots) * self._cost(layer)
+            return
+        self._stats.prefetch_wait_seconds += time.perf_counter() - start
+        self._stats.io_seconds += time.perf_counter() - start
+        for e, slot in slots.items():
+            slab.fill(slot, fetched[e])
+            self._entries[(layer, e)] = slot  # bytes were reserved at submission
 
     def drain(self) -> None:
         """Finish every prefetch in flight (before closing the store, or to measure)."""
         for layer in list(self._pending):
             self._collect(layer)
 
-    def acquire(self, layer: int, experts: list[int]) -> dict[int, dict[str, mx.array]]:
-        """Make `experts` resident (reading misses in parallel) and pin them until release()."""
+    def acquire(self, layer: int, experts: list[int]) -> dict[int, int]:
+        """Make `experts` resident (reading misses in parallel) and pin them until release();
+        return expert -> its slot in `slab(layer)`."""
         cost = self._cost(layer)
-        if len(experts) * cost > self.budget_bytes:
+        if len(experts) > self._slabs[layer].slots:
             raise ValueError("acquire() asked for more than the budget; use plan_waves()")
         self._collect(layer)
         self._now = self._position.get(layer, 0)
@@ -153,31 +217,34 @@ class ExpertCache:
             self._clock = 1.0
         missing = [e for e in experts if (layer, e) not in self._entries]
         hits = len(experts) - len(missing)
-        self.stats.hits += hits
-        self.stats.misses += len(missing)
+        self._stats.hits += hits
+        self._stats.misses += len(missing)
         for e in experts:
             key = (layer, e)
             if key in self._unused_prefetch:
                 self._unused_prefetch.discard(key)
-                self.stats.prefetch_used += 1  # a hit (no blocking read) that prefetch paid for
+                self._stats.prefetch_used += 1  # a hit (no blocking read) that prefetch paid for
             if key in self._entries:
                 self._touch(key)
             self._pinned.add(key)
         if missing:
             before = self.store.stats.bytes, self.store.stats.seconds
             try:
-                self._make_room(len(missing) * cost)
+                self._make_room(layer, len(missing))
                 fetched = self.store.read(layer, missing)
             except BaseException:
                 self.release(layer, experts)  # a failed read (corrupt record) must not leave pins behind
                 raise
-            self.stats.bytes_read += self.store.stats.bytes - before[0]
-            self.stats.io_seconds += self.store.stats.seconds - before[1]
-            for e, arrays in fetched.items():
-                self._entries[(layer, e)] = arrays
+            self._stats.bytes_read += self.store.stats.bytes - before[0]
+            self._stats.io_seconds += self.store.stats.seconds - before[1]
+            slab = self._slabs[layer]
+            for e, tensors in fetched.items():
+                slot = slab.take()
+                slab.fill(slot, tensors)
+                self._entries[(layer, e)] = slot
                 self._touch((layer, e))
                 self.bytes += cost
-            self.stats.peak_bytes = max(self.stats.peak_bytes, self.bytes)
+            self._stats.peak_bytes = max(self._stats.peak_bytes, self.bytes)
         return {e: self._entries[(layer, e)] for e in experts}
 
     def prefetch(self, layer: int, experts: list[int]) -> list[int]:
@@ -187,25 +254,27 @@ class ExpertCache:
             self._collect(layer)  # one batch in flight per layer
         cost = self._cost(layer)
         wanted = [e for e in dict.fromkeys(experts) if (layer, e) not in self._entries]
-        room = self._free_room(cost, limit=len(wanted))
-        wanted = wanted[:room]
+        wanted = wanted[: self._free_room(layer, limit=len(wanted))]
         if not wanted:
             return []
         # A read-ahead evicts what is needed furthest in layer order, whatever the policy: under LRU
         # the oldest entries are those of the very next layers, which a prefetch must not displace.
-        self._make_room(len(wanted) * cost, policy="cyclic")
+        self._make_room(layer, len(wanted), policy="cyclic")
+        slab = self._slabs[layer]
+        self._reserved.update(((layer, e), slab.take()) for e in wanted)
         self.bytes += len(wanted) * cost
-        self.stats.peak_bytes = max(self.stats.peak_bytes, self.bytes)
+        self._stats.peak_bytes = max(self._stats.peak_bytes, self.bytes)
         self._pending[layer] = self.store.submit(layer, wanted)
-        self.stats.bytes_read += len(wanted) * self.store.layer(layer).record_size
-        self.stats.prefetched += len(wanted)
+        self._stats.bytes_read += len(wanted) * self.store.layer(layer).record_size
+        self._stats.prefetched += len(wanted)
         self._unused_prefetch.update((layer, e) for e in wanted)
         return wanted
 
-    def _free_room(self, cost: int, *, limit: int) -> int:
-        """How many records of `cost` could be made room for by evicting unpinned entries."""
-        evictable = sum(self._cost(k[0]) for k in self._entries if k not in self._pinned)
-        return min(limit, max(0, (self.budget_bytes - self.bytes + evictable) // cost))
+    def _free_room(self, layer: int, *, limit: int) -> int:
+        """How many of `layer`'s experts could be made room for by evicting unpinned entries."""
+        slab = self._slabs[layer]
+        evictable = sum(1 for k in self._entries if k not in self._pinned and self._slabs[k[0]] is slab)
+        return min(limit, slab.free + evictable)
 
     def release(self, layer: int, experts: list[int]) -> None:
         for e in experts:
@@ -217,7 +286,7 @@ class ExpertCache:
             return self.policy
         manifest = self.store.manifest
         per_token = manifest.top_k * len(manifest.layers)
-        capacity = self.budget_bytes // max(s.payload_bytes for s in manifest.layers)
+        capacity = sum(slab.slots for slab in {id(s): s for s in self._slabs.values()}.values())
         return "cyclic" if capacity < per_token else "lru"
 
     def _victims(self, policy: str | None = None):
@@ -231,33 +300,65 @@ class ExpertCache:
             # distance, in layers, until key's layer is computed again (0 = the layer after this one)
             yield from sorted(self._entries, key=lambda k: -((self._position.get(k[0], 0) - self._now - 1) % n))
 
-    def _make_room(self, needed: int, *, policy: str | None = None) -> None:
-        self._evict(needed, policy)
-        if self.bytes + needed > self.budget_bytes and self._pending:
-            self.drain()  # reads in flight hold reserved room: land them so they can be evicted
-            self._evict(needed, policy)
-        if self.bytes + needed > self.budget_bytes:
+    def _make_room(self, layer: int, count: int, *, policy: str | None = None) -> None:
+        """Evict until `layer`'s slab has `count` free slots."""
+        slab = self._slabs[layer]
+        self._evict(slab, count, policy)
+        if slab.free < count and self._pending:
+            self.drain()  # reads in flight hold reserved slots: land them so they can be evicted
+            self._evict(slab, count, policy)
+        if slab.free < count:
             raise RuntimeError("expert cache: pinned experts leave no room (a bug in wave planning)")
 
-    def _evict(self, needed: int, policy: str | None) -> None:
+    def _evict(self, slab: Slab, count: int, policy: str | None) -> None:
         for key in self._victims(policy):
-            if self.bytes + needed <= self.budget_bytes:
+            if slab.free >= count:
                 return
-            if key in self._pinned:
+            if key in self._pinned or self._slabs[key[0]] is not slab:
                 continue
-            del self._entries[key]
+            slab.give_back(self._entries.pop(key))
             self.bytes -= self._cost(key[0])
-            self.stats.evictions += 1
+            self._stats.evictions += 1
             if key in self._unused_prefetch:
                 self._unused_prefetch.discard(key)
-                self.stats.prefetch_wasted += 1
+                self._stats.prefetch_wasted += 1
 
     def close_stats(self) -> CacheStats:
         """Count prefetched experts nobody asked for as wasted; return the statistics."""
         self.drain()
-        self.stats.prefetch_wasted += len(self._unused_prefetch)
+        self._stats.prefetch_wasted += len(self._unused_prefetch)
         self._unused_prefetch.clear()
-        return self.stats
+        return self._stats
+
+
+def _make_slabs(manifest: Manifest, budget_bytes: int) -> dict[int, Slab]:
+    """One slab per expert shape, its slots the budget's share (by expert bytes), at most one per expert."""
+    groups: dict[tuple, list] = {}
+    for spec in manifest.layers:
+        groups.setdefault(signature(spec), []).append(spec)
+    held = {sig: sum(len(s.experts) for s in specs) for sig, specs in groups.items()}  # a shard holds a subset
+    total = sum(held[sig] * specs[0].payload_bytes for sig, specs in groups.items())
+    slots = {}
+    for sig, specs in groups.items():
+        payload = specs[0].payload_bytes
+        share = budget_bytes * held[sig] * payload // max(1, total)
+        slots[sig] = min(max(manifest.top_k, share // payload), held[sig])
+    needed = sum(max(n, manifest.top_k) * groups[sig][0].payload_bytes for sig, n in slots.items())
+    if needed > budget_bytes:
+        minimum = sum(manifest.top_k * specs[0].payload_bytes for specs in groups.values())
+        raise StoreError(
+            f"RAM budget {format_bytes(budget_bytes)} is below this model's minimum {format_bytes(minimum)} "
+            f"(the top-k experts of one layer of each expert shape); pass --ram-budget {minimum} or more"
+        )
+    slabs = {sig: Slab(specs[0], slots=slots[sig], experts=held[sig]) for sig, specs in groups.items()}
+    return {spec.layer: slabs[sig] for sig, specs in groups.items() for spec in specs}
+
+
+def default_budget(manifest: Manifest) -> int:
+    """Without --ram-budget: every expert, but at most half of this machine's RAM (the slabs are
+    allocated up front, so a budget above what the machine has would fail at start)."""
+    physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return min(manifest.expert_bytes_total, max(manifest.min_budget_bytes, physical // 2))
 
 
 def format_bytes(n: float) -> str:

@@ -2,8 +2,8 @@
 
 The kernel is the model's own SwitchGLU (or SwitchMLP, or any variant) taken from an mlx-lm model
 built lazily from the store's config: its activation, biases and quantization are exactly the
-model's. For each call its stacked weights are swapped for the experts the call needs, and the
-expert ids are renumbered into that stack, so the arithmetic is mlx-lm's.
+model's. For each call its stacked weights are the cache's slabs (node/slab.py) and the expert
+ids are renumbered to the experts' slots, so the arithmetic is mlx-lm's and nothing is copied.
 """
 
 from __future__ import annotations
@@ -38,6 +38,10 @@ class LocalExperts:
 
     def compute(self, layer: int, x: mx.array, indices: mx.array) -> mx.array:
         """x [N, D], indices [N, k] (expert ids) -> per-pair expert outputs [N, k, D]."""
+        table = self.cache.resident_slots(layer)
+        if table is not None:  # every expert of this layer is in RAM for good: keep the graph lazy
+            self.cache.count_hits(indices)
+            return self._call(layer, x, table[indices])
         idx = np.array(indices)  # forces the graph up to the router: the experts must be known
         n, k = idx.shape
         waves = self.cache.plan_waves(layer, np.unique(idx).tolist())
@@ -56,6 +60,15 @@ class LocalExperts:
             mx.eval(out)
         return out.reshape(n, k, -1)
 
+    def _call(self, layer: int, x: mx.array, slots: mx.array) -> mx.array:
+        """mlx-lm's expert module on the cache's slabs: x [N, D], slots [N, k] -> [N, k, D] (lazy)."""
+        module = self.templates[layer]
+        slab = self.cache.slab(layer).arrays  # name -> [slots, ...], the cache's own memory
+        module.update(tree_unflatten(list(slab.items())))
+        y = module(x, slots)
+        module.update(tree_unflatten([(name, _EMPTY) for name in slab]))  # the graph holds what it needs
+        return y
+
     def prefetch(self, layer: int, experts: list[int]) -> None:
         """Start reading `experts` of `layer` into the cache (as many as fit); does not wait."""
         self.cache.prefetch(layer, sorted(set(experts)))
@@ -70,22 +83,17 @@ class LocalExperts:
     def _run_wave(
         self, layer: int, wave: list[int], x: mx.array, idx: np.ndarray, *, issue_hint: bool = False
     ) -> mx.array:
-        arrays = self.cache.acquire(layer, wave)
+        slots = self.cache.acquire(layer, wave)
         try:
             if issue_hint and self._hint is not None:
                 hinted, self._hint = self._hint, None
                 if hinted[0] != layer:
                     self.prefetch(*hinted)
             start = time.perf_counter()
-            names = next(iter(arrays.values())).keys()
-            stacked = {name: mx.stack([arrays[e][name] for e in wave]) for name in names}  # [W, ...]
-            module = self.templates[layer]
-            module.update(tree_unflatten(list(stacked.items())))
-            position = np.zeros(max(wave) + 1, dtype=np.uint32)
-            position[wave] = np.arange(len(wave), dtype=np.uint32)
-            y = module(x, mx.array(position[idx]))  # [N, k, D]
-            mx.eval(y)  # before release: evicted experts must not be needed by a pending graph
-            module.update(tree_unflatten([(name, _EMPTY) for name in names]))  # drop the stacked copy
+            slot = np.zeros(max(wave) + 1, dtype=np.uint32)
+            slot[wave] = [slots[e] for e in wave]
+            y = self._call(layer, x, mx.array(slot[idx]))  # [N, k, D]
+            mx.eval(y)  # before release: a slot refilled later must not be read by a pending graph
             self.cache.stats.compute_seconds += time.perf_counter() - start
             return y
         finally:

@@ -50,9 +50,9 @@ def test_prefetch_is_asynchronous_and_budgeted(models):
         submitted = cache.prefetch(spec.layer, list(range(spec.num_experts)))
         assert 0 < len(submitted) <= manifest.top_k  # only what the budget allows is in flight
         assert cache.bytes <= cache.budget_bytes
-        arrays = cache.acquire(spec.layer, submitted[:1])  # lands the reads on this thread
+        slots = cache.acquire(spec.layer, submitted[:1])  # lands the reads on this thread
         cache.release(spec.layer, submitted[:1])
-        assert set(arrays) == {submitted[0]}
+        assert set(slots) == {submitted[0]}
         assert cache.close_stats().prefetch_used == 1
     finally:
         streaming.close()
