@@ -122,8 +122,8 @@ class NodeClient:
 
     def info_async(self, *, timeout: float | None = None) -> Call:
         """Info without waiting (the failover's probe of a node that is down)."""
-        return Call(self._stub.Info.future(pb.InfoRequest(), timeout=timeout or self.timeout, metadata=self._metadata),
-                    self, timeout)  # fmt: skip
+        future = self._stub.Info.future(pb.InfoRequest(), timeout=timeout or self.timeout, metadata=self._metadata)
+        return Call(future, self, timeout)
 
     def compute_async(self, request: pb.ComputeRequest, *, timeout: float | None = None) -> Call:
         future = self._stub.Compute.future(request, timeout=timeout or self.timeout, metadata=self._metadata)
