@@ -150,7 +150,7 @@ def open_cluster(
         backend = RemoteExperts(
             {n.node_id: n.client for n in nodes},
             placement,
-            rpc_deadline=rpc_deadline or DEFAULT_RPC_DEADLINE,
+            rpc_deadline=DEFAULT_RPC_DEADLINE if rpc_deadline is None else rpc_deadline,
             probe_backoff=probe_backoff,
             fingerprint=manifest.fingerprint,
         )

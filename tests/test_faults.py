@@ -5,6 +5,7 @@ single-machine run whenever a replica exists; the stall is bounded by the RPC de
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -14,12 +15,15 @@ import time
 import numpy as np
 import pytest
 
+from coordinator.cli import main
 from coordinator.cluster_run import ensure_shards, local_node_processes
 from coordinator.engine import open_cluster, open_local
 from coordinator.failover import DATA_LOSS, DEADLINE, UNAVAILABLE, ExpertsLost
 from coordinator.generate import generate
 from node.shard import write_dense
 from node.store_format import Manifest
+
+from .test_errors import assert_one_line_error
 
 log = logging.getLogger(__name__)
 
@@ -169,6 +173,18 @@ def test_coordinator_restart_with_nodes_left_running(replicated, reference):
             assert not [f for f in streaming.backend.stats.failovers if f.kind != DEADLINE]  # none lost
         finally:
             streaming.close()
+
+
+def test_run_cli_takes_an_rpc_deadline(replicated, reference, capsys):
+    _, tokens, _ = reference
+    nodes = [x for a in replicated.nodes.addresses for x in ("--node", a.target)]
+    args = ["run", str(replicated.dense), *nodes, "--no-zeroconf", "--token", TOKEN, "--prompt", PROMPT]
+    assert main([*args, "--max-tokens", str(MAX_TOKENS), "--rpc-deadline", "1.5", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["tokens"] == tokens and result["dispatch"]["failovers"] == []
+    assert all(n["up"] for n in result["nodes"])
+    code = main([*args, "--rpc-deadline", "0"])
+    assert_one_line_error(code, capsys.readouterr().err, "deadline must be positive")
 
 
 def test_sigstop_is_found_by_the_deadline_and_fails_over(replicated, reference):
