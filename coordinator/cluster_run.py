@@ -68,7 +68,7 @@ def run_on_cluster(
 
     streaming, nodes = open_cluster(store, addresses, token=token, lookahead=lookahead, rpc_deadline=rpc_deadline)
     try:
-        before = {n.node_id: n.client.stats() for n in nodes}
+        before = {n.node_id: n.client.stats(timeout=10.0) for n in nodes}
         tokens = encode_prompt(streaming.tokenizer, prompt, chat=chat)
         stats = generate(
             streaming.model,
