@@ -17,6 +17,7 @@ from rich.console import Console
 from rich.table import Table
 
 from coordinator.cluster_cli import add_discovery_args
+from coordinator.remote import DEFAULT_RPC_DEADLINE
 from node.cache import default_budget, format_bytes, parse_bytes
 from node.store_format import StoreError
 
@@ -67,6 +68,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generation_args(p, prompt_default=None)
     p.add_argument("--cluster", action="store_true", help="compute the experts on nodes (zeroconf and/or --node)")
     add_discovery_args(p)
+    p.add_argument(
+        "--rpc-deadline",
+        type=float,
+        default=DEFAULT_RPC_DEADLINE,
+        help="seconds a node gets for a layer's request before it counts as hung and its work moves to replicas; "
+        "grows with measured latency for large requests (default %(default)g)",
+    )
 
     p = sub.add_parser("demo", help="build a small MoE model locally, pack it and run it streamed")
     p.set_defaults(func=cmd_demo)
@@ -166,6 +174,7 @@ def _run_cluster(
         top_p=args.top_p,
         prefill_step_size=args.prefill_step,
         lookahead=args.lookahead,
+        rpc_deadline=getattr(args, "rpc_deadline", DEFAULT_RPC_DEADLINE),
         on_text=stream,
         tls=tls,
     )

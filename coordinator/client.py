@@ -1,5 +1,6 @@
 """The coordinator's gRPC adapter to one node. Every call carries the cluster token; every failure
-becomes a `NodeError` (a StoreError: one line naming the node and why)."""
+becomes a `NodeError` (a StoreError: one line naming the node and why) whose `kind` tells the
+failover (coordinator.failover) whether a replica can stand in."""
 
 from __future__ import annotations
 
@@ -8,15 +9,38 @@ import time
 import grpc
 
 from coordinator.discovery import NodeAddress
-from node.store_format import StoreError
+from coordinator.failover import DATA_LOSS, DEADLINE, UNAVAILABLE, NodeError
 from node.tls import TlsIdentity, handshake_hint
-from protos import DEFAULT_MAX_MESSAGE_BYTES, TOKEN_METADATA_KEY
+from protos import DEFAULT_MAX_MESSAGE_BYTES, LOST_RECORDS_METADATA_KEY, TOKEN_METADATA_KEY
 from protos import flashmesh_pb2 as pb
 from protos import flashmesh_pb2_grpc as pb_grpc
+from protos.codec import parse_records
+
+# gRPC status -> NodeError kind (coordinator.failover): the failures replicas can stand in for.
+_KINDS = {
+    grpc.StatusCode.UNAVAILABLE: UNAVAILABLE,
+    grpc.StatusCode.DEADLINE_EXCEEDED: DEADLINE,
+    grpc.StatusCode.DATA_LOSS: DATA_LOSS,
+    grpc.StatusCode.UNAUTHENTICATED: "unauthenticated",
+    grpc.StatusCode.INVALID_ARGUMENT: "invalid",
+    grpc.StatusCode.RESOURCE_EXHAUSTED: "exhausted",
+}
+# A connection cut mid-call (node killed) can surface as UNKNOWN / INTERNAL / CANCELLED with these words.
+_CUT = ("stream removed", "socket closed", "connection reset", "broken pipe", "goaway", "channel closed")
+# Reconnect soon after a node comes back (gRPC's default back-off grows to 120 s).
+RECONNECT_OPTIONS = [("grpc.initial_reconnect_backoff_ms", 200), ("grpc.max_reconnect_backoff_ms", 2000)]
 
 
-class NodeError(StoreError):
-    """A node could not be used: unreachable, refused the token, wrong model, failed a request."""
+def _error(e: grpc.RpcError, label: str, timeout: float, *, tls: bool = False) -> NodeError:
+    kind = _KINDS.get(e.code(), "other")
+    if kind == "other" and any(w in (e.details() or "").lower() for w in _CUT):
+        kind = UNAVAILABLE
+    records: tuple = ()
+    if kind == DATA_LOSS:
+        for key, value in e.trailing_metadata() or ():
+            if key == LOST_RECORDS_METADATA_KEY:
+                records = parse_records(value)
+    return NodeError(f"node {label}: {_why(e, timeout, tls=tls)}", kind=kind, records=records)
 
 
 def _why(e: grpc.RpcError, timeout: float, *, tls: bool = False) -> str:
@@ -35,8 +59,9 @@ def _why(e: grpc.RpcError, timeout: float, *, tls: bool = False) -> str:
 class Call:
     """A request in flight; result() waits and raises NodeError on failure."""
 
-    def __init__(self, future: grpc.Future, link: NodeClient) -> None:
+    def __init__(self, future: grpc.Future, link: NodeClient, timeout: float | None = None) -> None:
         self.sent_at = time.perf_counter()
+        self.timeout = timeout or link.timeout
         self.done_at: float | None = None
         self._future = future
         self._link = link
@@ -49,11 +74,14 @@ class Call:
     def seconds(self) -> float:
         return (self.done_at or time.perf_counter()) - self.sent_at
 
+    def done(self) -> bool:
+        return self._future.done()
+
     def result(self):
         try:
             return self._future.result()
         except grpc.RpcError as e:
-            raise NodeError(f"node {self._link.label}: {_why(e, self._link.timeout, tls=self._link.tls)}") from None
+            raise _error(e, self._link.label, self.timeout, tls=self._link.tls) from None
 
 
 def open_channel(address: NodeAddress, *, tls: TlsIdentity | None, options: list[tuple]) -> grpc.Channel:
@@ -89,14 +117,15 @@ class NodeClient:
         self._channel = open_channel(
             address,
             tls=tls,
-            options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)],
+            options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)]
+            + RECONNECT_OPTIONS,
         )
         self._stub = pb_grpc.NodeStub(self._channel)
         self._metadata = ((TOKEN_METADATA_KEY, token),)
 
     def _unary(self, method: str, request, timeout: float | None = None):
         call = getattr(self._stub, method).future(request, timeout=timeout or self.timeout, metadata=self._metadata)
-        return Call(call, self).result()
+        return Call(call, self, timeout).result()
 
     def info(self, *, timeout: float | None = None) -> pb.NodeInfo:
         return self._unary("Info", pb.InfoRequest(), timeout)
@@ -107,11 +136,17 @@ class NodeClient:
     def health(self, *, timeout: float | None = None) -> pb.HealthReply:
         return self._unary("Health", pb.HealthRequest(), timeout)
 
-    def prefetch(self, request: pb.PrefetchRequest) -> pb.PrefetchReply:
-        return self._unary("Prefetch", request)
+    def prefetch(self, request: pb.PrefetchRequest, *, timeout: float | None = None) -> pb.PrefetchReply:
+        return self._unary("Prefetch", request, timeout)
 
-    def compute_async(self, request: pb.ComputeRequest) -> Call:
-        return Call(self._stub.Compute.future(request, timeout=self.timeout, metadata=self._metadata), self)
+    def info_async(self, *, timeout: float | None = None) -> Call:
+        """Info without waiting (the failover's probe of a node that is down)."""
+        future = self._stub.Info.future(pb.InfoRequest(), timeout=timeout or self.timeout, metadata=self._metadata)
+        return Call(future, self, timeout)
+
+    def compute_async(self, request: pb.ComputeRequest, *, timeout: float | None = None) -> Call:
+        future = self._stub.Compute.future(request, timeout=timeout or self.timeout, metadata=self._metadata)
+        return Call(future, self, timeout)
 
     def close(self) -> None:
         self._channel.close()

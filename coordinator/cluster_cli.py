@@ -39,6 +39,12 @@ def add_discovery_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-zeroconf", action="store_true", help="use only --node addresses; send no multicast")
     p.add_argument("--discover-timeout", type=float, default=3.0, help="seconds to browse for nodes")
     p.add_argument("--expect", type=int, default=None, help="stop browsing once this many nodes are found")
+    p.add_argument(
+        "--name-prefix",
+        default="",
+        metavar="PREFIX",
+        help="use only zeroconf nodes whose name starts with PREFIX (several clusters on one network)",
+    )
     p.add_argument("--token", default=None, help=f"the cluster token (default: ${TOKEN_ENV})")
     p.add_argument(
         "--tls",
@@ -60,12 +66,13 @@ def coordinator_tls(args):
 def find_nodes(args, *, fingerprint: str | None = None) -> list:
     from coordinator.discovery import discover
 
+    prefix = getattr(args, "name_prefix", "")
     nodes = discover(
         static=args.node,
         interfaces=None if args.no_zeroconf else args.interfaces,
         timeout=args.discover_timeout,
         expect=args.expect,
-        accept=None if fingerprint is None else (lambda n: n.fingerprint == fingerprint),
+        accept=lambda n: n.name.startswith(prefix) and (fingerprint is None or n.fingerprint == fingerprint),
     )
     if not nodes:
         where = "" if args.no_zeroconf else f" by zeroconf on {', '.join(args.interfaces)}"

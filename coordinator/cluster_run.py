@@ -8,15 +8,18 @@ report the same keys; `nodes` adds one entry per node and `dispatch` the wire fi
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import secrets
+import signal
 import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -59,6 +62,7 @@ def run_on_cluster(
     top_p: float = 0.0,
     prefill_step_size: int = 512,
     lookahead: bool = False,
+    rpc_deadline: float | None = None,
     on_text=None,
     tls: TlsIdentity | None = None,
 ) -> dict:
@@ -66,9 +70,11 @@ def run_on_cluster(
     from coordinator.engine import open_cluster
     from coordinator.generate import encode_prompt, generate
 
-    streaming, nodes = open_cluster(store, addresses, token=token, lookahead=lookahead, tls=tls)
+    streaming, nodes = open_cluster(
+        store, addresses, token=token, lookahead=lookahead, rpc_deadline=rpc_deadline, tls=tls
+    )
     try:
-        before = {n.node_id: n.client.stats() for n in nodes}
+        before = {n.node_id: n.client.stats(timeout=10.0) for n in nodes}
         tokens = encode_prompt(streaming.tokenizer, prompt, chat=chat)
         stats = generate(
             streaming.model,
@@ -80,7 +86,7 @@ def run_on_cluster(
             prefill_step_size=prefill_step_size,
             on_text=on_text,
         )
-        after = {n.node_id: n.client.stats() for n in nodes}
+        after = {n.node_id: _stats_or(n, before[n.node_id]) for n in nodes}
     finally:
         streaming.close()
     backend = streaming.backend
@@ -110,6 +116,9 @@ def run_on_cluster(
         "layer_dispatch_ms_mean": float(np.mean(ds.layer_seconds) * 1e3) if ds.layer_seconds else 0.0,
         "layer_dispatch_ms_p99": percentile_ms(ds.layer_seconds, 99),
     }
+    result["dispatch"]["failovers"] = [asdict(f) for f in ds.failovers]
+    result["dispatch"]["recoveries"] = list(ds.recoveries)
+    result["dispatch"]["stall_ms_max"] = max(ds.stall_seconds, default=0.0) * 1e3
     result["nodes"] = []
     for n in nodes:
         a, b, traffic = after[n.node_id], before[n.node_id], ds.nodes[n.node_id]
@@ -132,23 +141,175 @@ def run_on_cluster(
                 "wire_bytes": traffic.bytes_sent + traffic.bytes_received,
                 "rpc_ms_mean": float(np.mean(traffic.latencies) * 1e3) if traffic.latencies else 0.0,
                 "rpc_ms_p99": percentile_ms(traffic.latencies, 99),
+                "up": backend.membership.states[n.node_id].up,
+                "failed_requests": traffic.failures,
             }
         )
     return result
 
 
-def ensure_shards(store: Path, workdir: Path, *, count: int) -> list[Path]:
+def _stats_or(node, fallback: pb.NodeStats) -> pb.NodeStats:
+    """A node's statistics, or `fallback` (no change) when it went away during the run."""
+    try:
+        return node.client.stats(timeout=2.0)
+    except StoreError as e:
+        log.warning("no statistics from %s: %s", node.client.label, e)
+        return fallback
+
+
+def ensure_shards(store: Path, workdir: Path, *, count: int, replicas: int = 1) -> list[Path]:
     """Shards 0..count-1 of `store` under `workdir`, written once per store fingerprint."""
     from node.shard import write_shard
 
     fingerprint = Manifest.load(store).fingerprint
     paths = []
+    suffix = f"x{replicas}" if replicas > 1 else ""
     for i in range(count):
-        path = Path(workdir) / f"{Path(store).name}-shard{i}of{count}"
+        path = Path(workdir) / f"{Path(store).name}-shard{i}of{count}{suffix}"
         if not (path / MANIFEST).is_file() or Manifest.load(path).fingerprint != fingerprint:
-            write_shard(store, path, count=count, index=i, force=True)
+            write_shard(store, path, count=count, index=i, replicas=replicas, force=True)
         paths.append(path)
     return paths
+
+
+class LocalNodeProcesses:
+    """`flashmesh node serve` processes on 127.0.0.1, one per shard, with their process handles:
+    for the demo, benchmarks and the fault tests (which kill, stop and restart them). Each has a
+    unique name, so zeroconf on a shared loopback finds exactly these."""
+
+    def __init__(
+        self,
+        shards: list[Path],
+        *,
+        budgets: list[int],
+        token: str,
+        logdir: Path,
+        flash_gbps: float | None = None,
+        tls: Path | None = None,
+    ) -> None:
+        self.shards, self.budgets, self.token = list(shards), list(budgets), token
+        self.tls = tls  # a cluster directory holding its CA: each node gets a certificate for its name
+        self._certs = tempfile.TemporaryDirectory(prefix="flashmesh-node-certs-") if tls is not None else None
+        self.flash_gbps = flash_gbps  # report this instead of measuring (placement then splits evenly)
+        self.logdir = Path(logdir)
+        self.logdir.mkdir(parents=True, exist_ok=True)
+        run_id = f"local{os.getpid()}x{secrets.token_hex(2)}"
+        self.names = [f"{run_id}-{i}" for i in range(len(shards))]
+        self.procs: list[subprocess.Popen | None] = [None] * len(shards)
+        self.addresses: list[NodeAddress | None] = [None] * len(shards)
+        self._logs: list = []
+
+    def start(self, i: int, *, port: int = 0) -> subprocess.Popen:
+        log_file = open(self.logdir / f"{self.names[i]}.log", "ab")  # noqa: SIM115 - closed in stop()
+        self._logs.append(log_file)
+        cmd = [sys.executable, "-m", "coordinator.cli", "node", "serve", str(self.shards[i])]
+        cmd += ["--ram-budget", str(self.budgets[i]), "--port", str(port), "--interfaces", "127.0.0.1"]
+        cmd += ["--name", self.names[i], "--parent-pid", str(os.getpid())]
+        if self.flash_gbps is not None:
+            cmd += ["--flash-gbps", str(self.flash_gbps)]
+        if self._certs is not None:
+            from coordinator.certs import issue
+
+            out = Path(self._certs.name) / self.names[i]
+            cmd += ["--tls", str(out if out.is_dir() else issue(self.tls, self.names[i], out=out))]
+        env = {**os.environ, TOKEN_ENV: self.token, "TRANSFORMERS_VERBOSITY": "error"}
+        env.pop(TLS_ENV, None)
+        self.procs[i] = subprocess.Popen(cmd, env=env, stdout=log_file, stderr=subprocess.STDOUT)
+        return self.procs[i]
+
+    def _check_alive(self, i: int) -> None:
+        proc = self.procs[i]
+        if proc is not None and proc.poll() is not None:
+            tail = (self.logdir / f"{self.names[i]}.log").read_text(errors="replace").strip().splitlines()[-1:]
+            raise StoreError(f"local node {self.names[i]} exited with status {proc.returncode}: {' '.join(tail)}")
+
+    def find(self, *, timeout: float = 120.0) -> list[NodeAddress]:
+        """Wait until zeroconf on 127.0.0.1 finds every started node; return their addresses."""
+        wanted = {name for name, proc in zip(self.names, self.procs, strict=True) if proc is not None}
+        found: dict[str, NodeAddress] = {}
+        deadline = time.monotonic() + timeout
+        while len(found) < len(wanted):
+            for i in range(len(self.names)):
+                self._check_alive(i)
+            if time.monotonic() > deadline:
+                raise StoreError(f"local nodes {sorted(wanted - set(found))} did not appear within {timeout:g} s")
+            for node in discover(
+                interfaces=["127.0.0.1"],
+                timeout=2.0,
+                expect=len(wanted) - len(found),
+                accept=lambda n: n.name in wanted and n.name not in found,
+            ):
+                found[node.name] = node
+        for i, name in enumerate(self.names):
+            if name in found:
+                self.addresses[i] = found[name]
+        return [found[name] for name in self.names if name in found]
+
+    def restart(self, i: int, *, timeout: float = 120.0) -> NodeAddress:
+        """Start node `i` again on its old port and wait until it answers there."""
+        from coordinator.client import NodeClient
+
+        old = self.addresses[i]
+        self.start(i, port=old.port)
+        if self._certs is not None:  # no coordinator identity here to probe with: wait for its advertisement
+            self.find(timeout=timeout)
+            return self.addresses[i]
+        client = NodeClient(old, token=self.token)
+        deadline = time.monotonic() + timeout
+        try:
+            while True:
+                self._check_alive(i)
+                try:
+                    client.health(timeout=1.0)
+                    # a restarted node has a new id: what zeroconf said of the old one no longer holds
+                    self.addresses[i] = dataclasses.replace(old, node_id=client.info(timeout=5.0).node_id)
+                    return self.addresses[i]
+                except StoreError:
+                    if time.monotonic() > deadline:
+                        raise StoreError(f"local node {self.names[i]} did not come back within {timeout:g} s") from None
+                    time.sleep(0.2)
+        finally:
+            client.close()
+
+    def stop(self) -> None:
+        for proc in self.procs:
+            if proc is not None and proc.poll() is None:
+                proc.send_signal(signal.SIGCONT)  # a stopped process cannot act on SIGTERM
+                proc.terminate()
+        for proc in self.procs:
+            if proc is None:
+                continue
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        for log_file in self._logs:
+            log_file.close()
+        if self._certs is not None:
+            self._certs.cleanup()
+
+
+@contextmanager
+def local_node_processes(
+    shards: list[Path],
+    *,
+    budgets: list[int],
+    token: str,
+    logdir: Path,
+    timeout: float = 120.0,
+    flash_gbps: float | None = None,
+    tls: Path | None = None,
+) -> Iterator[LocalNodeProcesses]:
+    """Started and found `LocalNodeProcesses`; always stopped on exit."""
+    nodes = LocalNodeProcesses(shards, budgets=budgets, token=token, logdir=logdir, flash_gbps=flash_gbps, tls=tls)
+    try:
+        for i in range(len(shards)):
+            nodes.start(i)
+        nodes.find(timeout=timeout)
+        yield nodes
+    finally:
+        nodes.stop()
 
 
 @contextmanager
@@ -165,55 +326,5 @@ def local_nodes(
     127.0.0.1, yield their addresses; always stop the processes on exit. With `tls` (a cluster
     directory holding its CA) each node gets a certificate for its name, in a directory removed
     on exit, and serves only mutual TLS."""
-    logdir = Path(logdir)
-    logdir.mkdir(parents=True, exist_ok=True)
-    run_id = f"local{os.getpid()}x{secrets.token_hex(2)}"
-    names = [f"{run_id}-{i}" for i in range(len(shards))]
-    env = {**os.environ, TOKEN_ENV: token, "TRANSFORMERS_VERBOSITY": "error"}
-    env.pop(TLS_ENV, None)
-    procs: list[subprocess.Popen] = []
-    logs = []
-    certs = tempfile.TemporaryDirectory(prefix="flashmesh-node-certs-") if tls is not None else None
-    try:
-        for shard, budget, name in zip(shards, budgets, names, strict=True):
-            log_file = open(logdir / f"{name}.log", "wb")  # noqa: SIM115 - closed in finally
-            logs.append(log_file)
-            cmd = [sys.executable, "-m", "coordinator.cli", "node", "serve", str(shard), "--ram-budget", str(budget)]
-            cmd += ["--port", "0", "--interfaces", "127.0.0.1", "--name", name, "--parent-pid", str(os.getpid())]
-            if certs is not None:
-                from coordinator.certs import issue
-
-                cmd += ["--tls", str(issue(tls, name, out=Path(certs.name) / name))]
-            procs.append(subprocess.Popen(cmd, env=env, stdout=log_file, stderr=subprocess.STDOUT))
-        wanted = set(names)
-        found: dict[str, NodeAddress] = {}
-        deadline = time.monotonic() + timeout
-        while len(found) < len(names):
-            for proc, name in zip(procs, names, strict=True):
-                if proc.poll() is not None:
-                    tail = (logdir / f"{name}.log").read_text(errors="replace").strip().splitlines()[-1:]
-                    raise StoreError(f"local node {name} exited with status {proc.returncode}: {' '.join(tail)}")
-            if time.monotonic() > deadline:
-                raise StoreError(f"local nodes {sorted(wanted - set(found))} did not appear within {timeout:g} s")
-            for node in discover(
-                interfaces=["127.0.0.1"],
-                timeout=2.0,
-                expect=len(names) - len(found),
-                accept=lambda n: n.name in wanted and n.name not in found,
-            ):
-                found[node.name] = node
-        yield [found[name] for name in names]
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.terminate()
-        for proc in procs:
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        for log_file in logs:
-            log_file.close()
-        if certs is not None:
-            certs.cleanup()
+    with local_node_processes(shards, budgets=budgets, token=token, logdir=logdir, timeout=timeout, tls=tls) as nodes:
+        yield list(nodes.addresses)

@@ -134,20 +134,29 @@ def open_cluster(
     timeout: float = 10.0,
     lookahead: bool = False,
     tls: TlsIdentity | None = None,
+    rpc_deadline: float | None = None,
+    probe_backoff: float = 0.5,
 ) -> tuple[StreamingModel, list]:
     """Dense part in RAM (a full store or a `flashmesh shard --dense` one), experts on the nodes at
     `addresses` (coordinator.discovery.NodeAddress), over mutual TLS with `tls`; return the model
-    and the connected nodes."""
+    and the connected nodes. `rpc_deadline`: least seconds a node gets per request before its work
+    fails over (None: default)."""
     from coordinator.cluster import connect
     from coordinator.placement import place
-    from coordinator.remote import RemoteExperts
+    from coordinator.remote import DEFAULT_RPC_DEADLINE, RemoteExperts
 
     store_path = Path(store_path)
     model, manifest, _ = load_dense_model(store_path)
     nodes = connect(addresses, token=token, fingerprint=manifest.fingerprint, timeout=timeout, tls=tls)
     try:
         placement = place(manifest.layers, [n.capacity() for n in nodes])
-        backend = RemoteExperts({n.node_id: n.client for n in nodes}, placement)
+        backend = RemoteExperts(
+            {n.node_id: n.client for n in nodes},
+            placement,
+            rpc_deadline=DEFAULT_RPC_DEADLINE if rpc_deadline is None else rpc_deadline,
+            probe_backoff=probe_backoff,
+            fingerprint=manifest.fingerprint,
+        )
         attach(model, backend, lookahead=lookahead)
         tokenizer = load_store_tokenizer(store_path, manifest)
     except BaseException:

@@ -13,11 +13,14 @@ import logging
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
+from google.protobuf.message import DecodeError
 
-from node.service import INTERNAL, INVALID, UNAUTHENTICATED, NodeService, RequestError
+from node.service import DATA_LOSS, INTERNAL, INVALID, UNAUTHENTICATED, NodeService, RequestError
 from node.tls import TlsIdentity
-from protos import TOKEN_METADATA_KEY
+from protos import LOST_RECORDS_METADATA_KEY, TOKEN_METADATA_KEY
+from protos import flashmesh_pb2 as pb
 from protos import flashmesh_pb2_grpc as pb_grpc
+from protos.codec import format_records
 
 log = logging.getLogger(__name__)
 
@@ -25,6 +28,7 @@ _CODES = {
     INVALID: grpc.StatusCode.INVALID_ARGUMENT,
     UNAUTHENTICATED: grpc.StatusCode.UNAUTHENTICATED,
     INTERNAL: grpc.StatusCode.INTERNAL,
+    DATA_LOSS: grpc.StatusCode.DATA_LOSS,
 }
 
 
@@ -45,6 +49,8 @@ class NodeServicer(pb_grpc.NodeServicer):
             return handler(*args)
         except RequestError as e:
             log.info("refused request: %s", e)
+            if e.records:  # which records are damaged, for the coordinator's failover
+                context.set_trailing_metadata(((LOST_RECORDS_METADATA_KEY, format_records(e.records)),))
             context.abort(_CODES[e.status], str(e))
 
     def Info(self, request, context):
@@ -63,6 +69,37 @@ class NodeServicer(pb_grpc.NodeServicer):
         return self._serve(context, self.service.health)
 
 
+def _parsed(method, request_class, service: NodeService):
+    """An RPC method that takes the raw request bytes: checks the token, then parses them itself,
+    so bytes that are not a valid message get INVALID_ARGUMENT (gRPC's parser would say INTERNAL)."""
+
+    def handle(data: bytes, context: grpc.ServicerContext):
+        try:
+            service.check_token(_token(context))
+            try:
+                request = request_class.FromString(data)
+            except DecodeError as e:
+                raise service.invalid(f"the request is not a valid {request_class.__name__} message ({e})") from None
+        except RequestError as e:
+            context.abort(_CODES[e.status], str(e))
+        return method(request, context)
+
+    return handle
+
+
+def _node_handler(servicer: NodeServicer) -> grpc.GenericRpcHandler:
+    """The generated service's methods (same names and messages), with requests parsed by `_parsed`."""
+    node = pb.DESCRIPTOR.services_by_name["Node"]
+    handlers = {
+        m.name: grpc.unary_unary_rpc_method_handler(
+            _parsed(getattr(servicer, m.name), getattr(pb, m.input_type.name), servicer.service),
+            response_serializer=getattr(pb, m.output_type.name).SerializeToString,
+        )
+        for m in node.methods
+    }
+    return grpc.method_handlers_generic_handler(node.full_name, handlers)
+
+
 def start_server(
     service: NodeService, *, addresses: list[str], port: int = 0, workers: int = 8, tls: TlsIdentity | None = None
 ) -> tuple[grpc.Server, int]:
@@ -73,7 +110,7 @@ def start_server(
         ThreadPoolExecutor(max_workers=workers, thread_name_prefix="flashmesh-grpc"),
         options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)],
     )
-    pb_grpc.add_NodeServicer_to_server(NodeServicer(service), server)
+    server.add_generic_rpc_handlers((_node_handler(NodeServicer(service)),))
     credentials = None
     if tls is not None:
         credentials = grpc.ssl_server_credentials(

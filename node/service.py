@@ -23,23 +23,32 @@ import numpy as np
 
 from node.cache import ExpertCache
 from node.compute import LocalExperts, expert_templates
-from node.store_format import StoreError
+from node.store_format import RecordError, StoreError
 from node.store_reader import ExpertStore
 from protos import DEFAULT_MAX_MESSAGE_BYTES, PROTOCOL_VERSION
 from protos import flashmesh_pb2 as pb
-from protos.codec import FLOAT_DTYPES, CodecError, decode, encode, to_numpy
+from protos.codec import FLOAT_DTYPES, CodecError, all_finite, decode, encode, to_numpy
 
 log = logging.getLogger(__name__)
 
 INVALID, UNAUTHENTICATED, INTERNAL = "invalid_argument", "unauthenticated", "internal"
+DATA_LOSS = "data_loss"  # a record on this node's flash failed its checksum (or was cut short)
 
 
 class RequestError(Exception):
-    """A request the node refuses or cannot serve; `status` names the gRPC status code."""
+    """A request the node refuses or cannot serve; `status` names the gRPC status code, `records`
+    the (layer, expert) records found damaged (DATA_LOSS), so a coordinator can use a replica."""
 
-    def __init__(self, status: str, message: str) -> None:
+    def __init__(self, status: str, message: str, *, records: tuple[tuple[int, int], ...] = ()) -> None:
         super().__init__(message)
         self.status = status
+        self.records = records
+
+
+def _store_failure(name: str, e: StoreError) -> RequestError:
+    if isinstance(e, RecordError):
+        return RequestError(DATA_LOSS, f"node {name}: {e}", records=((e.layer, e.expert),))
+    return RequestError(INTERNAL, f"node {name}: {e}")
 
 
 def hidden_size(config: dict) -> int:
@@ -116,44 +125,46 @@ class NodeService:
             self._count(rejected=1)
             raise RequestError(UNAUTHENTICATED, "missing or wrong cluster token")
 
-    def _invalid(self, message: str) -> RequestError:
+    def invalid(self, message: str) -> RequestError:
         self._count(rejected=1)
         return RequestError(INVALID, message)
 
     def _check_layer(self, layer: int) -> np.ndarray:
         if layer not in self._held:
-            raise self._invalid(f"layer {layer} is not a MoE layer of this model")
+            raise self.invalid(f"layer {layer} is not a MoE layer of this model")
         return self._held[layer]
 
     def _validate_compute(self, req: pb.ComputeRequest) -> tuple[np.ndarray, np.ndarray]:
         size = req.ByteSize()
         if size > self.max_message_bytes:
-            raise self._invalid(f"request of {size} bytes exceeds this node's limit of {self.max_message_bytes}")
+            raise self.invalid(f"request of {size} bytes exceeds this node's limit of {self.max_message_bytes}")
         held = self._check_layer(req.layer)
         try:
             x = to_numpy(req.x)
             rows = to_numpy(req.rows)
             experts = to_numpy(req.experts)
         except CodecError as e:
-            raise self._invalid(str(e)) from None
+            raise self.invalid(str(e)) from None
         if req.x.dtype not in FLOAT_DTYPES or x.ndim != 2 or x.shape[1] != self.hidden_size or x.shape[0] == 0:
-            raise self._invalid(
+            raise self.invalid(
                 f"x must be a float tensor [M, {self.hidden_size}] with M > 0, got {req.x.dtype} {list(x.shape)}"
             )
+        if not all_finite(req.x):
+            raise self.invalid("x holds NaN or infinite values")
         for label, t, a in (("rows", req.rows, rows), ("experts", req.experts, experts)):
             if t.dtype != "int32" or a.ndim != 1:
-                raise self._invalid(f"{label} must be an int32 vector, got {t.dtype} {list(a.shape)}")
+                raise self.invalid(f"{label} must be an int32 vector, got {t.dtype} {list(a.shape)}")
         if rows.shape != experts.shape or rows.size == 0:
-            raise self._invalid(
+            raise self.invalid(
                 f"rows and experts must have the same non-zero length, got {rows.size} and {experts.size}"
             )
         if rows.size > x.shape[0] * self.top_k:
-            raise self._invalid(f"{rows.size} pairs for {x.shape[0]} tokens exceeds top-k {self.top_k} per token")
+            raise self.invalid(f"{rows.size} pairs for {x.shape[0]} tokens exceeds top-k {self.top_k} per token")
         if rows.min() < 0 or rows.max() >= x.shape[0]:
-            raise self._invalid(f"rows must index the {x.shape[0]} rows of x")
+            raise self.invalid(f"rows must index the {x.shape[0]} rows of x")
         if experts.min() < 0 or experts.max() >= held.size or not held[experts].all():
             bad = sorted({int(e) for e in experts if not (0 <= e < held.size and held[e])})
-            raise self._invalid(f"layer {req.layer}: experts {bad[:8]} are not held by node {self.name}")
+            raise self.invalid(f"layer {req.layer}: experts {bad[:8]} are not held by node {self.name}")
         if req.HasField("next"):
             self._check_held(req.next.layer, req.next.experts, what="hint")
         return rows, experts
@@ -162,7 +173,7 @@ class NodeService:
         held = self._check_layer(layer)
         wanted = sorted(set(experts))
         if any(not (0 <= e < held.size and held[e]) for e in wanted):
-            raise self._invalid(f"layer {layer}: {what} names experts not held by node {self.name}")
+            raise self.invalid(f"layer {layer}: {what} names experts not held by node {self.name}")
         return wanted
 
     # --- RPCs --------------------------------------------------------------------------------
@@ -193,7 +204,7 @@ class NodeService:
         try:
             reply = self._mlx.submit(self._compute, req, rows, experts).result()
         except StoreError as e:
-            raise RequestError(INTERNAL, f"node {self.name}: {e}") from None
+            raise _store_failure(self.name, e) from None
         seconds = time.perf_counter() - start
         reply.compute_seconds = seconds
         self._count(requests=1, pairs=int(rows.size), bytes_in=req.ByteSize(), bytes_out=reply.ByteSize())
@@ -217,7 +228,7 @@ class NodeService:
         try:
             resident = self._mlx.submit(self._prefetch, req.layer, experts).result()
         except StoreError as e:
-            raise RequestError(INTERNAL, f"node {self.name}: {e}") from None
+            raise _store_failure(self.name, e) from None
         with self._lock:
             self._busy += time.perf_counter() - start
         return pb.PrefetchReply(resident=resident)

@@ -29,6 +29,15 @@ class StoreError(Exception):
     """A problem with a store the user can fix; the message is one line with the fix."""
 
 
+class RecordError(StoreError):
+    """One expert record cannot be used (checksum mismatch, short read): names its layer and expert."""
+
+    def __init__(self, layer: int, expert: int, message: str) -> None:
+        super().__init__(f"layer {layer} expert {expert}: {message}")
+        self.layer = layer
+        self.expert = expert
+
+
 # mx dtype name -> (numpy dtype used to carry the bytes, mx dtype)
 _DTYPES: dict[str, tuple[np.dtype, mx.Dtype]] = {
     "float32": (np.dtype(np.float32), mx.float32),

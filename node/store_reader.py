@@ -22,7 +22,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-from node.store_format import _DTYPES, RECORD_ALIGN, LayerSpec, Manifest, StoreError, TensorSpec, checksum
+from node.store_format import _DTYPES, RECORD_ALIGN, LayerSpec, Manifest, RecordError, StoreError, TensorSpec, checksum
 
 log = logging.getLogger(__name__)
 
@@ -146,15 +146,18 @@ class ExpertStore:
         got = os.preadv(self._fds[layer], [view], spec.record_offset(expert))
         if got != spec.record_size:
             self._release(buf)
-            raise StoreError(
-                f"layer {layer} expert {expert}: short read ({got} of {spec.record_size} bytes); "
-                "the store file is truncated, re-run `flashmesh pack`"
+            raise RecordError(
+                layer,
+                expert,
+                f"short read ({got} of {spec.record_size} bytes); the store file is truncated, re-run `flashmesh pack`",
             )
         if self.verify and checksum(view) != spec.record_checksum(expert):
             self._release(buf)
-            raise StoreError(
-                f"layer {layer} expert {expert}: record checksum mismatch in {self.path / spec.file}; "
-                "the flash copy is corrupt, re-pack or re-copy the store"
+            raise RecordError(
+                layer,
+                expert,
+                f"record checksum mismatch in {self.path / spec.file}; the flash copy is corrupt, "
+                "re-pack or re-copy the store",
             )
         return buf
 
@@ -203,18 +206,21 @@ class ExpertStore:
                 error = error or exc
                 continue
             if got != size:
-                error = error or StoreError(
-                    f"layer {pending.layer} expert {e}: short read ({got} of {size} bytes); "
-                    "the store file is truncated, re-run `flashmesh pack`"
+                error = error or RecordError(
+                    pending.layer,
+                    e,
+                    f"short read ({got} of {size} bytes); the store file is truncated, re-run `flashmesh pack`",
                 )
                 continue
             raw = pending.raws[e]
             if self.verify:
                 host = memoryview(np.array(raw, copy=False))[skew : skew + size]
                 if checksum(host) != spec.record_checksum(e):
-                    error = error or StoreError(
-                        f"layer {pending.layer} expert {e}: record checksum mismatch in {self.path / spec.file}; "
-                        "the flash copy is corrupt, re-pack or re-copy the store"
+                    error = error or RecordError(
+                        pending.layer,
+                        e,
+                        f"record checksum mismatch in {self.path / spec.file}; the flash copy is corrupt, "
+                        "re-pack or re-copy the store",
                     )
                     continue
             out[e] = {t.name: _tensor_view(raw, skew, t) for t in spec.tensors}

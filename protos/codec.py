@@ -7,6 +7,8 @@ The numpy half (`to_numpy`) needs no MLX: nodes use it to validate requests off 
 
 from __future__ import annotations
 
+import math
+
 import mlx.core as mx
 import numpy as np
 
@@ -24,6 +26,7 @@ DTYPES: dict[str, tuple[np.dtype, mx.Dtype]] = {
     "int8": (np.dtype("i1"), mx.int8),
 }
 FLOAT_DTYPES = ("float32", "float16", "bfloat16")
+MAX_DIMS = 8
 
 
 class CodecError(ValueError):
@@ -61,14 +64,39 @@ def to_numpy(t: pb.Tensor) -> np.ndarray:
     shape = tuple(int(s) for s in t.shape)
     if any(s < 0 for s in shape):
         raise CodecError(f"negative dimension in tensor shape {shape}")
+    if len(shape) > MAX_DIMS:
+        raise CodecError(f"tensor of {len(shape)} dimensions; at most {MAX_DIMS}")
     npd = DTYPES[t.dtype][0]
-    count = int(np.prod(shape, dtype=np.int64)) if shape else 1
+    count = math.prod(shape)  # Python ints: a huge shape cannot wrap around to a small count
     if len(t.data) != count * npd.itemsize:
         raise CodecError(f"tensor of {t.dtype} {list(shape)} needs {count * npd.itemsize} bytes, got {len(t.data)}")
     return np.frombuffer(t.data, dtype=npd, count=count).reshape(shape)
+
+
+def all_finite(t: pb.Tensor) -> bool:
+    """No NaN or infinity in a float Tensor (checked on its bytes; bf16 by its exponent bits). No MLX."""
+    a = to_numpy(t)
+    if t.dtype == "bfloat16":
+        return not bool(((a & 0x7F80) == 0x7F80).any())
+    return bool(np.isfinite(a).all())
 
 
 def decode(t: pb.Tensor) -> mx.array:
     """Tensor -> mx array (a copy), bit-exact."""
     arr = mx.array(to_numpy(t))
     return arr.view(mx.bfloat16) if t.dtype == "bfloat16" else arr
+
+
+def format_records(records) -> str:
+    """(layer, expert) pairs -> "layer:expert,..." (the DATA_LOSS trailer)."""
+    return ",".join(f"{int(layer)}:{int(expert)}" for layer, expert in records)
+
+
+def parse_records(text: str) -> tuple[tuple[int, int], ...]:
+    """The DATA_LOSS trailer back into (layer, expert) pairs; malformed entries are skipped."""
+    out = []
+    for item in text.split(","):
+        layer, _, expert = item.partition(":")
+        if layer.strip().isdigit() and expert.strip().isdigit():
+            out.append((int(layer), int(expert)))
+    return tuple(out)

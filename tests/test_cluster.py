@@ -87,14 +87,19 @@ def test_three_disjoint_nodes_match_the_local_run(cluster):
     assert 0 < result["peak_cache_bytes"] <= result["ram_budget_bytes"]
 
 
+def _ours(cluster) -> list[str]:
+    """Zeroconf on 127.0.0.1 is shared with other test runs: find only this fixture's nodes."""
+    return ["--name-prefix", cluster.addresses[0].name.rsplit("-", 1)[0] + "-"]
+
+
 ONLY_QWEN = pytest.mark.parametrize("cluster", ["qwen3_moe"], indirect=True)
 
 
 @ONLY_QWEN
 def test_run_cli_on_the_cluster(cluster):
     env = {**os.environ, "FLASHMESH_TOKEN": TOKEN, "TRANSFORMERS_VERBOSITY": "error"}
-    # No --expect: nodes of other test runs may answer too; they refuse our token and are skipped.
-    args = ["run", cluster.dense, "--cluster", "--prompt", PROMPT, "--max-tokens", "10", "--json"]
+    args = ["run", cluster.dense, "--cluster", "--expect", "3", *_ours(cluster), "--prompt", PROMPT, "--json"]
+    args += ["--max-tokens", "10"]
     proc = subprocess.run(
         [sys.executable, "-m", "coordinator.cli", *map(str, args)], capture_output=True, text=True, env=env, timeout=300
     )
@@ -115,7 +120,8 @@ def test_cluster_ls_inspect_top(cluster, capsys):
         assert row["fingerprint"] == fingerprint and row["protocol_version"] == 1
         assert row["experts_held"] == row["experts_assigned"] > 0 and row["rpc_latency_ms"] > 0
     assert sum(r["experts_held"] for r in rows) == rows[0]["experts_total"]
-    assert main(["cluster", "inspect", "--token", TOKEN, "--interfaces", "127.0.0.1"]) == 0
+    inspect = ["cluster", "inspect", "--token", TOKEN, "--interfaces", "127.0.0.1", "--expect", "3", *_ours(cluster)]
+    assert main(inspect) == 0
     text = capsys.readouterr().out
     assert "experts held" in text and "assigned" in text and cluster.addresses[0].target in text
     assert main(["cluster", "top", "--json", "--iterations", "2", "--interval", "0.1", "--token", TOKEN, *static,
@@ -176,7 +182,8 @@ def test_coordinator_errors_are_one_line(cluster, models, capsys, monkeypatch):
                      "--prompt", "hi")  # fmt: skip
     assert_one_line_error(code, err, "held by no node")  # one node of three does not cover the model
     monkeypatch.setenv("FLASHMESH_TOKEN", TOKEN)
-    code, err = _cli(capsys, "run", cluster.dense, "--cluster", "--prompt", "hi", "--max-tokens", "2")
+    code, err = _cli(capsys, "run", cluster.dense, "--cluster", "--expect", "3", *_ours(cluster), "--prompt", "hi",
+                     "--max-tokens", "2")  # fmt: skip
     assert code == 0, err  # zeroconf finds the three nodes, the token comes from the environment
     monkeypatch.delenv("FLASHMESH_TOKEN")
     code, err = _cli(capsys, "run", cluster.dense, "--cluster", "--prompt", "hi")
