@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from coordinator.discovery import NodeAddress, discover
+from node.bundle_source import is_bundle
 from node.store_format import MANIFEST, Manifest, StoreError
 from protos import TOKEN_ENV
 from protos import flashmesh_pb2 as pb
@@ -152,8 +153,8 @@ def ensure_shards(store: Path, workdir: Path, *, count: int) -> list[Path]:
 def local_nodes(
     shards: list[Path], *, budgets: list[int], token: str, logdir: Path, timeout: float = 120.0
 ) -> Iterator[list[NodeAddress]]:
-    """Start one `flashmesh node serve` process per shard on 127.0.0.1, find them by zeroconf on
-    127.0.0.1, yield their addresses; always stop the processes on exit."""
+    """Start one `flashmesh node serve` process per shard (or iOS bundle: `--bundle`) on 127.0.0.1, find
+    them by zeroconf on 127.0.0.1, yield their addresses; always stop the processes on exit."""
     logdir = Path(logdir)
     logdir.mkdir(parents=True, exist_ok=True)
     run_id = f"local{os.getpid()}x{secrets.token_hex(2)}"
@@ -165,7 +166,8 @@ def local_nodes(
         for shard, budget, name in zip(shards, budgets, names, strict=True):
             log_file = open(logdir / f"{name}.log", "wb")  # noqa: SIM115 - closed in finally
             logs.append(log_file)
-            cmd = [sys.executable, "-m", "coordinator.cli", "node", "serve", str(shard), "--ram-budget", str(budget)]
+            source = ["--bundle", str(shard)] if is_bundle(shard) else [str(shard)]
+            cmd = [sys.executable, "-m", "coordinator.cli", "node", "serve", *source, "--ram-budget", str(budget)]
             cmd += ["--port", "0", "--interfaces", "127.0.0.1", "--name", name, "--parent-pid", str(os.getpid())]
             procs.append(subprocess.Popen(cmd, env=env, stdout=log_file, stderr=subprocess.STDOUT))
         wanted = set(names)
