@@ -58,7 +58,7 @@ def _mlx_greedy(store: Path) -> tuple[list[int], list[int], list[np.ndarray]]:
         sm.close()
 
 
-@pytest.mark.parametrize("arch", ["qwen3_moe", "deepseek_v3"])
+@pytest.mark.parametrize("arch", ["qwen3_moe", "deepseek_v3", "mixtral"])
 def test_reference_execution_matches_mlx(tmp_path, arch):
     store = _routed_model(tmp_path, arch)
     bundle = tmp_path / f"{arch}.flashmesh-ios"
