@@ -42,7 +42,7 @@ def is_bundle(path: Path) -> bool:
         return False
 
 
-def _pack_affine(q: mx.array, bits: int) -> mx.array:
+def pack_affine(q: mx.array, bits: int) -> mx.array:
     """uint32 values [R, C] -> MLX affine packing (first value in the lowest bits) [R, C*bits/32]."""
     per_word = 32 // bits
     shifts = mx.arange(per_word, dtype=mx.uint32) * bits
@@ -52,6 +52,8 @@ def _pack_affine(q: mx.array, bits: int) -> mx.array:
 
 class BundleExpertSource(ExpertStore):
     """The expert records of a bundle as a node's expert source (see node.expert_source)."""
+
+    remedy = "re-copy or re-export the bundle"
 
     def __init__(self, bundle: Path, *, page_cache: bool = False, verify: bool = True, queue_depth: int = 8) -> None:
         bundle = Path(bundle)
@@ -120,7 +122,7 @@ class BundleExpertSource(ExpertStore):
         out = {}
         for name, a in super()._arrays(raw, skew, spec).items():  # views of the record
             if name.endswith(".weight") and self.expert_input == "int8":
-                a = _pack_affine((a.astype(mx.int16) + self.offset).astype(mx.uint32), self.bits)
+                a = pack_affine((a.astype(mx.int16) + self.offset).astype(mx.uint32), self.bits)
             elif a.dtype != mx.uint32:
                 a = a.astype(mx.float32)
             out[name] = a

@@ -86,6 +86,8 @@ def _open_bypassing_cache(path: Path) -> tuple[int, bool]:
 class ExpertStore:
     """Reads expert records of one store; thread-safe reads, MLX arrays made on the caller's thread."""
 
+    remedy = "re-pack or re-copy the store"  # what a user does about a corrupt record
+
     def __init__(
         self,
         path: Path,
@@ -170,7 +172,7 @@ class ExpertStore:
             self._release(buf)
             raise StoreError(
                 f"layer {layer} expert {expert}: record checksum mismatch in {self.path / spec.file}; "
-                "the flash copy is corrupt, re-pack or re-copy the store"
+                f"the flash copy is corrupt, {self.remedy}"
             )
         return buf
 
@@ -230,7 +232,7 @@ class ExpertStore:
                 if checksum(host) != spec.record_checksum(e):
                     error = error or StoreError(
                         f"layer {pending.layer} expert {e}: record checksum mismatch in {self.path / spec.file}; "
-                        "the flash copy is corrupt, re-pack or re-copy the store"
+                        f"the flash copy is corrupt, {self.remedy}"
                     )
                     continue
             out[e] = self._arrays(raw, skew, spec)

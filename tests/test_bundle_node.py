@@ -16,6 +16,8 @@ arithmetic in every op (tests/test_mobile_export_reference.py). Measured: 2.3e-4
 
 from __future__ import annotations
 
+import shutil
+
 import mlx.core as mx
 import numpy as np
 import pytest
@@ -24,9 +26,10 @@ from coordinator.cli import main
 from coordinator.cluster_run import local_nodes, run_on_cluster
 from coordinator.engine import open_cluster, open_local
 from coordinator.generate import encode_prompt, generate
+from mobile_export.bundle_format import unpack_affine
 from mobile_export.exporter import export_ios
 from mobile_export.records import INT8_OFFSET
-from node.bundle_source import BundleExpertSource, _pack_affine
+from node.bundle_source import BundleExpertSource, pack_affine
 from node.service import INTERNAL, NodeService, RequestError
 from node.shard import write_dense
 from node.store_format import Manifest
@@ -110,16 +113,12 @@ def test_quantized_bundle_node_matches_the_store_node(models, tmp_path, target):
 def test_int8_values_repack_into_mlx_affine_words(bits):
     w = mx.random.normal((8, 128), key=mx.random.key(bits))
     packed, _, _ = mx.quantize(w, group_size=32, bits=bits)
-    from mobile_export.bundle_format import unpack_affine
-
     values = unpack_affine(np.array(packed), bits).astype(np.int16) - INT8_OFFSET.get(bits, 0)  # as the bundle holds
-    repacked = _pack_affine((mx.array(values.astype(np.int8)).astype(mx.int16) + INT8_OFFSET.get(bits, 0)), bits)
+    repacked = pack_affine((mx.array(values.astype(np.int8)).astype(mx.int16) + INT8_OFFSET.get(bits, 0)), bits)
     np.testing.assert_array_equal(np.array(repacked), np.array(packed))
 
 
 def test_tampered_bundle_record_is_an_error_naming_the_expert(bundles, tmp_path):
-    import shutil
-
     store, bundle = _bundle(bundles)
     copy = tmp_path / bundle.name
     shutil.copytree(bundle, copy)
@@ -134,7 +133,7 @@ def test_tampered_bundle_record_is_an_error_naming_the_expert(bundles, tmp_path)
         with pytest.raises(RequestError) as e:
             _compute(service, spec.layer, [3])
         assert e.value.status == INTERNAL and f"layer {spec.layer} expert 3" in str(e.value)
-        assert "checksum" in str(e.value)
+        assert "checksum" in str(e.value) and "re-export the bundle" in str(e.value)
     finally:
         service.close()
 
