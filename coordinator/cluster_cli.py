@@ -68,6 +68,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--bundle", type=Path, default=None, metavar="OUT.flashmesh-ios",
         help="serve the experts of an iOS bundle (`flashmesh export-ios`) from its own record files instead",
     )  # fmt: skip
+    s.add_argument("--count", type=int, default=None, help="with --bundle: serve one shard of COUNT ...")
+    s.add_argument("--index", type=int, default=None, help="... the experts `flashmesh shard --index I` would hold")
+    s.add_argument("--replicas", type=int, default=1, help="with --bundle --count: machines holding each expert")
     s.add_argument("--ram-budget", required=True, help="bytes of expert weights kept in RAM, e.g. 8GB")
     s.add_argument("--port", type=int, default=0, help="TCP port (default: any free port)")
     s.add_argument("--name", default=None, help="node name (default: the host name)")
@@ -124,12 +127,18 @@ def cmd_node_serve(args) -> int:
     _check_interfaces(args.interfaces)
     if (args.store is None) == (args.bundle is None):
         raise StoreError("give a STORE to serve, or --bundle OUT.flashmesh-ios (one of the two)")
+    shard = None
+    if args.count is not None or args.index is not None:
+        if args.bundle is None or args.count is None or args.index is None:
+            raise StoreError("--count and --index go together and with --bundle; shard a store with `flashmesh shard`")
+        shard = {"count": args.count, "index": args.index, "replicas": args.replicas}
     token = args.token or os.environ.get(TOKEN_ENV)
     generated = not token
     token = token or secrets.token_urlsafe(18)
     service = NodeService(
         args.bundle or args.store,
         bundle=args.bundle is not None,
+        shard=shard,
         ram_budget=parse_bytes(args.ram_budget),
         token=token,
         name=args.name or socket.gethostname(),

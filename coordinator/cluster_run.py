@@ -151,10 +151,17 @@ def ensure_shards(store: Path, workdir: Path, *, count: int) -> list[Path]:
 
 @contextmanager
 def local_nodes(
-    shards: list[Path], *, budgets: list[int], token: str, logdir: Path, timeout: float = 120.0
+    shards: list[Path],
+    *,
+    budgets: list[int],
+    token: str,
+    logdir: Path,
+    timeout: float = 120.0,
+    node_args: list[list[str]] | None = None,
 ) -> Iterator[list[NodeAddress]]:
     """Start one `flashmesh node serve` process per shard (or iOS bundle: `--bundle`) on 127.0.0.1, find
-    them by zeroconf on 127.0.0.1, yield their addresses; always stop the processes on exit."""
+    them by zeroconf on 127.0.0.1, yield their addresses; always stop the processes on exit. `node_args`:
+    more `node serve` options per node (e.g. `--count 2 --index 0` for half a bundle)."""
     logdir = Path(logdir)
     logdir.mkdir(parents=True, exist_ok=True)
     run_id = f"local{os.getpid()}x{secrets.token_hex(2)}"
@@ -163,12 +170,14 @@ def local_nodes(
     procs: list[subprocess.Popen] = []
     logs = []
     try:
-        for shard, budget, name in zip(shards, budgets, names, strict=True):
+        extra = node_args or [[] for _ in shards]
+        for shard, budget, name, more in zip(shards, budgets, names, extra, strict=True):
             log_file = open(logdir / f"{name}.log", "wb")  # noqa: SIM115 - closed in finally
             logs.append(log_file)
             source = ["--bundle", str(shard)] if is_bundle(shard) else [str(shard)]
             cmd = [sys.executable, "-m", "coordinator.cli", "node", "serve", *source, "--ram-budget", str(budget)]
             cmd += ["--port", "0", "--interfaces", "127.0.0.1", "--name", name, "--parent-pid", str(os.getpid())]
+            cmd += more
             procs.append(subprocess.Popen(cmd, env=env, stdout=log_file, stderr=subprocess.STDOUT))
         wanted = set(names)
         found: dict[str, NodeAddress] = {}

@@ -27,6 +27,7 @@ import numpy as np
 
 from mobile_export.bundle_format import PROJ, layer_specs, load_manifest, section_checksums
 from node.experts import expert_templates_from_config
+from node.shard import shard_experts
 from node.store_format import LayerSpec, Manifest, StoreError, layout_record
 from node.store_reader import ExpertStore
 from protos import PROTOCOL_VERSION
@@ -55,8 +56,24 @@ class BundleExpertSource(ExpertStore):
 
     remedy = "re-copy or re-export the bundle"
 
-    def __init__(self, bundle: Path, *, page_cache: bool = False, verify: bool = True, queue_depth: int = 8) -> None:
+    def __init__(
+        self,
+        bundle: Path,
+        *,
+        page_cache: bool = False,
+        verify: bool = True,
+        queue_depth: int = 8,
+        shard: dict | None = None,
+    ) -> None:
+        """`shard` ({"index", "count", "replicas"}) serves only the experts `flashmesh shard` would put in
+        that shard of the store; records are still read in place from the whole bundle's files."""
         bundle = Path(bundle)
+        if shard is not None:
+            count, index, replicas = shard["count"], shard["index"], shard.get("replicas", 1)
+            if count < 1 or not 0 <= index < count or not 1 <= replicas <= count:
+                raise StoreError(f"shard {index} of {count} with {replicas} replicas: need 0 <= index < count, "
+                                 "1 <= replicas <= count")  # fmt: skip
+            shard = {"index": index, "count": count, "replicas": replicas}
         self.bundle_manifest = load_manifest(bundle)
         stored = self.bundle_manifest.get("section_checksums", {})
         edited = [k for k, v in section_checksums(self.bundle_manifest).items() if stored.get(k) != v]
@@ -81,12 +98,13 @@ class BundleExpertSource(ExpertStore):
                 raise StoreError(
                     f"{path}: {got} of {expected} bytes; the bundle is incomplete, re-copy or re-export it"
                 )
-        layers = [self._ram_spec(s) for s in sorted(records.values(), key=lambda s: s.layer)]
+        layers = [self._ram_spec(s, shard) for s in sorted(records.values(), key=lambda s: s.layer)]
         manifest = Manifest(
             config=self.bundle_manifest["config"],
             fingerprint=self.bundle_manifest["store_fingerprint"],
             layers=layers,
             quantization=self.quantization,
+            shard=shard,
         )
         super().__init__(
             bundle,
@@ -97,9 +115,9 @@ class BundleExpertSource(ExpertStore):
             record_specs=records,
         )
 
-    def _ram_spec(self, record: LayerSpec) -> LayerSpec:
+    def _ram_spec(self, record: LayerSpec, shard: dict | None) -> LayerSpec:
         """The layer as the cache holds it: the converted tensors (their bytes are what the budget counts),
-        with the flash record's size, experts and checksums."""
+        with the flash record's size, and the experts served (all, or the shard's) with their checksums."""
         arrays = {}
         for t in record.tensors:
             shape = tuple(t.shape)
@@ -111,9 +129,13 @@ class BundleExpertSource(ExpertStore):
             else:  # scales, biases
                 arrays[t.name] = (COMPUTE_DTYPE, shape, 4 * int(np.prod(shape)))
         tensors, _ = layout_record(arrays)
+        experts = record.experts
+        if shard is not None:
+            wanted = set(shard_experts(record.num_experts, **shard))
+            experts = [e for e in record.experts if e in wanted]
         return LayerSpec(
-            record.layer, record.module, record.num_experts, record.record_size, tensors, record.experts,
-            record.checksums, record.file,
+            record.layer, record.module, record.num_experts, record.record_size, tensors, experts,
+            [record.record_checksum(e) for e in experts], record.file,
         )  # fmt: skip
 
     def _arrays(self, raw: mx.array, skew: int, spec: LayerSpec) -> dict[str, mx.array]:

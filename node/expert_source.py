@@ -46,12 +46,15 @@ class ExpertSource(Protocol):
 
 
 def open_expert_source(
-    path: Path, *, bundle: bool = False, page_cache: bool = False, verify: bool = True
+    path: Path, *, bundle: bool = False, page_cache: bool = False, verify: bool = True, shard: dict | None = None
 ) -> ExpertSource:
-    """A store (`flashmesh pack` / `shard`) or, with `bundle`, an iOS bundle (`flashmesh export-ios`)."""
+    """A store (`flashmesh pack` / `shard`) or, with `bundle`, an iOS bundle (`flashmesh export-ios`), of
+    which `shard` ({"index", "count", "replicas"}) picks the experts `flashmesh shard` would."""
     path = Path(path)
     if bundle:
-        return BundleExpertSource(path, page_cache=page_cache, verify=verify)
+        return BundleExpertSource(path, page_cache=page_cache, verify=verify, shard=shard)
+    if shard is not None:
+        raise StoreError("serving a shard of a store needs `flashmesh shard` first; --count/--index go with --bundle")
     if is_bundle(path):
         raise StoreError(f"{path} is an iOS bundle, not a store; serve it with `flashmesh node serve --bundle {path}`")
     return ExpertStore(path, page_cache=page_cache, verify=verify)

@@ -81,8 +81,10 @@ class NodeService:
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         flash_gbps: float | None = None,
         bundle: bool = False,
+        shard: dict | None = None,
     ) -> None:
-        """`store_path` is a store or shard, or with `bundle` an iOS bundle whose records are served."""
+        """`store_path` is a store or shard, or with `bundle` an iOS bundle whose records are served (all,
+        or with `shard` = {"index", "count", "replicas"} the experts that shard of the store holds)."""
         if not token:
             raise StoreError("a node needs a cluster token")
         self.token = token
@@ -90,7 +92,9 @@ class NodeService:
         self.node_id = uuid.uuid4().hex[:12]
         self.max_message_bytes = max_message_bytes
         self._mlx = ThreadPoolExecutor(max_workers=1, thread_name_prefix="flashmesh-mlx")
-        self.store = open_expert_source(Path(store_path), bundle=bundle, page_cache=page_cache, verify=verify)
+        self.store = open_expert_source(
+            Path(store_path), bundle=bundle, page_cache=page_cache, verify=verify, shard=shard
+        )
         try:
             self.manifest = self.store.manifest
             self.cache = ExpertCache(self.store, budget_bytes=ram_budget)

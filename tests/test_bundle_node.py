@@ -1,9 +1,9 @@
 """`flashmesh node serve --bundle`: a node serving experts from an iPhone bundle's own record files.
 
-The cluster test runs a real node process on loopback that serves every expert from the bundle
-(found by its unique name over zeroconf on 127.0.0.1), with the coordinator holding the dense part of
-the store the bundle was exported from: greedy tokens equal the local run, logits within the
-tolerance below.
+The cluster test runs two real node processes on loopback, each serving half of the experts from
+the bundle's files (found by their unique names over zeroconf on 127.0.0.1), with the coordinator
+holding the dense part of the store the bundle was exported from: greedy tokens equal the local
+run, logits within the tolerance below.
 
 Tolerance: the bundle stores experts in fp16, the node upcasts them to fp32 and computes exactly as
 a store node does, so the only difference from the local run is one rounding of each expert weight
@@ -49,15 +49,19 @@ def _bundle(bundles, arch="qwen3_moe"):
     return store, root / f"{arch}.flashmesh-ios"
 
 
-def test_bundle_node_serves_a_cluster_like_a_store_node(bundles, tmp_path):
+def test_bundle_nodes_serve_a_cluster_like_store_nodes(bundles, tmp_path):
+    """Two node processes each serve half of the bundle (`--count 2 --index I`), read in place."""
     store, bundle = _bundle(bundles)
     dense = tmp_path / "dense"
     write_dense(store, dense)
     manifest = Manifest.load(store)
     budget = manifest.expert_bytes_total  # fp32 in RAM after the upcast: every expert fits
-    with local_nodes([bundle], budgets=[budget], token=TOKEN, logdir=tmp_path / "logs") as addresses:
-        (address,) = addresses
-        assert address.fingerprint == manifest.fingerprint  # the bundle records its source store's fingerprint
+    halves = [["--count", "2", "--index", str(i)] for i in range(2)]
+    with local_nodes(
+        [bundle, bundle], budgets=[budget] * 2, token=TOKEN, logdir=tmp_path / "logs", node_args=halves
+    ) as addresses:
+        # each bundle records the fingerprint of the store it was exported from
+        assert all(a.fingerprint == manifest.fingerprint for a in addresses)
 
         result = run_on_cluster(dense, addresses, token=TOKEN, prompt=PROMPT, chat=False, max_tokens=10)
         local = open_local(store, ram_budget=manifest.expert_bytes_total)
@@ -72,8 +76,16 @@ def test_bundle_node_serves_a_cluster_like_a_store_node(bundles, tmp_path):
             local.close()
         assert np.abs(want - got).max() <= FP16_WEIGHTS_RTOL * max(1.0, float(np.abs(want).max()))
         assert not np.array_equal(want, got)  # the weights really are the bundle's fp16 records
-        (node,) = result["nodes"]
-        assert node["requests"] > 0 and result["expert_bytes_read"] > 0
+        assert len(result["nodes"]) == 2 and all(n["requests"] > 0 for n in result["nodes"])
+        assert result["expert_bytes_read"] > 0
+    for i, half in enumerate(halves):
+        service = NodeService(bundle, bundle=True, shard={"count": 2, "index": i}, ram_budget=budget, token=TOKEN,
+                              flash_gbps=1.0)  # fmt: skip
+        try:
+            held = {(h.layer, e) for h in service.info().layers for e in h.experts}
+        finally:
+            service.close()
+        assert held == {(s.layer, e) for s in manifest.layers for e in s.experts if e % 2 == i}, half
 
 
 def _compute(service: NodeService, layer: int, experts: list[int]) -> np.ndarray:
@@ -144,3 +156,8 @@ def test_serve_refuses_a_bundle_given_as_store(bundles, capsys):
     assert_one_line_error(code, capsys.readouterr().err, "is an iOS bundle", "--bundle")
     code = main(["node", "serve", "--ram-budget", "1GB", "--token", TOKEN, "--no-advertise"])
     assert_one_line_error(code, capsys.readouterr().err, "--bundle")
+    store, _ = _bundle(bundles)
+    code = main(["node", "serve", str(store), "--count", "2", "--index", "0", "--ram-budget", "1GB", "--token", TOKEN])
+    assert_one_line_error(code, capsys.readouterr().err, "flashmesh shard")
+    args = ["--bundle", str(bundle), "--count", "2", "--index", "2", "--ram-budget", "1GB", "--token", TOKEN]
+    assert_one_line_error(main(["node", "serve", *args]), capsys.readouterr().err, "index")
