@@ -85,7 +85,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     node_sub = p.add_subparsers(dest="node_command", required=True)
     s = node_sub.add_parser("serve", help="serve a store (or shard) over gRPC and advertise it by zeroconf")
     s.set_defaults(func=cmd_node_serve)
-    s.add_argument("store", type=Path)
+    s.add_argument("store", type=Path, nargs="?", default=None, help="a store or shard (`flashmesh pack` / `shard`)")
+    s.add_argument(
+        "--bundle", type=Path, default=None, metavar="OUT.flashmesh-ios",
+        help="serve the experts of an iOS bundle (`flashmesh export-ios`) from its own record files instead",
+    )  # fmt: skip
+    s.add_argument("--count", type=int, default=None, help="with --bundle: serve one shard of COUNT ...")
+    s.add_argument("--index", type=int, default=None, help="... the experts `flashmesh shard --index I` would hold")
+    s.add_argument("--replicas", type=int, default=1, help="with --bundle --count: machines holding each expert")
     s.add_argument("--ram-budget", required=True, help="bytes of expert weights kept in RAM, e.g. 8GB")
     s.add_argument("--port", type=int, default=0, help="TCP port (default: any free port)")
     s.add_argument("--name", default=None, help="node name (default: the host name)")
@@ -189,11 +196,20 @@ def cmd_node_serve(args) -> int:
 
     _check_interfaces(args.interfaces)
     tls = _node_tls(args)
+    if (args.store is None) == (args.bundle is None):
+        raise StoreError("give a STORE to serve, or --bundle OUT.flashmesh-ios (one of the two)")
+    shard = None
+    if args.count is not None or args.index is not None:
+        if args.bundle is None or args.count is None or args.index is None:
+            raise StoreError("--count and --index go together and with --bundle; shard a store with `flashmesh shard`")
+        shard = {"count": args.count, "index": args.index, "replicas": args.replicas}
     token = args.token or os.environ.get(TOKEN_ENV)
     generated = not token
     token = token or secrets.token_urlsafe(18)
     service = NodeService(
-        args.store,
+        args.bundle or args.store,
+        bundle=args.bundle is not None,
+        shard=shard,
         ram_budget=parse_bytes(args.ram_budget),
         token=token,
         name=args.name or (tls.name if tls else socket.gethostname()),
@@ -218,7 +234,8 @@ def cmd_node_serve(args) -> int:
         total = sum(h.num_experts for h in info.layers)
         print(
             f"node {service.name} ({service.node_id}) serving {held} of {total} experts of model "
-            f"{info.fingerprint[:16]} on {', '.join(args.interfaces)} port {port}",
+            f"{info.fingerprint[:16]} from {f'bundle {args.bundle}' if args.bundle else args.store} "
+            f"on {', '.join(args.interfaces)} port {port}",
             flush=True,
         )
         if tls is not None:

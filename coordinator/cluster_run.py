@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from coordinator.discovery import NodeAddress, discover
+from node.bundle_source import is_bundle
 from node.store_format import MANIFEST, Manifest, StoreError
 from node.tls import TlsIdentity
 from protos import TLS_ENV, TOKEN_ENV
@@ -186,8 +187,10 @@ class LocalNodeProcesses:
         logdir: Path,
         flash_gbps: float | None = None,
         tls: Path | None = None,
+        node_args: list[list[str]] | None = None,
     ) -> None:
         self.shards, self.budgets, self.token = list(shards), list(budgets), token
+        self.node_args = node_args or [[] for _ in shards]  # more `node serve` options per node
         self.tls = tls  # a cluster directory holding its CA: each node gets a certificate for its name
         self._certs = tempfile.TemporaryDirectory(prefix="flashmesh-node-certs-") if tls is not None else None
         self.flash_gbps = flash_gbps  # report this instead of measuring (placement then splits evenly)
@@ -202,7 +205,8 @@ class LocalNodeProcesses:
     def start(self, i: int, *, port: int = 0) -> subprocess.Popen:
         log_file = open(self.logdir / f"{self.names[i]}.log", "ab")  # noqa: SIM115 - closed in stop()
         self._logs.append(log_file)
-        cmd = [sys.executable, "-m", "coordinator.cli", "node", "serve", str(self.shards[i])]
+        source = ["--bundle", str(self.shards[i])] if is_bundle(self.shards[i]) else [str(self.shards[i])]
+        cmd = [sys.executable, "-m", "coordinator.cli", "node", "serve", *source, *self.node_args[i]]
         cmd += ["--ram-budget", str(self.budgets[i]), "--port", str(port), "--interfaces", "127.0.0.1"]
         cmd += ["--name", self.names[i], "--parent-pid", str(os.getpid())]
         if self.flash_gbps is not None:
@@ -300,9 +304,12 @@ def local_node_processes(
     timeout: float = 120.0,
     flash_gbps: float | None = None,
     tls: Path | None = None,
+    node_args: list[list[str]] | None = None,
 ) -> Iterator[LocalNodeProcesses]:
     """Started and found `LocalNodeProcesses`; always stopped on exit."""
-    nodes = LocalNodeProcesses(shards, budgets=budgets, token=token, logdir=logdir, flash_gbps=flash_gbps, tls=tls)
+    nodes = LocalNodeProcesses(
+        shards, budgets=budgets, token=token, logdir=logdir, flash_gbps=flash_gbps, tls=tls, node_args=node_args
+    )
     try:
         for i in range(len(shards)):
             nodes.start(i)
@@ -321,10 +328,14 @@ def local_nodes(
     logdir: Path,
     timeout: float = 120.0,
     tls: Path | None = None,
+    node_args: list[list[str]] | None = None,
 ) -> Iterator[list[NodeAddress]]:
-    """Start one `flashmesh node serve` process per shard on 127.0.0.1, find them by zeroconf on
-    127.0.0.1, yield their addresses; always stop the processes on exit. With `tls` (a cluster
-    directory holding its CA) each node gets a certificate for its name, in a directory removed
-    on exit, and serves only mutual TLS."""
-    with local_node_processes(shards, budgets=budgets, token=token, logdir=logdir, timeout=timeout, tls=tls) as nodes:
+    """Start one `flashmesh node serve` process per shard (or iOS bundle: `--bundle`) on 127.0.0.1,
+    find them by zeroconf on 127.0.0.1, yield their addresses; always stop the processes on exit.
+    With `tls` (a cluster directory holding its CA) each node gets a certificate for its name, in a
+    directory removed on exit, and serves only mutual TLS. `node_args`: more `node serve` options
+    per node (e.g. `--count 2 --index 0` for half a bundle)."""
+    with local_node_processes(
+        shards, budgets=budgets, token=token, logdir=logdir, timeout=timeout, tls=tls, node_args=node_args
+    ) as nodes:
         yield list(nodes.addresses)

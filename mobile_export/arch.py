@@ -1,8 +1,9 @@
 """Per-architecture pieces of the dense programs: attention (with its KV state), router, shared experts.
 
-Supported: qwen3_moe (GQA attention with q/k norms, softmax top-k routing) and deepseek_v3 / Kimi K2
-(MLA attention caching the compressed latent, sigmoid group routing, shared experts, dense first
-layers). Anything else is refused with one line naming what is unsupported.
+Supported: qwen3_moe (GQA attention with q/k norms, softmax top-k routing), mixtral (GQA attention
+without q/k norms, softmax over the top-k logits) and deepseek_v3 / Kimi K2 (MLA attention caching the
+compressed latent, sigmoid group routing, shared experts, dense first layers). Anything else is
+refused with one line naming what is unsupported.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from coremltools.converters.mil import Builder as mb
 from mobile_export import mil_ops as ops
 from node.store_format import StoreError
 
-SUPPORTED = ("deepseek_v3", "qwen3_moe")
+SUPPORTED = ("deepseek_v3", "mixtral", "qwen3_moe")
 
 
 def rope_table(rope, dim: int, ctx: int, *, traditional: bool) -> tuple[np.ndarray, np.ndarray]:
@@ -59,6 +60,8 @@ class Arch:
 
 class Qwen3Moe(Arch):
     traditional = False
+    qk_norm = True  # RMS norms on q and k per head before rope
+    moe_block = "mlp"  # the MoE module's name in a decoder layer (its router is `<block>.gate`)
 
     def __init__(self, config: dict, model, *, ctx: int) -> None:
         super().__init__(config, model, ctx=ctx)
@@ -67,7 +70,8 @@ class Qwen3Moe(Arch):
         self.hd = c.get("head_dim") or c["hidden_size"] // self.nh
         attn = model.model.layers[0].self_attn
         self.scale = attn.scale
-        self.cos, self.sin = rope_table(attn.rope, self.hd, ctx, traditional=False)
+        self.traditional = bool(getattr(attn.rope, "traditional", False))
+        self.cos, self.sin = rope_table(attn.rope, self.hd, ctx, traditional=self.traditional)
 
     def states(self, layer: int) -> list[State]:
         return [
@@ -79,30 +83,42 @@ class Qwen3Moe(Arch):
         """x fp16 [1, T, H] (normed) -> [1, T, H]; writes k/v [1, nkv, T, hd] into the states."""
         p = f"{self.prefix(layer)}.self_attn"
         nh, nkv, hd = self.nh, self.nkv, self.hd
-        q = ops.rms_norm(
-            mb.reshape(x=ops.linear(reg, x, f"{p}.q_proj.weight"), shape=[1, t, nh, hd]),
-            reg.const(f"{p}.q_norm.weight", "float32"),
-            self.eps,
-        )
-        k = ops.rms_norm(
-            mb.reshape(x=ops.linear(reg, x, f"{p}.k_proj.weight"), shape=[1, t, nkv, hd]),
-            reg.const(f"{p}.k_norm.weight", "float32"),
-            self.eps,
-        )
+        q = mb.reshape(x=ops.linear(reg, x, f"{p}.q_proj.weight"), shape=[1, t, nh, hd])
+        k = mb.reshape(x=ops.linear(reg, x, f"{p}.k_proj.weight"), shape=[1, t, nkv, hd])
+        if self.qk_norm:
+            q = ops.rms_norm(q, reg.const(f"{p}.q_norm.weight", "float32"), self.eps)
+            k = ops.rms_norm(k, reg.const(f"{p}.k_norm.weight", "float32"), self.eps)
         v = ops.heads(ops.linear(reg, x, f"{p}.v_proj.weight"), nkv, hd, t)  # [1, nkv, T, hd]
         q = mb.transpose(x=q, perm=[0, 2, 1, 3])
         k = mb.transpose(x=k, perm=[0, 2, 1, 3])
         cos, sin = ops.rope_tables(self.cos, self.sin, positions, "attn")
-        q = ops.rope(q, cos, sin, traditional=False, t=t, n=nh, d=hd)
-        k = ops.rope(k, cos, sin, traditional=False, t=t, n=nkv, d=hd)
+        q = ops.rope(q, cos, sin, traditional=self.traditional, t=t, n=nh, d=hd)
+        k = ops.rope(k, cos, sin, traditional=self.traditional, t=t, n=nkv, d=hd)
         keys = ops.cache_update(states[f"k_{layer}"], k, positions, [1, nkv, t, hd])  # [1, nkv, C, hd]
         values = ops.cache_update(states[f"v_{layer}"], v, positions, [1, nkv, t, hd])
         out = ops.attention(q, keys, values, mask, n_heads=nh, n_kv=nkv, t=t, ctx=self.ctx, scale=self.scale)
         return ops.linear(reg, ops.merge_heads(out, nh, hd, t), f"{p}.o_proj.weight")
 
+    @property
+    def normalize_topk(self) -> bool:
+        return bool(self.cfg.get("norm_topk_prob", False))
+
     def router(self, reg, xn, layer: int, t: int):
-        key = f"{self.prefix(layer)}.mlp.gate.weight"
-        return ops.softmax_topk_router(reg, xn, key, k=self.top_k, normalize=self.cfg.get("norm_topk_prob", False))
+        key = f"{self.prefix(layer)}.{self.moe_block}.gate.weight"
+        return ops.softmax_topk_router(reg, xn, key, k=self.top_k, normalize=self.normalize_topk)
+
+
+class Mixtral(Qwen3Moe):
+    """Mixtral: qwen3_moe's attention without q/k norms; every layer MoE (`block_sparse_moe`). Its router
+    takes the softmax of the top-k logits, which equals the softmax over all experts renormalised over
+    the top-k."""
+
+    qk_norm = False
+    moe_block = "block_sparse_moe"
+
+    @property
+    def normalize_topk(self) -> bool:
+        return True
 
 
 class DeepseekV3(Arch):
@@ -177,6 +193,8 @@ def arch_for(config: dict, model, *, ctx: int) -> Arch:
     model_type = config.get("model_type")
     if model_type == "qwen3_moe":
         return Qwen3Moe(config, model, ctx=ctx)
+    if model_type == "mixtral":
+        return Mixtral(config, model, ctx=ctx)
     if model_type == "deepseek_v3":
         return DeepseekV3(config, model, ctx=ctx)
     raise StoreError(f"export-ios cannot express model_type {model_type!r} (supported: {', '.join(SUPPORTED)})")

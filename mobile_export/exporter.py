@@ -220,7 +220,8 @@ def _routing(cfg: dict, manifest: Manifest) -> dict:
         "moe_layers": [s.layer for s in manifest.layers],
         "experts_per_layer": {str(s.layer): s.num_experts for s in manifest.layers},
         "top_k": manifest.top_k,
-        "norm_topk_prob": cfg.get("norm_topk_prob", False),
+        # mixtral always renormalises: its weights are the softmax of the chosen logits
+        "norm_topk_prob": cfg.get("norm_topk_prob", cfg["model_type"] == "mixtral"),
     }
     if cfg["model_type"] == "deepseek_v3":
         out |= {
@@ -237,7 +238,7 @@ def _routing(cfg: dict, manifest: Manifest) -> dict:
 
 def _write_kernel(tmp: Path, manifest: Manifest, quant: dict | None, *, target: str, prefill: int, parts: Path) -> dict:
     shapes = {t.name: t.shape for t in manifest.layers[0].tensors}
-    inter, hidden = manifest.config["moe_intermediate_size"], manifest.config["hidden_size"]
+    inter, hidden = shapes["gate_proj.weight"][0], manifest.config["hidden_size"]  # gate [I, H] (or packed)
     if "down_proj.weight" in shapes and shapes["down_proj.weight"][0] != hidden:
         raise StoreError(
             f"export-ios: expert down_proj has shape {shapes['down_proj.weight']}, expected [{hidden}, ...]"

@@ -9,7 +9,6 @@ ids are renumbered to the experts' slots, so the arithmetic is mlx-lm's and noth
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -17,15 +16,11 @@ import numpy as np
 from mlx.utils import tree_unflatten
 
 from node.cache import ExpertCache
-from node.experts import find_expert_modules, layer_index, load_lazy
+from node.experts import expert_templates
+
+__all__ = ["LocalExperts", "expert_templates"]
 
 _EMPTY = mx.zeros((0,))
-
-
-def expert_templates(store_path: Path) -> dict[int, nn.Module]:
-    """layer -> the model's routed-expert module, from a lazily built model (no weights read)."""
-    model, _ = load_lazy(Path(store_path), strict=False)
-    return {layer_index(path): module for path, module in find_expert_modules(model).items()}
 
 
 class LocalExperts:

@@ -73,3 +73,31 @@ def load_lazy(path: Path, *, strict: bool) -> tuple[nn.Module, dict]:
     except (ValueError, RuntimeError, OSError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise StoreError(f"cannot load the model in {path}: {first}") from None
+
+
+def expert_templates(store_path: Path) -> dict[int, nn.Module]:
+    """layer -> the model's routed-expert module, from a lazily built model (no weights read)."""
+    model, _ = load_lazy(Path(store_path), strict=False)
+    return {layer_index(path): module for path, module in find_expert_modules(model).items()}
+
+
+def expert_templates_from_config(config: dict, *, quantization: dict | None = None) -> dict[int, nn.Module]:
+    """layer -> routed-expert module of a model built from `config` alone (no weight files; MLX draws
+    nothing until evaluated). With `quantization` ({bits, group_size, mode}) the expert linears are
+    mlx-lm's quantized ones, so they compute with packed weights and scales/biases."""
+    model_class, args_class = model_classes(config)
+    try:
+        model = model_class(args_class.from_dict(config))
+    except (TypeError, ValueError, KeyError) as e:
+        raise StoreError(f"cannot build a {config.get('model_type')!r} model from its config: {e}") from None
+    modules = find_expert_modules(model)
+    if quantization:
+        for module in modules.values():
+            nn.quantize(
+                module,
+                group_size=quantization["group_size"],
+                bits=quantization["bits"],
+                mode=quantization.get("mode", "affine"),
+                class_predicate=lambda _, m: isinstance(m, SwitchLinear),
+            )
+    return {layer_index(path): module for path, module in modules.items()}

@@ -22,9 +22,9 @@ import mlx.core as mx
 import numpy as np
 
 from node.cache import ExpertCache
-from node.compute import LocalExperts, expert_templates
+from node.compute import LocalExperts
+from node.expert_source import ExpertSource, open_expert_source
 from node.store_format import RecordError, StoreError
-from node.store_reader import ExpertStore
 from protos import DEFAULT_MAX_MESSAGE_BYTES, PROTOCOL_VERSION
 from protos import flashmesh_pb2 as pb
 from protos.codec import FLOAT_DTYPES, CodecError, all_finite, decode, encode, to_numpy
@@ -58,7 +58,7 @@ def hidden_size(config: dict) -> int:
     raise StoreError("the model config names no hidden_size")
 
 
-def measure_read_gbps(store: ExpertStore, *, max_bytes: int = 64 * 1024**2, max_records: int = 64) -> float:
+def measure_read_gbps(store: ExpertSource, *, max_bytes: int = 64 * 1024**2, max_records: int = 64) -> float:
     """Flash read bandwidth of this store: parallel whole-record reads, the way the cache reads."""
     jobs = []
     for spec in store.manifest.layers:
@@ -89,7 +89,11 @@ class NodeService:
         verify: bool = True,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         flash_gbps: float | None = None,
+        bundle: bool = False,
+        shard: dict | None = None,
     ) -> None:
+        """`store_path` is a store or shard, or with `bundle` an iOS bundle whose records are served (all,
+        or with `shard` = {"index", "count", "replicas"} the experts that shard of the store holds)."""
         if not token:
             raise StoreError("a node needs a cluster token")
         self.token = token
@@ -97,7 +101,9 @@ class NodeService:
         self.node_id = uuid.uuid4().hex[:12]
         self.max_message_bytes = max_message_bytes
         self._mlx = ThreadPoolExecutor(max_workers=1, thread_name_prefix="flashmesh-mlx")
-        self.store = ExpertStore(Path(store_path), page_cache=page_cache, verify=verify)
+        self.store = open_expert_source(
+            Path(store_path), bundle=bundle, page_cache=page_cache, verify=verify, shard=shard
+        )
         try:
             self.manifest = self.store.manifest
             self.cache = ExpertCache(self.store, budget_bytes=ram_budget)
@@ -108,7 +114,7 @@ class NodeService:
                 mask = np.zeros(spec.num_experts, dtype=bool)
                 mask[spec.experts] = True
                 self._held[spec.layer] = mask
-            self.experts = self._mlx.submit(lambda: LocalExperts(self.cache, expert_templates(store_path))).result()
+            self.experts = self._mlx.submit(lambda: LocalExperts(self.cache, self.store.templates())).result()
             self.flash_gbps = measure_read_gbps(self.store) if flash_gbps is None else flash_gbps
         except BaseException:
             self.close()

@@ -20,8 +20,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import mlx.core as mx
+import mlx.nn as nn
 import numpy as np
 
+from node.experts import expert_templates
 from node.store_format import _DTYPES, RECORD_ALIGN, LayerSpec, Manifest, RecordError, StoreError, TensorSpec, checksum
 
 log = logging.getLogger(__name__)
@@ -84,6 +86,8 @@ def _open_bypassing_cache(path: Path) -> tuple[int, bool]:
 class ExpertStore:
     """Reads expert records of one store; thread-safe reads, MLX arrays made on the caller's thread."""
 
+    remedy = "re-pack or re-copy the store"  # what a user does about a corrupt record
+
     def __init__(
         self,
         path: Path,
@@ -92,17 +96,23 @@ class ExpertStore:
         queue_depth: int = 8,
         verify: bool = True,
         chunk_bytes: int = 8 * 1024 * 1024,
+        manifest: Manifest | None = None,
+        record_specs: dict[int, LayerSpec] | None = None,
     ) -> None:
+        """`manifest` and `record_specs` let a subclass read another layout (node.bundle_source): the
+        manifest describes the arrays handed out (what the cache counts), `record_specs` the records on
+        flash (size, offset, checksum, tensor table); by default both are the store's."""
         self.path = Path(path)
-        self.manifest = Manifest.load(self.path)
+        self.manifest = manifest or Manifest.load(self.path)
         self.page_cache = page_cache
         self.verify = verify
         self.queue_depth = queue_depth
         self.chunk_bytes = max(RECORD_ALIGN, chunk_bytes // RECORD_ALIGN * RECORD_ALIGN)
         self.bypassing_cache = False
         self._fds: dict[int, int] = {}
-        self._specs = {s.layer: s for s in self.manifest.layers}
-        for spec in self.manifest.layers:
+        self._layers = {s.layer: s for s in self.manifest.layers}
+        self._specs = record_specs or self._layers
+        for spec in self._specs.values():
             self._fds[spec.layer] = self._open(spec)
         self._pool = ThreadPoolExecutor(max_workers=queue_depth, thread_name_prefix="flashmesh-read")
         self._buffers: list[mmap.mmap] = []
@@ -125,7 +135,15 @@ class ExpertStore:
         return fd
 
     def layer(self, layer: int) -> LayerSpec:
-        return self._specs[layer]
+        return self._layers[layer]
+
+    def templates(self) -> dict[int, nn.Module]:
+        """layer -> the model's routed-expert module that computes with the arrays this store hands out."""
+        return expert_templates(self.path)
+
+    def _arrays(self, raw: mx.array, skew: int, spec: LayerSpec) -> dict[str, mx.array]:
+        """One record read into `raw` (at `skew`) -> its tensors: views, no copy (called on the caller's thread)."""
+        return {t.name: _tensor_view(raw, skew, t) for t in spec.tensors}
 
     def _buffer(self, size: int) -> mmap.mmap:
         with self._lock:
@@ -156,8 +174,7 @@ class ExpertStore:
             raise RecordError(
                 layer,
                 expert,
-                f"record checksum mismatch in {self.path / spec.file}; the flash copy is corrupt, "
-                "re-pack or re-copy the store",
+                f"record checksum mismatch in {self.path / spec.file}; the flash copy is corrupt, {self.remedy}",
             )
         return buf
 
@@ -219,11 +236,11 @@ class ExpertStore:
                     error = error or RecordError(
                         pending.layer,
                         e,
-                        f"record checksum mismatch in {self.path / spec.file}; the flash copy is corrupt, "
-                        "re-pack or re-copy the store",
+                        f"record checksum mismatch in {self.path / spec.file}; "
+                        f"the flash copy is corrupt, {self.remedy}",
                     )
                     continue
-            out[e] = {t.name: _tensor_view(raw, skew, t) for t in spec.tensors}
+            out[e] = self._arrays(raw, skew, spec)
         mx.eval([a for arrays in out.values() for a in arrays.values()])
         elapsed = time.perf_counter() - pending.started
         with self._lock:

@@ -41,3 +41,20 @@ class ModelFactory:
 @pytest.fixture(scope="session")
 def models(tmp_path_factory) -> ModelFactory:
     return ModelFactory(tmp_path_factory.mktemp("models"))
+
+
+@pytest.fixture(scope="session")
+def bundles(models, tmp_path_factory):
+    """iPhone bundles of the 3-layer qwen3_moe and deepseek_v3 stores, exported once per session:
+    (root, {arch: (store, bundle manifest)}), bundle at root / f"{arch}.flashmesh-ios"."""
+    from mobile_export.exporter import export_ios
+
+    root = tmp_path_factory.mktemp("bundles")
+    out = {}
+    for arch in ("qwen3_moe", "deepseek_v3"):
+        _, store = models.get(arch, "fp32", layers=3)
+        out[arch] = (
+            store,
+            export_ios(store, root / f"{arch}.flashmesh-ios", context=64, prefill=8, show_progress=False),
+        )
+    return root, out

@@ -9,25 +9,11 @@ from pathlib import Path
 import pytest
 
 from coordinator.cli import main
-from mobile_export.exporter import export_ios
 from mobile_export.verify import verify_bundle
 from node.store_format import RECORD_ALIGN
 
 ARCHS = ["qwen3_moe", "deepseek_v3"]
 SHAPE = {"layers": 3}
-
-
-@pytest.fixture(scope="session")
-def bundles(models, tmp_path_factory):
-    root = tmp_path_factory.mktemp("bundles")
-    out = {}
-    for arch in ARCHS:
-        _, store = models.get(arch, "fp32", **SHAPE)
-        out[arch] = (
-            store,
-            export_ios(store, root / f"{arch}.flashmesh-ios", context=64, prefill=8, show_progress=False),
-        )
-    return root, out
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -107,7 +93,7 @@ def test_flipped_package_weight(bundles, tmp_path, capsys):
 
 
 @pytest.mark.parametrize(
-    ("arch", "quant", "words"), [("mixtral", "fp32", "model_type 'mixtral'"), ("qwen3_moe", "mxfp4", "mxfp4")]
+    ("arch", "quant", "words"), [("gpt_oss", "fp32", "model_type 'gpt_oss'"), ("qwen3_moe", "mxfp4", "mxfp4")]
 )
 def test_unsupported_is_one_line(models, tmp_path, capsys, arch, quant, words):
     _, store = models.get(arch, quant, layers=2)

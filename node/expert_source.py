@@ -1,0 +1,60 @@
+"""Where a node's expert weights come from: a flash store (or shard) or an iPhone bundle.
+
+`ExpertSource` is what the node's cache and compute need of either; `open_expert_source` is the
+one place that picks the implementation. Both read whole aligned records with several preads in
+flight and verify each record's checksum; they differ in the record layout and in how a record
+becomes the arrays mlx-lm's expert modules (`templates()`) compute with.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Protocol
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from node.bundle_source import BundleExpertSource, is_bundle
+from node.store_format import LayerSpec, Manifest, StoreError
+from node.store_reader import ExpertStore, PendingRead, ReadStats
+
+
+class ExpertSource(Protocol):
+    path: Path
+    manifest: Manifest  # config, fingerprint, top-k; layers as the cache holds them (payload = RAM bytes)
+    queue_depth: int
+    bypassing_cache: bool
+    stats: ReadStats
+
+    def layer(self, layer: int) -> LayerSpec: ...
+
+    def submit(self, layer: int, experts: list[int]) -> PendingRead:
+        """Start reading whole records; the arrays are made on the caller's thread by `result()`."""
+        ...
+
+    def read(self, layer: int, experts: list[int]) -> dict[int, dict[str, mx.array]]: ...
+
+    def read_raw(self, layer: int, expert: int) -> bytes:
+        """One record's bytes on flash, checksum verified."""
+        ...
+
+    def templates(self) -> dict[int, nn.Module]:
+        """layer -> the routed-expert module that computes with this source's arrays."""
+        ...
+
+    def close(self) -> None: ...
+
+
+def open_expert_source(
+    path: Path, *, bundle: bool = False, page_cache: bool = False, verify: bool = True, shard: dict | None = None
+) -> ExpertSource:
+    """A store (`flashmesh pack` / `shard`) or, with `bundle`, an iOS bundle (`flashmesh export-ios`), of
+    which `shard` ({"index", "count", "replicas"}) picks the experts `flashmesh shard` would."""
+    path = Path(path)
+    if bundle:
+        return BundleExpertSource(path, page_cache=page_cache, verify=verify, shard=shard)
+    if shard is not None:
+        raise StoreError("serving a shard of a store needs `flashmesh shard` first; --count/--index go with --bundle")
+    if is_bundle(path):
+        raise StoreError(f"{path} is an iOS bundle, not a store; serve it with `flashmesh node serve --bundle {path}`")
+    return ExpertStore(path, page_cache=page_cache, verify=verify)
