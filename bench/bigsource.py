@@ -13,17 +13,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
-import shutil
 from pathlib import Path
 
 import mlx.core as mx
 from mlx.utils import tree_flatten
 from rich.progress import Progress
 
-from coordinator.synthetic import build_tokenizer, preset
-from node.experts import model_classes
+from coordinator.synthetic import writing_model
 
 
 def build_big_source(
@@ -36,33 +33,23 @@ def build_big_source(
     **shape,
 ) -> dict:
     """Write the model to `directory` (atomically), one safetensors file per decoder layer; return facts."""
-    directory = Path(directory)
-    tmp = directory.parent / f".{directory.name}.partial-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    vocab = build_tokenizer(tmp)
-    config = preset(arch, vocab=vocab, **shape)
-    model_class, args_class = model_classes(config)
-    mx.random.seed(seed)
-    params = dict(tree_flatten(model_class(args_class.from_dict(config)).parameters()))  # lazy: nothing drawn yet
-    groups: dict[str, list[str]] = {}
-    for name in params:
-        m = re.match(r"model\.layers\.(\d+)\.", name)
-        groups.setdefault(f"layer{int(m.group(1)):05d}" if m else "other", []).append(name)
     total = 0
-    with Progress(disable=not show_progress) as progress:
-        task = progress.add_task("writing source layers", total=len(groups))
-        for i, (_, names) in enumerate(sorted(groups.items())):
-            chunk = {n: params.pop(n).astype(getattr(mx, dtype)) for n in names}
-            mx.eval(chunk)
-            total += sum(a.nbytes for a in chunk.values())
-            mx.save_safetensors(str(tmp / f"model-{i:05d}.safetensors"), chunk, metadata={"format": "mlx"})
-            del chunk
-            progress.advance(task)
-    (tmp / "config.json").write_text(json.dumps(config, indent=1))
-    if directory.exists():
-        shutil.rmtree(directory)
-    os.replace(tmp, directory)
+    with writing_model(directory, arch, seed=seed, **shape) as (tmp, config, model):
+        params = dict(tree_flatten(model.parameters()))  # lazy: nothing drawn yet
+        del model  # only `params` holds the weights now, so each group is freed once written
+        groups: dict[str, list[str]] = {}
+        for name in params:
+            m = re.match(r"model\.layers\.(\d+)\.", name)
+            groups.setdefault(f"layer{int(m.group(1)):05d}" if m else "other", []).append(name)
+        with Progress(disable=not show_progress) as progress:
+            task = progress.add_task("writing source layers", total=len(groups))
+            for i, (_, names) in enumerate(sorted(groups.items())):
+                chunk = {n: params.pop(n).astype(getattr(mx, dtype)) for n in names}
+                mx.eval(chunk)
+                total += sum(a.nbytes for a in chunk.values())
+                mx.save_safetensors(str(tmp / f"model-{i:05d}.safetensors"), chunk, metadata={"format": "mlx"})
+                del chunk
+                progress.advance(task)
     return {"arch": arch, "dtype": dtype, "weight_bytes": total, "config": config}
 
 

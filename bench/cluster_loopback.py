@@ -25,12 +25,11 @@ import numpy as np
 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-from coordinator.cluster_run import ensure_shards, local_nodes  # noqa: E402
+from coordinator.cluster_run import ensure_dense, ensure_shards, local_nodes  # noqa: E402
 from coordinator.demo import DEMO_SHAPE, prepare_demo  # noqa: E402
 from coordinator.engine import open_cluster, open_local  # noqa: E402
 from coordinator.generate import encode_prompt, generate  # noqa: E402
-from node.shard import write_dense  # noqa: E402
-from node.store_format import MANIFEST, Manifest  # noqa: E402
+from node.store_format import Manifest  # noqa: E402
 
 PROMPT = "The experts live on flash and"
 
@@ -75,9 +74,7 @@ def main() -> None:
 
     store, _ = prepare_demo(args.workdir, show_progress=False)
     manifest = Manifest.load(store)
-    dense = args.workdir / "dense"
-    if not (dense / MANIFEST).is_file() or Manifest.load(dense).fingerprint != manifest.fingerprint:
-        write_dense(store, dense, force=True)
+    dense = ensure_dense(store, args.workdir / "dense")
     budget = manifest.expert_bytes_total
 
     local = open_local(store, ram_budget=budget)

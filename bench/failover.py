@@ -27,19 +27,19 @@ from rich.progress import track
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 from bench.cli import write_result  # noqa: E402
-from coordinator.cluster_run import ensure_shards, local_node_processes  # noqa: E402
+from coordinator.cluster_run import ensure_dense, ensure_shards, local_node_processes  # noqa: E402
 from coordinator.demo import DEMO_SHAPE, prepare_demo  # noqa: E402
 from coordinator.engine import open_cluster, open_local  # noqa: E402
 from coordinator.generate import encode_prompt, generate  # noqa: E402
 from coordinator.remote import DEFAULT_RPC_DEADLINE  # noqa: E402
-from node.shard import write_dense  # noqa: E402
 from node.store_format import Manifest  # noqa: E402
 
 PROMPT = "The experts live on flash and"
 FAULTS = ("sigkill_between_calls", "sigkill_in_flight", "sigstop")
 
 
-def _generate(streaming, max_tokens: int, on_layer_call=None) -> list[int]:
+def generate_with_faults(streaming, prompt: str, *, max_tokens: int, on_layer_call=None) -> list[int]:
+    """Greedy tokens; `on_layer_call(n)` runs before the n-th MoE layer call (to inject a fault there)."""
     backend = streaming.backend
     if on_layer_call is not None:
         compute, calls = backend.compute, [0]
@@ -51,10 +51,14 @@ def _generate(streaming, max_tokens: int, on_layer_call=None) -> list[int]:
 
         backend.compute = hooked
     try:
-        prompt = encode_prompt(streaming.tokenizer, PROMPT, chat=False)
-        return generate(streaming.model, streaming.tokenizer, prompt, max_tokens=max_tokens).tokens
+        tokens = encode_prompt(streaming.tokenizer, prompt, chat=False)
+        return generate(streaming.model, streaming.tokenizer, tokens, max_tokens=max_tokens).tokens
     finally:
         backend.__dict__.pop("compute", None)
+
+
+def _generate(streaming, max_tokens: int, on_layer_call=None) -> list[int]:
+    return generate_with_faults(streaming, PROMPT, max_tokens=max_tokens, on_layer_call=on_layer_call)
 
 
 def _one(nodes, dense, *, fault: str, reference: list[int], max_tokens: int, rpc_deadline: float, moe_layers: int):
@@ -127,9 +131,7 @@ def main() -> None:
         reference = _generate(local, args.max_tokens)
     finally:
         local.close()
-    dense = args.workdir / "dense"
-    if not dense.is_dir():
-        write_dense(store, dense)
+    dense = ensure_dense(store, args.workdir / "dense")
     shards = ensure_shards(store, args.workdir, count=3, replicas=2)
     rows = []
     with local_node_processes(

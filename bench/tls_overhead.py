@@ -28,11 +28,10 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 from bench.cluster_loopback import _cluster_figures, _generate, _speeds  # noqa: E402
 from coordinator.certs import init_cluster  # noqa: E402
-from coordinator.cluster_run import ensure_shards, local_nodes  # noqa: E402
+from coordinator.cluster_run import ensure_dense, ensure_shards, local_nodes  # noqa: E402
 from coordinator.demo import DEMO_SHAPE, prepare_demo  # noqa: E402
 from coordinator.engine import open_cluster  # noqa: E402
-from node.shard import write_dense  # noqa: E402
-from node.store_format import MANIFEST, Manifest  # noqa: E402
+from node.store_format import Manifest  # noqa: E402
 from node.tls import COORDINATOR, load_identity  # noqa: E402
 
 
@@ -167,9 +166,7 @@ def main() -> None:
 
     store, _ = prepare_demo(args.workdir, show_progress=False)
     manifest = Manifest.load(store)
-    dense = args.workdir / "dense"
-    if not (dense / MANIFEST).is_file() or Manifest.load(dense).fingerprint != manifest.fingerprint:
-        write_dense(store, dense, force=True)
+    dense = ensure_dense(store, args.workdir / "dense")
     budget = manifest.expert_bytes_total
     runs = []
     with tempfile.TemporaryDirectory(prefix="flashmesh-bench-tls-") as tmp:

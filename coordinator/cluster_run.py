@@ -173,6 +173,15 @@ def ensure_shards(store: Path, workdir: Path, *, count: int, replicas: int = 1) 
     return paths
 
 
+def ensure_dense(store: Path, out: Path) -> Path:
+    """The coordinator's dense part of `store` at `out`, written once per store fingerprint."""
+    from node.shard import write_dense
+
+    if not (out / MANIFEST).is_file() or Manifest.load(out).fingerprint != Manifest.load(store).fingerprint:
+        write_dense(store, out, force=True)
+    return out
+
+
 class LocalNodeProcesses:
     """`flashmesh node serve` processes on 127.0.0.1, one per shard, with their process handles:
     for the demo, benchmarks and the fault tests (which kill, stop and restart them). Each has a

@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import mlx.core as mx
@@ -170,6 +172,29 @@ def build_tokenizer(directory: Path, *, vocab_size: int = 384) -> int:
     return tok.get_vocab_size()
 
 
+@contextmanager
+def writing_model(directory: Path, arch: str, *, seed: int = 0, **shape) -> Iterator[tuple[Path, dict, nn.Module]]:
+    """(temporary directory holding the tokenizer, config for `arch`, mlx-lm's model with a lazy random
+    init) for the block to write weights into; on success config.json is written and the directory
+    renamed to `directory`, so a half-written model never looks complete."""
+    directory = Path(directory)
+    tmp = directory.parent / f".{directory.name}.partial-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        config = preset(arch, vocab=build_tokenizer(tmp), **shape)
+        model_class, args_class = model_classes(config)
+        mx.random.seed(seed)
+        yield tmp, config, model_class(args_class.from_dict(config))
+        (tmp / "config.json").write_text(json.dumps(config, indent=1))
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if directory.exists():
+        shutil.rmtree(directory)
+    os.replace(tmp, directory)
+
+
 def build_model(
     directory: Path,
     arch: str = "qwen3_moe",
@@ -180,34 +205,22 @@ def build_model(
     **shape,
 ) -> Path:
     """Write a random-weight model of `arch` to `directory` (atomically); return the directory."""
-    directory = Path(directory)
-    tmp = directory.parent / f".{directory.name}.partial-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    vocab = build_tokenizer(tmp)
-    config = preset(arch, vocab=vocab, **shape)
-    model_class, args_class = model_classes(config)
-    mx.random.seed(seed)
-    model: nn.Module = model_class(args_class.from_dict(config))
-    model.set_dtype(getattr(mx, dtype))
-    if quantize is not None:
-        nn.quantize(
-            model,
-            group_size=quantize.get("group_size", 64),
-            bits=quantize["bits"],
-            mode=quantize.get("mode", "affine"),
-            class_predicate=lambda p, m: hasattr(m, "to_quantized") and m.weight.shape[-1] % 64 == 0,
-        )
-        config["quantization"] = {
-            "group_size": quantize.get("group_size", 64),
-            "bits": quantize["bits"],
-            "mode": quantize.get("mode", "affine"),
-        }
-    weights = dict(tree_flatten(model.parameters()))
-    mx.eval(weights)
-    mx.save_safetensors(str(tmp / "model.safetensors"), weights, metadata={"format": "mlx"})
-    (tmp / "config.json").write_text(json.dumps(config, indent=1))
-    if directory.exists():
-        shutil.rmtree(directory)
-    os.replace(tmp, directory)
-    return directory
+    with writing_model(directory, arch, seed=seed, **shape) as (tmp, config, model):
+        model.set_dtype(getattr(mx, dtype))
+        if quantize is not None:
+            nn.quantize(
+                model,
+                group_size=quantize.get("group_size", 64),
+                bits=quantize["bits"],
+                mode=quantize.get("mode", "affine"),
+                class_predicate=lambda p, m: hasattr(m, "to_quantized") and m.weight.shape[-1] % 64 == 0,
+            )
+            config["quantization"] = {
+                "group_size": quantize.get("group_size", 64),
+                "bits": quantize["bits"],
+                "mode": quantize.get("mode", "affine"),
+            }
+        weights = dict(tree_flatten(model.parameters()))
+        mx.eval(weights)
+        mx.save_safetensors(str(tmp / "model.safetensors"), weights, metadata={"format": "mlx"})
+    return Path(directory)

@@ -15,6 +15,7 @@ import time
 import numpy as np
 import pytest
 
+from bench.failover import generate_with_faults
 from coordinator.cli import main
 from coordinator.cluster_run import ensure_shards, local_node_processes
 from coordinator.engine import open_cluster, open_local
@@ -98,22 +99,7 @@ def replicated(reference, tmp_path_factory):
 
 def _generate(streaming, *, on_layer_call=None):
     """Generate; `on_layer_call(n)` runs before the n-th MoE layer call (to inject a fault there)."""
-    backend = streaming.backend
-    if on_layer_call is not None:
-        compute, calls = backend.compute, [0]
-
-        def hooked(layer, x, indices):
-            calls[0] += 1
-            on_layer_call(calls[0])
-            return compute(layer, x, indices)
-
-        backend.compute = hooked
-    try:
-        return generate(
-            streaming.model, streaming.tokenizer, streaming.tokenizer.encode(PROMPT), max_tokens=MAX_TOKENS
-        ).tokens
-    finally:
-        backend.__dict__.pop("compute", None)
+    return generate_with_faults(streaming, PROMPT, max_tokens=MAX_TOKENS, on_layer_call=on_layer_call)
 
 
 MID_DECODE = 8 + 2 * 8 + 3  # prefill (8 MoE layers), two decode steps, then mid-way through the third
