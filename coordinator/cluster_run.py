@@ -14,7 +14,7 @@ import secrets
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -150,10 +150,17 @@ def ensure_shards(store: Path, workdir: Path, *, count: int) -> list[Path]:
 
 @contextmanager
 def local_nodes(
-    shards: list[Path], *, budgets: list[int], token: str, logdir: Path, timeout: float = 120.0
+    shards: list[Path],
+    *,
+    budgets: list[int],
+    token: str,
+    logdir: Path,
+    timeout: float = 120.0,
+    before_exec: list[Callable[[], None]] | None = None,
 ) -> Iterator[list[NodeAddress]]:
     """Start one `flashmesh node serve` process per shard on 127.0.0.1, find them by zeroconf on
-    127.0.0.1, yield their addresses; always stop the processes on exit."""
+    127.0.0.1, yield their addresses; always stop the processes on exit. `before_exec[i]` runs in
+    node i's process before it execs (the benchmarks put each node in its own cgroups there)."""
     logdir = Path(logdir)
     logdir.mkdir(parents=True, exist_ok=True)
     run_id = f"local{os.getpid()}x{secrets.token_hex(2)}"
@@ -162,12 +169,13 @@ def local_nodes(
     procs: list[subprocess.Popen] = []
     logs = []
     try:
-        for shard, budget, name in zip(shards, budgets, names, strict=True):
+        hooks = before_exec or [None] * len(shards)
+        for shard, budget, name, hook in zip(shards, budgets, names, hooks, strict=True):
             log_file = open(logdir / f"{name}.log", "wb")  # noqa: SIM115 - closed in finally
             logs.append(log_file)
             cmd = [sys.executable, "-m", "coordinator.cli", "node", "serve", str(shard), "--ram-budget", str(budget)]
             cmd += ["--port", "0", "--interfaces", "127.0.0.1", "--name", name, "--parent-pid", str(os.getpid())]
-            procs.append(subprocess.Popen(cmd, env=env, stdout=log_file, stderr=subprocess.STDOUT))
+            procs.append(subprocess.Popen(cmd, env=env, stdout=log_file, stderr=subprocess.STDOUT, preexec_fn=hook))
         wanted = set(names)
         found: dict[str, NodeAddress] = {}
         deadline = time.monotonic() + timeout
