@@ -177,10 +177,11 @@ def cmd_oversub(args: argparse.Namespace) -> int:
         if "decode_tokens_per_s" in r:
             extra = ""
             if r.get("io_bound_tokens_per_s"):
-                extra = (
-                    f", I/O bound {r['io_bound_tokens_per_s']:.2f} tok/s"
-                    f" (reached {r['fraction_of_io_bound']:.2f}), hit {r['hit_rate']:.3f}"
-                )
+                extra = f", I/O bound {r['io_bound_tokens_per_s']:.2f} tok/s (reached {r['fraction_of_io_bound']:.2f})"
+                if "hit_rate" in r:
+                    extra += f", hit {r['hit_rate']:.3f}"
+                if "disk_read_bytes_per_token" in r:
+                    extra += f", page faults read {r['disk_read_bytes_per_token'] / 1e6:.0f} MB/token"
             peak = f", peak cgroup {r['max_usage_bytes'] / 1e9:.2f} GB" if "max_usage_bytes" in r else " (no limit)"
             print(f"{name:>22}: {r['decode_tokens_per_s']:.2f} tok/s{peak}{extra}")
         else:

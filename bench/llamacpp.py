@@ -15,6 +15,13 @@ from pathlib import Path
 import numpy as np
 
 
+def _read_bytes() -> int:
+    for line in Path("/proc/self/io").read_text().splitlines():
+        if line.startswith("read_bytes:"):
+            return int(line.split()[1])
+    return 0
+
+
 def llama_cpp_decode(gguf: Path, *, prompt_ids: list[int], max_tokens: int, eos_ids: list[int], prompt: str) -> dict:
     """Greedy: argmax of llama.cpp's logits, one token at a time; timings like coordinator.generate."""
     from llama_cpp import GGML_TYPE_F32, Llama
@@ -44,11 +51,13 @@ def llama_cpp_decode(gguf: Path, *, prompt_ids: list[int], max_tokens: int, eos_
         token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
         if first_at is None:
             first_at = time.perf_counter()
+            read_at_first = _read_bytes()
         tokens.append(token)
         if token in eos_ids or len(tokens) == max_tokens:
             break
         llm.eval([token])
     end = time.perf_counter()
+    read_in_decode = _read_bytes() - read_at_first
     llm.close()
     return {
         "tokens": tokens,
@@ -58,4 +67,6 @@ def llama_cpp_decode(gguf: Path, *, prompt_ids: list[int], max_tokens: int, eos_
         "llama_cpp_tokenizes_prompt_alike": own_ids == prompt_ids,
         "gguf_bytes": Path(gguf).stat().st_size,
         "kv_cache_type": "f32",
+        # bytes this process had the kernel read from storage (page faults on the mapping), per decode step
+        "disk_read_bytes_per_token": read_in_decode / max(1, len(tokens) - 1),
     }

@@ -196,6 +196,12 @@ def run_oversub_bench(
         "fio_gbps": fio_gbps,
         "runs": runs,
     }
+    per_token_all_miss = manifest.top_k * len(manifest.layers) * manifest.layers[0].payload_bytes
+    result["io_bound_all_miss_tokens_per_s"] = fio_gbps * 1e9 / per_token_all_miss
+    llama = runs.get("llama_cpp", {})
+    if llama.get("disk_read_bytes_per_token"):  # what llama.cpp's page faults actually read, per token
+        llama["io_bound_tokens_per_s"] = fio_gbps * 1e9 / llama["disk_read_bytes_per_token"]
+        llama["fraction_of_io_bound"] = llama["decode_tokens_per_s"] / llama["io_bound_tokens_per_s"]
     for r in runs.values():
         if "tokens" in r and reference is not None:
             r["tokens_match_mlx_lm"] = r["tokens"] == reference

@@ -144,7 +144,7 @@ def run_cluster_config(
             try:
                 before = {n.node_id: n.client.stats() for n in nodes}
                 prompt = encode_prompt(streaming.tokenizer, PROMPT, chat=False)
-                tokens, first_at, at_first = [], None, None
+                tokens, first_at, at_first, calls_at_first = [], None, None, 0
                 start = time.perf_counter()
                 for response in stream_generate(
                     streaming.model, streaming.tokenizer, prompt, max_tokens=max_tokens, sampler=make_sampler(temp=0.0)
@@ -152,11 +152,12 @@ def run_cluster_config(
                     if first_at is None:  # prefill done: node figures from here on are decode only
                         first_at = time.perf_counter()
                         at_first = {n.node_id: n.client.stats() for n in nodes}
+                        calls_at_first = len(streaming.backend.stats.calls)
                     tokens.append(int(response.token))
                 end = time.perf_counter()
                 after = {n.node_id: n.client.stats() for n in nodes}
-                # MoE layer calls of single-token forward passes: split -> all replies in -> reassembled
-                dispatch_s = sum(c.seconds for c in streaming.backend.stats.calls if c.tokens == 1)
+                # MoE layer calls made after the first token (split -> all replies in -> reassembled)
+                dispatch_s = sum(c.seconds for c in streaming.backend.stats.calls[calls_at_first:])
                 node_rows = [
                     {
                         "name": n.info.name,
@@ -299,9 +300,15 @@ def plot_scaling(result: dict, path: Path) -> Path:
     ax.set_title(f"read cap {cap:.0f} MB/s per node, budget {result['ram_budget_bytes'] / 2**20:.0f} MiB", fontsize=9)
     labels = [f"{r['nodes']}{'' if r is base else ' ' + r['budget_mode']}" for r in rows]
     x = range(len(rows))
-    ax2.bar([i - 0.25 for i in x], [r["decode_s_per_token"] for r in rows], 0.25, label="decode s/token")
-    ax2.bar(x, [r["node_io_s_per_token_max"] for r in rows], 0.25, label="slowest node's read wait")
-    ax2.bar([i + 0.25 for i in x], [r["node_compute_s_per_token_sum"] for r in rows], 0.25, label="all nodes' compute")
+    w = 0.2
+    bars = [
+        ("decode_s_per_token", "decode s/token"),
+        ("node_busy_s_per_token_max", "busiest node: serving"),
+        ("node_io_s_per_token_max", "slowest node: read wait"),
+        ("node_compute_s_per_token_sum", "all nodes: expert compute"),
+    ]
+    for k, (key, label) in enumerate(bars):
+        ax2.bar([i + (k - 1.5) * w for i in x], [r[key] for r in rows], w, label=label)
     ax2.set_xticks(list(x), labels, fontsize=8)
     ax2.set_ylabel("seconds per token")
     ax2.legend(fontsize=8)
