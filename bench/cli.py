@@ -130,6 +130,30 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     return 0
 
 
+def _need(*modules: str) -> None:
+    """Fail in one line, before any work, when an optional benchmark dependency is missing."""
+    import importlib.util
+
+    from node.store_format import StoreError
+
+    missing = [m for m in modules if importlib.util.find_spec(m) is None]
+    if missing:
+        extras = "bench,llamacpp" if "llama_cpp" in missing else "bench"
+        raise StoreError(f"this benchmark needs {', '.join(missing)}: pip install -e '.[{extras}]'")
+
+
+def _gguf_for(args: argparse.Namespace) -> Path:
+    """The GGUF llama.cpp reads: --gguf, or <source>-f32.gguf written from --source when missing."""
+    _need("llama_cpp", "gguf")
+    gguf = args.gguf or args.source.parent / f"{args.source.name}-f32.gguf"
+    if not gguf.is_file():
+        from bench.gguf_export import export_gguf
+
+        print(f"writing {gguf} from {args.source}")
+        export_gguf(args.source, gguf)
+    return gguf
+
+
 def cmd_oversub(args: argparse.Namespace) -> int:
     from bench.oversub import run_oversub_bench
     from node.cache import parse_bytes
@@ -138,8 +162,15 @@ def cmd_oversub(args: argparse.Namespace) -> int:
     manifest = Manifest.load(args.store)
     limit = parse_bytes(args.limit) if args.limit else int(manifest.expert_bytes_total / 3.2)
     budget = parse_bytes(args.ram_budget) if args.ram_budget else int(limit * 0.45)
+    gguf = _gguf_for(args) if args.llama_cpp else None
     result = run_oversub_bench(
-        args.store, args.source, limit_bytes=limit, ram_budget=budget, max_tokens=args.max_tokens
+        args.store,
+        args.source,
+        limit_bytes=limit,
+        ram_budget=budget,
+        max_tokens=args.max_tokens,
+        gguf=gguf,
+        repeats=args.repeats,
     )
     path = write_result(args.name or f"oversub-{args.store.name}", result)
     if args.json:
@@ -153,17 +184,78 @@ def cmd_oversub(args: argparse.Namespace) -> int:
         if "decode_tokens_per_s" in r:
             extra = ""
             if r.get("io_bound_tokens_per_s"):
-                extra = (
-                    f", I/O bound {r['io_bound_tokens_per_s']:.2f} tok/s"
-                    f" (reached {r['fraction_of_io_bound']:.2f}), hit {r['hit_rate']:.3f}"
-                )
-            print(
-                f"{name:>22}: {r['decode_tokens_per_s']:.2f} tok/s,"
-                f" peak cgroup {r['max_usage_bytes'] / 1e9:.2f} GB{extra}"
-            )
+                extra = f", I/O bound {r['io_bound_tokens_per_s']:.2f} tok/s (reached {r['fraction_of_io_bound']:.2f})"
+                if "hit_rate" in r:
+                    extra += f", hit {r['hit_rate']:.3f}"
+                if "disk_read_bytes_per_token" in r:
+                    extra += f", page faults read {r['disk_read_bytes_per_token'] / 1e6:.0f} MB/token"
+            peak = f", peak cgroup {r['max_usage_bytes'] / 1e9:.2f} GB" if "max_usage_bytes" in r else " (no limit)"
+            print(f"{name:>22}: {r['decode_tokens_per_s']:.2f} tok/s{peak}{extra}")
         else:
-            print(f"{name:>22}: rc {r['returncode']}, oom_killed {r['oom_killed']}")
+            print(f"{name:>22}: rc {r['returncode']}, oom_killed {r.get('oom_killed')}")
+    for name in ("streamed", "streamed_no_lookahead"):
+        r = result["runs"][name]
+        if r.get("over_llama_cpp"):
+            print(
+                f"{name:>22}: {r['over_llama_cpp']:.2f}x llama.cpp's tok/s (median of rounds), "
+                f"same tokens as llama.cpp: {r.get('tokens_match_llama_cpp')},"
+                f" as mlx-lm: {r.get('tokens_match_mlx_lm')}"
+            )
     print(f"written to {path}")
+    return 0
+
+
+def cmd_scaling(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from bench.scaling import plot_scaling, run_scaling_bench
+    from node.cache import parse_bytes
+    from node.store_format import Manifest
+
+    _need("matplotlib")
+    manifest = Manifest.load(args.store)
+    budget = parse_bytes(args.ram_budget) if args.ram_budget else manifest.min_budget_bytes * 4
+    counts = tuple(int(n) for n in args.nodes.split(","))
+    console = Console(stderr=True)
+    with console.status("scaling") as status:
+        result = run_scaling_bench(
+            args.store,
+            counts=counts,
+            ram_budget=budget,
+            read_bps=parse_bytes(args.read_cap),
+            modes=tuple(args.budget_modes.split(",")),
+            max_tokens=args.max_tokens,
+            rounds=args.rounds,
+            progress=lambda text: status.update(f"scaling: {text}"),
+        )
+    name = args.name or f"scaling-{args.store.name}"
+    result["plot"] = str(plot_scaling(result, RESULTS / f"{name}.png"))
+    path = write_result(name, result)
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    print(
+        f"experts {result['expert_bytes_total'] / 1e9:.2f} GB; 1 node: budget {budget / 1e9:.2f} GB; "
+        f"per node read cap {result['read_bps_per_node'] / 1e6:.0f} MB/s on {result['disk']}"
+    )
+    print(
+        "decode only, seconds per token: io = the slowest node's read wait, cmp = all nodes' expert compute,"
+        " coord = the coordinator's own part (dense layers; decode time minus waiting on the nodes)"
+    )
+    print(
+        f"{'nodes':>5} {'budget':>6} {'MiB/node':>8} {'tok/s':>7} {'speedup':>8} {'hit':>5} {'MB/tok':>7}"
+        f" {'io s':>6} {'cmp s':>6} {'coord s':>7} {'same':>5}"
+    )
+    for r in result["rows"]:
+        print(
+            f"{r['nodes']:>5} {r['budget_mode']:>6} {r['ram_budget_per_node_bytes'] / 2**20:>8.0f}"
+            f" {r['decode_tokens_per_s']:>7.2f} {r['speedup']:>8.2f} {r['hit_rate']:>5.2f}"
+            f" {r['bytes_read_per_token'] / 1e6:>7.1f}"
+            f" {r['node_io_s_per_token_max']:>6.2f} {r['node_compute_s_per_token_sum']:>6.2f}"
+            f" {r['coordinator_s_per_token']:>7.2f}"
+            f" {str(r['tokens_match_1_node']):>5}"
+        )
+    print(f"written to {path} and {result['plot']}")
     return 0
 
 
@@ -296,6 +388,21 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--limit", default=None, help="cgroup memory limit (default: expert bytes / 3.2)")
     p.add_argument("--ram-budget", default=None, help="expert cache budget (default: 45%% of the limit)")
     p.add_argument("--max-tokens", type=int, default=16)
+    p.add_argument("--llama-cpp", action="store_true", help="add llama.cpp (llama-cpp-python, mmap) on the GGUF")
+    p.add_argument("--gguf", type=Path, default=None, help="the GGUF for --llama-cpp (default: <source>-f32.gguf)")
+    p.add_argument("--repeats", type=int, default=1, help="rounds of the engines, alternating (median)")
+    p.add_argument("--name", default=None)
+    p.add_argument("--json", action="store_true")
+
+    p = bsub.add_parser("scaling", help="tok/s vs N local nodes, each in its own memory + blkio-capped cgroup")
+    p.set_defaults(func=cmd_scaling)
+    p.add_argument("store", type=Path)
+    p.add_argument("--nodes", default="1,2,4", help="node counts, run in alternating rounds")
+    p.add_argument("--ram-budget", default=None, help="one node's (default: 4x the minimum, half a token's experts)")
+    p.add_argument("--budget-modes", default="same,split", help="same: each node the budget; split: budget / N")
+    p.add_argument("--read-cap", default="150MB", help="per node read bandwidth (blkio throttle), bytes/s")
+    p.add_argument("--max-tokens", type=int, default=16)
+    p.add_argument("--rounds", type=int, default=1)
     p.add_argument("--name", default=None)
     p.add_argument("--json", action="store_true")
 

@@ -45,22 +45,25 @@ def drop_page_cache() -> None:
     Path("/proc/sys/vm/drop_caches").write_text("3\n")
 
 
-def run_in_cgroup(cgroup: Path, args: list[str], *, timeout: float) -> dict:
-    """Run `python -m bench.oversub --child ...` inside `cgroup`; return its JSON or what killed it."""
-    procs = cgroup / "cgroup.procs"
-    kills_before = oom_kills(cgroup)
-    (cgroup / "memory.max_usage_in_bytes").write_text("0")
+def run_in_cgroup(cgroup: Path | None, args: list[str], *, timeout: float) -> dict:
+    """Run `python -m bench.oversub --child ...` inside `cgroup` (None: unconstrained); return its
+    JSON or what killed it."""
+    kills_before = oom_kills(cgroup) if cgroup else 0
+    if cgroup:
+        (cgroup / "memory.max_usage_in_bytes").write_text("0")
+    procs = cgroup / "cgroup.procs" if cgroup else None
     start = time.perf_counter()
     proc = subprocess.run(
         [sys.executable, "-m", "bench.oversub", "--child", *args],
-        preexec_fn=lambda: procs.write_text(str(os.getpid())),
+        preexec_fn=(lambda: procs.write_text(str(os.getpid()))) if procs else None,
         capture_output=True,
         text=True,
         timeout=timeout,
     )
     out: dict = {"returncode": proc.returncode, "wall_s": time.perf_counter() - start}
-    out["oom_killed"] = oom_kills(cgroup) > kills_before
-    out["max_usage_bytes"] = int((cgroup / "memory.max_usage_in_bytes").read_text())
+    if cgroup:
+        out["oom_killed"] = oom_kills(cgroup) > kills_before
+        out["max_usage_bytes"] = int((cgroup / "memory.max_usage_in_bytes").read_text())
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
     if proc.returncode == 0 and lines:
         out.update(json.loads(lines[-1]))
@@ -70,18 +73,23 @@ def run_in_cgroup(cgroup: Path, args: list[str], *, timeout: float) -> dict:
 
 
 def child(argv: list[str]) -> int:
-    """In the cgroup: one greedy generation, streamed or with mlx-lm; print one JSON line."""
-    import mlx.core as mx
-
+    """In the cgroup: one greedy generation (streamed, mlx-lm or llama.cpp); print one JSON line."""
     mode, path, max_tokens = argv[0], Path(argv[1]), int(argv[2])
-    from bench.decode import PROMPT
+    if mode == "llama_cpp":  # no MLX in this process: only llama.cpp's memory counts
+        from bench.llamacpp import llama_cpp_decode
 
-    if mode == "streamed":
+        ids = [int(t) for t in argv[3].split(",")]
+        eos = [int(t) for t in argv[4].split(",") if t]
+        r = llama_cpp_decode(path, prompt_ids=ids, max_tokens=max_tokens, eos_ids=eos, prompt=argv[5])
+    elif mode == "streamed":
+        import mlx.core as mx
+
         from bench.decode import streamed_decode
 
         mx.set_cache_limit(int(argv[4]))  # MLX's free-buffer cache counts against the cgroup too
         r = streamed_decode(path, ram_budget=int(argv[3]), max_tokens=max_tokens, lookahead=argv[5] == "on")
     else:
+        from bench.decode import PROMPT
         from bench.engine import mlx_lm_in_ram
 
         r = mlx_lm_in_ram(path, max_tokens=max_tokens, prompt=PROMPT)
@@ -96,6 +104,25 @@ def _peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def _prompt_ids(store: Path) -> tuple[list[int], list[int]]:
+    """The prompt's token ids and the EOS ids, from the store's tokenizer (as the streamed run encodes)."""
+    from bench.decode import PROMPT
+    from coordinator.engine import load_store_tokenizer
+    from coordinator.generate import encode_prompt
+
+    tokenizer = load_store_tokenizer(store, Manifest.load(store))
+    return encode_prompt(tokenizer, PROMPT, chat=False), sorted(tokenizer.eos_token_ids)
+
+
+def _median_run(rs: list[dict]) -> dict:
+    """The repeat with the median decode tok/s, plus every repeat's tok/s."""
+    ok = [r for r in rs if "decode_tokens_per_s" in r]
+    if not ok:
+        return rs[-1]
+    median = sorted(ok, key=lambda r: r["decode_tokens_per_s"])[(len(ok) - 1) // 2]
+    return {**median, "decode_tokens_per_s_all": [r["decode_tokens_per_s"] for r in ok]}
+
+
 def run_oversub_bench(
     store: Path,
     source: Path,
@@ -103,9 +130,15 @@ def run_oversub_bench(
     limit_bytes: int,
     ram_budget: int,
     max_tokens: int,
+    gguf: Path | None = None,
+    repeats: int = 1,
     mlx_cache_bytes: int = 64 * 2**20,
     fio_seconds: float = 2.0,
 ) -> dict:
+    """Every run in the same cgroup, page cache dropped before each; the engines alternate within a
+    round (`repeats` rounds) so that each sees the same disk; ratios are taken within a round."""
+    from bench.decode import PROMPT
+
     manifest = Manifest.load(store)
     spec = max(manifest.layers, key=lambda s: len(s.experts) * s.record_size)
     file = store / spec.file
@@ -116,41 +149,63 @@ def run_oversub_bench(
             fio_randread(file, block=spec.record_size, queue_depth=qd, seconds=fio_seconds, size=span) for qd in (8, 16)
         )
 
+    prompt_ids, eos_ids = _prompt_ids(store)
+    streamed = ["streamed", str(store), str(max_tokens), str(ram_budget), str(mlx_cache_bytes)]
+    configs = [("streamed", [*streamed, "on"]), ("streamed_no_lookahead", [*streamed, "off"])]
+    if gguf is not None:
+        ids, eos = ",".join(map(str, prompt_ids)), ",".join(map(str, eos_ids))
+        configs.append(("llama_cpp", ["llama_cpp", str(gguf), str(max_tokens), ids, eos, PROMPT]))
     fio_before = fio_best()
     cgroup = make_cgroup(f"flashmesh-bench-{os.getpid()}", limit_bytes=limit_bytes)
+    rounds: list[dict[str, dict]] = []
     try:
-        runs = {}
-        for name, args in (
-            ("streamed", ["streamed", str(store), str(max_tokens), str(ram_budget), str(mlx_cache_bytes), "on"]),
-            (
-                "streamed_no_lookahead",
-                ["streamed", str(store), str(max_tokens), str(ram_budget), str(mlx_cache_bytes), "off"],
-            ),
-            ("mlx_lm", ["mlx_lm", str(source), str(max_tokens)]),
-        ):
-            drop_page_cache()
-            log.info("running %s in %s", name, cgroup)
-            runs[name] = run_in_cgroup(cgroup, args, timeout=1800)
+        for i in range(repeats):
+            rounds.append({})
+            for name, args in configs:
+                drop_page_cache()
+                log.info("round %d/%d: running %s in %s", i + 1, repeats, name, cgroup)
+                rounds[-1][name] = run_in_cgroup(cgroup, args, timeout=1800)
+        drop_page_cache()
+        mlx_lm = run_in_cgroup(cgroup, ["mlx_lm", str(source), str(max_tokens)], timeout=1800)
     finally:
         for pid in (cgroup / "cgroup.procs").read_text().split():
             log.warning("pid %s still in %s", pid, cgroup)
         cgroup.rmdir()
     fio_after = fio_best()
     fio_gbps = (fio_before + fio_after) / 2
+    runs = {name: _median_run([r[name] for r in rounds]) for name, _ in configs}
+    runs["mlx_lm"] = mlx_lm
+    if "tokens" not in mlx_lm:  # killed in the cgroup: its tokens, for comparison, from a run without a limit
+        runs["mlx_lm_unlimited"] = run_in_cgroup(None, ["mlx_lm", str(source), str(max_tokens)], timeout=1800)
+    reference = next((runs[n]["tokens"] for n in ("mlx_lm", "mlx_lm_unlimited") if "tokens" in runs.get(n, {})), None)
     result = {
         "bench": "oversub",
         "store": str(store),
+        "gguf": str(gguf) if gguf else None,
         "cgroup_limit_bytes": limit_bytes,
         "ram_budget_bytes": ram_budget,
         "mlx_cache_limit_bytes": mlx_cache_bytes,
         "expert_bytes_total": manifest.expert_bytes_total,
+        "expert_payload_bytes": manifest.layers[0].payload_bytes,
         "oversubscription": manifest.expert_bytes_total / limit_bytes,
         "max_tokens": max_tokens,
+        "repeats": repeats,
+        "prompt_ids": prompt_ids,
         "fio_gbps_before": fio_before,
         "fio_gbps_after": fio_after,
         "fio_gbps": fio_gbps,
         "runs": runs,
     }
+    per_token_all_miss = manifest.top_k * len(manifest.layers) * manifest.layers[0].payload_bytes
+    result["io_bound_all_miss_tokens_per_s"] = fio_gbps * 1e9 / per_token_all_miss
+    llama = runs.get("llama_cpp", {})
+    if llama.get("disk_read_bytes_per_token"):  # what llama.cpp's page faults actually read, per token
+        llama["io_bound_tokens_per_s"] = fio_gbps * 1e9 / llama["disk_read_bytes_per_token"]
+        llama["fraction_of_io_bound"] = llama["decode_tokens_per_s"] / llama["io_bound_tokens_per_s"]
+    for r in runs.values():
+        if "tokens" in r and reference is not None:
+            r["tokens_match_mlx_lm"] = r["tokens"] == reference
+            r["tokens_common_prefix_with_mlx_lm"] = _common_prefix(r["tokens"], reference)
     for name in ("streamed", "streamed_no_lookahead"):
         r = runs[name]
         if "decode_tokens_per_s" not in r:
@@ -164,9 +219,28 @@ def run_oversub_bench(
         r["fraction_of_io_bound"] = r["decode_tokens_per_s"] / bound_missed if bound_missed else None
         r["fraction_of_io_bound_read"] = r["decode_tokens_per_s"] / bound_read if bound_read else None
         r["engine_read_gbps_over_fio"] = r["store_read_gbps"] / fio_gbps if fio_gbps else None
-        ref = runs["mlx_lm"]
-        r["tokens_match_mlx_lm"] = ref.get("tokens") == r["tokens"] if "tokens" in ref else None
+        if gguf is not None:
+            pairs = [
+                (x[name]["decode_tokens_per_s"], x["llama_cpp"]["decode_tokens_per_s"])
+                for x in rounds
+                if "decode_tokens_per_s" in x[name] and x["llama_cpp"].get("decode_tokens_per_s")
+            ]
+            ratios = sorted(a / b for a, b in pairs)
+            r["over_llama_cpp_by_round"] = [a / b for a, b in pairs]
+            r["over_llama_cpp"] = ratios[(len(ratios) - 1) // 2] if ratios else None
+            if "tokens" in runs["llama_cpp"]:
+                r["tokens_match_llama_cpp"] = r["tokens"] == runs["llama_cpp"]["tokens"]
+                r["tokens_common_prefix_with_llama_cpp"] = _common_prefix(r["tokens"], runs["llama_cpp"]["tokens"])
     return result
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
 
 
 if __name__ == "__main__":

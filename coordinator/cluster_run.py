@@ -17,7 +17,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
@@ -197,9 +197,11 @@ class LocalNodeProcesses:
         flash_gbps: float | None = None,
         tls: Path | None = None,
         node_args: list[list[str]] | None = None,
+        before_exec: list[Callable[[], None] | None] | None = None,
     ) -> None:
         self.shards, self.budgets, self.token = list(shards), list(budgets), token
         self.node_args = node_args or [[] for _ in shards]  # more `node serve` options per node
+        self.before_exec = before_exec or [None] * len(shards)  # runs in node i before exec (e.g. join cgroups)
         self.tls = tls  # a cluster directory holding its CA: each node gets a certificate for its name
         self._certs = tempfile.TemporaryDirectory(prefix="flashmesh-node-certs-") if tls is not None else None
         self.flash_gbps = flash_gbps  # report this instead of measuring (placement then splits evenly)
@@ -227,7 +229,9 @@ class LocalNodeProcesses:
             cmd += ["--tls", str(out if out.is_dir() else issue(self.tls, self.names[i], out=out))]
         env = {**os.environ, TOKEN_ENV: self.token, "TRANSFORMERS_VERBOSITY": "error"}
         env.pop(TLS_ENV, None)
-        self.procs[i] = subprocess.Popen(cmd, env=env, stdout=log_file, stderr=subprocess.STDOUT)
+        self.procs[i] = subprocess.Popen(
+            cmd, env=env, stdout=log_file, stderr=subprocess.STDOUT, preexec_fn=self.before_exec[i]
+        )
         return self.procs[i]
 
     def _check_alive(self, i: int) -> None:
@@ -314,10 +318,18 @@ def local_node_processes(
     flash_gbps: float | None = None,
     tls: Path | None = None,
     node_args: list[list[str]] | None = None,
+    before_exec: list[Callable[[], None] | None] | None = None,
 ) -> Iterator[LocalNodeProcesses]:
     """Started and found `LocalNodeProcesses`; always stopped on exit."""
     nodes = LocalNodeProcesses(
-        shards, budgets=budgets, token=token, logdir=logdir, flash_gbps=flash_gbps, tls=tls, node_args=node_args
+        shards,
+        budgets=budgets,
+        token=token,
+        logdir=logdir,
+        flash_gbps=flash_gbps,
+        tls=tls,
+        node_args=node_args,
+        before_exec=before_exec,
     )
     try:
         for i in range(len(shards)):
@@ -338,13 +350,22 @@ def local_nodes(
     timeout: float = 120.0,
     tls: Path | None = None,
     node_args: list[list[str]] | None = None,
+    before_exec: list[Callable[[], None] | None] | None = None,
 ) -> Iterator[list[NodeAddress]]:
     """Start one `flashmesh node serve` process per shard (or iOS bundle: `--bundle`) on 127.0.0.1,
     find them by zeroconf on 127.0.0.1, yield their addresses; always stop the processes on exit.
     With `tls` (a cluster directory holding its CA) each node gets a certificate for its name, in a
     directory removed on exit, and serves only mutual TLS. `node_args`: more `node serve` options
-    per node (e.g. `--count 2 --index 0` for half a bundle)."""
+    per node (e.g. `--count 2 --index 0` for half a bundle); `before_exec[i]` runs in node i's
+    process before it execs (the benchmarks put each node in its own cgroups there)."""
     with local_node_processes(
-        shards, budgets=budgets, token=token, logdir=logdir, timeout=timeout, tls=tls, node_args=node_args
+        shards,
+        budgets=budgets,
+        token=token,
+        logdir=logdir,
+        timeout=timeout,
+        tls=tls,
+        node_args=node_args,
+        before_exec=before_exec,
     ) as nodes:
         yield list(nodes.addresses)

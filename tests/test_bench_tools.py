@@ -1,0 +1,56 @@
+"""The benchmarks' own tools that decide what is compared: the GGUF llama.cpp reads and the disk blkio caps."""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+from bench.gguf_export import export_gguf
+from bench.scaling import disk_of
+from node.store_format import Manifest
+
+
+def test_gguf_holds_the_same_weights_and_bytes_per_expert(models, tmp_path):
+    import gguf
+
+    src, store = models.get("qwen3_moe")
+    out = export_gguf(src, tmp_path / "m.gguf")
+    reader = gguf.GGUFReader(str(out))
+    arch = reader.fields["general.architecture"]
+    assert bytes(arch.parts[arch.data[0]]).decode() == "qwen3moe"
+    tensors = {t.name: t for t in reader.tensors}
+    weights = load_file(str(src / "model.safetensors"))
+    assert len(tensors) == len(weights)
+    manifest = Manifest.load(store)
+    experts = manifest.layers[0].num_experts
+    per_expert = sum(tensors[f"blk.0.ffn_{p}_exps.weight"].n_bytes for p in ("gate", "up", "down")) // experts
+    assert per_expert == manifest.layers[0].payload_bytes  # llama.cpp reads what our store reads, per expert
+    for name in ("gate", "up", "down"):
+        got = np.asarray(tensors[f"blk.1.ffn_{name}_exps.weight"].data)
+        np.testing.assert_array_equal(got, weights[f"model.layers.1.mlp.switch_mlp.{name}_proj.weight"])
+    np.testing.assert_array_equal(np.asarray(tensors["token_embd.weight"].data), weights["model.embed_tokens.weight"])
+    vocab = reader.fields["tokenizer.ggml.tokens"]
+    assert len(vocab.data) == weights["model.embed_tokens.weight"].shape[0]
+    assert not list(tmp_path.glob(".*partial*"))
+
+
+def test_gguf_export_names_what_it_cannot_write(models, tmp_path):
+    src, _ = models.get("mixtral")
+    with pytest.raises(ValueError, match="qwen3_moe only"):
+        export_gguf(src, tmp_path / "m.gguf")
+    assert not list(tmp_path.iterdir())
+
+
+def test_blkio_caps_the_whole_disk_under_a_path(tmp_path):
+    majmin = disk_of(tmp_path)
+    assert re.fullmatch(r"\d+:\d+", majmin)
+    sys_dev = Path("/sys/dev/block") / majmin
+    assert sys_dev.exists() and not (sys_dev / "partition").exists()
+    dev = os.stat(tmp_path).st_dev
+    if not (Path("/sys/dev/block") / f"{os.major(dev)}:{os.minor(dev)}" / "partition").exists():
+        assert majmin == f"{os.major(dev)}:{os.minor(dev)}"
