@@ -224,6 +224,7 @@ def cmd_scaling(args: argparse.Namespace) -> int:
             ram_budget=budget,
             read_bps=parse_bytes(args.read_cap),
             modes=tuple(args.budget_modes.split(",")),
+            lookahead=args.lookahead,
             max_tokens=args.max_tokens,
             rounds=args.rounds,
             progress=lambda text: status.update(f"scaling: {text}"),
@@ -400,6 +401,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--nodes", default="1,2,4", help="node counts, run in alternating rounds")
     p.add_argument("--ram-budget", default=None, help="one node's (default: 4x the minimum, half a token's experts)")
     p.add_argument("--budget-modes", default="same,split", help="same: each node the budget; split: budget / N")
+    p.add_argument("--lookahead", action="store_true", help="router lookahead: nodes read the next layer ahead")
     p.add_argument("--read-cap", default="150MB", help="per node read bandwidth (blkio throttle), bytes/s")
     p.add_argument("--max-tokens", type=int, default=16)
     p.add_argument("--rounds", type=int, default=1)

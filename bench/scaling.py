@@ -118,6 +118,7 @@ def run_cluster_config(
     disk: str,
     max_tokens: int,
     logdir: Path,
+    lookahead: bool = False,
 ) -> dict:
     """Start len(shards) capped nodes, generate once, return tok/s and each node's profile."""
     from mlx_lm.generate import stream_generate
@@ -140,7 +141,7 @@ def run_cluster_config(
             logdir=logdir,
             before_exec=[g.join() for g in groups],
         ) as addresses:
-            streaming, nodes = open_cluster(dense, addresses, token=token)
+            streaming, nodes = open_cluster(dense, addresses, token=token, lookahead=lookahead)
             try:
                 before = {n.node_id: n.client.stats() for n in nodes}
                 prompt = encode_prompt(streaming.tokenizer, PROMPT, chat=False)
@@ -204,6 +205,7 @@ def run_scaling_bench(
     memory_overhead: int = 768 * 2**20,
     max_tokens: int = 16,
     rounds: int = 1,
+    lookahead: bool = False,
     workdir: Path = Path(".flashmesh/bench-scaling"),
     progress: Callable[[str], None] | None = None,
 ) -> dict:
@@ -242,6 +244,7 @@ def run_scaling_bench(
                     disk=disk,
                     max_tokens=max_tokens,
                     logdir=workdir / "logs",
+                    lookahead=lookahead,
                 )
             )
     rows = []
@@ -272,6 +275,7 @@ def run_scaling_bench(
         "read_bps_per_node": read_bps,
         "max_tokens": max_tokens,
         "rounds": rounds,
+        "lookahead": lookahead,
         "cpus": os.cpu_count(),
         "rows": rows,
     }
