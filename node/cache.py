@@ -79,7 +79,9 @@ POLICIES = ("auto", "lru", "lfu", "cyclic")
 
 
 class ExpertCache:
-    def __init__(self, store: ExpertStore, *, budget_bytes: int, policy: str = "lru", lfu_decay: float = 0.999) -> None:
+    def __init__(
+        self, store: ExpertStore, *, budget_bytes: int, policy: str = "auto", lfu_decay: float = 0.999
+    ) -> None:
         minimum = store.manifest.min_budget_bytes
         if budget_bytes < minimum:
             raise StoreError(
