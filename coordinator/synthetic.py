@@ -8,8 +8,6 @@ through exactly the loading path a real model does.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -19,6 +17,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from node.experts import model_classes
+from node.store_format import staged_directory
 
 CORPUS = (
     "Mixture of experts models route every token to a few experts out of many. "
@@ -177,22 +176,12 @@ def writing_model(directory: Path, arch: str, *, seed: int = 0, **shape) -> Iter
     """(temporary directory holding the tokenizer, config for `arch`, mlx-lm's model with a lazy random
     init) for the block to write weights into; on success config.json is written and the directory
     renamed to `directory`, so a half-written model never looks complete."""
-    directory = Path(directory)
-    tmp = directory.parent / f".{directory.name}.partial-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    with staged_directory(directory) as tmp:
         config = preset(arch, vocab=build_tokenizer(tmp), **shape)
         model_class, args_class = model_classes(config)
         mx.random.seed(seed)
         yield tmp, config, model_class(args_class.from_dict(config))
         (tmp / "config.json").write_text(json.dumps(config, indent=1))
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if directory.exists():
-        shutil.rmtree(directory)
-    os.replace(tmp, directory)
 
 
 def build_model(

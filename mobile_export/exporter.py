@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 import time
 from pathlib import Path
@@ -18,7 +17,7 @@ from mobile_export.mil_ops import WeightRegistry
 from mobile_export.records import INT8_OFFSET, bytes_per_token, expert_input_mode, write_expert_layers
 from mobile_export.weights import DenseWeights
 from node.experts import load_lazy
-from node.store_format import Manifest, StoreError, checksum
+from node.store_format import Manifest, StoreError, checksum, staged_directory
 from node.store_writer import TOKENIZER_FILES
 
 log = logging.getLogger(__name__)
@@ -73,20 +72,12 @@ def export_ios(
         raise StoreError(f"--prefill {prefill} must be between 1 and --context {context}")
     manifest = Manifest.load(store)
     check_supported(manifest)
-    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    (tmp / "coreml").mkdir(parents=True)
     start = time.perf_counter()
-    try:
+    with staged_directory(out) as tmp:
+        (tmp / "coreml").mkdir()
         bundle = _write_bundle(
             store, manifest, tmp, target=target, chunks=chunks, ctx=context, prefill=prefill, show=show_progress
         )
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     log.info("exported %s to %s in %.1f s", store, out, time.perf_counter() - start)
     return bundle
 

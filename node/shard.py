@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
-from node.store_format import Manifest, StoreError, write_json_atomic
+from node.store_format import Manifest, StoreError, staged_directory, write_json_atomic
 from node.store_reader import ExpertStore
 from node.store_writer import TOKENIZER_FILES
 
@@ -28,19 +30,13 @@ def shard_experts(num_experts: int, *, count: int, index: int, replicas: int = 1
     return [e for e in range(num_experts) if any((e + r) % count == index for r in range(replicas))]
 
 
-def _staging(out: Path, force: bool) -> Path:
+@contextmanager
+def _staged_store(out: Path, force: bool) -> Iterator[Path]:
     if out.exists() and not force:
         raise StoreError(f"{out} already exists; remove it or pass --force")
-    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    (tmp / "experts").mkdir(parents=True)
-    return tmp
-
-
-def _publish(tmp: Path, out: Path) -> None:
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
+    with staged_directory(out) as tmp:
+        (tmp / "experts").mkdir()
+        yield tmp
 
 
 def write_shard(store: Path, out: Path, *, count: int, index: int, replicas: int = 1, force: bool = False) -> Manifest:
@@ -53,8 +49,7 @@ def write_shard(store: Path, out: Path, *, count: int, index: int, replicas: int
     if source.shard is not None:
         raise StoreError(f"{store} is itself a shard ({source.shard}); shard the full store")
     out = Path(out)
-    tmp = _staging(out, force)
-    try:
+    with _staged_store(out, force) as tmp:
         layers = []
         with ExpertStore(store, page_cache=True, verify=True) as reader:
             for spec in source.layers:
@@ -72,10 +67,6 @@ def write_shard(store: Path, out: Path, *, count: int, index: int, replicas: int
         manifest.update(layers=layers, dense_files=[], shard={"index": index, "count": count, "replicas": replicas})
         shutil.copy2(Path(store) / "config.json", tmp / "config.json")
         write_json_atomic(tmp / "manifest.json", manifest)
-        _publish(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return Manifest.load(out)
 
 
@@ -83,8 +74,7 @@ def write_dense(store: Path, out: Path, *, force: bool = False) -> Manifest:
     """The coordinator's part of a store: dense weights, config, tokenizer; no expert records."""
     source = Manifest.load(store)
     out = Path(out)
-    tmp = _staging(out, force)
-    try:
+    with _staged_store(out, force) as tmp:
         for name in [*source.dense_files, "config.json", *TOKENIZER_FILES]:
             if (Path(store) / name).is_file():
                 shutil.copy2(Path(store) / name, tmp / name)
@@ -96,8 +86,4 @@ def write_dense(store: Path, out: Path, *, force: bool = False) -> Manifest:
             (tmp / layer["file"]).touch()
         manifest["shard"] = {"dense_only": True}
         write_json_atomic(tmp / "manifest.json", manifest)
-        _publish(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return Manifest.load(out)

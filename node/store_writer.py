@@ -27,6 +27,7 @@ from node.store_format import (
     fingerprint,
     layout_record,
     raw_bytes,
+    staged_directory,
     write_json_atomic,
 )
 
@@ -78,17 +79,9 @@ def pack(src: str, out: Path, *, force: bool = False, show_progress: bool = True
         raise StoreError(f"{out} already exists; remove it or pass --force")
     source = resolve_source(src)
     params, config, expert_paths = _lazy_source(source)
-    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    (tmp / "experts").mkdir(parents=True)
-    try:
+    with staged_directory(out) as tmp:
+        (tmp / "experts").mkdir()
         manifest = _write_store(params, config, expert_paths, source, tmp, show_progress)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     log.info("packed %s into %s (fingerprint %s)", source, out, manifest.fingerprint)
     return manifest
 
