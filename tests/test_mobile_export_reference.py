@@ -58,13 +58,8 @@ def _mlx_greedy(store: Path) -> tuple[list[int], list[int], list[np.ndarray]]:
         sm.close()
 
 
-@pytest.mark.parametrize("arch", ["qwen3_moe", "deepseek_v3", "mixtral"])
-def test_reference_execution_matches_mlx(tmp_path, arch):
-    store = _routed_model(tmp_path, arch)
-    bundle = tmp_path / f"{arch}.flashmesh-ios"
-    export_ios(store, bundle, context=64, prefill=8, show_progress=False)
-    prompt, want_tokens, want_logits = _mlx_greedy(store)
-    assert len(prompt) > 8
+def _assert_reference_matches(bundle, prompt, want_tokens, want_logits) -> None:
+    """The NumPy executor on the bundle: MLX's greedy tokens, logits within the fp16 tolerance."""
     runner = ReferenceRunner(bundle)
     try:
         tokens, logits = runner.generate(prompt, STEPS)
@@ -73,6 +68,16 @@ def test_reference_execution_matches_mlx(tmp_path, arch):
     assert tokens == want_tokens
     for want, got in zip(want_logits, logits, strict=True):
         assert np.abs(want - got).max() <= 2e-2 * max(1.0, float(np.abs(want).max()))
+
+
+@pytest.mark.parametrize("arch", ["qwen3_moe", "deepseek_v3", "mixtral"])
+def test_reference_execution_matches_mlx(tmp_path, arch):
+    store = _routed_model(tmp_path, arch)
+    bundle = tmp_path / f"{arch}.flashmesh-ios"
+    export_ios(store, bundle, context=64, prefill=8, show_progress=False)
+    prompt, want_tokens, want_logits = _mlx_greedy(store)
+    assert len(prompt) > 8
+    _assert_reference_matches(bundle, prompt, want_tokens, want_logits)
 
 
 @pytest.mark.parametrize("target", ["iOS18", "iOS26"])
@@ -95,11 +100,4 @@ def test_reference_execution_of_affine4_experts(tmp_path, target):
     manifest = export_ios(store, bundle, target=target, context=64, prefill=8, show_progress=False)
     assert manifest["quantization"]["expert_input"] == ("int8" if target == "iOS26" else "float16_cpu_dequant")
     prompt, want_tokens, want_logits = _mlx_greedy(store)
-    runner = ReferenceRunner(bundle)
-    try:
-        tokens, logits = runner.generate(prompt, STEPS)
-    finally:
-        runner.close()
-    assert tokens == want_tokens
-    for want, got in zip(want_logits, logits, strict=True):
-        assert np.abs(want - got).max() <= 2e-2 * max(1.0, float(np.abs(want).max()))
+    _assert_reference_matches(bundle, prompt, want_tokens, want_logits)
