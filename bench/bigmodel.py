@@ -13,9 +13,9 @@ import argparse
 import logging
 from pathlib import Path
 
-from coordinator.synthetic import build_model
-from node.store_format import MANIFEST
-from node.store_writer import pack
+from flashmesh.node.store_format import MANIFEST
+from flashmesh.node.store_writer import pack
+from flashmesh.testing.synthetic import build_model
 
 log = logging.getLogger(__name__)
 

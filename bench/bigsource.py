@@ -17,10 +17,9 @@ import re
 from pathlib import Path
 
 import mlx.core as mx
+from flashmesh.testing.synthetic import writing_model
 from mlx.utils import tree_flatten
 from rich.progress import Progress
-
-from coordinator.synthetic import writing_model
 
 
 def build_big_source(

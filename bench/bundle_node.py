@@ -19,10 +19,9 @@ from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
-
-from node.bundle_source import BundleExpertSource
-from node.store_format import checksum
-from node.store_reader import ExpertStore
+from flashmesh.node.bundle_source import BundleExpertSource
+from flashmesh.node.store_format import checksum
+from flashmesh.node.store_reader import ExpertStore
 
 
 def run_bundle_node_bench(bundle: Path, *, records: int = 8, rounds: int = 6, seed: int = 0) -> dict:

@@ -1,4 +1,4 @@
-"""`flashmesh bench ...`: benchmarks that write their results to bench/results/*.json.
+"""`python -m bench ...` (from a checkout): benchmarks that write their results to bench/results/*.json.
 
 Benchmarks never run in the test suite. Every figure they report is a ratio measured inside one
 run (engine vs fio, streamed vs in-RAM), never a bare time compared across runs.
@@ -12,7 +12,8 @@ import json
 import platform
 from pathlib import Path
 
-RESULTS = Path(__file__).resolve().parent / "results"
+# Under the current directory: run from the repository root, results land in the repository's bench/results.
+RESULTS = Path("bench/results")
 DEMO_WORKDIR = Path(".flashmesh/demo")
 
 
@@ -32,7 +33,7 @@ def write_result(name: str, result: dict, *, out: Path | None = None) -> Path:
 def _store_or_demo(store: Path | None) -> Path:
     if store is not None:
         return store
-    from coordinator.demo import prepare_demo
+    from flashmesh.testing.demo import prepare_demo
 
     built, _ = prepare_demo(DEMO_WORKDIR, show_progress=False)
     return built
@@ -62,8 +63,8 @@ def cmd_io(args: argparse.Namespace) -> int:
 
 
 def _budget(store: Path, text: str | None, *, fraction: float) -> int:
-    from node.cache import parse_bytes
-    from node.store_format import Manifest
+    from flashmesh.node.cache import parse_bytes
+    from flashmesh.node.store_format import Manifest
 
     manifest = Manifest.load(store)
     if text is not None:
@@ -101,7 +102,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     store = _store_or_demo(args.store)
     source = args.source
     if source is None and args.store is None:
-        from coordinator.demo import prepare_demo
+        from flashmesh.testing.demo import prepare_demo
 
         _, source = prepare_demo(DEMO_WORKDIR, show_progress=False)
     result = run_budget_sweep(
@@ -134,7 +135,7 @@ def _need(*modules: str) -> None:
     """Fail in one line, before any work, when an optional benchmark dependency is missing."""
     import importlib.util
 
-    from node.store_format import StoreError
+    from flashmesh.node.store_format import StoreError
 
     missing = [m for m in modules if importlib.util.find_spec(m) is None]
     if missing:
@@ -155,9 +156,10 @@ def _gguf_for(args: argparse.Namespace) -> Path:
 
 
 def cmd_oversub(args: argparse.Namespace) -> int:
+    from flashmesh.node.cache import parse_bytes
+    from flashmesh.node.store_format import Manifest
+
     from bench.oversub import run_oversub_bench
-    from node.cache import parse_bytes
-    from node.store_format import Manifest
 
     manifest = Manifest.load(args.store)
     limit = parse_bytes(args.limit) if args.limit else int(manifest.expert_bytes_total / 3.2)
@@ -206,11 +208,11 @@ def cmd_oversub(args: argparse.Namespace) -> int:
 
 
 def cmd_scaling(args: argparse.Namespace) -> int:
+    from flashmesh.node.cache import parse_bytes
+    from flashmesh.node.store_format import Manifest
     from rich.console import Console
 
     from bench.scaling import plot_scaling, run_scaling_bench
-    from node.cache import parse_bytes
-    from node.store_format import Manifest
 
     _need("matplotlib")
     manifest = Manifest.load(args.store)
@@ -261,9 +263,10 @@ def cmd_scaling(args: argparse.Namespace) -> int:
 
 
 def cmd_decode(args: argparse.Namespace) -> int:
+    from flashmesh.node.store_format import Manifest
+
     from bench.decode import streamed_decode
     from bench.io import fio_randread
-    from node.store_format import Manifest
 
     store = _store_or_demo(args.store)
     manifest = Manifest.load(store)
@@ -302,16 +305,16 @@ def cmd_decode(args: argparse.Namespace) -> int:
 
 
 def cmd_soak(args: argparse.Namespace) -> int:
+    from flashmesh.node.cache import format_bytes, parse_bytes
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
     from bench.soak import plot_soak, run_soak
-    from node.cache import format_bytes, parse_bytes
 
     try:
         import openai  # noqa: F401
         import psutil  # noqa: F401
     except ImportError as e:
-        from node.store_format import StoreError
+        from flashmesh.node.store_format import StoreError
 
         raise StoreError(f"the soak needs {e.name}: pip install -e '.[bench,dev]'") from None
     store = _store_or_demo(args.store)
@@ -348,10 +351,10 @@ def cmd_soak(args: argparse.Namespace) -> int:
     return 0 if result["errors"] == 0 and result["rss_within_bound"] else 1
 
 
-def register(sub: argparse._SubParsersAction) -> None:
-    """Add `flashmesh bench ...` to the parser."""
-    bench = sub.add_parser("bench", help="benchmarks (results to bench/results/*.json)")
-    bsub = bench.add_subparsers(dest="bench", required=True)
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true")
+    bsub = parser.add_subparsers(dest="bench", required=True)
 
     p = bsub.add_parser("io", help="store fetch path vs fio random reads at the record size, same file, same run")
     p.set_defaults(func=cmd_io)
@@ -429,3 +432,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--lookahead", action="store_true", help="router lookahead on at every budget")
     p.add_argument("--name", default=None)
     p.add_argument("--json", action="store_true")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from flashmesh.coordinator.cli import run_command
+
+    return run_command(build_parser().parse_args(argv))

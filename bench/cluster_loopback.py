@@ -25,11 +25,11 @@ import numpy as np
 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-from coordinator.cluster_run import ensure_dense, ensure_shards, local_nodes  # noqa: E402
-from coordinator.demo import DEMO_SHAPE, prepare_demo  # noqa: E402
-from coordinator.engine import open_cluster, open_local  # noqa: E402
-from coordinator.generate import encode_prompt, generate  # noqa: E402
-from node.store_format import Manifest  # noqa: E402
+from flashmesh.coordinator.engine import open_cluster, open_local  # noqa: E402
+from flashmesh.coordinator.generate import encode_prompt, generate  # noqa: E402
+from flashmesh.node.store_format import Manifest  # noqa: E402
+from flashmesh.testing.demo import DEMO_SHAPE, prepare_demo  # noqa: E402
+from flashmesh.testing.local_nodes import ensure_dense, ensure_shards, local_nodes  # noqa: E402
 
 PROMPT = "The experts live on flash and"
 

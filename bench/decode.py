@@ -5,9 +5,9 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from coordinator.dispatch import set_lookahead
-from coordinator.engine import open_local
-from coordinator.generate import encode_prompt, generate
+from flashmesh.coordinator.dispatch import set_lookahead
+from flashmesh.coordinator.engine import open_local
+from flashmesh.coordinator.generate import encode_prompt, generate
 
 log = logging.getLogger(__name__)
 

@@ -10,11 +10,12 @@ import logging
 import time
 from pathlib import Path
 
+from flashmesh.coordinator.engine import open_local
+from flashmesh.coordinator.generate import encode_prompt, generate
+from flashmesh.node.store_format import Manifest
+
 from bench.decode import PROMPT, streamed_decode
 from bench.policy import record_trace, simulate
-from coordinator.engine import open_local
-from coordinator.generate import encode_prompt, generate
-from node.store_format import Manifest
 
 log = logging.getLogger(__name__)
 

@@ -54,7 +54,7 @@ def main() -> None:
     work = args.workdir
     (work / "logs").mkdir(parents=True, exist_ok=True)
     py = sys.executable
-    flashmesh = [py, "-m", "coordinator.cli"]
+    flashmesh = [py, "-m", "flashmesh.coordinator.cli"]
     src, store, bundle = work / "src", work / "store", work / "big.flashmesh-ios"
     steps = {}
     if not (src / "config.json").is_file():

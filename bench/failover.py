@@ -26,13 +26,14 @@ from rich.progress import track
 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
+from flashmesh.coordinator.engine import open_cluster, open_local  # noqa: E402
+from flashmesh.coordinator.generate import encode_prompt, generate  # noqa: E402
+from flashmesh.coordinator.remote import DEFAULT_RPC_DEADLINE  # noqa: E402
+from flashmesh.node.store_format import Manifest  # noqa: E402
+from flashmesh.testing.demo import DEMO_SHAPE, prepare_demo  # noqa: E402
+from flashmesh.testing.local_nodes import ensure_dense, ensure_shards, local_node_processes  # noqa: E402
+
 from bench.cli import write_result  # noqa: E402
-from coordinator.cluster_run import ensure_dense, ensure_shards, local_node_processes  # noqa: E402
-from coordinator.demo import DEMO_SHAPE, prepare_demo  # noqa: E402
-from coordinator.engine import open_cluster, open_local  # noqa: E402
-from coordinator.generate import encode_prompt, generate  # noqa: E402
-from coordinator.remote import DEFAULT_RPC_DEADLINE  # noqa: E402
-from node.store_format import Manifest  # noqa: E402
 
 PROMPT = "The experts live on flash and"
 FAULTS = ("sigkill_between_calls", "sigkill_in_flight", "sigstop")

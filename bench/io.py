@@ -1,4 +1,4 @@
-"""`flashmesh bench io`: the store's fetch path against fio's random reads on the same file.
+"""`python -m bench io`: the store's fetch path against fio's random reads on the same file.
 
 Both sides read whole records (the store's record size, 16 KiB aligned) at random record offsets of
 the same layer file with the page cache bypassed (O_DIRECT), at several queue depths, in one run.
@@ -20,9 +20,8 @@ import time
 from pathlib import Path
 
 import numpy as np
-
-from node.store_format import Manifest, StoreError
-from node.store_reader import ExpertStore
+from flashmesh.node.store_format import Manifest, StoreError
+from flashmesh.node.store_reader import ExpertStore
 
 log = logging.getLogger(__name__)
 

@@ -16,8 +16,9 @@ import sys
 import time
 from pathlib import Path
 
+from flashmesh.node.store_format import Manifest, StoreError
+
 from bench.io import fio_randread
-from node.store_format import Manifest, StoreError
 
 log = logging.getLogger(__name__)
 
@@ -106,9 +107,10 @@ def _peak_rss() -> int:
 
 def _prompt_ids(store: Path) -> tuple[list[int], list[int]]:
     """The prompt's token ids and the EOS ids, from the store's tokenizer (as the streamed run encodes)."""
+    from flashmesh.coordinator.engine import load_store_tokenizer
+    from flashmesh.coordinator.generate import encode_prompt
+
     from bench.decode import PROMPT
-    from coordinator.engine import load_store_tokenizer
-    from coordinator.generate import encode_prompt
 
     tokenizer = load_store_tokenizer(store, Manifest.load(store))
     return encode_prompt(tokenizer, PROMPT, chat=False), sorted(tokenizer.eos_token_ids)
@@ -246,4 +248,4 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "--child":
         sys.exit(child(sys.argv[2:]))
-    sys.exit("usage: flashmesh bench oversub STORE --source MODEL_DIR")
+    sys.exit("usage: python -m bench oversub STORE --source MODEL_DIR")

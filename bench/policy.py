@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
-from node.cache import POLICIES
+from flashmesh.node.cache import POLICIES
 
 Trace = list[tuple[int, list[int]]]  # one (layer, experts) per acquire, in order
 

@@ -17,9 +17,10 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from flashmesh.node.store_format import MANIFEST, Manifest, StoreError
+
 from bench.decode import PROMPT
 from bench.oversub import CGROUP_ROOT, drop_page_cache, oom_kills
-from node.store_format import MANIFEST, Manifest, StoreError
 
 log = logging.getLogger(__name__)
 
@@ -121,12 +122,11 @@ def run_cluster_config(
     lookahead: bool = False,
 ) -> dict:
     """Start len(shards) capped nodes, generate once, return tok/s and each node's profile."""
+    from flashmesh.coordinator.engine import open_cluster
+    from flashmesh.coordinator.generate import encode_prompt
+    from flashmesh.testing.local_nodes import local_nodes
     from mlx_lm.generate import stream_generate
     from mlx_lm.sample_utils import make_sampler
-
-    from coordinator.cluster_run import local_nodes
-    from coordinator.engine import open_cluster
-    from coordinator.generate import encode_prompt
 
     count = len(shards)
     tag = f"flashmesh-scale-{os.getpid()}-{secrets.token_hex(2)}"
@@ -212,8 +212,8 @@ def run_scaling_bench(
     """Budget modes: "same" gives every node `ram_budget` (N nodes, N caches: what adding devices
     buys), "split" gives each node ram_budget / N (the RAM of one node spread over N: what the
     bandwidth alone buys). The first count is the baseline of both."""
-    from coordinator.cluster_run import ensure_shards
-    from node.shard import write_dense
+    from flashmesh.node.shard import write_dense
+    from flashmesh.testing.local_nodes import ensure_shards
 
     manifest = Manifest.load(store)
     disk = disk_of(store / manifest.layers[0].file)

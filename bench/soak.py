@@ -1,6 +1,6 @@
 """Soak: K concurrent clients for M minutes against `flashmesh serve` on loopback.
 
-The server is a separate process (`python -m coordinator.cli serve`), so its RSS is its own. Each
+The server is a separate process (`python -m flashmesh.coordinator.cli serve`), so its RSS is its own. Each
 client loops over completions and chat completions, streamed and not, through the official openai
 client. Reported: requests served, errors, latency percentiles, tokens, and the server's RSS at
 start (model loaded, no traffic), after warm-up, at the end, with the growth after warm-up held
@@ -20,8 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-
-from node.store_format import StoreError
+from flashmesh.node.store_format import StoreError
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +44,17 @@ class Outcome:
 
 
 def _start_server(store: Path, *, ram_budget: int, max_queue: int, logfile: Path) -> tuple[subprocess.Popen, str]:
-    cmd = [sys.executable, "-m", "coordinator.cli", "serve", str(store), "--port", "0", "--model-name", "soak"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "flashmesh.coordinator.cli",
+        "serve",
+        str(store),
+        "--port",
+        "0",
+        "--model-name",
+        "soak",
+    ]
     cmd += ["--ram-budget", str(ram_budget), "--max-queue", str(max_queue)]
     err = open(logfile, "wb")  # noqa: SIM115 - handed to the child, closed below
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True,

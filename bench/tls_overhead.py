@@ -26,21 +26,21 @@ from pathlib import Path
 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
+from flashmesh.coordinator.certs import init_cluster  # noqa: E402
+from flashmesh.coordinator.engine import open_cluster  # noqa: E402
+from flashmesh.node.store_format import Manifest  # noqa: E402
+from flashmesh.node.tls import COORDINATOR, load_identity  # noqa: E402
+from flashmesh.testing.demo import DEMO_SHAPE, prepare_demo  # noqa: E402
+from flashmesh.testing.local_nodes import ensure_dense, ensure_shards, local_nodes  # noqa: E402
+
 from bench.cluster_loopback import _cluster_figures, _generate, _speeds  # noqa: E402
-from coordinator.certs import init_cluster  # noqa: E402
-from coordinator.cluster_run import ensure_dense, ensure_shards, local_nodes  # noqa: E402
-from coordinator.demo import DEMO_SHAPE, prepare_demo  # noqa: E402
-from coordinator.engine import open_cluster  # noqa: E402
-from node.store_format import Manifest  # noqa: E402
-from node.tls import COORDINATOR, load_identity  # noqa: E402
 
 
 def _request(info, *, tokens: int):
     """A Compute request for layer 0: `tokens` hidden states, each with the top-k experts it routes to."""
     import numpy as np
-
-    from protos import flashmesh_pb2 as pb
-    from protos.codec import encode_numpy
+    from flashmesh.protos import flashmesh_pb2 as pb
+    from flashmesh.protos.codec import encode_numpy
 
     rng = np.random.default_rng(0)
     layer = info.layers[0]
@@ -55,7 +55,7 @@ def _request(info, *, tokens: int):
 
 
 def _interleaved(store: Path, *, tls_dir: Path, budget: int, calls: int, logdir: Path) -> dict:
-    from coordinator.client import NodeClient
+    from flashmesh.coordinator.client import NodeClient
 
     token = secrets.token_urlsafe(18)
     identity = load_identity(tls_dir, role=COORDINATOR)

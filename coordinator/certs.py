@@ -25,9 +25,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-
-from node.store_format import StoreError
-from node.tls import (
+from flashmesh.node.store_format import StoreError
+from flashmesh.node.tls import (
     CA_DIR,
     CA_FILE,
     CERT_FILE,

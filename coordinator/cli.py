@@ -1,4 +1,4 @@
-"""The `flashmesh` command: pack, run, demo.
+"""The `flashmesh` command: pack and run here; the other subcommands register themselves (pyproject.toml).
 
 Errors a user can cause end as one line on stderr with the fix and exit status 2; never a traceback.
 """
@@ -6,29 +6,29 @@ Errors a user can cause end as one line on stderr with the fix and exit status 2
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import logging
 import os
 import sys
+from importlib.metadata import entry_points
 from pathlib import Path
 
+from flashmesh.coordinator.cluster_cli import add_discovery_args
+from flashmesh.coordinator.remote import DEFAULT_RPC_DEADLINE
+from flashmesh.node.cache import default_budget, format_bytes, parse_bytes
+from flashmesh.node.store_format import StoreError
 from rich.console import Console
 from rich.table import Table
-
-from coordinator.cluster_cli import add_discovery_args
-from coordinator.remote import DEFAULT_RPC_DEADLINE
-from node.cache import default_budget, format_bytes, parse_bytes
-from node.store_format import StoreError
 
 log = logging.getLogger("flashmesh")
 err = Console(stderr=True)
 
-# Modules that add subcommands: each has register(subparsers) and sets `func` on its parsers.
-EXTENSIONS = ("coordinator.cluster_cli", "mobile_export.cli", "bench.cli", "coordinator.api.cli")
+# Modules that add subcommands, named in pyproject.toml: each has register(subparsers) and sets `func`
+# on its parsers.
+COMMANDS = "flashmesh.commands"
 
 
-def _add_generation_args(p: argparse.ArgumentParser, *, prompt_default: str | None) -> None:
+def add_generation_args(p: argparse.ArgumentParser, *, prompt_default: str | None) -> None:
     p.add_argument("--prompt", default=prompt_default, required=prompt_default is None)
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument(
@@ -65,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="generate with experts streamed from a store")
     p.set_defaults(func=cmd_run)
     p.add_argument("store", type=Path, help="a store, or with --cluster its dense part (`flashmesh shard --dense`)")
-    _add_generation_args(p, prompt_default=None)
+    add_generation_args(p, prompt_default=None)
     p.add_argument("--cluster", action="store_true", help="compute the experts on nodes (zeroconf and/or --node)")
     add_discovery_args(p)
     p.add_argument(
@@ -76,21 +76,12 @@ def build_parser() -> argparse.ArgumentParser:
         "grows with measured latency for large requests (default %(default)g)",
     )
 
-    p = sub.add_parser("demo", help="build a small MoE model locally, pack it and run it streamed")
-    p.set_defaults(func=cmd_demo)
-    p.add_argument("--workdir", type=Path, default=Path(".flashmesh/demo"))
-    p.add_argument("--arch", default="qwen3_moe")
-    p.add_argument(
-        "--nodes", type=int, default=3, help="local node processes, each with its own shard (0: all in-process)"
-    )
-    p.add_argument("--no-tls", action="store_true", help="plaintext to the nodes (default: mutual TLS)")
-    _add_generation_args(p, prompt_default="The experts live on flash and")
-    for module in EXTENSIONS:
-        importlib.import_module(module).register(sub)
+    for entry in sorted(entry_points(group=COMMANDS), key=lambda e: e.name):
+        entry.load().register(sub)
     return parser
 
 
-def _print_stats(stats: dict, *, title: str) -> None:
+def print_stats(stats: dict, *, title: str) -> None:
     table = Table(title=title, show_header=False)
     rows = [
         ("time to first token", f"{stats['ttft_s']:.3f} s"),
@@ -114,10 +105,10 @@ def _print_stats(stats: dict, *, title: str) -> None:
     err.print(table)
 
 
-def _run_store(args, store: Path, *, extra: dict | None = None) -> dict:
-    from coordinator.engine import open_local
-    from coordinator.generate import add_cache_stats, encode_prompt, generate
-    from node.store_format import Manifest
+def run_store(args, store: Path, *, extra: dict | None = None) -> dict:
+    from flashmesh.coordinator.engine import open_local
+    from flashmesh.coordinator.generate import add_cache_stats, encode_prompt, generate
+    from flashmesh.node.store_format import Manifest
 
     manifest = Manifest.load(store)
     budget = parse_bytes(args.ram_budget) if args.ram_budget else default_budget(manifest)
@@ -150,12 +141,12 @@ def _run_store(args, store: Path, *, extra: dict | None = None) -> dict:
         streaming.close()
 
 
-def _run_cluster(
+def run_cluster(
     args, store: Path, *, addresses=None, token: str | None = None, tls=None, extra: dict | None = None
 ) -> dict:
-    from coordinator.cluster_cli import coordinator_tls, find_nodes
-    from coordinator.cluster_run import resolve_token, run_on_cluster
-    from node.store_format import Manifest
+    from flashmesh.coordinator.cluster_cli import coordinator_tls, find_nodes
+    from flashmesh.coordinator.cluster_run import resolve_token, run_on_cluster
+    from flashmesh.node.store_format import Manifest
 
     manifest = Manifest.load(store)
     token = token or resolve_token(args.token)
@@ -184,7 +175,7 @@ def _run_cluster(
     return result
 
 
-def _print_nodes(result: dict) -> None:
+def print_nodes(result: dict) -> None:
     if "nodes" not in result:
         return
     table = Table(title="nodes")
@@ -211,7 +202,7 @@ def _print_nodes(result: dict) -> None:
 
 
 def cmd_pack(args) -> int:
-    from node.store_writer import pack
+    from flashmesh.node.store_writer import pack
 
     manifest = pack(args.src, args.out, force=args.force, show_progress=sys.stderr.isatty())
     err.print(
@@ -223,65 +214,26 @@ def cmd_pack(args) -> int:
 
 def cmd_run(args) -> int:
     if args.cluster or args.node:
-        result = _run_cluster(args, args.store)
+        result = run_cluster(args, args.store)
     else:
-        result = _run_store(args, args.store)
+        result = run_store(args, args.store)
     if args.json:
         print(json.dumps(result))
     else:
-        _print_stats(result, title=f"flashmesh run {args.store}")
-        _print_nodes(result)
-    return 0
-
-
-def cmd_demo(args) -> int:
-    from coordinator.demo import prepare_demo, reference_tokens
-
-    store, source = prepare_demo(args.workdir, arch=args.arch, show_progress=not args.json)
-    from node.store_format import Manifest
-
-    manifest = Manifest.load(store)
-    if args.ram_budget is None:
-        # A quarter of the experts fit: most tokens stream something from flash.
-        args.ram_budget = str(max(manifest.expert_bytes_total // 4, manifest.min_budget_bytes))
-    if args.nodes > 0:
-        import secrets
-
-        from coordinator.cluster_run import ensure_shards, local_nodes
-        from coordinator.demo import demo_cluster_dir
-        from node.tls import COORDINATOR, load_identity
-
-        shards = ensure_shards(store, args.workdir, count=args.nodes)
-        # The budget is shared: each node keeps its part of it (at least one layer's top-k).
-        budget = max(parse_bytes(args.ram_budget) // args.nodes, manifest.min_budget_bytes)
-        token = secrets.token_urlsafe(18)
-        cluster_dir = None if args.no_tls else demo_cluster_dir(args.workdir)
-        tls = None if cluster_dir is None else load_identity(cluster_dir, role=COORDINATOR)
-        with local_nodes(
-            shards, budgets=[budget] * args.nodes, token=token, logdir=args.workdir / "logs", tls=cluster_dir
-        ) as nodes:
-            extra = {"store": str(store), "tls": tls is not None}
-            result = _run_cluster(args, store, addresses=nodes, token=token, tls=tls, extra=extra)
-    else:
-        result = _run_store(args, store, extra={"store": str(store)})
-    if args.temperature == 0:
-        reference = reference_tokens(
-            source, args.prompt, max_tokens=args.max_tokens, chat=args.chat, prefill_step_size=args.prefill_step
-        )
-        result["tokens_match_reference"] = reference == result["tokens"]
-    if args.json:
-        print(json.dumps(result))
-    else:
-        _print_stats(result, title=f"flashmesh demo ({args.arch}, store {store})")
-        _print_nodes(result)
+        print_stats(result, title=f"flashmesh run {args.store}")
+        print_nodes(result)
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    return run_command(build_parser().parse_args(argv))
+
+
+def run_command(args: argparse.Namespace) -> int:
+    """Run a parsed command (`func`): logging set up, user errors as one line with status 2."""
     # transformers (used only for tokenizers) announces that PyTorch is absent; it does not need it.
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    if args.command != "node" and not args.verbose:
+    if getattr(args, "command", None) != "node" and not args.verbose:
         # gRPC's C core logs refused TLS handshakes itself; the coordinator reports them in one line.
         os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
     logging.basicConfig(

@@ -7,14 +7,13 @@ from __future__ import annotations
 import time
 
 import grpc
-
-from coordinator.discovery import NodeAddress
-from coordinator.failover import DATA_LOSS, DEADLINE, UNAVAILABLE, NodeError
-from node.tls import TlsIdentity, handshake_hint
-from protos import DEFAULT_MAX_MESSAGE_BYTES, LOST_RECORDS_METADATA_KEY, TOKEN_METADATA_KEY
-from protos import flashmesh_pb2 as pb
-from protos import flashmesh_pb2_grpc as pb_grpc
-from protos.codec import parse_records
+from flashmesh.coordinator.discovery import NodeAddress
+from flashmesh.coordinator.failover import DATA_LOSS, DEADLINE, UNAVAILABLE, NodeError
+from flashmesh.node.tls import TlsIdentity, handshake_hint
+from flashmesh.protos import DEFAULT_MAX_MESSAGE_BYTES, LOST_RECORDS_METADATA_KEY, TOKEN_METADATA_KEY
+from flashmesh.protos import flashmesh_pb2 as pb
+from flashmesh.protos import flashmesh_pb2_grpc as pb_grpc
+from flashmesh.protos.codec import parse_records
 
 # gRPC status -> NodeError kind (coordinator.failover): the failures replicas can stand in for.
 _KINDS = {

@@ -9,12 +9,12 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from coordinator.client import NodeClient, NodeError
-from coordinator.discovery import NodeAddress
-from coordinator.placement import NodeCapacity
-from node.tls import TlsIdentity
-from protos import PROTOCOL_VERSION
-from protos import flashmesh_pb2 as pb
+from flashmesh.coordinator.client import NodeClient, NodeError
+from flashmesh.coordinator.discovery import NodeAddress
+from flashmesh.coordinator.placement import NodeCapacity
+from flashmesh.node.tls import TlsIdentity
+from flashmesh.protos import PROTOCOL_VERSION
+from flashmesh.protos import flashmesh_pb2 as pb
 
 log = logging.getLogger(__name__)
 

@@ -14,12 +14,11 @@ import threading
 import time
 from pathlib import Path
 
+from flashmesh.node.cache import parse_bytes
+from flashmesh.node.store_format import StoreError
+from flashmesh.protos import DEFAULT_MAX_MESSAGE_BYTES, TLS_ENV, TOKEN_ENV
 from rich.console import Console
 from rich.live import Live
-
-from node.cache import parse_bytes
-from node.store_format import StoreError
-from protos import DEFAULT_MAX_MESSAGE_BYTES, TLS_ENV, TOKEN_ENV
 
 log = logging.getLogger(__name__)
 out = Console(width=None if sys.stdout.isatty() else 160)  # tables stay readable when piped
@@ -57,14 +56,14 @@ def add_discovery_args(p: argparse.ArgumentParser) -> None:
 
 def coordinator_tls(args):
     """The coordinator's TLS identity from --tls or $FLASHMESH_TLS; None: plaintext."""
-    from node.tls import COORDINATOR, load_identity
+    from flashmesh.node.tls import COORDINATOR, load_identity
 
     path = args.tls or os.environ.get(TLS_ENV)
     return None if not path else load_identity(Path(path), role=COORDINATOR)
 
 
 def find_nodes(args, *, fingerprint: str | None = None) -> list:
-    from coordinator.discovery import discover
+    from flashmesh.coordinator.discovery import discover
 
     prefix = getattr(args, "name_prefix", "")
     nodes = discover(
@@ -152,7 +151,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_issue_args(c: argparse.ArgumentParser) -> None:
-    from coordinator.certs import DEFAULT_DAYS
+    from flashmesh.coordinator.certs import DEFAULT_DAYS
 
     c.add_argument(
         "--san",
@@ -175,7 +174,7 @@ def _check_interfaces(interfaces: list[str]) -> None:
 
 def _node_tls(args):
     """The node's TLS identity (--tls or $FLASHMESH_TLS); its certificate names the node."""
-    from node.tls import CERT_FILE, NODE, load_identity
+    from flashmesh.node.tls import CERT_FILE, NODE, load_identity
 
     path = args.tls or os.environ.get(TLS_ENV)
     if not path:
@@ -190,9 +189,9 @@ def _node_tls(args):
 
 
 def cmd_node_serve(args) -> int:
-    from node.advertise import Advertiser
-    from node.server import start_server
-    from node.service import NodeService
+    from flashmesh.node.advertise import Advertiser
+    from flashmesh.node.server import start_server
+    from flashmesh.node.service import NodeService
 
     _check_interfaces(args.interfaces)
     tls = _node_tls(args)
@@ -258,7 +257,7 @@ def cmd_node_serve(args) -> int:
 
 
 def cmd_cluster_init(args) -> int:
-    from coordinator.certs import init_cluster
+    from flashmesh.coordinator.certs import init_cluster
 
     nodes = [n.strip() for n in args.nodes.split(",") if n.strip()]
     written = init_cluster(
@@ -279,7 +278,7 @@ def cmd_cluster_init(args) -> int:
 
 
 def cmd_cluster_add_node(args) -> int:
-    from coordinator.certs import issue
+    from flashmesh.coordinator.certs import issue
 
     path = issue(args.dir, args.name, sans=args.san, days=args.days, force=args.force)
     err.print(
@@ -292,7 +291,7 @@ def cmd_cluster_add_node(args) -> int:
 
 
 def cmd_shard(args) -> int:
-    from node.shard import write_dense, write_shard
+    from flashmesh.node.shard import write_dense, write_shard
 
     if args.dense:
         write_dense(args.store, args.out, force=args.force)
@@ -307,9 +306,9 @@ def cmd_shard(args) -> int:
 
 
 def _rows(args) -> list[dict]:
-    from coordinator.client import NodeClient
-    from coordinator.cluster_run import resolve_token
-    from coordinator.cluster_view import add_assignment, node_row
+    from flashmesh.coordinator.client import NodeClient
+    from flashmesh.coordinator.cluster_run import resolve_token
+    from flashmesh.coordinator.cluster_view import add_assignment, node_row
 
     token = resolve_token(args.token)
     tls = coordinator_tls(args)
@@ -325,7 +324,7 @@ def _rows(args) -> list[dict]:
 
 
 def cmd_cluster_ls(args) -> int:
-    from coordinator.cluster_view import nodes_table, public
+    from flashmesh.coordinator.cluster_view import nodes_table, public
 
     rows = _rows(args)
     if args.json:
@@ -336,7 +335,7 @@ def cmd_cluster_ls(args) -> int:
 
 
 def cmd_cluster_inspect(args) -> int:
-    from coordinator.cluster_view import layers_table, nodes_table, public
+    from flashmesh.coordinator.cluster_view import layers_table, nodes_table, public
 
     rows = _rows(args)
     if args.json:
@@ -352,9 +351,9 @@ def cmd_cluster_inspect(args) -> int:
 
 
 def cmd_cluster_top(args) -> int:
-    from coordinator.client import NodeClient
-    from coordinator.cluster_run import resolve_token
-    from coordinator.cluster_view import add_assignment, node_row, nodes_table, public
+    from flashmesh.coordinator.client import NodeClient
+    from flashmesh.coordinator.cluster_run import resolve_token
+    from flashmesh.coordinator.cluster_view import add_assignment, node_row, nodes_table, public
 
     token = resolve_token(args.token)
     tls = coordinator_tls(args)

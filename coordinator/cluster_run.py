@@ -8,28 +8,17 @@ report the same keys; `nodes` adds one entry per node and `dispatch` the wire fi
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
-import secrets
-import signal
-import subprocess
-import sys
-import tempfile
-import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
-
-from coordinator.discovery import NodeAddress, discover
-from node.bundle_source import is_bundle
-from node.store_format import MANIFEST, Manifest, StoreError
-from node.tls import TlsIdentity
-from protos import TLS_ENV, TOKEN_ENV
-from protos import flashmesh_pb2 as pb
+from flashmesh.coordinator.discovery import NodeAddress
+from flashmesh.node.store_format import Manifest, StoreError
+from flashmesh.node.tls import TlsIdentity
+from flashmesh.protos import TOKEN_ENV
+from flashmesh.protos import flashmesh_pb2 as pb
 
 log = logging.getLogger(__name__)
 
@@ -68,8 +57,8 @@ def run_on_cluster(
     tls: TlsIdentity | None = None,
 ) -> dict:
     """Generate with the dense part here and the experts on the nodes; return the run's JSON."""
-    from coordinator.engine import open_cluster
-    from coordinator.generate import encode_prompt, generate
+    from flashmesh.coordinator.engine import open_cluster
+    from flashmesh.coordinator.generate import encode_prompt, generate
 
     streaming, nodes = open_cluster(
         store, addresses, token=token, lookahead=lookahead, rpc_deadline=rpc_deadline, tls=tls
@@ -156,216 +145,3 @@ def _stats_or(node, fallback: pb.NodeStats) -> pb.NodeStats:
     except StoreError as e:
         log.warning("no statistics from %s: %s", node.client.label, e)
         return fallback
-
-
-def ensure_shards(store: Path, workdir: Path, *, count: int, replicas: int = 1) -> list[Path]:
-    """Shards 0..count-1 of `store` under `workdir`, written once per store fingerprint."""
-    from node.shard import write_shard
-
-    fingerprint = Manifest.load(store).fingerprint
-    paths = []
-    suffix = f"x{replicas}" if replicas > 1 else ""
-    for i in range(count):
-        path = Path(workdir) / f"{Path(store).name}-shard{i}of{count}{suffix}"
-        if not (path / MANIFEST).is_file() or Manifest.load(path).fingerprint != fingerprint:
-            write_shard(store, path, count=count, index=i, replicas=replicas, force=True)
-        paths.append(path)
-    return paths
-
-
-def ensure_dense(store: Path, out: Path) -> Path:
-    """The coordinator's dense part of `store` at `out`, written once per store fingerprint."""
-    from node.shard import write_dense
-
-    if not (out / MANIFEST).is_file() or Manifest.load(out).fingerprint != Manifest.load(store).fingerprint:
-        write_dense(store, out, force=True)
-    return out
-
-
-class LocalNodeProcesses:
-    """`flashmesh node serve` processes on 127.0.0.1, one per shard, with their process handles:
-    for the demo, benchmarks and the fault tests (which kill, stop and restart them). Each has a
-    unique name, so zeroconf on a shared loopback finds exactly these."""
-
-    def __init__(
-        self,
-        shards: list[Path],
-        *,
-        budgets: list[int],
-        token: str,
-        logdir: Path,
-        flash_gbps: float | None = None,
-        tls: Path | None = None,
-        node_args: list[list[str]] | None = None,
-        before_exec: list[Callable[[], None] | None] | None = None,
-    ) -> None:
-        self.shards, self.budgets, self.token = list(shards), list(budgets), token
-        self.node_args = node_args or [[] for _ in shards]  # more `node serve` options per node
-        self.before_exec = before_exec or [None] * len(shards)  # runs in node i before exec (e.g. join cgroups)
-        self.tls = tls  # a cluster directory holding its CA: each node gets a certificate for its name
-        self._certs = tempfile.TemporaryDirectory(prefix="flashmesh-node-certs-") if tls is not None else None
-        self.flash_gbps = flash_gbps  # report this instead of measuring (placement then splits evenly)
-        self.logdir = Path(logdir)
-        self.logdir.mkdir(parents=True, exist_ok=True)
-        run_id = f"local{os.getpid()}x{secrets.token_hex(2)}"
-        self.names = [f"{run_id}-{i}" for i in range(len(shards))]
-        self.procs: list[subprocess.Popen | None] = [None] * len(shards)
-        self.addresses: list[NodeAddress | None] = [None] * len(shards)
-        self._logs: list = []
-
-    def start(self, i: int, *, port: int = 0) -> subprocess.Popen:
-        log_file = open(self.logdir / f"{self.names[i]}.log", "ab")  # noqa: SIM115 - closed in stop()
-        self._logs.append(log_file)
-        source = ["--bundle", str(self.shards[i])] if is_bundle(self.shards[i]) else [str(self.shards[i])]
-        cmd = [sys.executable, "-m", "coordinator.cli", "node", "serve", *source, *self.node_args[i]]
-        cmd += ["--ram-budget", str(self.budgets[i]), "--port", str(port), "--interfaces", "127.0.0.1"]
-        cmd += ["--name", self.names[i], "--parent-pid", str(os.getpid())]
-        if self.flash_gbps is not None:
-            cmd += ["--flash-gbps", str(self.flash_gbps)]
-        if self._certs is not None:
-            from coordinator.certs import issue
-
-            out = Path(self._certs.name) / self.names[i]
-            cmd += ["--tls", str(out if out.is_dir() else issue(self.tls, self.names[i], out=out))]
-        env = {**os.environ, TOKEN_ENV: self.token, "TRANSFORMERS_VERBOSITY": "error"}
-        env.pop(TLS_ENV, None)
-        self.procs[i] = subprocess.Popen(
-            cmd, env=env, stdout=log_file, stderr=subprocess.STDOUT, preexec_fn=self.before_exec[i]
-        )
-        return self.procs[i]
-
-    def _check_alive(self, i: int) -> None:
-        proc = self.procs[i]
-        if proc is not None and proc.poll() is not None:
-            tail = (self.logdir / f"{self.names[i]}.log").read_text(errors="replace").strip().splitlines()[-1:]
-            raise StoreError(f"local node {self.names[i]} exited with status {proc.returncode}: {' '.join(tail)}")
-
-    def find(self, *, timeout: float = 120.0) -> list[NodeAddress]:
-        """Wait until zeroconf on 127.0.0.1 finds every started node; return their addresses."""
-        wanted = {name for name, proc in zip(self.names, self.procs, strict=True) if proc is not None}
-        found: dict[str, NodeAddress] = {}
-        deadline = time.monotonic() + timeout
-        while len(found) < len(wanted):
-            for i in range(len(self.names)):
-                self._check_alive(i)
-            if time.monotonic() > deadline:
-                raise StoreError(f"local nodes {sorted(wanted - set(found))} did not appear within {timeout:g} s")
-            for node in discover(
-                interfaces=["127.0.0.1"],
-                timeout=2.0,
-                expect=len(wanted) - len(found),
-                accept=lambda n: n.name in wanted and n.name not in found,
-            ):
-                found[node.name] = node
-        for i, name in enumerate(self.names):
-            if name in found:
-                self.addresses[i] = found[name]
-        return [found[name] for name in self.names if name in found]
-
-    def restart(self, i: int, *, timeout: float = 120.0) -> NodeAddress:
-        """Start node `i` again on its old port and wait until it answers there."""
-        from coordinator.client import NodeClient
-
-        old = self.addresses[i]
-        self.start(i, port=old.port)
-        if self._certs is not None:  # no coordinator identity here to probe with: wait for its advertisement
-            self.find(timeout=timeout)
-            return self.addresses[i]
-        client = NodeClient(old, token=self.token)
-        deadline = time.monotonic() + timeout
-        try:
-            while True:
-                self._check_alive(i)
-                try:
-                    client.health(timeout=1.0)
-                    # a restarted node has a new id: what zeroconf said of the old one no longer holds
-                    self.addresses[i] = dataclasses.replace(old, node_id=client.info(timeout=5.0).node_id)
-                    return self.addresses[i]
-                except StoreError:
-                    if time.monotonic() > deadline:
-                        raise StoreError(f"local node {self.names[i]} did not come back within {timeout:g} s") from None
-                    time.sleep(0.2)
-        finally:
-            client.close()
-
-    def stop(self) -> None:
-        for proc in self.procs:
-            if proc is not None and proc.poll() is None:
-                proc.send_signal(signal.SIGCONT)  # a stopped process cannot act on SIGTERM
-                proc.terminate()
-        for proc in self.procs:
-            if proc is None:
-                continue
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        for log_file in self._logs:
-            log_file.close()
-        if self._certs is not None:
-            self._certs.cleanup()
-
-
-@contextmanager
-def local_node_processes(
-    shards: list[Path],
-    *,
-    budgets: list[int],
-    token: str,
-    logdir: Path,
-    timeout: float = 120.0,
-    flash_gbps: float | None = None,
-    tls: Path | None = None,
-    node_args: list[list[str]] | None = None,
-    before_exec: list[Callable[[], None] | None] | None = None,
-) -> Iterator[LocalNodeProcesses]:
-    """Started and found `LocalNodeProcesses`; always stopped on exit."""
-    nodes = LocalNodeProcesses(
-        shards,
-        budgets=budgets,
-        token=token,
-        logdir=logdir,
-        flash_gbps=flash_gbps,
-        tls=tls,
-        node_args=node_args,
-        before_exec=before_exec,
-    )
-    try:
-        for i in range(len(shards)):
-            nodes.start(i)
-        nodes.find(timeout=timeout)
-        yield nodes
-    finally:
-        nodes.stop()
-
-
-@contextmanager
-def local_nodes(
-    shards: list[Path],
-    *,
-    budgets: list[int],
-    token: str,
-    logdir: Path,
-    timeout: float = 120.0,
-    tls: Path | None = None,
-    node_args: list[list[str]] | None = None,
-    before_exec: list[Callable[[], None] | None] | None = None,
-) -> Iterator[list[NodeAddress]]:
-    """Start one `flashmesh node serve` process per shard (or iOS bundle: `--bundle`) on 127.0.0.1,
-    find them by zeroconf on 127.0.0.1, yield their addresses; always stop the processes on exit.
-    With `tls` (a cluster directory holding its CA) each node gets a certificate for its name, in a
-    directory removed on exit, and serves only mutual TLS. `node_args`: more `node serve` options
-    per node (e.g. `--count 2 --index 0` for half a bundle); `before_exec[i]` runs in node i's
-    process before it execs (the benchmarks put each node in its own cgroups there)."""
-    with local_node_processes(
-        shards,
-        budgets=budgets,
-        token=token,
-        logdir=logdir,
-        timeout=timeout,
-        tls=tls,
-        node_args=node_args,
-        before_exec=before_exec,
-    ) as nodes:
-        yield list(nodes.addresses)

@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import time
 
+from flashmesh.coordinator.client import NodeClient, NodeError
+from flashmesh.coordinator.cluster import identity_problem
+from flashmesh.coordinator.discovery import NodeAddress
+from flashmesh.coordinator.placement import LayerShape, NodeCapacity, place
+from flashmesh.node.cache import format_bytes
+from flashmesh.node.store_format import StoreError
+from flashmesh.protos import flashmesh_pb2 as pb
 from rich.table import Table
-
-from coordinator.client import NodeClient, NodeError
-from coordinator.cluster import identity_problem
-from coordinator.discovery import NodeAddress
-from coordinator.placement import LayerShape, NodeCapacity, place
-from node.cache import format_bytes
-from node.store_format import StoreError
-from protos import flashmesh_pb2 as pb
 
 
 def _ping_ms(client: NodeClient, *, tries: int = 3) -> float:

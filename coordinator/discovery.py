@@ -12,10 +12,9 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from flashmesh.node.store_format import StoreError
+from flashmesh.protos import SERVICE_TYPE
 from zeroconf import IPVersion, ServiceBrowser, ServiceListener, Zeroconf
-
-from node.store_format import StoreError
-from protos import SERVICE_TYPE
 
 log = logging.getLogger(__name__)
 

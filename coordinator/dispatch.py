@@ -13,8 +13,7 @@ from typing import Protocol
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
-
-from node.experts import find_expert_modules, layer_index
+from flashmesh.node.experts import find_expert_modules, layer_index
 
 
 class ExpertBackend(Protocol):

@@ -12,17 +12,16 @@ from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
+from flashmesh.coordinator.dispatch import ExpertBackend, install_dispatch
+from flashmesh.node.cache import ExpertCache
+from flashmesh.node.compute import LocalExperts
+from flashmesh.node.experts import find_expert_modules, layer_index, load_lazy
+from flashmesh.node.store_format import Manifest, StoreError
+from flashmesh.node.store_reader import ExpertStore
+from flashmesh.node.tls import TlsIdentity
 from mlx.utils import tree_flatten
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 from mlx_lm.utils import load_tokenizer
-
-from coordinator.dispatch import ExpertBackend, install_dispatch
-from node.cache import ExpertCache
-from node.compute import LocalExperts
-from node.experts import find_expert_modules, layer_index, load_lazy
-from node.store_format import Manifest, StoreError
-from node.store_reader import ExpertStore
-from node.tls import TlsIdentity
 
 log = logging.getLogger(__name__)
 
@@ -141,9 +140,9 @@ def open_cluster(
     `addresses` (coordinator.discovery.NodeAddress), over mutual TLS with `tls`; return the model
     and the connected nodes. `rpc_deadline`: least seconds a node gets per request before its work
     fails over (None: default)."""
-    from coordinator.cluster import connect
-    from coordinator.placement import place
-    from coordinator.remote import DEFAULT_RPC_DEADLINE, RemoteExperts
+    from flashmesh.coordinator.cluster import connect
+    from flashmesh.coordinator.placement import place
+    from flashmesh.coordinator.remote import DEFAULT_RPC_DEADLINE, RemoteExperts
 
     store_path = Path(store_path)
     model, manifest, _ = load_dense_model(store_path)

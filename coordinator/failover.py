@@ -16,9 +16,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
-
-from coordinator.placement import Placement
-from node.store_format import StoreError
+from flashmesh.coordinator.placement import Placement
+from flashmesh.node.store_format import StoreError
 
 Key = tuple[int, int]  # (layer, expert)
 

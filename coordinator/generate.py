@@ -7,11 +7,10 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 import mlx.nn as nn
+from flashmesh.node.cache import CacheStats
 from mlx_lm.generate import stream_generate
 from mlx_lm.sample_utils import make_sampler
 from mlx_lm.tokenizer_utils import TokenizerWrapper
-
-from node.cache import CacheStats
 
 
 @dataclass

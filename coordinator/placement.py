@@ -17,8 +17,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
-
-from node.store_format import StoreError
+from flashmesh.node.store_format import StoreError
 
 Key = tuple[int, int]  # (layer, expert)
 

@@ -18,14 +18,12 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Mapping
-from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Protocol
 
 import mlx.core as mx
 import numpy as np
-
-from coordinator.failover import (
+from flashmesh.coordinator.failover import (
     DATA_LOSS,
     FAILOVER_KINDS,
     Deadline,
@@ -34,11 +32,10 @@ from coordinator.failover import (
     NodeError,
     format_lost,
 )
-from coordinator.placement import Placement
-from node.service import RequestError
-from node.store_format import StoreError
-from protos import flashmesh_pb2 as pb
-from protos.codec import CodecError, decode, encode, encode_numpy
+from flashmesh.coordinator.placement import Placement
+from flashmesh.node.store_format import StoreError
+from flashmesh.protos import flashmesh_pb2 as pb
+from flashmesh.protos.codec import CodecError, decode, encode, encode_numpy
 
 log = logging.getLogger(__name__)
 
@@ -63,40 +60,6 @@ class NodeLink(Protocol):
     def info_async(self, *, timeout: float | None = None) -> PendingReply: ...
 
     def prefetch(self, request: pb.PrefetchRequest, *, timeout: float | None = None) -> pb.PrefetchReply: ...
-
-
-_REQUEST_KINDS = {"data_loss": DATA_LOSS, "unauthenticated": "unauthenticated", "invalid_argument": "invalid"}
-
-
-class InProcessLink:
-    """A node object called directly (no network): for tests and single-process experiments. A node
-    refusal (RequestError) becomes the NodeError a gRPC link would raise; there is no deadline."""
-
-    def __init__(self, service, label: str = "in-process") -> None:
-        self.service = service
-        self.label = label
-
-    def _call(self, method, *args) -> PendingReply:
-        start = time.perf_counter()
-        future: Future = Future()
-        try:
-            future.set_result(method(*args))
-        except RequestError as e:
-            kind = _REQUEST_KINDS.get(e.status, "other")
-            future.set_exception(NodeError(f"node {self.label}: {e}", kind=kind, records=e.records))
-        except Exception as e:  # noqa: BLE001 - handed to the caller through result()
-            future.set_exception(e)
-        future.seconds = time.perf_counter() - start
-        return future
-
-    def compute_async(self, request: pb.ComputeRequest, *, timeout: float | None = None) -> PendingReply:
-        return self._call(self.service.compute, request)
-
-    def info_async(self, *, timeout: float | None = None) -> PendingReply:
-        return self._call(self.service.info)
-
-    def prefetch(self, request: pb.PrefetchRequest, *, timeout: float | None = None) -> pb.PrefetchReply:
-        return self._call(self.service.prefetch, request).result()
 
 
 @dataclass

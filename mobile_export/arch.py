@@ -13,9 +13,8 @@ from dataclasses import dataclass
 import mlx.core as mx
 import numpy as np
 from coremltools.converters.mil import Builder as mb
-
-from mobile_export import mil_ops as ops
-from node.store_format import StoreError
+from flashmesh.mobile_export import mil_ops as ops
+from flashmesh.node.store_format import StoreError
 
 SUPPORTED = ("deepseek_v3", "mixtral", "qwen3_moe")
 

@@ -19,8 +19,7 @@ import os
 from pathlib import Path
 
 import numpy as np
-
-from node.store_format import RECORD_ALIGN, LayerSpec, StoreError, checksum
+from flashmesh.node.store_format import RECORD_ALIGN, LayerSpec, StoreError, checksum
 
 BUNDLE_FORMAT = 1
 MANIFEST = "manifest.json"

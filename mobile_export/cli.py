@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-from node.store_format import StoreError
+from flashmesh.node.store_format import StoreError
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -38,7 +38,7 @@ def _dir_bytes(path: Path) -> int:
 
 
 def cmd_export_ios(args) -> int:
-    from mobile_export.exporter import export_ios
+    from flashmesh.mobile_export.exporter import export_ios
 
     start = time.perf_counter()
     manifest = export_ios(
@@ -63,7 +63,7 @@ def cmd_export_ios(args) -> int:
     if args.json:
         print(json.dumps(summary))
     else:
-        from coordinator.cli import err
+        from flashmesh.coordinator.cli import err
 
         err.print(
             f"wrote {summary['bundle']} ({summary['bytes'] / 1e6:.1f} MB, {len(summary['packages'])} packages) in "
@@ -74,7 +74,7 @@ def cmd_export_ios(args) -> int:
 
 
 def cmd_verify_bundle(args) -> int:
-    from mobile_export.verify import verify_bundle
+    from flashmesh.mobile_export.verify import verify_bundle
 
     if not args.bundle.is_dir():
         raise StoreError(f"{args.bundle} is not a directory; give the bundle written by `flashmesh export-ios`")
@@ -82,7 +82,7 @@ def cmd_verify_bundle(args) -> int:
     if args.json:
         print(json.dumps(report.to_json()))
     else:
-        from coordinator.cli import err
+        from flashmesh.coordinator.cli import err
 
         for what, n in report.checks.items():
             err.print(f"ok  {n:6d}  {what}", highlight=False)

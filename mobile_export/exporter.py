@@ -8,17 +8,16 @@ import time
 from pathlib import Path
 
 import numpy as np
+from flashmesh.mobile_export import programs
+from flashmesh.mobile_export.arch import SUPPORTED, arch_for
+from flashmesh.mobile_export.bundle_format import BUNDLE_FORMAT, MIN_IOS, PROTOCOL_VERSION, save_manifest
+from flashmesh.mobile_export.mil_ops import WeightRegistry
+from flashmesh.mobile_export.records import INT8_OFFSET, bytes_per_token, expert_input_mode, write_expert_layers
+from flashmesh.mobile_export.weights import DenseWeights
+from flashmesh.node.experts import load_lazy
+from flashmesh.node.store_format import Manifest, StoreError, checksum, staged_directory
+from flashmesh.node.store_writer import TOKENIZER_FILES
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-
-from mobile_export import programs
-from mobile_export.arch import SUPPORTED, arch_for
-from mobile_export.bundle_format import BUNDLE_FORMAT, MIN_IOS, PROTOCOL_VERSION, save_manifest
-from mobile_export.mil_ops import WeightRegistry
-from mobile_export.records import INT8_OFFSET, bytes_per_token, expert_input_mode, write_expert_layers
-from mobile_export.weights import DenseWeights
-from node.experts import load_lazy
-from node.store_format import Manifest, StoreError, checksum, staged_directory
-from node.store_writer import TOKENIZER_FILES
 
 log = logging.getLogger(__name__)
 

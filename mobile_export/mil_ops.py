@@ -11,9 +11,8 @@ import re
 
 import numpy as np
 from coremltools.converters.mil import Builder as mb
-
-from mobile_export.weights import DenseWeights
-from node.store_format import checksum
+from flashmesh.mobile_export.weights import DenseWeights
+from flashmesh.node.store_format import checksum
 
 NEG_INF = float("-inf")
 

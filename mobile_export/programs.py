@@ -21,11 +21,10 @@ import numpy as np
 from coremltools.converters.mil import Builder as mb
 from coremltools.converters.mil.mil import Function, Program, types
 from coremltools.converters.mil.mil.passes import pass_pipeline as _pass_pipeline
-
-from mobile_export import mil_ops as ops
-from mobile_export.arch import Arch
-from mobile_export.bundle_format import PACKAGE_LIMIT_BYTES
-from node.store_format import StoreError
+from flashmesh.mobile_export import mil_ops as ops
+from flashmesh.mobile_export.arch import Arch
+from flashmesh.mobile_export.bundle_format import PACKAGE_LIMIT_BYTES
+from flashmesh.node.store_format import StoreError
 
 log = logging.getLogger(__name__)
 

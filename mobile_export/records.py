@@ -14,10 +14,9 @@ import os
 from pathlib import Path
 
 import numpy as np
-
-from mobile_export.bundle_format import PROJ, unpack_affine
-from node.store_format import LayerSpec, Manifest, StoreError, checksum, layout_record
-from node.store_reader import ExpertStore
+from flashmesh.mobile_export.bundle_format import PROJ, unpack_affine
+from flashmesh.node.store_format import LayerSpec, Manifest, StoreError, checksum, layout_record
+from flashmesh.node.store_reader import ExpertStore
 
 INT8_OFFSET = {8: 128}  # 8-bit values 0..255 are stored as q - 128; smaller widths fit int8 as they are
 

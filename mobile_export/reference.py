@@ -13,10 +13,9 @@ from pathlib import Path
 
 import numpy as np
 from coremltools.converters.mil.mil import types
-
-from mobile_export.bundle_format import BundleExperts, load_manifest
-from mobile_export.saved import load_saved_program
-from node.store_format import StoreError
+from flashmesh.mobile_export.bundle_format import BundleExperts, load_manifest
+from flashmesh.mobile_export.saved import load_saved_program
+from flashmesh.node.store_format import StoreError
 
 log = logging.getLogger(__name__)
 

@@ -7,8 +7,7 @@ from pathlib import Path
 import coremltools as ct
 from coremltools.converters.mil.frontend.milproto.load import load as load_milproto
 from coremltools.converters.mil.mil import Program
-
-from node.store_format import StoreError
+from flashmesh.node.store_format import StoreError
 
 
 def load_saved_program(package: Path) -> Program:

@@ -13,11 +13,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-
-from mobile_export.bundle_format import MANIFEST, check_aligned, layer_specs, load_manifest, section_checksums
-from mobile_export.records import convert_record, record_bytes
-from mobile_export.saved import consts, load_saved_program
-from node.store_format import RECORD_ALIGN, Manifest, StoreError, checksum
+from flashmesh.mobile_export.bundle_format import MANIFEST, check_aligned, layer_specs, load_manifest, section_checksums
+from flashmesh.mobile_export.records import convert_record, record_bytes
+from flashmesh.mobile_export.saved import consts, load_saved_program
+from flashmesh.node.store_format import RECORD_ALIGN, Manifest, StoreError, checksum
 
 
 @dataclass
@@ -72,7 +71,7 @@ def verify_bundle(bundle: Path, *, store: Path | None = None) -> Report:
 def _check_records(bundle: Path, manifest: dict, report: Report, store, source) -> None:
     reader = None
     if store is not None:
-        from node.store_reader import ExpertStore
+        from flashmesh.node.store_reader import ExpertStore
 
         reader = ExpertStore(store, page_cache=True)
     quant = manifest["quantization"]
@@ -138,7 +137,7 @@ def _check_embeddings(bundle: Path, manifest: dict, report: Report, store, sourc
         return
     report.count("embedding table checksum")
     if store is not None:
-        from mobile_export.weights import DenseWeights
+        from flashmesh.mobile_export.weights import DenseWeights
 
         ref = DenseWeights(store, source).get("model.embed_tokens.weight").astype(np.float16)
         if ref.tobytes() != data:
@@ -148,11 +147,11 @@ def _check_embeddings(bundle: Path, manifest: dict, report: Report, store, sourc
 
 
 def _check_packages(bundle: Path, manifest: dict, report: Report, store, source) -> None:
-    from mobile_export.programs import package_io
+    from flashmesh.mobile_export.programs import package_io
 
     dense = None
     if store is not None:
-        from mobile_export.weights import DenseWeights
+        from flashmesh.mobile_export.weights import DenseWeights
 
         dense = DenseWeights(store, source)
     packages = [*manifest["coreml"]["packages"], {**manifest["coreml"]["kernel"], "weights": {}}]

@@ -6,8 +6,7 @@ from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
-
-from node.store_format import Manifest, StoreError
+from flashmesh.node.store_format import Manifest, StoreError
 
 
 class DenseWeights:

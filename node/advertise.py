@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import socket
 
+from flashmesh.protos import PROTOCOL_VERSION, SERVICE_TYPE
 from zeroconf import IPVersion, ServiceInfo, Zeroconf
-
-from protos import PROTOCOL_VERSION, SERVICE_TYPE
 
 
 def instance_name(name: str, node_id: str) -> str:

@@ -24,13 +24,12 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
-
-from mobile_export.bundle_format import PROJ, layer_specs, load_manifest, section_checksums
-from node.experts import expert_templates_from_config
-from node.shard import shard_experts
-from node.store_format import LayerSpec, Manifest, StoreError, layout_record
-from node.store_reader import ExpertStore
-from protos import PROTOCOL_VERSION
+from flashmesh.mobile_export.bundle_format import PROJ, layer_specs, load_manifest, section_checksums
+from flashmesh.node.experts import expert_templates_from_config
+from flashmesh.node.shard import shard_experts
+from flashmesh.node.store_format import LayerSpec, Manifest, StoreError, layout_record
+from flashmesh.node.store_reader import ExpertStore
+from flashmesh.protos import PROTOCOL_VERSION
 
 COMPUTE_DTYPE = "float32"  # what MLX's CPU gather_mm / gather_qmm take alongside float32 activations
 

@@ -31,10 +31,9 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 import numpy as np
-
-from node.slab import Slab, signature
-from node.store_format import Manifest, StoreError
-from node.store_reader import ExpertStore, PendingRead
+from flashmesh.node.slab import Slab, signature
+from flashmesh.node.store_format import Manifest, StoreError
+from flashmesh.node.store_reader import ExpertStore, PendingRead
 
 log = logging.getLogger(__name__)
 

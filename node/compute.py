@@ -13,10 +13,9 @@ import time
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
+from flashmesh.node.cache import ExpertCache
+from flashmesh.node.experts import expert_templates
 from mlx.utils import tree_unflatten
-
-from node.cache import ExpertCache
-from node.experts import expert_templates
 
 __all__ = ["LocalExperts", "expert_templates"]
 

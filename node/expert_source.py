@@ -13,10 +13,9 @@ from typing import Protocol
 
 import mlx.core as mx
 import mlx.nn as nn
-
-from node.bundle_source import BundleExpertSource, is_bundle
-from node.store_format import LayerSpec, Manifest, StoreError
-from node.store_reader import ExpertStore, PendingRead, ReadStats
+from flashmesh.node.bundle_source import BundleExpertSource, is_bundle
+from flashmesh.node.store_format import LayerSpec, Manifest, StoreError
+from flashmesh.node.store_reader import ExpertStore, PendingRead, ReadStats
 
 
 class ExpertSource(Protocol):

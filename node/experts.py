@@ -10,10 +10,9 @@ import re
 from pathlib import Path
 
 import mlx.nn as nn
+from flashmesh.node.store_format import StoreError
 from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchLinear
 from mlx_lm.utils import _get_classes, load_model
-
-from node.store_format import StoreError
 
 _SWITCH_LINEARS = (SwitchLinear, QuantizedSwitchLinear)
 

@@ -13,14 +13,13 @@ import logging
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
+from flashmesh.node.service import DATA_LOSS, INTERNAL, INVALID, UNAUTHENTICATED, NodeService, RequestError
+from flashmesh.node.tls import TlsIdentity
+from flashmesh.protos import LOST_RECORDS_METADATA_KEY, TOKEN_METADATA_KEY
+from flashmesh.protos import flashmesh_pb2 as pb
+from flashmesh.protos import flashmesh_pb2_grpc as pb_grpc
+from flashmesh.protos.codec import format_records
 from google.protobuf.message import DecodeError
-
-from node.service import DATA_LOSS, INTERNAL, INVALID, UNAUTHENTICATED, NodeService, RequestError
-from node.tls import TlsIdentity
-from protos import LOST_RECORDS_METADATA_KEY, TOKEN_METADATA_KEY
-from protos import flashmesh_pb2 as pb
-from protos import flashmesh_pb2_grpc as pb_grpc
-from protos.codec import format_records
 
 log = logging.getLogger(__name__)
 

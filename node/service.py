@@ -20,14 +20,13 @@ from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
-
-from node.cache import ExpertCache
-from node.compute import LocalExperts
-from node.expert_source import ExpertSource, open_expert_source
-from node.store_format import RecordError, StoreError
-from protos import DEFAULT_MAX_MESSAGE_BYTES, PROTOCOL_VERSION
-from protos import flashmesh_pb2 as pb
-from protos.codec import FLOAT_DTYPES, CodecError, all_finite, decode, encode, to_numpy
+from flashmesh.node.cache import ExpertCache
+from flashmesh.node.compute import LocalExperts
+from flashmesh.node.expert_source import ExpertSource, open_expert_source
+from flashmesh.node.store_format import RecordError, StoreError
+from flashmesh.protos import DEFAULT_MAX_MESSAGE_BYTES, PROTOCOL_VERSION
+from flashmesh.protos import flashmesh_pb2 as pb
+from flashmesh.protos.codec import FLOAT_DTYPES, CodecError, all_finite, decode, encode, to_numpy
 
 log = logging.getLogger(__name__)
 

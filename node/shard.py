@@ -20,9 +20,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from node.store_format import Manifest, StoreError, staged_directory, write_json_atomic
-from node.store_reader import ExpertStore
-from node.store_writer import TOKENIZER_FILES
+from flashmesh.node.store_format import Manifest, StoreError, staged_directory, write_json_atomic
+from flashmesh.node.store_reader import ExpertStore
+from flashmesh.node.store_writer import TOKENIZER_FILES
 
 
 def shard_experts(num_experts: int, *, count: int, index: int, replicas: int = 1) -> list[int]:

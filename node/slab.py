@@ -11,8 +11,7 @@ from __future__ import annotations
 
 import mlx.core as mx
 import numpy as np
-
-from node.store_format import _DTYPES, LayerSpec
+from flashmesh.node.store_format import _DTYPES, LayerSpec
 
 Signature = tuple[tuple[str, tuple[int, ...], str], ...]
 

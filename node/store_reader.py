@@ -22,9 +22,17 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
-
-from node.experts import expert_templates
-from node.store_format import _DTYPES, RECORD_ALIGN, LayerSpec, Manifest, RecordError, StoreError, TensorSpec, checksum
+from flashmesh.node.experts import expert_templates
+from flashmesh.node.store_format import (
+    _DTYPES,
+    RECORD_ALIGN,
+    LayerSpec,
+    Manifest,
+    RecordError,
+    StoreError,
+    TensorSpec,
+    checksum,
+)
 
 log = logging.getLogger(__name__)
 

@@ -13,11 +13,8 @@ import shutil
 from pathlib import Path
 
 import mlx.core as mx
-from mlx.utils import tree_flatten
-from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
-
-from node.experts import find_expert_modules, layer_index, load_lazy, quantization_of
-from node.store_format import (
+from flashmesh.node.experts import find_expert_modules, layer_index, load_lazy, quantization_of
+from flashmesh.node.store_format import (
     LayerSpec,
     Manifest,
     StoreError,
@@ -30,6 +27,8 @@ from node.store_format import (
     staged_directory,
     write_json_atomic,
 )
+from mlx.utils import tree_flatten
+from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
 log = logging.getLogger(__name__)
 

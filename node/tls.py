@@ -20,9 +20,8 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-
-from node.store_format import StoreError
-from protos import TLS_ENV
+from flashmesh.node.store_format import StoreError
+from flashmesh.protos import TLS_ENV
 
 log = logging.getLogger(__name__)
 

@@ -11,8 +11,7 @@ import math
 
 import mlx.core as mx
 import numpy as np
-
-from protos import flashmesh_pb2 as pb
+from flashmesh.protos import flashmesh_pb2 as pb
 
 # wire dtype name -> (numpy dtype carrying the bytes, mx dtype)
 DTYPES: dict[str, tuple[np.dtype, mx.Dtype]] = {

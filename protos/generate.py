@@ -1,7 +1,7 @@
 """Regenerate protos/flashmesh_pb2.py and flashmesh_pb2_grpc.py from flashmesh.proto with grpcio-tools.
 
-python -m protos.generate            # writes next to the .proto
-python -m protos.generate OUT_DIR    # writes into OUT_DIR (the drift test uses this)
+python -m flashmesh.protos.generate            # writes next to the .proto
+python -m flashmesh.protos.generate OUT_DIR    # writes into OUT_DIR (the drift test uses this)
 """
 
 from __future__ import annotations

@@ -9,8 +9,8 @@ import pytest
 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-from coordinator.synthetic import build_model  # noqa: E402
-from node.store_writer import pack  # noqa: E402
+from flashmesh.node.store_writer import pack  # noqa: E402
+from flashmesh.testing.synthetic import build_model  # noqa: E402
 
 ARCHS = ["qwen3_moe", "mixtral", "deepseek_v3", "gpt_oss", "qwen3_next"]
 QUANTS = {
@@ -47,7 +47,7 @@ def models(tmp_path_factory) -> ModelFactory:
 def bundles(models, tmp_path_factory):
     """iPhone bundles of the 3-layer qwen3_moe and deepseek_v3 stores, exported once per session:
     (root, {arch: (store, bundle manifest)}), bundle at root / f"{arch}.flashmesh-ios"."""
-    from mobile_export.exporter import export_ios
+    from flashmesh.mobile_export.exporter import export_ios
 
     root = tmp_path_factory.mktemp("bundles")
     out = {}

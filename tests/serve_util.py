@@ -10,12 +10,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from coordinator.api.app import ServeOptions, create_app
-from coordinator.api.metrics import ServerMetrics
-from coordinator.api.server import serving_in_thread
-from coordinator.api.worker import GenerationWorker
-from coordinator.engine import open_local
-from node.store_format import Manifest
+from flashmesh.coordinator.api.app import ServeOptions, create_app
+from flashmesh.coordinator.api.metrics import ServerMetrics
+from flashmesh.coordinator.api.server import serving_in_thread
+from flashmesh.coordinator.api.worker import GenerationWorker
+from flashmesh.coordinator.engine import open_local
+from flashmesh.node.store_format import Manifest
 
 MODEL = "tiny-moe"
 

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from flashmesh.node.store_format import Manifest
 from safetensors.numpy import load_file
 
 from bench.gguf_export import export_gguf
 from bench.scaling import disk_of
-from node.store_format import Manifest
 
 
 def test_gguf_holds_the_same_weights_and_bytes_per_expert(models, tmp_path):

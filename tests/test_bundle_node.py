@@ -21,20 +21,20 @@ import shutil
 import mlx.core as mx
 import numpy as np
 import pytest
-
-from coordinator.cli import main
-from coordinator.cluster_run import local_nodes, run_on_cluster
-from coordinator.engine import open_cluster, open_local
-from coordinator.generate import encode_prompt, generate
-from mobile_export.bundle_format import unpack_affine
-from mobile_export.exporter import export_ios
-from mobile_export.records import INT8_OFFSET
-from node.bundle_source import BundleExpertSource, pack_affine
-from node.service import DATA_LOSS, NodeService, RequestError
-from node.shard import write_dense
-from node.store_format import Manifest
-from protos import flashmesh_pb2 as pb
-from protos.codec import encode_numpy, to_numpy
+from flashmesh.coordinator.cli import main
+from flashmesh.coordinator.cluster_run import run_on_cluster
+from flashmesh.coordinator.engine import open_cluster, open_local
+from flashmesh.coordinator.generate import encode_prompt, generate
+from flashmesh.mobile_export.bundle_format import unpack_affine
+from flashmesh.mobile_export.exporter import export_ios
+from flashmesh.mobile_export.records import INT8_OFFSET
+from flashmesh.node.bundle_source import BundleExpertSource, pack_affine
+from flashmesh.node.service import DATA_LOSS, NodeService, RequestError
+from flashmesh.node.shard import write_dense
+from flashmesh.node.store_format import Manifest
+from flashmesh.protos import flashmesh_pb2 as pb
+from flashmesh.protos.codec import encode_numpy, to_numpy
+from flashmesh.testing.local_nodes import local_nodes
 
 from .test_errors import assert_one_line_error
 

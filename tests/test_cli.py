@@ -23,7 +23,7 @@ RUN_KEYS = {
 def flashmesh(*args, cwd=None) -> subprocess.CompletedProcess:
     env = {**os.environ, "TRANSFORMERS_VERBOSITY": "error"}
     return subprocess.run(
-        [sys.executable, "-m", "coordinator.cli", *map(str, args)],
+        [sys.executable, "-m", "flashmesh.coordinator.cli", *map(str, args)],
         capture_output=True,
         text=True,
         timeout=600,

@@ -13,18 +13,18 @@ import grpc
 import mlx.core as mx
 import numpy as np
 import pytest
-
-from coordinator.cli import main
-from coordinator.client import NodeClient, NodeError
-from coordinator.cluster_run import ensure_shards, local_nodes, run_on_cluster
-from coordinator.engine import open_cluster, open_local
-from coordinator.generate import encode_prompt, generate
-from node.shard import write_dense
-from node.store_format import Manifest
-from protos import TOKEN_METADATA_KEY
-from protos import flashmesh_pb2 as pb
-from protos import flashmesh_pb2_grpc as pb_grpc
-from protos.codec import encode, encode_numpy
+from flashmesh.coordinator.cli import main
+from flashmesh.coordinator.client import NodeClient, NodeError
+from flashmesh.coordinator.cluster_run import run_on_cluster
+from flashmesh.coordinator.engine import open_cluster, open_local
+from flashmesh.coordinator.generate import encode_prompt, generate
+from flashmesh.node.shard import write_dense
+from flashmesh.node.store_format import Manifest
+from flashmesh.protos import TOKEN_METADATA_KEY
+from flashmesh.protos import flashmesh_pb2 as pb
+from flashmesh.protos import flashmesh_pb2_grpc as pb_grpc
+from flashmesh.protos.codec import encode, encode_numpy
+from flashmesh.testing.local_nodes import ensure_shards, local_nodes
 
 from .test_errors import assert_one_line_error
 
@@ -101,7 +101,11 @@ def test_run_cli_on_the_cluster(cluster):
     args = ["run", cluster.dense, "--cluster", "--expect", "3", *_ours(cluster), "--prompt", PROMPT, "--json"]
     args += ["--max-tokens", "10"]
     proc = subprocess.run(
-        [sys.executable, "-m", "coordinator.cli", *map(str, args)], capture_output=True, text=True, env=env, timeout=300
+        [sys.executable, "-m", "flashmesh.coordinator.cli", *map(str, args)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout)
@@ -212,10 +216,9 @@ def test_unreachable_node_and_cleanup(models, tmp_path, capsys):
 
 
 def test_advertisement_carries_no_secret(cluster):
+    from flashmesh.node.advertise import instance_name
+    from flashmesh.protos import SERVICE_TYPE
     from zeroconf import IPVersion, Zeroconf
-
-    from node.advertise import instance_name
-    from protos import SERVICE_TYPE
 
     a = cluster.addresses[0]
     zc = Zeroconf(interfaces=["127.0.0.1"], ip_version=IPVersion.V4Only)

@@ -12,11 +12,10 @@ from __future__ import annotations
 import mlx.core as mx
 import numpy as np
 import pytest
+from flashmesh.coordinator.engine import open_local
+from flashmesh.coordinator.generate import generate
+from flashmesh.node.store_format import Manifest
 from mlx_lm import load
-
-from coordinator.engine import open_local
-from coordinator.generate import generate
-from node.store_format import Manifest
 
 from .conftest import ARCHS
 

@@ -11,10 +11,9 @@ import sys
 from pathlib import Path
 
 import pytest
-
-from coordinator.cli import main
-from coordinator.synthetic import build_model
-from node.store_format import MANIFEST, Manifest
+from flashmesh.coordinator.cli import main
+from flashmesh.node.store_format import MANIFEST, Manifest
+from flashmesh.testing.synthetic import build_model
 
 
 def run_cli(capsys, *args) -> tuple[int, str]:
@@ -41,10 +40,9 @@ def test_dense_model_is_refused(tmp_path, capsys):
     import json as _json
 
     import mlx.core as mx
+    from flashmesh.testing.synthetic import build_tokenizer
     from mlx.utils import tree_flatten
     from mlx_lm.models import llama
-
-    from coordinator.synthetic import build_tokenizer
 
     src = tmp_path / "dense"
     src.mkdir()
@@ -107,7 +105,7 @@ def test_existing_output_needs_force(models, tmp_path, capsys):
 
 
 def test_interrupted_pack_leaves_no_store(models, tmp_path, monkeypatch):
-    import node.store_writer as writer
+    import flashmesh.node.store_writer as writer
 
     src, _ = models.get("qwen3_moe")
     calls = {"n": 0}
@@ -186,7 +184,7 @@ def test_truncated_expert_file(models, tmp_path, capsys):
 def test_console_script_reports_without_traceback(tmp_path):
     """The installed entry point, as a user runs it."""
     proc = subprocess.run(
-        [sys.executable, "-m", "coordinator.cli", "run", str(tmp_path), "--prompt", "x"],
+        [sys.executable, "-m", "flashmesh.coordinator.cli", "run", str(tmp_path), "--prompt", "x"],
         capture_output=True,
         text=True,
         timeout=120,

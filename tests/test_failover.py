@@ -10,9 +10,8 @@ from concurrent.futures import Future
 import mlx.core as mx
 import numpy as np
 import pytest
-
-from coordinator.engine import attach, load_dense_model, load_store_tokenizer, open_local
-from coordinator.failover import (
+from flashmesh.coordinator.engine import attach, load_dense_model, load_store_tokenizer, open_local
+from flashmesh.coordinator.failover import (
     DATA_LOSS,
     DEADLINE,
     UNAVAILABLE,
@@ -22,12 +21,13 @@ from coordinator.failover import (
     NodeError,
     format_ranges,
 )
-from coordinator.generate import generate
-from coordinator.placement import NodeCapacity, place
-from coordinator.remote import InProcessLink, RemoteExperts
-from node.service import NodeService
-from node.shard import shard_experts, write_dense, write_shard
-from node.store_format import LayerSpec, Manifest, TensorSpec
+from flashmesh.coordinator.generate import generate
+from flashmesh.coordinator.placement import NodeCapacity, place
+from flashmesh.coordinator.remote import RemoteExperts
+from flashmesh.node.service import NodeService
+from flashmesh.node.shard import shard_experts, write_dense, write_shard
+from flashmesh.node.store_format import LayerSpec, Manifest, TensorSpec
+from flashmesh.testing.in_process import InProcessLink
 
 PROMPT = "The quick brown fox jumps over the lazy dog. Mixture of experts"
 

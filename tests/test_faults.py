@@ -14,15 +14,15 @@ import time
 
 import numpy as np
 import pytest
+from flashmesh.coordinator.cli import main
+from flashmesh.coordinator.engine import open_cluster, open_local
+from flashmesh.coordinator.failover import DATA_LOSS, DEADLINE, UNAVAILABLE, ExpertsLost
+from flashmesh.coordinator.generate import generate
+from flashmesh.node.shard import write_dense
+from flashmesh.node.store_format import Manifest
+from flashmesh.testing.local_nodes import ensure_shards, local_node_processes
 
 from bench.failover import generate_with_faults
-from coordinator.cli import main
-from coordinator.cluster_run import ensure_shards, local_node_processes
-from coordinator.engine import open_cluster, open_local
-from coordinator.failover import DATA_LOSS, DEADLINE, UNAVAILABLE, ExpertsLost
-from coordinator.generate import generate
-from node.shard import write_dense
-from node.store_format import Manifest
 
 from .test_errors import assert_one_line_error
 

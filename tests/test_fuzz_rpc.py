@@ -10,16 +10,15 @@ from collections import Counter
 import grpc
 import numpy as np
 import pytest
+from flashmesh.node.server import start_server
+from flashmesh.node.service import NodeService
+from flashmesh.node.shard import write_shard
+from flashmesh.node.store_format import Manifest
+from flashmesh.protos import TOKEN_METADATA_KEY
+from flashmesh.protos import flashmesh_pb2 as pb
+from flashmesh.protos import flashmesh_pb2_grpc as pb_grpc
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
-from node.server import start_server
-from node.service import NodeService
-from node.shard import write_shard
-from node.store_format import Manifest
-from protos import TOKEN_METADATA_KEY
-from protos import flashmesh_pb2 as pb
-from protos import flashmesh_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 

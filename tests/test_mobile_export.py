@@ -7,10 +7,9 @@ import shutil
 from pathlib import Path
 
 import pytest
-
-from coordinator.cli import main
-from mobile_export.verify import verify_bundle
-from node.store_format import RECORD_ALIGN
+from flashmesh.coordinator.cli import main
+from flashmesh.mobile_export.verify import verify_bundle
+from flashmesh.node.store_format import RECORD_ALIGN
 
 ARCHS = ["qwen3_moe", "deepseek_v3"]
 SHAPE = {"layers": 3}

@@ -14,14 +14,13 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 import pytest
+from flashmesh.coordinator.engine import open_local
+from flashmesh.mobile_export.exporter import export_ios
+from flashmesh.mobile_export.reference import ReferenceRunner
+from flashmesh.node.store_format import Manifest
+from flashmesh.node.store_writer import pack
+from flashmesh.testing.synthetic import build_model
 from mlx_lm.models.cache import make_prompt_cache
-
-from coordinator.engine import open_local
-from coordinator.synthetic import build_model
-from mobile_export.exporter import export_ios
-from mobile_export.reference import ReferenceRunner
-from node.store_format import Manifest
-from node.store_writer import pack
 
 PROMPT = "The experts live on flash and"  # 9 tokens: one full prefill call of 8 and one padded
 STEPS = 5

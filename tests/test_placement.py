@@ -5,20 +5,20 @@ from __future__ import annotations
 import mlx.core as mx
 import numpy as np
 import pytest
+from flashmesh.coordinator.engine import attach, load_dense_model, load_store_tokenizer, open_local
+from flashmesh.coordinator.generate import generate
+from flashmesh.coordinator.placement import NodeCapacity, place
+from flashmesh.coordinator.remote import RemoteExperts
+from flashmesh.node.cache import ExpertCache
+from flashmesh.node.compute import LocalExperts, expert_templates
+from flashmesh.node.service import INVALID, UNAUTHENTICATED, NodeService, RequestError
+from flashmesh.node.shard import shard_experts, write_dense, write_shard
+from flashmesh.node.store_format import LayerSpec, Manifest, StoreError, TensorSpec
+from flashmesh.node.store_reader import ExpertStore
+from flashmesh.protos import flashmesh_pb2 as pb
+from flashmesh.protos.codec import encode, encode_numpy
+from flashmesh.testing.in_process import InProcessLink
 from mlx_lm import load
-
-from coordinator.engine import attach, load_dense_model, load_store_tokenizer, open_local
-from coordinator.generate import generate
-from coordinator.placement import NodeCapacity, place
-from coordinator.remote import InProcessLink, RemoteExperts
-from node.cache import ExpertCache
-from node.compute import LocalExperts, expert_templates
-from node.service import INVALID, UNAUTHENTICATED, NodeService, RequestError
-from node.shard import shard_experts, write_dense, write_shard
-from node.store_format import LayerSpec, Manifest, StoreError, TensorSpec
-from node.store_reader import ExpertStore
-from protos import flashmesh_pb2 as pb
-from protos.codec import encode, encode_numpy
 
 PROMPT = "The quick brown fox jumps over the lazy dog. Mixture of experts"
 
@@ -248,7 +248,7 @@ def test_node_validates_requests(models, tmp_path):
 
 
 def test_shard_cli(models, tmp_path, capsys):
-    from coordinator.cli import main
+    from flashmesh.coordinator.cli import main
 
     _, store = models.get("qwen3_moe")
     assert main(["shard", str(store), str(tmp_path / "s1"), "--count", "2", "--index", "1", "--replicas", "2"]) == 0

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import pytest
+from flashmesh.coordinator.dispatch import set_lookahead
+from flashmesh.coordinator.engine import open_local
+from flashmesh.coordinator.generate import generate
+from flashmesh.node.store_format import Manifest
 from mlx_lm import load
-
-from coordinator.dispatch import set_lookahead
-from coordinator.engine import open_local
-from coordinator.generate import generate
-from node.store_format import Manifest
 
 PROMPT = "The quick brown fox jumps over the lazy dog. Mixture of experts"
 
@@ -60,8 +59,8 @@ def test_prefetch_is_asynchronous_and_budgeted(models):
 
 def test_cyclic_policy_evicts_the_layer_needed_last(models):
     """Layers come round in order: after layer 1, layer 1's experts are needed furthest ahead."""
-    from node.cache import ExpertCache
-    from node.store_reader import ExpertStore
+    from flashmesh.node.cache import ExpertCache
+    from flashmesh.node.store_reader import ExpertStore
 
     _, store_path = models.get("qwen3_moe")
     manifest = Manifest.load(store_path)

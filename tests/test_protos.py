@@ -7,16 +7,17 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 import pytest
-
-from protos import flashmesh_pb2 as pb
-from protos.codec import CodecError, decode, encode, encode_numpy, to_numpy
-from protos.generate import PROTO_DIR, generate
+from flashmesh.protos import flashmesh_pb2 as pb
+from flashmesh.protos.codec import CodecError, decode, encode, encode_numpy, to_numpy
+from flashmesh.protos.generate import PROTO_DIR, generate
 
 
 def test_generated_modules_match_proto(tmp_path):
     for fresh in generate(tmp_path):
         committed = PROTO_DIR / Path(fresh).name
-        assert committed.read_text() == fresh.read_text(), f"{committed.name} drifted; run python -m protos.generate"
+        assert committed.read_text() == fresh.read_text(), (
+            f"{committed.name} drifted; run python -m flashmesh.protos.generate"
+        )
 
 
 @pytest.mark.parametrize("dtype", [mx.float32, mx.float16, mx.bfloat16, mx.int32, mx.uint32, mx.uint8])

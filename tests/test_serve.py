@@ -13,13 +13,12 @@ import time
 
 import openai
 import pytest
+from flashmesh.coordinator.api.worker import DoneEvent, ErrorEvent, QueueFull, SamplingParams, StopMatcher, TextEvent
+from flashmesh.coordinator.cli import main
+from flashmesh.coordinator.generate import encode_prompt, generate
+from flashmesh.node.store_format import Manifest
 from mlx_lm import load
 from prometheus_client.parser import text_string_to_metric_families
-
-from coordinator.api.worker import DoneEvent, ErrorEvent, QueueFull, SamplingParams, StopMatcher, TextEvent
-from coordinator.cli import main
-from coordinator.generate import encode_prompt, generate
-from node.store_format import Manifest
 
 from .serve_util import MODEL, served
 from .test_errors import assert_one_line_error
@@ -296,8 +295,8 @@ def test_metrics_parse_and_count(client, server):
 
 def test_cluster_mode_matches_and_reports_node_latency(tiny, reference, tmp_path):
     """Experts on a node process on loopback: same text as mlx-lm, per-node dispatch latency in /metrics."""
-    from coordinator.cluster_run import local_nodes
-    from coordinator.engine import open_cluster
+    from flashmesh.coordinator.engine import open_cluster
+    from flashmesh.testing.local_nodes import local_nodes
 
     store = tiny[1]
     budget = Manifest.load(store).expert_bytes_total
@@ -338,7 +337,7 @@ def test_serve_cli_errors_are_one_line(tiny, tmp_path, capsys):
 
 def test_serve_command_runs_and_stops(tiny):
     proc = subprocess.Popen(
-        [sys.executable, "-m", "coordinator.cli", "serve", str(tiny[1]), "--port", "0", "--model-name", "m"],
+        [sys.executable, "-m", "flashmesh.coordinator.cli", "serve", str(tiny[1]), "--port", "0", "--model-name", "m"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:

@@ -9,8 +9,7 @@ import subprocess
 import sys
 
 import mlx.core as mx
-
-from node.store_format import Manifest
+from flashmesh.node.store_format import Manifest
 
 from .test_equivalence import check_equivalence
 
@@ -37,7 +36,7 @@ def test_hugging_face_per_expert_layout(models, tmp_path):
     src, store = models.get("qwen3_moe")
     hf = tmp_path / "hf"
     _unstack_experts_hf_style(src, hf)
-    from node.store_writer import pack
+    from flashmesh.node.store_writer import pack
 
     packed = pack(str(hf), tmp_path / "store", show_progress=False)
     # mlx-lm's own sanitize stacked the experts: records are byte-identical to the mlx-layout store.
@@ -49,7 +48,7 @@ def test_hub_id_offline_is_one_line(tmp_path):
     # HF_HUB_OFFLINE is read when huggingface_hub is imported: a fresh process, so no lookup is sent.
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf-home")}
     proc = subprocess.run(
-        [sys.executable, "-m", "coordinator.cli", "pack", "someorg/some-moe-model", str(tmp_path / "out")],
+        [sys.executable, "-m", "flashmesh.coordinator.cli", "pack", "someorg/some-moe-model", str(tmp_path / "out")],
         capture_output=True,
         text=True,
         env=env,

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import os
 
+from flashmesh.node.cache import parse_bytes
+from flashmesh.node.store_format import RECORD_ALIGN, TENSOR_ALIGN, Manifest, checksum, layout_record
+from flashmesh.node.store_reader import ExpertStore
 from hypothesis import given
 from hypothesis import strategies as st
-
-from node.cache import parse_bytes
-from node.store_format import RECORD_ALIGN, TENSOR_ALIGN, Manifest, checksum, layout_record
-from node.store_reader import ExpertStore
 
 tensor = st.tuples(
     st.sampled_from(["float32", "uint32", "bfloat16"]),
@@ -46,7 +45,7 @@ def test_packed_store_layout(models):
 
 
 def test_repacking_is_deterministic(models, tmp_path):
-    from node.store_writer import pack
+    from flashmesh.node.store_writer import pack
 
     src, store = models.get("qwen3_moe")
     again = pack(str(src), tmp_path / "again", show_progress=False)
@@ -73,7 +72,7 @@ def test_parse_bytes():
 
 
 def test_prefetch_warms_the_cache(models):
-    from coordinator.engine import open_local
+    from flashmesh.coordinator.engine import open_local
 
     _, store = models.get("qwen3_moe")
     streaming = open_local(store, ram_budget=Manifest.load(store).expert_bytes_total)

@@ -15,19 +15,19 @@ from types import SimpleNamespace
 import grpc
 import pytest
 from cryptography import x509
-
-from coordinator.certs import init_cluster, issue
-from coordinator.cli import main
-from coordinator.client import NodeClient, NodeError
-from coordinator.cluster import connect
-from coordinator.cluster_run import ensure_shards, local_nodes, run_on_cluster
-from coordinator.discovery import discover
-from node.advertise import Advertiser
-from node.store_format import Manifest
-from node.tls import COORDINATOR, NODE, load_identity
-from protos import TOKEN_METADATA_KEY
-from protos import flashmesh_pb2 as pb
-from protos import flashmesh_pb2_grpc as pb_grpc
+from flashmesh.coordinator.certs import init_cluster, issue
+from flashmesh.coordinator.cli import main
+from flashmesh.coordinator.client import NodeClient, NodeError
+from flashmesh.coordinator.cluster import connect
+from flashmesh.coordinator.cluster_run import run_on_cluster
+from flashmesh.coordinator.discovery import discover
+from flashmesh.node.advertise import Advertiser
+from flashmesh.node.store_format import Manifest
+from flashmesh.node.tls import COORDINATOR, NODE, load_identity
+from flashmesh.protos import TOKEN_METADATA_KEY
+from flashmesh.protos import flashmesh_pb2 as pb
+from flashmesh.protos import flashmesh_pb2_grpc as pb_grpc
+from flashmesh.testing.local_nodes import ensure_shards, local_nodes
 
 from .test_cli import flashmesh
 from .test_cluster import PROMPT, _local_tokens
@@ -137,7 +137,7 @@ def test_node_with_a_foreign_certificate_is_refused(tls_cluster, caplog):
                          "--token", TOKEN, "--prompt", "x")  # fmt: skip
         assert_one_line_error(proc.returncode, proc.stderr, foreign.target, "TLS handshake", "cluster CA")
         # Found by zeroconf instead: skipped with a warning naming it, the others are used.
-        with caplog.at_level(logging.WARNING, logger="coordinator.cluster"):
+        with caplog.at_level(logging.WARNING, logger="flashmesh.coordinator.cluster"):
             nodes = connect([*c.addresses, foreign], token=TOKEN, tls=c.identity)
         try:
             assert {n.info.name for n in nodes} == {a.name for a in c.addresses}
@@ -162,7 +162,7 @@ def test_advertised_name_must_match_the_certificate(tls_cluster, caplog):
     real = c.addresses[0]
     advertiser, fake = _impostor(real, f"impostor{os.getpid()}")
     try:
-        with caplog.at_level(logging.WARNING, logger="coordinator.cluster"):
+        with caplog.at_level(logging.WARNING, logger="flashmesh.coordinator.cluster"):
             nodes = connect([fake, *c.addresses], token=TOKEN, tls=c.identity)
             for n in nodes:
                 n.client.close()
@@ -185,7 +185,7 @@ def test_without_tls_the_token_and_identity_gate_every_node(tls_cluster, caplog)
         assert _info(grpc.insecure_channel(plain.target)).name == plain.name
         with pytest.raises(NodeError, match="does not speak TLS"):  # a TLS coordinator does not talk to it
             NodeClient(plain, token=TOKEN, tls=c.identity).info(timeout=10)
-        with caplog.at_level(logging.WARNING, logger="coordinator.cluster"):
+        with caplog.at_level(logging.WARNING, logger="flashmesh.coordinator.cluster"):
             # Found by zeroconf and refusing our token: skipped with a warning (an error only when none is left).
             with pytest.raises(NodeError, match="no usable node.*token"):
                 connect([plain], token="wrong")

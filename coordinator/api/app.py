@@ -20,14 +20,11 @@ from typing import TypeVar
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel, ValidationError
-from starlette.exceptions import HTTPException
-
-from coordinator.api.metrics import ServerMetrics
-from coordinator.api.middleware import BodyLimit, RequestMetrics
-from coordinator.api.openai_format import Reply, error_body, sse
-from coordinator.api.schemas import ChatCompletionRequest, CompletionRequest, Sampling
-from coordinator.api.worker import (
+from flashmesh.coordinator.api.metrics import ServerMetrics
+from flashmesh.coordinator.api.middleware import BodyLimit, RequestMetrics
+from flashmesh.coordinator.api.openai_format import Reply, error_body, sse
+from flashmesh.coordinator.api.schemas import ChatCompletionRequest, CompletionRequest, Sampling
+from flashmesh.coordinator.api.worker import (
     DoneEvent,
     ErrorEvent,
     GenerationWorker,
@@ -37,7 +34,9 @@ from coordinator.api.worker import (
     TextEvent,
     WorkerClosed,
 )
-from node.store_format import StoreError
+from flashmesh.node.store_format import StoreError
+from pydantic import BaseModel, ValidationError
+from starlette.exceptions import HTTPException
 
 log = logging.getLogger(__name__)
 S = TypeVar("S", bound=BaseModel)

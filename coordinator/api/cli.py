@@ -7,11 +7,10 @@ import logging
 import signal
 from pathlib import Path
 
+from flashmesh.coordinator.cluster_cli import add_discovery_args
+from flashmesh.node.cache import parse_bytes
+from flashmesh.node.store_format import StoreError
 from rich.console import Console
-
-from coordinator.cluster_cli import add_discovery_args
-from node.cache import parse_bytes
-from node.store_format import StoreError
 
 log = logging.getLogger(__name__)
 err = Console(stderr=True)
@@ -38,15 +37,15 @@ def register(sub: argparse._SubParsersAction) -> None:
 def _opener(args, manifest):
     """What the worker thread calls to open the model: in-process experts, or the cluster's."""
     if args.cluster or args.node:
-        from coordinator.cluster_cli import find_nodes
-        from coordinator.cluster_run import resolve_token
-        from coordinator.engine import open_cluster
+        from flashmesh.coordinator.cluster_cli import find_nodes
+        from flashmesh.coordinator.cluster_run import resolve_token
+        from flashmesh.coordinator.engine import open_cluster
 
         token = resolve_token(args.token)
         addresses = find_nodes(args, fingerprint=manifest.fingerprint)
         return lambda: open_cluster(args.store, addresses, token=token, lookahead=args.lookahead)
 
-    from coordinator.engine import open_local
+    from flashmesh.coordinator.engine import open_local
 
     budget = parse_bytes(args.ram_budget) if args.ram_budget else manifest.expert_bytes_total
     return lambda: (
@@ -60,11 +59,11 @@ def _exit_cleanly(*_) -> None:
 
 
 def cmd_serve(args) -> int:
-    from coordinator.api.app import ServeOptions, create_app
-    from coordinator.api.metrics import ServerMetrics
-    from coordinator.api.server import bind, make_server
-    from coordinator.api.worker import GenerationWorker
-    from node.store_format import Manifest
+    from flashmesh.coordinator.api.app import ServeOptions, create_app
+    from flashmesh.coordinator.api.metrics import ServerMetrics
+    from flashmesh.coordinator.api.server import bind, make_server
+    from flashmesh.coordinator.api.worker import GenerationWorker
+    from flashmesh.node.store_format import Manifest
 
     for name in ("max_queue", "max_tokens_limit", "prefill_step"):
         if getattr(args, name) < 1:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 import time
 
-from coordinator.api.metrics import ServerMetrics
-from coordinator.api.openai_format import error_body
+from flashmesh.coordinator.api.metrics import ServerMetrics
+from flashmesh.coordinator.api.openai_format import error_body
 
 BODY_METHODS = {"POST", "PUT", "PATCH"}
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import time
 
-from coordinator.generate import GenerationStats
+from flashmesh.coordinator.generate import GenerationStats
 
 
 def error_body(message: str, *, kind: str = "invalid_request_error", param: str | None = None, code=None) -> dict:

@@ -9,8 +9,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import uvicorn
-
-from node.store_format import StoreError
+from flashmesh.node.store_format import StoreError
 
 log = logging.getLogger(__name__)
 

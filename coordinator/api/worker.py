@@ -17,13 +17,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import mlx.core as mx
+from flashmesh.coordinator.engine import StreamingModel
+from flashmesh.coordinator.generate import GenerationStats
+from flashmesh.node.store_format import Manifest
 from mlx_lm.generate import stream_generate
 from mlx_lm.sample_utils import make_logits_processors, make_sampler
 from mlx_lm.tokenizer_utils import TokenizerWrapper
-
-from coordinator.engine import StreamingModel
-from coordinator.generate import GenerationStats
-from node.store_format import Manifest
 
 log = logging.getLogger(__name__)
 

@@ -14,10 +14,9 @@ from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
+from flashmesh.node.experts import model_classes
+from flashmesh.node.store_format import staged_directory
 from mlx.utils import tree_flatten
-
-from node.experts import model_classes
-from node.store_format import staged_directory
 
 CORPUS = (
     "Mixture of experts models route every token to a few experts out of many. "

@@ -1,0 +1,109 @@
+"""`flashmesh demo`: a small MoE model built locally, packed, and run streamed.
+
+The source model and its store are cached under the work directory, keyed by architecture and
+shape, so a second run skips building and packing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import secrets
+from pathlib import Path
+
+from flashmesh.coordinator.cli import add_generation_args, print_nodes, print_stats, run_cluster, run_store
+from flashmesh.node.cache import parse_bytes
+from flashmesh.node.store_format import MANIFEST, Manifest, StoreError
+from flashmesh.node.store_writer import pack
+from flashmesh.node.tls import COORDINATOR, load_identity
+from flashmesh.testing.local_nodes import ensure_shards, local_nodes
+from flashmesh.testing.synthetic import build_model
+
+# Big enough that a quarter of the experts is a real cache (8 layers x 32 experts, top-4).
+DEMO_SHAPE = {"hidden": 128, "layers": 8, "experts": 32, "top_k": 4, "expert_hidden": 128}
+
+
+def prepare_demo(workdir: Path, *, arch: str = "qwen3_moe", show_progress: bool = True) -> tuple[Path, Path]:
+    """Build (once) and pack (once) the demo model; return (store, source model directory)."""
+    workdir = Path(workdir)
+    key = f"{arch}-" + "-".join(f"{k}{v}" for k, v in DEMO_SHAPE.items())
+    source, store = workdir / f"{key}-model", workdir / f"{key}-store"
+    if not (source / "config.json").is_file():
+        try:
+            build_model(source, arch, **DEMO_SHAPE)
+        except ValueError as e:
+            raise StoreError(f"{e}; the demo builds qwen3_moe, mixtral, deepseek_v3, gpt_oss or qwen3_next") from None
+    if not (store / MANIFEST).is_file():
+        pack(str(source), store, force=True, show_progress=show_progress)
+    return store, source
+
+
+def demo_cluster_dir(workdir: Path) -> Path:
+    """The demo's cluster CA and coordinator certificate (made once); node certificates are
+    issued per run by `local_nodes`."""
+    from flashmesh.coordinator.certs import init_cluster
+    from flashmesh.node.tls import CA_DIR
+
+    path = Path(workdir) / "cluster"
+    if not (path / CA_DIR).is_dir():
+        init_cluster(path)
+    return path
+
+
+def reference_tokens(source: Path, prompt: str, *, max_tokens: int, chat: bool, prefill_step_size: int) -> list[int]:
+    """Greedy tokens from mlx-lm's own load + stream_generate on the unpacked model."""
+    from flashmesh.coordinator.generate import encode_prompt, generate
+    from mlx_lm import load
+
+    model, tokenizer = load(str(source))
+    tokens = encode_prompt(tokenizer, prompt, chat=chat)
+    return generate(model, tokenizer, tokens, max_tokens=max_tokens, prefill_step_size=prefill_step_size).tokens
+
+
+def describe(store: Path) -> dict:
+    return json.loads((store / MANIFEST).read_text())["config"]
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("demo", help="build a small MoE model locally, pack it and run it streamed")
+    p.set_defaults(func=cmd_demo)
+    p.add_argument("--workdir", type=Path, default=Path(".flashmesh/demo"))
+    p.add_argument("--arch", default="qwen3_moe")
+    p.add_argument(
+        "--nodes", type=int, default=3, help="local node processes, each with its own shard (0: all in-process)"
+    )
+    p.add_argument("--no-tls", action="store_true", help="plaintext to the nodes (default: mutual TLS)")
+    add_generation_args(p, prompt_default="The experts live on flash and")
+
+
+def cmd_demo(args) -> int:
+    store, source = prepare_demo(args.workdir, arch=args.arch, show_progress=not args.json)
+    manifest = Manifest.load(store)
+    if args.ram_budget is None:
+        # A quarter of the experts fit: most tokens stream something from flash.
+        args.ram_budget = str(max(manifest.expert_bytes_total // 4, manifest.min_budget_bytes))
+    if args.nodes > 0:
+        shards = ensure_shards(store, args.workdir, count=args.nodes)
+        # The budget is shared: each node keeps its part of it (at least one layer's top-k).
+        budget = max(parse_bytes(args.ram_budget) // args.nodes, manifest.min_budget_bytes)
+        token = secrets.token_urlsafe(18)
+        cluster_dir = None if args.no_tls else demo_cluster_dir(args.workdir)
+        tls = None if cluster_dir is None else load_identity(cluster_dir, role=COORDINATOR)
+        with local_nodes(
+            shards, budgets=[budget] * args.nodes, token=token, logdir=args.workdir / "logs", tls=cluster_dir
+        ) as nodes:
+            extra = {"store": str(store), "tls": tls is not None}
+            result = run_cluster(args, store, addresses=nodes, token=token, tls=tls, extra=extra)
+    else:
+        result = run_store(args, store, extra={"store": str(store)})
+    if args.temperature == 0:
+        reference = reference_tokens(
+            source, args.prompt, max_tokens=args.max_tokens, chat=args.chat, prefill_step_size=args.prefill_step
+        )
+        result["tokens_match_reference"] = reference == result["tokens"]
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print_stats(result, title=f"flashmesh demo ({args.arch}, store {store})")
+        print_nodes(result)
+    return 0
