@@ -131,6 +131,36 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_overhead(args: argparse.Namespace) -> int:
+    from bench.overhead import run_overhead
+
+    configs = []
+    for item in args.configs.split(","):
+        fraction, _, flag = item.partition(":")
+        configs.append((float(fraction), flag == "preload"))
+    result = run_overhead(args.store, args.source, configs=configs, rounds=args.rounds, max_tokens=args.max_tokens)
+    path = write_result(args.name or f"overhead-{args.store.name}", result)
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    print(
+        f"{args.store} ({result['moe_layers']} MoE layers), {args.rounds} alternating rounds, {args.max_tokens} tokens"
+    )
+    print(
+        f"{'config':>18} {'vs mlx-lm':>9} {'min-max':>11} {'hit':>6} {'extra CPU us/layer':>18}"
+        f" {'compute() us':>12} {'SwitchGLU us':>12} same"
+    )
+    for name, c in result["configs"].items():
+        print(
+            f"{name:>18} {c['vs_mlx_lm']:>9.3f} {c['ratio_min']:>5.2f}-{c['ratio_max']:<5.2f} {c['hit_rate']:>6.3f}"
+            f" {c['extra_main_cpu_us_per_layer']:>18.1f}"
+            f" {c['engine_cpu_us_per_layer_call']:>12.1f} {c['mlx_lm_switchglu_cpu_us_per_call']:>12.1f}"
+            f" {c['tokens_match_mlx_lm']}"
+        )
+    print(f"written to {path}")
+    return 0
+
+
 def _need(*modules: str) -> None:
     """Fail in one line, before any work, when an optional benchmark dependency is missing."""
     import importlib.util
@@ -420,6 +450,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ram-budget", default=None, help="default: a quarter of the expert bytes")
     p.add_argument("--warmup", type=float, default=20.0, help="seconds before the RSS baseline is taken")
     p.add_argument("--rss-bound", default="64MiB", help="allowed RSS growth after warm-up")
+    p.add_argument("--name", default=None)
+    p.add_argument("--json", action="store_true")
+
+    p = bsub.add_parser("overhead", help="engine decode vs mlx-lm in RAM, alternating rounds, per budget")
+    p.set_defaults(func=cmd_overhead)
+    p.add_argument("store", type=Path)
+    p.add_argument("--source", type=Path, required=True, help="the unpacked model, for mlx-lm")
+    p.add_argument(
+        "--configs",
+        default="1:preload,1,0.4",
+        help="comma-separated budget fractions of the expert bytes, ':preload' to preload (default %(default)s)",
+    )
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--name", default=None)
     p.add_argument("--json", action="store_true")
 

@@ -234,10 +234,12 @@ class RemoteExperts:
     # --- dispatch ----------------------------------------------------------------------------
 
     def compute(self, layer: int, x: mx.array, indices: mx.array) -> mx.array:
-        """x [N, D], indices [N, k] (expert ids) -> per-pair expert outputs [N, k, D]."""
+        """x [..., D], indices [..., k] (expert ids) -> per-pair expert outputs [..., k, D]."""
         start = time.perf_counter()
         self._poll_probes()
-        idx = np.array(indices)  # [N, k]; forces the graph up to the router
+        lead = indices.shape[:-1]
+        x = x.reshape(-1, x.shape[-1])  # [N, D]
+        idx = np.array(indices).reshape(-1, indices.shape[-1])  # [N, k]; forces the graph up to the router
         n, k = idx.shape
         flat = idx.reshape(-1).astype(np.int32)  # [N*k]
         todo = np.arange(flat.size)  # flat pair positions still to compute
@@ -267,7 +269,7 @@ class RemoteExperts:
         finally:
             self._next = None
         y_all = outputs[0] if len(outputs) == 1 else mx.concatenate(outputs)  # [N*k, D] in `order`
-        out = y_all[mx.array(np.argsort(np.concatenate(order)))].reshape(n, k, -1)  # [N, k, D]
+        out = y_all[mx.array(np.argsort(np.concatenate(order)))].reshape(*lead, k, -1)  # [..., k, D]
         mx.eval(out)
         self.stats.calls.append(LayerCall(n, requests, wire, time.perf_counter() - start, rounds))
         return out
