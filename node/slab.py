@@ -20,6 +20,19 @@ import numpy as np
 from flashmesh.node.store_format import _DTYPES, LayerSpec
 
 Signature = tuple[tuple[str, tuple[int, ...], str], ...]
+PAGE = 4096
+
+
+def _aligned_zeros(shape: tuple[int, ...], dtype: mx.Dtype, row_bytes: int) -> mx.array:
+    """mx.zeros(shape) whose memory starts on a page: a page-aligned window of a larger uint8 buffer
+    (an evaluated slice shares its buffer), so each slot of `row_bytes` is page aligned when that is."""
+    nbytes = shape[0] * row_bytes
+    raw = mx.zeros((nbytes + PAGE,), dtype=mx.uint8)
+    mx.eval(raw)
+    skew = (-np.array(raw, copy=False).ctypes.data) % PAGE
+    array = raw[skew : skew + nbytes].view(dtype).reshape(shape)
+    mx.eval(array)
+    return array
 
 
 def signature(spec: LayerSpec) -> Signature:
@@ -35,14 +48,10 @@ class Slab:
         self.payload_bytes = spec.payload_bytes
         self.slots = slots
         self.experts = sum(len(s.experts) for s in specs)  # slots >= experts: nothing is ever evicted
-        self.arrays = {t.name: mx.zeros((slots, *t.shape), dtype=_DTYPES[t.dtype][1]) for t in spec.tensors}
-        mx.eval(list(self.arrays.values()))
-        # byte views of the same memory: records are copied in through these, MLX computes on `arrays`
-        self._bytes = {
-            name: np.array(a.view(mx.uint8), copy=False).reshape(slots, -1) for name, a in self.arrays.items()
-        }
-        # tensor name -> (address of slot 0, bytes per slot): where the reader threads copy a record's tensors
-        self.rows = {name: (b.ctypes.data, b.shape[1]) for name, b in self._bytes.items()}
+        self.arrays = {t.name: _aligned_zeros((slots, *t.shape), _DTYPES[t.dtype][1], t.nbytes) for t in spec.tensors}
+        # byte views of the same memory [slots, bytes]: records are read or copied in through these, MLX
+        # computes on `arrays`; page aligned, so a slot whose tensors are whole pages takes O_DIRECT reads
+        self.rows = {name: np.array(a.view(mx.uint8), copy=False).reshape(slots, -1) for name, a in self.arrays.items()}
         self._home: dict[tuple[int, int], int] | None = None
         self._base: dict[int, int] = {}
         if slots >= self.experts:
@@ -90,4 +99,4 @@ class Slab:
         """Copy one expert's tensors (arrays made on this thread) into `slot`. Callers must have evaluated
         every graph that reads this slot's previous expert (the cache pins experts until then)."""
         for name, array in tensors.items():
-            self._bytes[name][slot] = np.array(array.view(mx.uint8), copy=False).reshape(-1)
+            self.rows[name][slot] = np.array(array.view(mx.uint8), copy=False).reshape(-1)

@@ -25,7 +25,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 from flashmesh.node.experts import expert_templates
-from flashmesh.node.read_queue import ReadQueue, RecordPlan, SlotReads
+from flashmesh.node.read_queue import ReadQueue, RecordPlan, SlotReads, can_scatter
 from flashmesh.node.slab import Slab, signature
 from flashmesh.node.store_format import (
     _DTYPES,
@@ -240,15 +240,17 @@ class ExpertStore:
         plan = self._plans.get((layer, id(slab)))
         if plan is None:
             spec = self._specs[layer]
+            tensors = tuple((t.offset, t.nbytes, slab.rows[t.name]) for t in spec.tensors)
             plan = self._plans[(layer, id(slab))] = RecordPlan(
                 layer=layer,
                 fd=self._fds[layer],
                 record_size=spec.record_size,
                 offsets={e: spec.record_offset(e) for e in spec.experts},
                 checksums={e: spec.record_checksum(e) for e in spec.experts} if self.verify else None,
-                tensors=tuple((t.offset, t.nbytes, *slab.rows[t.name]) for t in spec.tensors),
+                tensors=tensors,
                 file=str(self.path / spec.file),
                 remedy=self.remedy,
+                scatter=can_scatter(tensors, spec.record_size, chunk_bytes=self.chunk_bytes, page=_PAGE),
             )
         return self._queue.submit(plan, slots, urgent=urgent)
 
