@@ -14,9 +14,9 @@ import threading
 import time
 from pathlib import Path
 
-from flashmesh.node.cache import parse_bytes
-from flashmesh.node.store_format import StoreError
 from flashmesh.protos import DEFAULT_MAX_MESSAGE_BYTES, TLS_ENV, TOKEN_ENV
+from flashmesh.protos.errors import UserError
+from flashmesh.protos.sizes import parse_bytes
 from rich.console import Console
 from rich.live import Live
 
@@ -75,7 +75,7 @@ def find_nodes(args, *, fingerprint: str | None = None) -> list:
     )
     if not nodes:
         where = "" if args.no_zeroconf else f" by zeroconf on {', '.join(args.interfaces)}"
-        raise StoreError(f"no flashmesh nodes found{where}; start `flashmesh node serve` or pass --node HOST:PORT")
+        raise UserError(f"no flashmesh nodes found{where}; start `flashmesh node serve` or pass --node HOST:PORT")
     return nodes
 
 
@@ -169,7 +169,7 @@ def _check_interfaces(interfaces: list[str]) -> None:
         try:
             socket.inet_aton(a)
         except OSError:
-            raise StoreError(f"--interfaces takes IPv4 addresses such as 127.0.0.1, not {a!r}") from None
+            raise UserError(f"--interfaces takes IPv4 addresses such as 127.0.0.1, not {a!r}") from None
 
 
 def _node_tls(args):
@@ -181,7 +181,7 @@ def _node_tls(args):
         return None
     tls = load_identity(Path(path), role=NODE, name=args.name)
     if args.name and args.name != tls.name:
-        raise StoreError(
+        raise UserError(
             f"--name {args.name} but {tls.path / CERT_FILE} is node {tls.name}'s certificate; "
             f"drop --name, or issue one with `flashmesh cluster add-node CLUSTER_DIR {args.name}`"
         )
@@ -196,11 +196,11 @@ def cmd_node_serve(args) -> int:
     _check_interfaces(args.interfaces)
     tls = _node_tls(args)
     if (args.store is None) == (args.bundle is None):
-        raise StoreError("give a STORE to serve, or --bundle OUT.flashmesh-ios (one of the two)")
+        raise UserError("give a STORE to serve, or --bundle OUT.flashmesh-ios (one of the two)")
     shard = None
     if args.count is not None or args.index is not None:
         if args.bundle is None or args.count is None or args.index is None:
-            raise StoreError("--count and --index go together and with --bundle; shard a store with `flashmesh shard`")
+            raise UserError("--count and --index go together and with --bundle; shard a store with `flashmesh shard`")
         shard = {"count": args.count, "index": args.index, "replicas": args.replicas}
     token = args.token or os.environ.get(TOKEN_ENV)
     generated = not token
@@ -222,7 +222,7 @@ def cmd_node_serve(args) -> int:
         try:
             server, port = start_server(service, addresses=args.interfaces, port=args.port, tls=tls)
         except (OSError, RuntimeError) as e:
-            raise StoreError(f"cannot listen on {', '.join(args.interfaces)} port {args.port}: {e}") from None
+            raise UserError(f"cannot listen on {', '.join(args.interfaces)} port {args.port}: {e}") from None
         info = service.info()
         if not args.no_advertise:
             advertiser = Advertiser(
@@ -298,7 +298,7 @@ def cmd_shard(args) -> int:
         err.print(f"wrote the dense part of {args.store} to {args.out}")
         return 0
     if args.count is None or args.index is None:
-        raise StoreError("pass --count N and --index I (or --dense for the coordinator's part)")
+        raise UserError("pass --count N and --index I (or --dense for the coordinator's part)")
     m = write_shard(args.store, args.out, count=args.count, index=args.index, replicas=args.replicas, force=args.force)
     held = sum(len(s.experts) for s in m.layers)
     err.print(f"wrote shard {args.index} of {args.count} ({held} experts) to {args.out}")

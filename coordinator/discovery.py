@@ -12,8 +12,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from flashmesh.node.store_format import StoreError
 from flashmesh.protos import SERVICE_TYPE
+from flashmesh.protos.errors import UserError
 from zeroconf import IPVersion, ServiceBrowser, ServiceListener, Zeroconf
 
 log = logging.getLogger(__name__)
@@ -45,7 +45,7 @@ def parse_address(text: str) -> NodeAddress:
     host, sep, port = rest.rpartition(":")
     host = host.strip("[]")
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise StoreError(
+        raise UserError(
             f"cannot read node address {text!r}; write it as HOST:PORT or NAME@HOST:PORT, e.g. 192.168.1.20:50051"
         )
     return NodeAddress(host=host, port=int(port), name=name)
@@ -134,7 +134,7 @@ def discover(
             try:
                 socket.inet_aton(a)
             except OSError:
-                raise StoreError(f"--interfaces takes IPv4 addresses such as 127.0.0.1, not {a!r}") from None
+                raise UserError(f"--interfaces takes IPv4 addresses such as 127.0.0.1, not {a!r}") from None
         want = None if expect is None else max(0, expect - len(nodes))
         if want != 0:
             seen = {(n.host, n.port) for n in nodes}

@@ -19,7 +19,8 @@ import os
 from pathlib import Path
 
 import numpy as np
-from flashmesh.node.store_format import RECORD_ALIGN, LayerSpec, StoreError, checksum
+from flashmesh.node.store_format import RECORD_ALIGN, LayerSpec, checksum
+from flashmesh.protos.errors import UserError
 
 BUNDLE_FORMAT = 1
 MANIFEST = "manifest.json"
@@ -53,16 +54,16 @@ def save_manifest(directory: Path, manifest: dict) -> None:
 def load_manifest(directory: Path) -> dict:
     path = Path(directory) / MANIFEST
     if not path.is_file():
-        raise StoreError(
+        raise UserError(
             f"{directory} is not a flashmesh iOS bundle (no {MANIFEST}); create one with `flashmesh export-ios`"
         )
     try:
         manifest = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise StoreError(f"{path} is not valid JSON ({e}); re-export the bundle") from None
+        raise UserError(f"{path} is not valid JSON ({e}); re-export the bundle") from None
     if not isinstance(manifest, dict) or manifest.get("bundle_format") != BUNDLE_FORMAT:
         got = manifest.get("bundle_format") if isinstance(manifest, dict) else None
-        raise StoreError(f"{path}: bundle format {got}, this flashmesh reads {BUNDLE_FORMAT}; re-export the bundle")
+        raise UserError(f"{path}: bundle format {got}, this flashmesh reads {BUNDLE_FORMAT}; re-export the bundle")
     return manifest
 
 
@@ -111,9 +112,9 @@ class BundleExperts:
         spec = self.specs[layer]
         data = os.pread(self._fds[layer], spec.record_size, spec.record_offset(expert))
         if len(data) != spec.record_size:
-            raise StoreError(f"{self.path / spec.file}: layer {layer} expert {expert} record is truncated")
+            raise UserError(f"{self.path / spec.file}: layer {layer} expert {expert} record is truncated")
         if self.verify and checksum(data) != spec.record_checksum(expert):
-            raise StoreError(f"{self.path / spec.file}: layer {layer} expert {expert} record checksum mismatch")
+            raise UserError(f"{self.path / spec.file}: layer {layer} expert {expert} record checksum mismatch")
         return data
 
     def read(self, layer: int, expert: int) -> dict[str, np.ndarray]:
@@ -165,10 +166,10 @@ def stack_kernel_inputs(records: list[dict[str, np.ndarray]], quantization: dict
             out[f"{name}_scales"] = np.stack([r[f"{proj}.scales"] for r in records])
             out[f"{name}_biases"] = np.stack([r[f"{proj}.biases"] for r in records])
         else:
-            raise StoreError(f"bundle expert input mode {mode!r} is unknown; re-export the bundle")
+            raise UserError(f"bundle expert input mode {mode!r} is unknown; re-export the bundle")
     return out
 
 
 def check_aligned(spec: LayerSpec) -> None:
     if spec.record_size % RECORD_ALIGN:
-        raise StoreError(f"layer {spec.layer}: record size {spec.record_size} is not {RECORD_ALIGN}-aligned")
+        raise UserError(f"layer {spec.layer}: record size {spec.record_size} is not {RECORD_ALIGN}-aligned")

@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-from flashmesh.node.store_format import StoreError
+from flashmesh.protos.errors import UserError
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -77,7 +77,7 @@ def cmd_verify_bundle(args) -> int:
     from flashmesh.mobile_export.verify import verify_bundle
 
     if not args.bundle.is_dir():
-        raise StoreError(f"{args.bundle} is not a directory; give the bundle written by `flashmesh export-ios`")
+        raise UserError(f"{args.bundle} is not a directory; give the bundle written by `flashmesh export-ios`")
     report = verify_bundle(args.bundle, store=args.store)
     if args.json:
         print(json.dumps(report.to_json()))
