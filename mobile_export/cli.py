@@ -9,6 +9,9 @@ import time
 from pathlib import Path
 
 from flashmesh.protos.errors import UserError
+from rich.console import Console
+
+err = Console(stderr=True)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -63,8 +66,6 @@ def cmd_export_ios(args) -> int:
     if args.json:
         print(json.dumps(summary))
     else:
-        from flashmesh.coordinator.cli import err
-
         err.print(
             f"wrote {summary['bundle']} ({summary['bytes'] / 1e6:.1f} MB, {len(summary['packages'])} packages) in "
             f"{summary['seconds']} s; experts reach the kernel as {summary['expert_input']}, "
@@ -82,8 +83,6 @@ def cmd_verify_bundle(args) -> int:
     if args.json:
         print(json.dumps(report.to_json()))
     else:
-        from flashmesh.coordinator.cli import err
-
         for what, n in report.checks.items():
             err.print(f"ok  {n:6d}  {what}", highlight=False)
         for e in report.errors:

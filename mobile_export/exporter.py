@@ -10,13 +10,15 @@ from pathlib import Path
 import numpy as np
 from flashmesh.mobile_export import programs
 from flashmesh.mobile_export.arch import SUPPORTED, arch_for
-from flashmesh.mobile_export.bundle_format import BUNDLE_FORMAT, MIN_IOS, PROTOCOL_VERSION, save_manifest
+from flashmesh.mobile_export.bundle_format import MIN_IOS
 from flashmesh.mobile_export.mil_ops import WeightRegistry
 from flashmesh.mobile_export.records import INT8_OFFSET, bytes_per_token, expert_input_mode, write_expert_layers
 from flashmesh.mobile_export.weights import DenseWeights
+from flashmesh.node.bundle_format import BUNDLE_FORMAT, save_manifest
 from flashmesh.node.experts import load_lazy
 from flashmesh.node.store_format import Manifest, checksum, staged_directory
 from flashmesh.node.store_writer import TOKENIZER_FILES
+from flashmesh.protos import PROTOCOL_VERSION
 from flashmesh.protos.errors import UserError
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 

@@ -14,7 +14,8 @@ import os
 from pathlib import Path
 
 import numpy as np
-from flashmesh.mobile_export.bundle_format import PROJ, unpack_affine
+from flashmesh.mobile_export.bundle_format import unpack_affine
+from flashmesh.node.bundle_format import PROJ
 from flashmesh.node.store_format import LayerSpec, Manifest, checksum, layout_record
 from flashmesh.node.store_reader import ExpertStore
 from flashmesh.protos.errors import UserError

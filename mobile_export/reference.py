@@ -13,8 +13,9 @@ from pathlib import Path
 
 import numpy as np
 from coremltools.converters.mil.mil import types
-from flashmesh.mobile_export.bundle_format import BundleExperts, load_manifest
+from flashmesh.mobile_export.bundle_format import BundleExperts
 from flashmesh.mobile_export.saved import load_saved_program
+from flashmesh.node.bundle_format import load_manifest
 from flashmesh.protos.errors import UserError
 
 log = logging.getLogger(__name__)

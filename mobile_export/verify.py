@@ -13,9 +13,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from flashmesh.mobile_export.bundle_format import MANIFEST, check_aligned, layer_specs, load_manifest, section_checksums
+from flashmesh.mobile_export.bundle_format import check_aligned
 from flashmesh.mobile_export.records import convert_record, record_bytes
 from flashmesh.mobile_export.saved import consts, load_saved_program
+from flashmesh.node.bundle_format import MANIFEST, layer_specs, load_manifest, section_checksums
 from flashmesh.node.store_format import RECORD_ALIGN, Manifest, checksum
 from flashmesh.protos.errors import UserError
 

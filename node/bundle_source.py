@@ -18,13 +18,12 @@ store the bundle was exported from accepts it like any node of that store.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
-from flashmesh.mobile_export.bundle_format import PROJ, layer_specs, load_manifest, section_checksums
+from flashmesh.node.bundle_format import PROJ, layer_specs, load_manifest, section_checksums
 from flashmesh.node.experts import expert_templates_from_config
 from flashmesh.node.shard import shard_experts
 from flashmesh.node.store_format import LayerSpec, Manifest, layout_record
@@ -33,14 +32,6 @@ from flashmesh.protos import PROTOCOL_VERSION
 from flashmesh.protos.errors import UserError
 
 COMPUTE_DTYPE = "float32"  # what MLX's CPU gather_mm / gather_qmm take alongside float32 activations
-
-
-def is_bundle(path: Path) -> bool:
-    """A directory written by `flashmesh export-ios` (its manifest names a bundle format)."""
-    try:
-        return "bundle_format" in json.loads((Path(path) / "manifest.json").read_text())
-    except (OSError, ValueError):
-        return False
 
 
 def pack_affine(q: mx.array, bits: int) -> mx.array:

@@ -13,7 +13,8 @@ from typing import Protocol
 
 import mlx.core as mx
 import mlx.nn as nn
-from flashmesh.node.bundle_source import BundleExpertSource, is_bundle
+from flashmesh.node.bundle_format import is_bundle
+from flashmesh.node.bundle_source import BundleExpertSource
 from flashmesh.node.store_format import LayerSpec, Manifest
 from flashmesh.node.store_reader import ExpertStore, PendingRead, ReadStats
 from flashmesh.protos.errors import UserError

@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from flashmesh.coordinator.discovery import NodeAddress, discover
-from flashmesh.node.bundle_source import is_bundle
+from flashmesh.node.bundle_format import is_bundle
 from flashmesh.node.store_format import MANIFEST, Manifest
 from flashmesh.protos import TLS_ENV, TOKEN_ENV
 from flashmesh.protos.errors import UserError
