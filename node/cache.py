@@ -54,7 +54,7 @@ class CacheStats:
     evictions: int = 0
     bytes_read: int = 0  # bytes fetched from flash (whole records)
     io_seconds: float = 0.0
-    compute_seconds: float = 0.0
+    compute_seconds: float = 0.0  # waiting on MLX at streamed layers' one sync (router choice and what came before)
     peak_bytes: int = 0
     prefetched: int = 0  # experts read ahead of need
     prefetch_used: int = 0  # of those, asked for by acquire (each one a miss avoided)

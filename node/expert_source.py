@@ -15,8 +15,10 @@ import mlx.core as mx
 import mlx.nn as nn
 from flashmesh.node.bundle_format import is_bundle
 from flashmesh.node.bundle_source import BundleExpertSource
+from flashmesh.node.read_queue import SlotReads
+from flashmesh.node.slab import Slab
 from flashmesh.node.store_format import LayerSpec, Manifest
-from flashmesh.node.store_reader import ExpertStore, PendingRead, ReadStats
+from flashmesh.node.store_reader import ConvertedReads, ExpertStore, PendingRead, ReadStats
 from flashmesh.protos.errors import UserError
 
 
@@ -34,6 +36,14 @@ class ExpertSource(Protocol):
         ...
 
     def read(self, layer: int, experts: list[int]) -> dict[int, dict[str, mx.array]]: ...
+
+    def load(self, layer: int, slots: dict[int, int], slab: Slab, *, urgent: bool) -> SlotReads | ConvertedReads:
+        """Start reading records into reserved slab slots (expert -> slot); `wait()` on the result."""
+        ...
+
+    def landed(self, reads: SlotReads | ConvertedReads) -> None:
+        """Count a finished load in `stats`."""
+        ...
 
     def read_raw(self, layer: int, expert: int) -> bytes:
         """One record's bytes on flash, checksum verified."""
