@@ -108,6 +108,8 @@ def set_lookahead(model: nn.Module, *, enabled: bool) -> int:
     """Turn router lookahead on or off for every switch dispatch in `model`; return how many predict."""
     _paths = {m.layer: p for p, m in model.named_modules() if isinstance(m, ExpertDispatch)}
     layers = sorted(_paths)
+    if not layers:
+        return 0
     count = 0
     for here, following in zip(layers, layers[1:] + [None], strict=True):
         dispatch = submodule(model, _paths[here])

@@ -75,7 +75,8 @@ class StackedExperts(nn.Module):
         super().__init__()
         routing = _Routing()
         _route_linears(expert, routing, path)
-        self.update_modules(dict(expert.children()))  # same child objects: their names are the record's
+        for name, child in expert.children().items():  # the same objects: their names are the record's
+            self[name] = child
         self._routing = routing
         self._expert = expert  # a plain attribute (set below), called for its own wiring
 

@@ -66,6 +66,16 @@ _GEMMA4_MOE = {
     "enable_moe_block": True, "num_experts": 8, "top_k_experts": 2,
 }  # fmt: skip
 
+_LONGCAT = {
+    "model_type": "longcat_flash", "attention_method": "MLA", "zero_expert_type": "identity",
+    "hidden_size": 64, "ffn_hidden_size": 128, "moe_topk": 2, "expert_ffn_hidden_size": 64,
+    "n_routed_experts": 8, "zero_expert_num": 2, "num_layers": 2, "num_hidden_layers": 2, "vocab_size": V,
+    "max_position_embeddings": 512, "num_attention_heads": 4, "kv_lora_rank": 16, "q_lora_rank": 16,
+    "qk_rope_head_dim": 8, "qk_nope_head_dim": 8, "v_head_dim": 8, "routed_scaling_factor": 1.0,
+    "rms_norm_eps": 1e-05, "rope_theta": 1000, "mla_scale_q_lora": True, "mla_scale_kv_lora": True,
+    "attention_bias": False,
+}  # fmt: skip
+
 TINY_CONFIGS: dict[str, dict] = {
     "Klear": {
         "model_type": "Klear", "hidden_size": 64, "num_hidden_layers": 4, "intermediate_size": 128,
@@ -134,7 +144,7 @@ TINY_CONFIGS: dict[str, dict] = {
     },
     "dots1": {
         "model_type": "dots1", "hidden_size": 64, "num_hidden_layers": 3, "intermediate_size": 128,
-        "num_attention_heads": 4, "rms_norm_eps": 1e-05, "vocab_size": V, "max_position_embeddings": None,
+        "num_attention_heads": 4, "rms_norm_eps": 1e-05, "vocab_size": V, "max_position_embeddings": 512,
         "num_key_value_heads": 2, "first_k_dense_replace": 1, "moe_intermediate_size": 64, "n_routed_experts": 8,
         "n_shared_experts": 1, "norm_topk_prob": True, "num_experts_per_tok": 2, "rope_theta": 1000,
         "routed_scaling_factor": 1.0,
@@ -197,7 +207,7 @@ TINY_CONFIGS: dict[str, dict] = {
         "num_hidden_layers": 2, "max_position_embeddings": 512, "num_attention_heads": 4, "num_key_value_heads": 2,
         "attention_bias": False, "embedding_multiplier": 1.0, "attention_multiplier": 1.0, "logits_scaling": 1.0,
         "residual_multiplier": 1.0, "num_local_experts": 8, "num_experts_per_tok": 2,
-        "shared_intermediate_size": 64, "mamba_n_heads": 4, "mamba_d_head": 16, "mamba_proj_bias": False,
+        "shared_intermediate_size": 64, "mamba_n_heads": 8, "mamba_d_head": 16, "mamba_proj_bias": False,
         "mamba_d_state": 16, "mamba_d_conv": 4, "mamba_n_groups": 1, "mamba_conv_bias": False,
         "layer_types": ["mamba", "attention"], "rms_norm_eps": 1e-05, "rope_theta": 1000.0,
     },
@@ -249,15 +259,8 @@ TINY_CONFIGS: dict[str, dict] = {
             "rms_norm_eps": 0.0001, "rope_scaling": None, "rope_theta": 1000, "use_qk_norm": True, "vocab_size": V,
         },
     },
-    "longcat_flash": {
-        "model_type": "longcat_flash", "attention_method": "MLA", "zero_expert_type": "identity",
-        "hidden_size": 64, "ffn_hidden_size": 128, "moe_topk": 2, "expert_ffn_hidden_size": 64,
-        "n_routed_experts": 8, "zero_expert_num": 2, "num_layers": 2, "num_hidden_layers": 2, "vocab_size": V,
-        "max_position_embeddings": 512, "num_attention_heads": 4, "kv_lora_rank": 16, "q_lora_rank": 16,
-        "qk_rope_head_dim": 8, "qk_nope_head_dim": 8, "v_head_dim": 8, "routed_scaling_factor": 1.0,
-        "rms_norm_eps": 1e-05, "rope_theta": 1000, "mla_scale_q_lora": True, "mla_scale_kv_lora": True,
-        "attention_bias": False,
-    },
+    "longcat_flash": _LONGCAT,
+    "longcat_flash_ngram": {**_LONGCAT, "model_type": "longcat_flash_ngram"},
     "mellum": {
         "model_type": "mellum", "hidden_size": 64, "num_hidden_layers": 2, "intermediate_size": 128,
         "num_attention_heads": 4, "num_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 64,
@@ -367,7 +370,17 @@ TINY_CONFIGS: dict[str, dict] = {
 }  # fmt: skip
 
 # Architectures with routed experts that flashmesh does not run, with the reason (shown in docs/store.md).
-REFUSED: dict[str, str] = {}
+REFUSED: dict[str, str] = {
+    "muse_spark": (
+        "mlx-lm's own forward pass needs its Metal kernels (mlx_lm.kernels), which MLX on a CPU lacks, so it "
+        "cannot be checked here; its expert module also holds a norm shared by all experts "
+        "(experts.post_expert_norm), which `flashmesh pack` refuses"
+    ),
+    "prism_hadamard_qwen35": (
+        "not checked: its checkpoints are calibrated, Hadamard-rotated 2-bit packs with a module manifest, "
+        "which a random model built here cannot be"
+    ),
+}
 
 
 def tiny_config(arch: str, *, vocab: int) -> dict:
