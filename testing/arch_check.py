@@ -19,7 +19,7 @@ from flashmesh.coordinator.engine import open_local
 from flashmesh.coordinator.generate import generate
 from flashmesh.node.store_format import Manifest
 from flashmesh.node.store_writer import pack
-from flashmesh.testing.arch_configs import REFUSED, TINY_CONFIGS, tiny_config
+from flashmesh.testing.arch_configs import NOT_CHECKED, REFUSED, TINY_CONFIGS, tiny_config
 from flashmesh.testing.synthetic import build_model
 
 PROMPT = "The quick brown fox jumps over the lazy dog. Mixture of experts"
@@ -47,7 +47,7 @@ def moe_model_files() -> list[str]:
 
 def uncovered() -> tuple[list[str], list[str]]:
     """(MoE model files neither covered nor refused, covered or refused names mlx-lm no longer has)."""
-    files, known = set(moe_model_files()), set(TINY_CONFIGS) | set(REFUSED)
+    files, known = set(moe_model_files()), set(TINY_CONFIGS) | set(REFUSED) | set(NOT_CHECKED)
     return sorted(files - known), sorted(known - files)
 
 
@@ -111,3 +111,43 @@ def streamed(packed: Packed, prompt: list[int], which: str) -> Run:
     finally:
         streaming.close()
     return run
+
+
+TABLE_START = "<!-- architecture table: `python -m bench.arch_table` writes between these lines -->"
+TABLE_END = "<!-- end of architecture table -->"
+EXACT = "exact"
+
+
+def expected_statuses() -> dict[str, str]:
+    """What the table must say of each MoE model file: exact (its tests pass), or refused / not
+    checked and why."""
+    explained = {
+        **{a: f"refused: {r}" for a, r in REFUSED.items()},
+        **{a: f"not checked: {r}" for a, r in NOT_CHECKED.items()},
+    }
+    return {arch: explained.get(arch, EXACT) for arch in moe_model_files()}
+
+
+def render_table(statuses: dict[str, str], banks: dict[str, str], *, mlx_lm_version: str) -> str:
+    """The markdown table of docs/store.md: one row per MoE model file."""
+    count = {word: sum(s.startswith(word) for s in statuses.values()) for word in (EXACT, "refused", "not checked")}
+    other = len(statuses) - sum(count.values())
+    lines = [
+        TABLE_START,
+        f"mlx-lm {mlx_lm_version}: {len(statuses)} model files with routed experts: "
+        + ", ".join(f"{n} {word}" for word, n in count.items())
+        + (f", {other} failing" if other else "")
+        + ".",
+        "",
+        "| model file | status | routed experts (as found by `pack`) |",
+        "| --- | --- | --- |",
+    ]
+    lines += [f"| `{arch}` | {statuses[arch]} | {banks.get(arch, '')} |" for arch in sorted(statuses)]
+    return "\n".join([*lines, TABLE_END])
+
+
+def table_in(text: str) -> dict[str, str]:
+    """model file -> status, as the table in a docs/store.md text states them."""
+    block = text[text.index(TABLE_START) : text.index(TABLE_END)]
+    rows = [line.split(" | ") for line in block.splitlines() if line.startswith("| `")]
+    return {cells[0].strip("| `"): cells[1] for cells in rows}

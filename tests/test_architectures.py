@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
@@ -18,10 +19,18 @@ from flashmesh.node import store_writer
 from flashmesh.node.experts import model_classes
 from flashmesh.node.store_check import verify_store
 from flashmesh.node.store_format import Manifest, StoreError
-from flashmesh.testing.arch_check import BUDGETS, build_and_pack, reference, streamed, uncovered
-from flashmesh.testing.arch_configs import REFUSED, TINY_CONFIGS, tiny_config
+from flashmesh.testing.arch_check import (
+    BUDGETS,
+    build_and_pack,
+    expected_statuses,
+    reference,
+    streamed,
+    table_in,
+    uncovered,
+)
+from flashmesh.testing.arch_configs import NOT_CHECKED, REFUSED, TINY_CONFIGS, tiny_config
 
-ARCHS = sorted(set(TINY_CONFIGS) - set(REFUSED))
+ARCHS = sorted(set(TINY_CONFIGS) - set(REFUSED) - set(NOT_CHECKED))
 TOP_K = {"llama4": 1}  # what each tiny config asks for, under whatever key its architecture reads
 
 
@@ -105,6 +114,12 @@ def test_store_check_names_the_module(packs, tmp_path, edit, message):
     (copy / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(StoreError, match=message):
         verify_store(copy)
+
+
+def test_docs_table_states_every_model_file():
+    """docs/store.md's table (written by `python -m bench.arch_table`) is the one for this mlx-lm."""
+    text = (Path(__file__).parents[1] / "docs" / "store.md").read_text()
+    assert table_in(text) == expected_statuses(), "run `python -m bench.arch_table` and commit docs/store.md"
 
 
 def test_refused_for_the_stated_reason():
