@@ -2,7 +2,9 @@
 
 `ExpertDispatch` has SwitchGLU's call signature, (x [..., D], indices [..., k]) -> [..., k, D],
 and hands the work to an `ExpertBackend`: in-process (node.compute.LocalExperts) or remote nodes.
-Routing, score weighting and shared experts stay in mlx-lm's own MoE block, untouched.
+Routing, score weighting and shared experts stay in mlx-lm's own MoE block, untouched. Which
+modules are swapped is the store manifest's list (found by `pack`, node/expert_banks.py); a list
+of per-expert modules (dbrx) gets coordinator/list_dispatch.py instead.
 """
 
 from __future__ import annotations
