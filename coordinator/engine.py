@@ -17,9 +17,10 @@ from flashmesh.node.cache import ExpertCache
 from flashmesh.node.compute import LocalExperts
 from flashmesh.node.experts import load_lazy
 from flashmesh.node.store_check import dense_keys, dense_mismatch
-from flashmesh.node.store_format import Manifest, StoreError
+from flashmesh.node.store_format import Manifest
 from flashmesh.node.store_reader import ExpertStore
 from flashmesh.node.tls import TlsIdentity
+from flashmesh.protos.errors import UserError
 from mlx.utils import tree_flatten
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 from mlx_lm.utils import load_tokenizer
@@ -55,7 +56,7 @@ def load_dense_model(store_path: Path) -> tuple[nn.Module, Manifest, dict[int, n
     wanted = {k for k, _ in tree_flatten(model.parameters())}
     missing, _ = dense_mismatch(wanted, dense_keys(store_path, manifest))
     if missing:
-        raise StoreError(
+        raise UserError(
             f"{store_path} lacks dense weights ({missing[0]} and {len(missing) - 1} more); re-run `flashmesh pack`"
         )
     return model, manifest, templates
@@ -71,7 +72,7 @@ def load_store_tokenizer(store_path: Path, manifest: Manifest) -> TokenizerWrapp
     try:
         return load_tokenizer(Path(store_path), eos_token_ids=manifest.config.get("eos_token_id"))
     except (OSError, ValueError) as e:
-        raise StoreError(
+        raise UserError(
             f"{store_path} has no usable tokenizer ({e}); pack from a directory with tokenizer files"
         ) from None
 
@@ -90,14 +91,14 @@ def open_local(
     store_path = Path(store_path)
     model, manifest, templates = load_dense_model(store_path)
     if manifest.shard is not None:
-        raise StoreError(
+        raise UserError(
             f"{store_path} is a shard ({manifest.shard}); run the full store, or serve shards "
             "as nodes and run with --cluster"
         )
     store = ExpertStore(store_path, page_cache=page_cache, verify=verify, queue_depth=queue_depth)
     try:
         cache = ExpertCache(store, budget_bytes=ram_budget)
-    except StoreError:
+    except UserError:
         store.close()
         raise
     backend = LocalExperts(cache, templates)

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 import mlx.core as mx
 import mlx.nn as nn
-from flashmesh.node.store_format import StoreError
+from flashmesh.protos.errors import UserError
 from mlx.utils import tree_flatten
 from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchLinear
@@ -45,7 +45,7 @@ def layer_index(path: str) -> int:
     """The decoder layer a module path belongs to: the first integer component."""
     m = re.search(r"\.(\d+)\.", f".{path}.")
     if m is None:
-        raise StoreError(f"cannot tell which layer the expert module {path} belongs to")
+        raise UserError(f"cannot tell which layer the expert module {path} belongs to")
     return int(m.group(1))
 
 
@@ -140,7 +140,7 @@ def _trace_forward(model: nn.Module) -> None:
     try:
         out = model(tokens, cache=make_prompt_cache(model))
     except Exception as e:  # architecture code may raise anything; all mean "cannot trace"
-        raise StoreError(
+        raise UserError(
             f"the model's forward pass failed while looking for its experts ({type(e).__name__}: {e})"
         ) from None
     del out  # the shapes were all the trace needed; nothing is evaluated here
@@ -208,7 +208,7 @@ def submodule(root: nn.Module, path: str):
         for part in path.split("."):
             node = node[int(part)] if part.isdigit() else node[part]
     except (KeyError, IndexError, TypeError):
-        raise StoreError(
+        raise UserError(
             f"the model has no module {path}: the store is from another model; re-run `flashmesh pack`"
         ) from None
     return node

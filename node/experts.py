@@ -12,7 +12,8 @@ from pathlib import Path
 import mlx.nn as nn
 from flashmesh.node.expert_banks import submodule
 from flashmesh.node.stacked_experts import StackedExperts
-from flashmesh.node.store_format import LayerSpec, Manifest, StoreError
+from flashmesh.node.store_format import LayerSpec, Manifest
+from flashmesh.protos.errors import UserError
 from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchLinear
 from mlx_lm.utils import _get_classes, load_model
 
@@ -28,9 +29,9 @@ def model_classes(config: dict):
     try:
         return _get_classes(config)
     except KeyError:
-        raise StoreError("config.json has no model_type; is this a Hugging Face / mlx-lm model?") from None
+        raise UserError("config.json has no model_type; is this a Hugging Face / mlx-lm model?") from None
     except ValueError:
-        raise StoreError(
+        raise UserError(
             f"model_type {config.get('model_type')!r} is not supported by the installed mlx-lm; "
             "upgrade mlx-lm (`pip install -U mlx-lm`) or pick a model it supports"
         ) from None
@@ -43,17 +44,17 @@ def load_lazy(path: Path, *, strict: bool) -> tuple[nn.Module, dict]:
     try:
         config = json.loads((path / "config.json").read_text())
     except FileNotFoundError:
-        raise StoreError(f"{path} has no config.json; point at a model directory") from None
+        raise UserError(f"{path} has no config.json; point at a model directory") from None
     except json.JSONDecodeError as e:
-        raise StoreError(f"{path}/config.json is not valid JSON ({e})") from None
+        raise UserError(f"{path}/config.json is not valid JSON ({e})") from None
     model_classes(config)  # unknown model_type -> one clear line before mlx-lm's own error
     try:
         return load_model(path, lazy=True, strict=strict)
     except FileNotFoundError as e:
-        raise StoreError(f"{e}; the model directory needs its *.safetensors files") from None
+        raise UserError(f"{e}; the model directory needs its *.safetensors files") from None
     except (ValueError, RuntimeError, OSError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise StoreError(f"cannot load the model in {path}: {first}") from None
+        raise UserError(f"cannot load the model in {path}: {first}") from None
 
 
 def bank_template(model: nn.Module, spec: LayerSpec) -> nn.Module:
@@ -87,7 +88,7 @@ def expert_templates_from_config(
     try:
         model = model_class(args_class.from_dict(config))
     except (TypeError, ValueError, KeyError) as e:
-        raise StoreError(f"cannot build a {config.get('model_type')!r} model from its config: {e}") from None
+        raise UserError(f"cannot build a {config.get('model_type')!r} model from its config: {e}") from None
     if quantization:
         for spec in layers:
             bank = submodule(model, spec.module)

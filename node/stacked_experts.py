@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 import mlx.nn as nn
-from flashmesh.node.store_format import StoreError
+from flashmesh.protos.errors import UserError
 from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchLinear
 
 
@@ -59,10 +59,10 @@ def _route_linears(module: nn.Module, routing: _Routing, path: str) -> None:
         elif isinstance(child, nn.Module):
             _route_linears(child, routing, here)
         else:
-            raise StoreError(f"the expert module {path} holds {here}, a {type(child).__name__}: cannot batch it")
+            raise UserError(f"the expert module {path} holds {here}, a {type(child).__name__}: cannot batch it")
     stray = [k for k, v in module.items() if isinstance(v, mx.array)]
     if stray:
-        raise StoreError(f"the expert module {path} holds {path}.{stray[0]} outside a linear: cannot batch it")
+        raise UserError(f"the expert module {path} holds {path}.{stray[0]} outside a linear: cannot batch it")
 
 
 class StackedExperts(nn.Module):

@@ -14,7 +14,8 @@ from pathlib import Path
 import mlx.core as mx
 from flashmesh.node.expert_banks import ExpertBank, find_expert_banks, submodule
 from flashmesh.node.experts import bank_template, load_lazy
-from flashmesh.node.store_format import LayerSpec, Manifest, StoreError, dtype_name
+from flashmesh.node.store_format import LayerSpec, Manifest, dtype_name
+from flashmesh.protos.errors import UserError
 from mlx.utils import tree_flatten
 
 
@@ -24,11 +25,11 @@ def dense_keys(store_path: Path, manifest: Manifest) -> set[str]:
     for name in manifest.dense_files:
         path = Path(store_path) / name
         if not path.is_file():
-            raise StoreError(f"{path} is missing; the store's dense weights are incomplete, re-run `flashmesh pack`")
+            raise UserError(f"{path} is missing; the store's dense weights are incomplete, re-run `flashmesh pack`")
         try:
             keys.update(mx.load(str(path)).keys())
         except (RuntimeError, ValueError) as e:
-            raise StoreError(f"{path} cannot be read ({e}); re-run `flashmesh pack`") from None
+            raise UserError(f"{path} cannot be read ({e}); re-run `flashmesh pack`") from None
     return keys
 
 
@@ -44,7 +45,7 @@ def one_bank_per_layer(banks: list[ExpertBank] | list[LayerSpec]) -> None:
     twice = [(layer, p) for layer, p in paths.items() if len(p) > 1]
     if twice:
         layer, p = twice[0]
-        raise StoreError(f"layer {layer} has routed experts in {' and '.join(p)}; flashmesh streams one bank per layer")
+        raise UserError(f"layer {layer} has routed experts in {' and '.join(p)}; flashmesh streams one bank per layer")
 
 
 def per_expert_table(bank, *, kind: str, num_experts: int, path: str) -> dict[str, tuple[str, tuple[int, ...]]]:
@@ -55,7 +56,7 @@ def per_expert_table(bank, *, kind: str, num_experts: int, path: str) -> dict[st
     params = dict(tree_flatten(bank.parameters()))
     stray = [k for k, a in params.items() if a.ndim == 0 or a.shape[0] != num_experts]
     if stray:
-        raise StoreError(
+        raise UserError(
             f"the expert module {path} holds {path}.{stray[0]}, which is not per expert "
             f"(shape {tuple(params[stray[0]].shape)}, {num_experts} experts); flashmesh cannot stream it"
         )
@@ -63,7 +64,7 @@ def per_expert_table(bank, *, kind: str, num_experts: int, path: str) -> dict[st
 
 
 def verify_store(path: Path) -> None:
-    """Raise StoreError, naming the module, unless the store at `path` would run."""
+    """Raise UserError, naming the module, unless the store at `path` would run."""
     manifest = Manifest.load(path)
     one_bank_per_layer(manifest.layers)
     model, _ = load_lazy(Path(path), strict=False)
@@ -71,23 +72,23 @@ def verify_store(path: Path) -> None:
     for spec in manifest.layers:
         bank = found.pop(spec.module, None)
         if bank is None:
-            raise StoreError(f"the manifest lists {spec.module}, which the model does not route tokens to")
+            raise UserError(f"the manifest lists {spec.module}, which the model does not route tokens to")
         if bank != ExpertBank(spec.module, spec.kind, spec.layer, spec.top_k, spec.num_experts):
-            raise StoreError(f"the manifest's entry for {spec.module} does not match the model's {bank}")
+            raise UserError(f"the manifest's entry for {spec.module} does not match the model's {bank}")
     if found:
-        raise StoreError(f"the model routes to {next(iter(found))}, which the manifest lacks: it would not be streamed")
+        raise UserError(f"the model routes to {next(iter(found))}, which the manifest lacks: it would not be streamed")
     prefixes = tuple(f"{s.module}." for s in manifest.layers)
     wanted = {k for k, _ in tree_flatten(model.parameters()) if not k.startswith(prefixes)}
     missing, extra = dense_mismatch(wanted, dense_keys(path, manifest))
     if missing:
-        raise StoreError(f"the dense part lacks {missing[0]} (and {len(missing) - 1} more): it would stay unloaded")
+        raise UserError(f"the dense part lacks {missing[0]} (and {len(missing) - 1} more): it would stay unloaded")
     if extra:
-        raise StoreError(f"the dense part holds {extra[0]} (and {len(extra) - 1} more), which the model lacks")
+        raise UserError(f"the dense part holds {extra[0]} (and {len(extra) - 1} more), which the model lacks")
     for spec in manifest.layers:
         table = {t.name: (t.dtype, tuple(t.shape)) for t in spec.tensors}
         bank = submodule(model, spec.module)
         if table != per_expert_table(bank, kind=spec.kind, num_experts=spec.num_experts, path=spec.module):
-            raise StoreError(f"the records of {spec.module} do not hold its parameters")
+            raise UserError(f"the records of {spec.module} do not hold its parameters")
         computes = {k for k, _ in tree_flatten(bank_template(model, spec).parameters())}
         if computes != set(table):
-            raise StoreError(f"the module computing {spec.module} takes other tensors than its records hold")
+            raise UserError(f"the module computing {spec.module} takes other tensors than its records hold")

@@ -20,7 +20,6 @@ from flashmesh.node.store_check import one_bank_per_layer, per_expert_table, ver
 from flashmesh.node.store_format import (
     LayerSpec,
     Manifest,
-    StoreError,
     checksum,
     file_checksum,
     fingerprint,
@@ -29,6 +28,7 @@ from flashmesh.node.store_format import (
     staged_directory,
     write_json_atomic,
 )
+from flashmesh.protos.errors import UserError
 from mlx.utils import tree_flatten
 from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchLinear
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
@@ -55,10 +55,10 @@ def resolve_source(src: str) -> Path:
     path = Path(src).expanduser()
     if path.exists():
         if not path.is_dir():
-            raise StoreError(f"{src} is a file; point `flashmesh pack` at a model directory")
+            raise UserError(f"{src} is a file; point `flashmesh pack` at a model directory")
         return path
     if src.count("/") != 1 or src.startswith((".", "/")):
-        raise StoreError(f"{src} does not exist; give a model directory or a hub id like org/name")
+        raise UserError(f"{src} does not exist; give a model directory or a hub id like org/name")
     from huggingface_hub import snapshot_download
 
     try:
@@ -69,7 +69,7 @@ def resolve_source(src: str) -> Path:
         )
     except Exception as e:  # the hub raises many types; all mean "could not fetch"
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise StoreError(
+        raise UserError(
             f"{src} is not a local directory and could not be downloaded from the Hugging Face hub "
             f"({type(e).__name__}: {reason[:200]}); check the id and the network, or pass a local directory"
         ) from None
@@ -78,7 +78,7 @@ def resolve_source(src: str) -> Path:
 def pack(src: str, out: Path, *, force: bool = False, show_progress: bool = True) -> Manifest:
     out = Path(out)
     if out.exists() and not force:
-        raise StoreError(f"{out} already exists; remove it or pass --force")
+        raise UserError(f"{out} already exists; remove it or pass --force")
     source = resolve_source(src)
     params, config, banks = _lazy_source(source)
     with staged_directory(out) as tmp:
@@ -86,8 +86,8 @@ def pack(src: str, out: Path, *, force: bool = False, show_progress: bool = True
         manifest = _write_store(params, config, banks, source, tmp, show_progress)
         try:
             verify_store(tmp)  # a store that would not run is never renamed into place
-        except StoreError as e:
-            raise StoreError(f"cannot pack {source}: the store would not run: {e}; nothing was written") from None
+        except UserError as e:
+            raise UserError(f"cannot pack {source}: the store would not run: {e}; nothing was written") from None
     log.info("packed %s into %s (fingerprint %s)", source, out, manifest.fingerprint)
     return manifest
 
@@ -105,7 +105,7 @@ def _lazy_source(source: Path) -> tuple[dict[str, mx.array], dict, list[tuple[Ex
     model, config = load_lazy(source, strict=True)
     banks = find_expert_banks(model)
     if not banks:
-        raise StoreError(
+        raise UserError(
             f"{source} is a dense model ({config.get('model_type')}): it has no routed experts to "
             "stream; flashmesh runs Mixture-of-Experts models"
         )
@@ -171,7 +171,7 @@ def _evaluated(name: str, a: mx.array) -> mx.array:
     try:
         mx.eval(a)
     except (RuntimeError, ValueError, OSError) as e:
-        raise StoreError(f"cannot read tensor {name} from the source ({e}); is a safetensors file truncated?") from None
+        raise UserError(f"cannot read tensor {name} from the source ({e}); is a safetensors file truncated?") from None
     return a
 
 

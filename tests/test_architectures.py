@@ -18,7 +18,8 @@ import pytest
 from flashmesh.node import store_writer
 from flashmesh.node.experts import model_classes
 from flashmesh.node.store_check import verify_store
-from flashmesh.node.store_format import Manifest, StoreError
+from flashmesh.node.store_format import Manifest
+from flashmesh.protos.errors import UserError
 from flashmesh.testing.arch_check import (
     BUDGETS,
     build_and_pack,
@@ -92,7 +93,7 @@ def test_pack_writes_no_store_that_would_not_run(packs, tmp_path, monkeypatch):
     real = store_writer.find_expert_banks
     monkeypatch.setattr(store_writer, "find_expert_banks", lambda model: real(model)[:-1])
     out = tmp_path / "never-written"
-    with pytest.raises(StoreError, match=r"model\.layers\.2\.mlp\.switch_mlp.*nothing was written"):
+    with pytest.raises(UserError, match=r"model\.layers\.2\.mlp\.switch_mlp.*nothing was written"):
         store_writer.pack(str(src), out, show_progress=False)
     assert not list(tmp_path.iterdir())
 
@@ -112,7 +113,7 @@ def test_store_check_names_the_module(packs, tmp_path, edit, message):
     manifest = json.loads((copy / "manifest.json").read_text())
     edit(manifest)
     (copy / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(StoreError, match=message):
+    with pytest.raises(UserError, match=message):
         verify_store(copy)
 
 
