@@ -89,7 +89,7 @@ def write_expert_layers(
             tensors, record_size = record_layout(first)
             spec = LayerSpec(
                 src.layer, src.module, src.num_experts, record_size, tensors, list(src.experts), [],
-                top_k=src.top_k, kind=src.kind,
+                top_k=src.top_k, kind=src.kind, input_dim=src.input_dim,
             )  # fmt: skip
             fd = os.open(out / spec.file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
             try:

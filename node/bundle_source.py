@@ -125,6 +125,7 @@ class BundleExpertSource(ExpertStore):
         return LayerSpec(
             record.layer, record.module, record.num_experts, record.record_size, tensors, experts,
             [record.record_checksum(e) for e in experts], record.file, top_k=record.top_k, kind=record.kind,
+            input_dim=record.input_dim,
         )  # fmt: skip
 
     def _arrays(self, raw: mx.array, skew: int, spec: LayerSpec) -> dict[str, mx.array]:

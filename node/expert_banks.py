@@ -39,6 +39,7 @@ class ExpertBank:
     layer: int  # decoder layer: the first integer in the path
     top_k: int
     num_experts: int
+    input_dim: int  # D of the x [..., D] it was called with
 
 
 def layer_index(path: str) -> int:
@@ -62,20 +63,21 @@ def _arrays(args: tuple, kwargs: dict) -> list[mx.array]:
 
 @dataclass
 class _Observed:
-    """What the trace saw of one candidate: top-k per call, or None for a call that was not routed."""
+    """What the trace saw of one candidate: (top-k, input dim) per call, None for a call not routed."""
 
-    calls: list[int | None] = field(default_factory=list)
+    calls: list[tuple[int, int] | None] = field(default_factory=list)
 
-    def top_k(self, num_experts: int) -> int | None:
-        ks = set(self.calls)
-        if len(ks) != 1 or None in ks:
+    def routing(self, num_experts: int) -> tuple[int, int] | None:
+        """(k, D) when every call picked the same k <= E of its experts for inputs of width D."""
+        seen = set(self.calls)
+        if len(seen) != 1 or None in seen:
             return None
-        (k,) = ks
-        return k if 0 < k <= num_experts else None
+        (kd,) = seen
+        return kd if 0 < kd[0] <= num_experts else None
 
 
-def _switch_call(args: tuple, kwargs: dict, out) -> int | None:
-    """k when the call was (x [..., D], indices [..., k]) -> [..., k, D'], else None."""
+def _switch_call(args: tuple, kwargs: dict, out) -> tuple[int, int] | None:
+    """(k, D) when the call was (x [..., D], indices [..., k]) -> [..., k, D'], else None."""
     arrays = _arrays(args, kwargs)
     if len(arrays) < 2 or not isinstance(out, mx.array):
         return None
@@ -84,7 +86,7 @@ def _switch_call(args: tuple, kwargs: dict, out) -> int | None:
         return None
     if tuple(idx.shape[:-1]) != tuple(x.shape[:-1]) or tuple(out.shape[:-1]) != tuple(idx.shape):
         return None
-    return int(idx.shape[-1])
+    return int(idx.shape[-1]), int(x.shape[-1])
 
 
 def _switch_candidates(model: nn.Module) -> dict[str, nn.Module]:
@@ -156,15 +158,17 @@ def find_expert_banks(model: nn.Module) -> list[ExpertBank]:
     for path, (owner, _) in lists.items():
         owned.setdefault(id(owner), []).append(path)
     entry_of = {id(e): path for path, (_, entries) in lists.items() for e in entries}
-    open_calls: dict[str, list[list[int]]] = {path: [] for path in lists}  # [rows in, rows to entries]
-    finished: dict[str, list[tuple[int, int]]] = {path: [] for path in lists}
+    open_calls: dict[str, list[list[int]]] = {path: [] for path in lists}  # [rows in, rows to entries, D]
+    finished: dict[str, list[tuple[int, ...]]] = {path: [] for path in lists}
 
     def hook(module, call, args, kwargs):
         key = id(module)
         if key in owned:
             arrays = _arrays(args, kwargs)
             floating = bool(arrays) and mx.issubdtype(arrays[0].dtype, mx.floating)
-            frames = {path: [_rows(arrays[0]) if floating else 0, 0] for path in owned[key]}
+            frames = {
+                path: [_rows(arrays[0]), 0, arrays[0].shape[-1]] if floating else [0, 0, 0] for path in owned[key]
+            }
             for path, frame in frames.items():
                 open_calls[path].append(frame)
             try:
@@ -172,7 +176,7 @@ def find_expert_banks(model: nn.Module) -> list[ExpertBank]:
             finally:
                 for path, frame in frames.items():
                     open_calls[path].pop()
-                    finished[path].append((frame[0], frame[1]))
+                    finished[path].append(tuple(frame))
         if key in entry_of:
             frames = open_calls[entry_of[key]]
             arrays = _arrays(args, kwargs)
@@ -191,13 +195,13 @@ def find_expert_banks(model: nn.Module) -> list[ExpertBank]:
     banks = []
     for path, m in switches.items():
         num_experts = {c.num_experts for c in m.children().values() if isinstance(c, SWITCH_LINEARS)}
-        k = seen[id(m)].top_k(min(num_experts))
-        if k is not None and len(num_experts) == 1:
-            banks.append(ExpertBank(path, "switch", layer_index(path), k, num_experts.pop()))
+        routing = seen[id(m)].routing(min(num_experts))
+        if routing is not None and len(num_experts) == 1:
+            banks.append(ExpertBank(path, "switch", layer_index(path), routing[0], num_experts.pop(), routing[1]))
     for path, (_, es) in lists.items():
-        ks = {to // rows if rows > 0 and to > 0 and to % rows == 0 else None for rows, to in finished[path]}
-        if len(ks) == 1 and None not in ks and 0 < (k := ks.pop()) < len(es):
-            banks.append(ExpertBank(path, "list", layer_index(path), k, len(es)))
+        seen = {(to // rows, d) if rows > 0 and to > 0 and to % rows == 0 else None for rows, to, d in finished[path]}
+        if len(seen) == 1 and None not in seen and 0 < (kd := seen.pop())[0] < len(es):
+            banks.append(ExpertBank(path, "list", layer_index(path), kd[0], len(es), kd[1]))
     return sorted(banks, key=lambda b: (b.layer, b.path))
 
 

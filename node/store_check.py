@@ -73,7 +73,7 @@ def verify_store(path: Path) -> None:
         bank = found.pop(spec.module, None)
         if bank is None:
             raise UserError(f"the manifest lists {spec.module}, which the model does not route tokens to")
-        if bank != ExpertBank(spec.module, spec.kind, spec.layer, spec.top_k, spec.num_experts):
+        if bank != ExpertBank(spec.module, spec.kind, spec.layer, spec.top_k, spec.num_experts, spec.input_dim):
             raise UserError(f"the manifest's entry for {spec.module} does not match the model's {bank}")
     if found:
         raise UserError(f"the model routes to {next(iter(found))}, which the manifest lacks: it would not be streamed")

@@ -110,6 +110,7 @@ class LayerSpec:
     file: str = ""
     top_k: int = 0  # experts the layer's router picks per token, seen by pack in the model's own forward pass
     kind: str = "switch"  # "switch": one stacked-expert module; "list": a list of per-expert modules
+    input_dim: int = 0  # D of the hidden states x [N, D] the bank takes, seen by pack like top_k
 
     def __post_init__(self) -> None:
         self.file = self.file or f"experts/layer_{self.layer:03d}.bin"

@@ -212,6 +212,7 @@ def _write_layer(bank: ExpertBank, table: dict, params: dict[str, mx.array], tmp
         checksums=[],
         top_k=bank.top_k,
         kind=bank.kind,
+        input_dim=bank.input_dim,
     )
     fd = os.open(tmp / spec.file, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
     try:

@@ -15,8 +15,13 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 import pytest
+from flashmesh.coordinator.engine import attach, load_dense_model, load_store_tokenizer
+from flashmesh.coordinator.generate import generate
+from flashmesh.coordinator.placement import place
+from flashmesh.coordinator.remote import RemoteExperts
 from flashmesh.node import store_writer
 from flashmesh.node.experts import model_classes
+from flashmesh.node.shard import write_dense
 from flashmesh.node.store_check import verify_store
 from flashmesh.node.store_format import Manifest
 from flashmesh.protos.errors import UserError
@@ -30,6 +35,9 @@ from flashmesh.testing.arch_check import (
     uncovered,
 )
 from flashmesh.testing.arch_configs import NOT_CHECKED, REFUSED, TINY_CONFIGS, tiny_config
+from flashmesh.testing.in_process import InProcessLink
+
+from .test_placement import _capacity, _services
 
 ARCHS = sorted(set(TINY_CONFIGS) - set(REFUSED) - set(NOT_CHECKED))
 TOP_K = {"llama4": 1}  # what each tiny config asks for, under whatever key its architecture reads
@@ -132,3 +140,22 @@ def test_refused_for_the_stated_reason():
     model = model_class(args_class.from_dict(config))
     with pytest.raises(RuntimeError, match="Metal"):
         mx.eval(model(mx.arange(1, 4)[None]))
+
+
+@pytest.mark.parametrize("arch", ["dbrx", "deepseek_v41", "gemma4_text"])
+def test_remote_nodes_match_mlx_lm(packs, tmp_path, arch):
+    """The same banks served by three shard nodes (in process, over the node protocol's messages)."""
+    packed = packs(arch)
+    services = _services(packed.store, tmp_path)
+    try:
+        manifest = Manifest.load(packed.store)
+        write_dense(packed.store, tmp_path / "dense")
+        model, _, _ = load_dense_model(tmp_path / "dense")
+        links = {s.node_id: InProcessLink(s, s.name) for s in services}
+        attach(model, RemoteExperts(links, place(manifest.layers, [_capacity(s) for s in services])))
+        tokenizer = load_store_tokenizer(tmp_path / "dense", manifest)
+        prompt, ref = reference(packed)
+        assert generate(model, tokenizer, prompt, max_tokens=len(ref.tokens)).tokens == ref.tokens
+    finally:
+        for s in services:
+            s.close()
