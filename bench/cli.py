@@ -147,12 +147,13 @@ def cmd_overhead(args: argparse.Namespace) -> int:
         f"{args.store} ({result['moe_layers']} MoE layers), {args.rounds} alternating rounds, {args.max_tokens} tokens"
     )
     print(
-        f"{'config':>18} {'vs mlx-lm':>9} {'min-max':>11} {'hit':>6} {'extra CPU us/layer':>18}"
+        f"{'config':>18} {'vs mlx-lm':>9} {'min-max':>11} {'CPU ratio':>9} {'hit':>6} {'extra CPU us/layer':>18}"
         f" {'compute() us':>12} {'SwitchGLU us':>12} same"
     )
     for name, c in result["configs"].items():
         print(
-            f"{name:>18} {c['vs_mlx_lm']:>9.3f} {c['ratio_min']:>5.2f}-{c['ratio_max']:<5.2f} {c['hit_rate']:>6.3f}"
+            f"{name:>18} {c['vs_mlx_lm']:>9.3f} {c['ratio_min']:>5.2f}-{c['ratio_max']:<5.2f}"
+            f" {c['process_cpu_ratio']:>9.3f} {c['hit_rate']:>6.3f}"
             f" {c['extra_main_cpu_us_per_layer']:>18.1f}"
             f" {c['engine_cpu_us_per_layer_call']:>12.1f} {c['mlx_lm_switchglu_cpu_us_per_call']:>12.1f}"
             f" {c['tokens_match_mlx_lm']}"
