@@ -212,8 +212,8 @@ def cmd_prefill(args: argparse.Namespace) -> int:
         f"{result['prompt_tokens']}-token prompt at {args.budget:g} of the expert bytes: prefill "
         f"{result['prefill_tokens_per_s']:.1f} tok/s vs mlx-lm in RAM {result['mlx_lm_prefill_tokens_per_s']:.1f}"
         f" = {result['vs_mlx_lm']:.2f} (median of {args.rounds}); waiting on reads "
-        f"{result['io_wait_share_of_prefill']:.0%} of it, {result['bytes_read_per_chunk'] / 1e6:.0f} MB read per "
-        f"chunk; an expert read at most {result['max_reads_of_an_expert_in_a_chunk']}x per chunk"
+        f"{result['io_wait_share_of_prefill']:.0%} of it, {result['bytes_read_per_model_call'] / 1e6:.0f} MB read per "
+        f"model call; an expert read at most {result['max_reads_of_an_expert_in_a_chunk']}x per chunk"
     )
     print(f"written to {path}")
     return 0

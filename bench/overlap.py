@@ -188,7 +188,9 @@ def run_overlap_bench(
         "fio_gbps": fio_gbps,
         "compute_only": compute_only,
         "configs": summary,
-        "reads_under_compute": reads_under_compute(store, queue_depth=queue_depth, seconds=2.0, rounds=max(3, rounds)),
+        "reads_under_compute": reads_under_compute(
+            store, queue_depth=queue_depth, seconds=2.0, rounds=max(5, 2 * rounds)
+        ),
     }
 
 
