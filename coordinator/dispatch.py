@@ -13,16 +13,28 @@ from typing import Protocol
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
+from flashmesh.node.cache_stats import ExpertStats
 from flashmesh.node.experts import find_expert_modules, layer_index
 
 
 class ExpertBackend(Protocol):
+    """Where the routed experts of a built model are computed: node.compute.LocalExperts in this
+    process, coordinator.remote.RemoteExperts on nodes. Chosen in one place (coordinator.engine)."""
+
     def compute(self, layer: int, x: mx.array, indices: mx.array) -> mx.array:
         """x [N, D], indices [N, k] -> per-pair expert outputs [N, k, D]."""
         ...
 
-    def prefetch(self, layer: int, experts: list[int]) -> None:
-        """A hint that `experts` of `layer` will be needed soon; may be ignored."""
+    def hint(self, layer: int, experts: list[int]) -> None:
+        """The router lookahead's guess at `layer`'s experts, to read ahead of its compute."""
+        ...
+
+    def stats(self) -> ExpertStats:
+        """A snapshot of the caches' counters (take one before and one after a window)."""
+        ...
+
+    def close(self) -> None:
+        """Finish reads in flight and let go of connections; compute is not called after."""
         ...
 
 
@@ -55,9 +67,8 @@ class ExpertDispatch(nn.Module):
     def __call__(self, x: mx.array, indices: mx.array) -> mx.array:
         lead, k, d = indices.shape[:-1], indices.shape[-1], x.shape[-1]
         flat = x.reshape(-1, d)  # [N, D]
-        hint = getattr(self.backend, "hint", None)
-        if self.lookahead is not None and hint is not None:
-            hint(self.lookahead.layer, self.lookahead.predict(flat, k))
+        if self.lookahead is not None:
+            self.backend.hint(self.lookahead.layer, self.lookahead.predict(flat, k))
         y = self.backend.compute(self.layer, flat, indices.reshape(-1, k))  # [N, k, D]
         return y.reshape(*lead, k, d)
 
@@ -90,7 +101,7 @@ def install_dispatch(model: nn.Module, backend: ExpertBackend, *, lookahead: boo
     """Replace every routed-expert module with an ExpertDispatch; return layer -> the module replaced.
 
     lookahead: each dispatch predicts the next MoE layer's experts with that layer's router and
-    hints them to the backend (used by backends that have `hint`, i.e. the in-process one). Off by
+    hints them to the backend (in-process: read ahead; nodes: the hint rides on the requests). Off by
     default: measured a net loss (0.72-0.79x decode tok/s) on the CPU-bound reference VM, where it
     covers ~57% of misses but reads 0.6-1.2 wasted experts per useful one (docs/benchmarks.md).
     Turn it on with set_lookahead(model, enabled=True) where flash, not compute, is the limit."""
