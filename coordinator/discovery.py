@@ -1,6 +1,6 @@
 """Finding nodes: zeroconf browse of `_flashmesh._tcp.local.` on the interfaces given, plus static
 HOST:PORT addresses for networks without mDNS. Returns addresses only; whether a node serves the
-right model is checked over the protocol (coordinator.client / coordinator.engine.open_cluster).
+right model is checked over the protocol (coordinator.client / coordinator.engine.open_model).
 """
 
 from __future__ import annotations

@@ -18,6 +18,8 @@ from flashmesh.coordinator.cli import main  # noqa: E402
 from flashmesh.coordinator.engine import open_model  # noqa: E402
 from flashmesh.coordinator.generate import SamplingParams, encode_prompt, generate  # noqa: E402
 from flashmesh.coordinator.options import ModelOptions  # noqa: E402
+from flashmesh.node.service import NodeService  # noqa: E402
+from flashmesh.node.shard import write_shard  # noqa: E402
 from flashmesh.node.store_format import Manifest  # noqa: E402
 from flashmesh.node.store_writer import pack  # noqa: E402
 from flashmesh.testing.synthetic import build_model  # noqa: E402
@@ -142,3 +144,21 @@ def check_equivalence(src, store, budget_name: str, *, max_tokens: int = 12) -> 
             assert stats.evictions > 0
     finally:
         streaming.close()
+
+
+def shard_services(store, tmp_path, *, count=3, budget_factor=2, token="secret") -> list:
+    """In-process nodes (NodeService) over `count` disjoint shards of `store` written under `tmp_path`."""
+    m = Manifest.load(store)
+    services = []
+    for i in range(count):
+        write_shard(store, tmp_path / f"s{i}", count=count, index=i)
+        services.append(
+            NodeService(
+                tmp_path / f"s{i}",
+                ram_budget=m.min_budget_bytes * budget_factor,
+                token=token,
+                name=f"n{i}",
+                flash_gbps=1.0,
+            )
+        )
+    return services

@@ -7,9 +7,10 @@ from __future__ import annotations
 import mlx.core as mx
 import numpy as np
 import pytest
-from flashmesh.coordinator.dispatch import ExpertDispatch, install_dispatch, set_lookahead
+from flashmesh.coordinator.dispatch import ExpertDispatch, bind_backend, set_lookahead
+from flashmesh.coordinator.engine import load_dense_model
 from flashmesh.node.cache_stats import ExpertStats
-from flashmesh.node.experts import find_expert_modules
+from flashmesh.node.expert_banks import find_expert_banks
 from mlx_lm import load
 
 
@@ -37,51 +38,56 @@ class ModuleBackend:
 
 
 @pytest.fixture
-def model(models):
+def dispatched(models):
+    """The store's model with its banks swapped for dispatches, bound to a ModuleBackend."""
+    _, store = models.get("qwen3_moe")
+    model, manifest, templates = load_dense_model(store)
+    backend = ModuleBackend(templates)
+    return model, manifest, backend
+
+
+def _dispatches(model) -> dict[int, ExpertDispatch]:
+    return {m.layer: m for m in model.modules() if isinstance(m, ExpertDispatch)}
+
+
+def test_every_routed_expert_bank_is_replaced(models, dispatched):
+    model, manifest, backend = dispatched
     src, _ = models.get("qwen3_moe")
-    model, _ = load(str(src))
-    return model
+    original, _ = load(str(src))
+    banks = find_expert_banks(original)
+    assert sorted(b.layer for b in banks) == sorted(s.layer for s in manifest.layers) == sorted(backend.modules)
+    assert bind_backend(model, backend) == len(banks)
+    assert sorted(_dispatches(model)) == sorted(backend.modules)
+    assert find_expert_banks(model) == []  # none of mlx-lm's expert modules is left in the model
 
 
-def test_every_routed_expert_module_is_replaced(model):
-    before = find_expert_modules(model)
-    backend = ModuleBackend({})
-    replaced = install_dispatch(model, backend)
-    backend.modules = replaced
-    assert len(replaced) == len(before) > 0
-    dispatches = [m for m in model.modules() if isinstance(m, ExpertDispatch)]
-    assert sorted(d.layer for d in dispatches) == sorted(replaced)
-    assert find_expert_modules(model) == {}  # none of mlx-lm's expert modules is left in the model
-
-
-def test_shapes_and_outputs_are_the_replaced_modules(model):
-    backend = ModuleBackend({})
-    backend.modules = install_dispatch(model, backend)
-    layer = sorted(backend.modules)[0]
-    dispatch = next(m for m in model.modules() if isinstance(m, ExpertDispatch) and m.layer == layer)
-    original = backend.modules[layer]
-    d = model.args.hidden_size
+def test_shapes_and_outputs_are_the_replaced_modules(dispatched):
+    model, manifest, backend = dispatched
+    bind_backend(model, backend)
+    layer = manifest.layers[0].layer
+    dispatch, original = _dispatches(model)[layer], backend.modules[layer]
+    d, k = model.args.hidden_size, manifest.layers[0].top_k
     x = mx.random.normal((2, 3, d))  # [B, T, D]
-    indices = mx.array(np.random.default_rng(0).integers(0, 16, size=(2, 3, 4)), dtype=mx.uint32)  # [B, T, k]
+    indices = mx.array(np.random.default_rng(0).integers(0, 16, size=(2, 3, k)), dtype=mx.uint32)  # [B, T, k]
     y = dispatch(x, indices)
-    assert y.shape == (2, 3, 4, d)  # [B, T, k, D], as SwitchGLU returns
-    assert backend.calls == [(layer, (6, d), (6, 4))]  # the backend sees flat rows: [N, D], [N, k]
+    assert y.shape == (2, 3, k, d)  # [B, T, k, D], as SwitchGLU returns
+    assert backend.calls == [(layer, (6, d), (6, k))]  # the backend sees flat rows: [N, D], [N, k]
     np.testing.assert_array_equal(np.array(y), np.array(original(x, indices)))
 
 
-def test_lookahead_hints_the_next_layers_router_choice(model):
-    backend = ModuleBackend({})
-    backend.modules = install_dispatch(model, backend, lookahead=True)
-    layers = sorted(backend.modules)
-    dispatches = {m.layer: m for m in model.modules() if isinstance(m, ExpertDispatch)}
+def test_lookahead_hints_the_next_layers_router_choice(dispatched):
+    model, manifest, backend = dispatched
+    bind_backend(model, backend, lookahead=True)
+    layers, k = sorted(backend.modules), manifest.layers[0].top_k
+    dispatches = _dispatches(model)
     assert [dispatches[n].lookahead is not None for n in layers] == [True] * (len(layers) - 1) + [False]
     here = dispatches[layers[0]]
     x = mx.random.normal((5, model.args.hidden_size))
-    here(x, mx.zeros((5, 4), dtype=mx.uint32))
+    here(x, mx.zeros((5, k), dtype=mx.uint32))
     logits = here.lookahead.router(x)  # the next layer's gate: [N, E]
-    expected = np.unique(np.argsort(-np.array(logits.astype(mx.float32)), axis=-1)[:, :4]).tolist()
+    expected = np.unique(np.argsort(-np.array(logits.astype(mx.float32)), axis=-1)[:, :k]).tolist()
     assert backend.hints == [(layers[1], expected)]
     assert set_lookahead(model, enabled=False) == 0 and all(d.lookahead is None for d in dispatches.values())
     backend.hints.clear()
-    here(x, mx.zeros((5, 4), dtype=mx.uint32))
+    here(x, mx.zeros((5, k), dtype=mx.uint32))
     assert backend.hints == []

@@ -1,5 +1,5 @@
 """The bundle's saved Core ML programs, run op by op in NumPy with the bundle's expert records, give
-the logits and greedy tokens of the MLX streamed run (open_local) of the same store.
+the logits and greedy tokens of the MLX streamed run (open_model) of the same store.
 
 Tolerance: the bundle computes in fp16 (unit roundoff 2**-11 ~ 4.9e-4) where the MLX run is fp32.
 Each of the few dozen fp16 roundings per layer adds a relative error of that order; over 3 layers

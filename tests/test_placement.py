@@ -22,7 +22,7 @@ from flashmesh.protos.errors import ErrorKind, UserError
 from flashmesh.testing.in_process import InProcessLink
 from mlx_lm import load
 
-from .conftest import PROMPT
+from .conftest import PROMPT, shard_services
 
 
 def _layers(n_layers=2, n_experts=8, nbytes=1000) -> list[LayerSpec]:
@@ -115,27 +115,10 @@ def test_shard_store_holds_its_subset(models, tmp_path):
         write_shard(store, tmp_path / "bad", count=3, index=3)
 
 
-def _services(store, tmp_path, *, count=3, budget_factor=2, token="secret"):
-    m = Manifest.load(store)
-    services = []
-    for i in range(count):
-        write_shard(store, tmp_path / f"s{i}", count=count, index=i)
-        services.append(
-            NodeService(
-                tmp_path / f"s{i}",
-                ram_budget=m.min_budget_bytes * budget_factor,
-                token=token,
-                name=f"n{i}",
-                flash_gbps=1.0,
-            )
-        )
-    return services
-
-
 @pytest.mark.parametrize("arch", ["qwen3_moe", "deepseek_v3"])
 def test_remote_dispatch_in_process_is_bit_exact(models, tmp_path, arch):
     src, store = models.get(arch)
-    services = _services(store, tmp_path)
+    services = shard_services(store, tmp_path)
     try:
         manifest = Manifest.load(store)
         write_dense(store, tmp_path / "dense")
@@ -169,7 +152,7 @@ def test_remote_dispatch_in_process_is_bit_exact(models, tmp_path, arch):
 
 def test_one_layer_matches_local_experts_exactly(models, tmp_path):
     _, store = models.get("qwen3_moe")
-    services = _services(store, tmp_path)
+    services = shard_services(store, tmp_path)
     manifest = Manifest.load(store)
     local_store = ExpertStore(store)
     try:
@@ -194,7 +177,7 @@ def test_one_layer_matches_local_experts_exactly(models, tmp_path):
 
 def test_node_validates_requests(models, tmp_path):
     _, store = models.get("qwen3_moe")
-    (service,) = _services(store, tmp_path, count=1)
+    (service,) = shard_services(store, tmp_path, count=1)
     write_shard(store, tmp_path / "half", count=2, index=0)
     half = NodeService(tmp_path / "half", ram_budget=10**8, token="t", name="half", flash_gbps=1.0)
     try:
