@@ -23,8 +23,9 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from flashmesh.coordinator.engine import open_local
-from flashmesh.coordinator.generate import encode_prompt, generate
+from flashmesh.coordinator.engine import open_model
+from flashmesh.coordinator.generate import SamplingParams, encode_prompt, generate
+from flashmesh.coordinator.options import ModelOptions
 from flashmesh.node.store_format import Manifest
 
 from bench.decode import PROMPT
@@ -80,7 +81,7 @@ def _clocks() -> tuple[float, float, float]:
 
 
 def _engine_decode(store: Path, *, budget: int, preload: bool, prompt: list[int], max_tokens: int) -> dict:
-    streaming = open_local(store, ram_budget=budget, preload=preload)
+    streaming = open_model(ModelOptions(store=store, ram_budget=budget, preload=preload))
     try:
         timer = CpuTimer(streaming.backend.compute)
         streaming.backend.compute = timer  # this instance only: the dispatch calls backend.compute
@@ -126,7 +127,7 @@ def run_overhead(
     manifest = Manifest.load(store)
     model, tokenizer = load(str(source))
     prompt = encode_prompt(tokenizer, PROMPT, chat=False)
-    generate(model, tokenizer, prompt, max_tokens=4)  # warm-up
+    generate(model, tokenizer, prompt, SamplingParams(max_tokens=4))  # warm-up
     runs: dict[str, list[tuple[dict, dict]]] = {}
     for r in range(rounds):
         for fraction, preload in configs:

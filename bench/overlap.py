@@ -42,10 +42,11 @@ TEXT = (
 def forced_decode(store: Path, *, ram_budget: int, tokens: int, lookahead: bool, preload: bool) -> dict:
     """Teacher-forced decode of TEXT's tokens, one step per token, with per-step timing and cache stats."""
     import mlx.core as mx
-    from flashmesh.coordinator.engine import open_local
+    from flashmesh.coordinator.engine import open_model
+    from flashmesh.coordinator.options import ModelOptions
     from mlx_lm.models.cache import make_prompt_cache
 
-    streaming = open_local(store, ram_budget=ram_budget, lookahead=lookahead, preload=preload)
+    streaming = open_model(ModelOptions(store=store, ram_budget=ram_budget, lookahead=lookahead, preload=preload))
     try:
         ids = streaming.tokenizer.encode(TEXT * (1 + tokens // 40))[: tokens + 1]
         cache = make_prompt_cache(streaming.model)

@@ -16,8 +16,9 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from flashmesh.coordinator.engine import open_local
-from flashmesh.coordinator.generate import generate
+from flashmesh.coordinator.engine import open_model
+from flashmesh.coordinator.generate import SamplingParams, generate
+from flashmesh.coordinator.options import ModelOptions
 from flashmesh.node.store_format import Manifest
 
 from bench.overlap import TEXT
@@ -26,7 +27,7 @@ log = logging.getLogger(__name__)
 
 
 def _engine_prefill(store: Path, *, budget: int, prompt: list[int], step: int) -> dict:
-    streaming = open_local(store, ram_budget=budget)
+    streaming = open_model(ModelOptions(store=store, ram_budget=budget))
     try:
         first_layer = min(s.layer for s in streaming.manifest.layers)
         chunk = [-1]
@@ -43,7 +44,9 @@ def _engine_prefill(store: Path, *, budget: int, prompt: list[int], step: int) -
             return load(layer, slots, slab, urgent=urgent)
 
         streaming.backend.compute, streaming.store.load = counting_compute, counting_load
-        result = generate(streaming.model, streaming.tokenizer, prompt, max_tokens=1, prefill_step_size=step)
+        result = generate(
+            streaming.model, streaming.tokenizer, prompt, SamplingParams(max_tokens=1), prefill_step_size=step
+        )
         stats = streaming.cache.stats
         return {
             "tokens": result.tokens,
@@ -70,7 +73,7 @@ def run_prefill_bench(
     budget = max(int(manifest.expert_bytes_total * fraction), manifest.min_budget_bytes)
     model, tokenizer = load(str(source))
     prompt = tokenizer.encode(TEXT * (1 + prompt_tokens // 40))[:prompt_tokens]
-    generate(model, tokenizer, prompt[:64], max_tokens=1)  # warm-up
+    generate(model, tokenizer, prompt[:64], SamplingParams(max_tokens=1))  # warm-up
     pairs = []
     for r in range(rounds):
         order = (0, 1) if r % 2 == 0 else (1, 0)
@@ -80,7 +83,7 @@ def run_prefill_bench(
                 out["ours"] = _engine_prefill(store, budget=budget, prompt=prompt, step=step)
             else:
                 start = time.perf_counter()
-                ref = generate(model, tokenizer, prompt, max_tokens=1, prefill_step_size=step)
+                ref = generate(model, tokenizer, prompt, SamplingParams(max_tokens=1), prefill_step_size=step)
                 out["ref"] = {"tokens": ref.tokens, "ttft_s": ref.ttft_s, "wall_s": time.perf_counter() - start}
         pairs.append((out["ours"], out["ref"]))
         log.info("round %d: %.2f s vs %.2f s", r, out["ours"]["ttft_s"], out["ref"]["ttft_s"])

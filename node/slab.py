@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import mlx.core as mx
 import numpy as np
-from flashmesh.node.store_format import _DTYPES, LayerSpec
+from flashmesh.node.store_format import LayerSpec
+from flashmesh.protos.codec import DTYPES
 
 Signature = tuple[tuple[str, tuple[int, ...], str], ...]
 PAGE = 4096
@@ -48,7 +49,7 @@ class Slab:
         self.payload_bytes = spec.payload_bytes
         self.slots = slots
         self.experts = sum(len(s.experts) for s in specs)  # slots >= experts: nothing is ever evicted
-        self.arrays = {t.name: _aligned_zeros((slots, *t.shape), _DTYPES[t.dtype][1], t.nbytes) for t in spec.tensors}
+        self.arrays = {t.name: _aligned_zeros((slots, *t.shape), DTYPES[t.dtype][1], t.nbytes) for t in spec.tensors}
         # byte views of the same memory [slots, bytes]: records are read or copied in through these, MLX
         # computes on `arrays`; page aligned, so a slot whose tensors are whole pages takes O_DIRECT reads
         self.rows = {name: np.array(a.view(mx.uint8), copy=False).reshape(slots, -1) for name, a in self.arrays.items()}

@@ -6,8 +6,9 @@ from __future__ import annotations
 import mlx.core as mx
 import numpy as np
 import pytest
-from flashmesh.coordinator.engine import open_local
-from flashmesh.coordinator.generate import generate
+from flashmesh.coordinator.engine import open_model
+from flashmesh.coordinator.generate import SamplingParams, generate
+from flashmesh.coordinator.options import ModelOptions
 from flashmesh.node.cache import ExpertCache
 from flashmesh.node.store_format import Manifest, RecordError
 from flashmesh.node.store_reader import ExpertStore
@@ -58,11 +59,14 @@ def test_full_budget_fills_in_and_goes_lazy_on_views(models):
 
     ref_model, tokenizer = load(str(src))
     prompt = tokenizer.encode(PROMPT)
-    reference = generate(ref_model, tokenizer, prompt, max_tokens=8)
+    reference = generate(ref_model, tokenizer, prompt, SamplingParams(max_tokens=8))
     manifest = Manifest.load(store)
-    streaming = open_local(store, ram_budget=manifest.expert_bytes_total)  # no preload
+    streaming = open_model(ModelOptions(store=store, ram_budget=manifest.expert_bytes_total))  # no preload
     try:
-        assert generate(streaming.model, streaming.tokenizer, prompt, max_tokens=8).tokens == reference.tokens
+        assert (
+            generate(streaming.model, streaming.tokenizer, prompt, SamplingParams(max_tokens=8)).tokens
+            == reference.tokens
+        )
         streaming.cache.drain()
         stats = streaming.cache.stats
         assert stats.misses > 0 and stats.filled > 0
@@ -78,7 +82,10 @@ def test_full_budget_fills_in_and_goes_lazy_on_views(models):
         name = spec.tensors[0].name
         base = np.array(slab.arrays[name], copy=False).ctypes.data
         assert np.array(view[name], copy=False).ctypes.data >= base  # a view of the slab, not a copy
-        assert generate(streaming.model, streaming.tokenizer, prompt, max_tokens=8).tokens == reference.tokens
+        assert (
+            generate(streaming.model, streaming.tokenizer, prompt, SamplingParams(max_tokens=8)).tokens
+            == reference.tokens
+        )
         assert streaming.cache.stats.misses == stats.misses  # second run: all lazy, no reads
     finally:
         streaming.close()
