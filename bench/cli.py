@@ -132,14 +132,16 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def cmd_overhead(args: argparse.Namespace) -> int:
-    from bench.overhead import run_overhead
+    from bench.overhead import plot_overhead, run_overhead
 
     configs = []
     for item in args.configs.split(","):
         fraction, _, flag = item.partition(":")
         configs.append((float(fraction), flag == "preload"))
     result = run_overhead(args.store, args.source, configs=configs, rounds=args.rounds, max_tokens=args.max_tokens)
-    path = write_result(args.name or f"overhead-{args.store.name}", result)
+    name = args.name or f"overhead-{args.store.name}"
+    result["plot"] = str(plot_overhead([("engine", result)], RESULTS / f"{name}.png"))
+    path = write_result(name, result)
     if args.json:
         print(json.dumps(result))
         return 0

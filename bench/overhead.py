@@ -183,3 +183,39 @@ def run_overhead(
         "rounds": rounds,
         "configs": summary,
     }
+
+
+def plot_overhead(results: list[tuple[str, dict]], path: Path) -> Path:
+    """Bars per configuration: decode tok/s vs mlx-lm (median, with the rounds' range) and the CPU
+    ratio, for each labelled result (e.g. before / after)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(results[0][1]["configs"])
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6), sharey=True)
+    width = 0.8 / len(results)
+    for i, (label, result) in enumerate(results):
+        configs = [result["configs"][n] for n in names]
+        xs = [j + i * width for j in range(len(names))]
+        medians = [c["vs_mlx_lm"] for c in configs]
+        spread = [
+            [m - c["ratio_min"] for m, c in zip(medians, configs, strict=True)],
+            [c["ratio_max"] - m for m, c in zip(medians, configs, strict=True)],
+        ]
+        axes[0].bar(xs, medians, width, yerr=spread, capsize=3, label=label)
+        axes[1].bar(xs, [c["process_cpu_ratio"] for c in configs], width, label=label)
+    for ax, title in zip(
+        axes, ("decode tok/s / mlx-lm (median, range)", "CPU s per token: mlx-lm / engine"), strict=True
+    ):
+        ax.axhline(1.0, color="gray", ls="--", lw=0.8)
+        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(names))], names, fontsize=8)
+        ax.set_title(title, fontsize=9)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"{Path(results[0][1]['store']).name}: {results[0][1]['moe_layers']} MoE layers", fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

@@ -21,9 +21,10 @@ Memory: entries live in slots of preallocated slabs (node/slab.py), allocated wh
 uses the slabs in place. The store's reader threads read each record into a reused staging buffer,
 check it and copy it into its reserved slot (node/read_queue.py); this thread only waits.
 
-When a slab holds every expert of its shape (nothing is ever evicted), the first miss of a layer
-also queues that layer's other experts behind the demand reads ("fill"), so every layer soon has
-all its experts resident and its calls go lazy like mlx-lm's (node/compute.py).
+When a slab holds every expert of its shape (nothing is ever evicted), `fill(layer)` queues that
+layer's other experts behind the demand reads (the in-process backend asks on a layer's first
+streamed call), so every layer soon has all its experts resident and its calls go lazy like
+mlx-lm's (node/compute.py).
 """
 
 from __future__ import annotations
@@ -237,8 +238,11 @@ class ExpertCache:
         for layer in list(self._pending):
             self._collect(layer, self.store.layer(layer).experts)
 
-    def _fill(self, layer: int) -> None:
-        """The slab holds every expert: queue this layer's experts not yet resident behind demand reads."""
+    def fill(self, layer: int) -> None:
+        """When the slab holds every expert (nothing is ever evicted): queue this layer's experts not
+        yet resident behind demand reads, once, so that the layer soon is resident for good."""
+        if not self._slabs[layer].holds_all or layer in self._filling:
+            return
         self._filling.add(layer)
         rest = [e for e in self.store.layer(layer).experts if (layer, e) not in self]
         # one batch per record: an acquire that needs one of them waits for that record only
@@ -280,8 +284,6 @@ class ExpertCache:
                 raise
             for e in missing:
                 self._touch((layer, e))
-            if slab.holds_all and layer not in self._filling:
-                self._fill(layer)
         return {e: entries[(layer, e)] for e in experts}
 
     def prefetch(self, layer: int, experts: list[int]) -> list[int]:

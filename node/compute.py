@@ -53,12 +53,14 @@ class LocalExperts:
             return lazy(x, indices)
         start = time.perf_counter()
         idx = np.array(indices)  # forces the graph up to the router: the experts must be known
-        self._settle()
+        self.settle()
         self.cache.stats.compute_seconds += time.perf_counter() - start
         ids = idx.reshape(-1)
         wanted = sorted(set(ids.tolist())) if ids.size <= 256 else np.unique(ids).tolist()
         if len(wanted) <= self.cache.slab(layer).slots:
-            return self._run_wave(layer, wanted, x, indices, issue_hint=True)
+            y = self._run_wave(layer, wanted, x, indices, issue_hint=True)
+            self.cache.fill(layer)  # when the budget holds every expert: read the layer's others behind
+            return y
         self._hint = None  # this layer alone overflows the budget: reading ahead would only thrash
         # Budget smaller than this call's experts: compute wave by wave, each on its own pairs.
         k, lead = idx.shape[-1], idx.shape[:-1]
@@ -71,7 +73,7 @@ class LocalExperts:
                 out = mx.zeros((ids.size, y.shape[-1]), dtype=y.dtype)
             out[mx.array(pairs)] = y[:, 0]
             mx.eval(out)
-        self._settle()
+        self.settle()
         return out.reshape(*lead, k, -1)
 
     def _go_lazy(self, layer: int) -> Callable[[mx.array, mx.array], mx.array] | None:
@@ -96,8 +98,9 @@ class LocalExperts:
         self._lazy[layer] = call
         return call
 
-    def _settle(self) -> None:
-        """Release the pins of earlier calls once their outputs are computed (they usually are)."""
+    def settle(self) -> None:
+        """Release the pins of earlier calls once their outputs are computed (they usually are); the
+        next call does it anyway, a caller that is done with its outputs may do it now."""
         if self._held:
             mx.eval([y for _, _, y in self._held])
             for layer, wave, _ in self._held:
@@ -106,7 +109,7 @@ class LocalExperts:
 
     def prefetch(self, layer: int, experts: list[int]) -> None:
         """Start reading `experts` of `layer` into the cache (as many as fit); does not wait."""
-        self._settle()
+        self.settle()
         self.cache.prefetch(layer, sorted(set(experts)))
 
     def stats(self) -> ExpertStats:
@@ -128,7 +131,7 @@ class LocalExperts:
         self, layer: int, wave: list[int], x: mx.array, ids: mx.array, *, issue_hint: bool = False
     ) -> mx.array:
         """mlx-lm's module on the slab for the pairs of x [..., D] and expert ids [..., k] (all in `wave`)."""
-        self._settle()
+        self.settle()
         self.cache.acquire(layer, wave)
         try:
             if issue_hint and self._hint is not None:
