@@ -9,12 +9,12 @@ report the same keys; `nodes` adds one entry per node and `dispatch` the wire fi
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 from flashmesh.coordinator.discovery import NodeAddress
+from flashmesh.node.cluster_config import token_setting
 from flashmesh.node.store_format import Manifest
 from flashmesh.node.tls import TlsIdentity
 from flashmesh.protos import TOKEN_ENV
@@ -25,10 +25,12 @@ log = logging.getLogger(__name__)
 
 
 def resolve_token(token: str | None) -> str:
-    token = token or os.environ.get(TOKEN_ENV)
+    """--token, $FLASHMESH_TOKEN or the config's (`flashmesh cluster init`)."""
+    token = token_setting(token)
     if not token:
         raise UserError(
-            f"the cluster needs its token: pass --token or set {TOKEN_ENV} (each node prints it when it starts)"
+            f"the cluster needs its token: pass --token or set {TOKEN_ENV} (each node prints it when it starts), "
+            "or set the cluster up once with `flashmesh cluster init`"
         )
     return token
 

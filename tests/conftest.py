@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+# The suite never reads or writes the user's own cluster config or model cache (subprocesses inherit these).
+_ISOLATED = tempfile.mkdtemp(prefix="flashmesh-tests-")
+os.environ["FLASHMESH_CONFIG_DIR"] = os.path.join(_ISOLATED, "config")
+os.environ["FLASHMESH_CACHE_DIR"] = os.path.join(_ISOLATED, "cache")
+atexit.register(shutil.rmtree, _ISOLATED, ignore_errors=True)
 
 from flashmesh.node.store_writer import pack  # noqa: E402
 from flashmesh.testing.synthetic import build_model  # noqa: E402

@@ -37,13 +37,14 @@ def register(sub: argparse._SubParsersAction) -> None:
 def _opener(args, manifest):
     """What the worker thread calls to open the model: in-process experts, or the cluster's."""
     if args.cluster or args.node:
-        from flashmesh.coordinator.cluster_cli import find_nodes
+        from flashmesh.coordinator.cluster_cli import coordinator_tls, find_nodes
         from flashmesh.coordinator.cluster_run import resolve_token
         from flashmesh.coordinator.engine import open_cluster
 
         token = resolve_token(args.token)
+        tls = coordinator_tls(args)
         addresses = find_nodes(args, fingerprint=manifest.fingerprint)
-        return lambda: open_cluster(args.store, addresses, token=token, lookahead=args.lookahead)
+        return lambda: open_cluster(args.store, addresses, token=token, lookahead=args.lookahead, tls=tls)
 
     from flashmesh.coordinator.engine import open_local
 
