@@ -16,6 +16,7 @@ from pathlib import Path
 from flashmesh.coordinator.cluster_cli import add_discovery_args
 from flashmesh.coordinator.options import default_budget
 from flashmesh.coordinator.remote import DEFAULT_RPC_DEADLINE
+from flashmesh.coordinator.tables import fitted_table
 from flashmesh.protos.errors import UserError
 from flashmesh.protos.sizes import format_bytes, parse_bytes
 from rich.console import Console
@@ -65,7 +66,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", help="generate with experts streamed from a store")
     p.set_defaults(func=cmd_run)
-    p.add_argument("store", type=Path, help="a store, or with --cluster its dense part (`flashmesh shard --dense`)")
+    p.add_argument(
+        "store",
+        help="a store (with --cluster: or its dense part, `flashmesh shard --dense`), or a model directory or hub "
+        "id, packed into the cache on first use (`flashmesh models`)",
+    )
     add_generation_args(p, prompt_default=None)
     p.add_argument("--cluster", action="store_true", help="compute the experts on nodes (zeroconf and/or --node)")
     add_discovery_args(p)
@@ -82,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def print_stats(stats: dict, *, title: str) -> None:
+def print_stats(stats: dict, *, title: str, console: Console = err) -> None:
     table = Table(title=title, show_header=False)
     rows = [
         ("time to first token", f"{stats['ttft_s']:.3f} s"),
@@ -103,7 +108,7 @@ def print_stats(stats: dict, *, title: str) -> None:
             rows.append((label, str(stats[key]).lower()))
     for name, value in rows:
         table.add_row(name, value)
-    err.print(table)
+    console.print(table)
 
 
 def run_store(args, store: Path, *, extra: dict | None = None) -> dict:
@@ -176,27 +181,23 @@ def run_cluster(
     return result
 
 
-def print_nodes(result: dict) -> None:
+def print_nodes(result: dict, *, console: Console = err) -> None:
     if "nodes" not in result:
         return
-    table = Table(title="nodes")
-    for c in ("node", "address", "held / assigned", "RAM budget", "peak cache", "hit rate", "read", "RPCs", "RPC ms"):
-        table.add_column(c, justify="left" if c in ("node", "address") else "right")
-    for n in result["nodes"]:
-        table.add_row(
-            n["name"],
-            n["address"],
-            f"{n['experts_held']} / {n['experts_assigned']}",
-            format_bytes(n["ram_budget_bytes"]),
-            format_bytes(n["peak_cache_bytes"]),
-            f"{n['cache_hit_rate']:.1%}",
-            format_bytes(n["expert_bytes_read"]),
-            str(n["requests"]),
-            f"{n['rpc_ms_mean']:.2f} (p99 {n['rpc_ms_p99']:.2f})",
-        )
-    err.print(table)
+    headers = ["node", "address", "held / assigned", "RAM budget", "peak cache", "hit rate", "read", "RPCs",
+               "RPC ms", "p99 ms"]  # fmt: skip
+    rows = [
+        [n["name"], n["address"], f"{n['experts_held']} / {n['experts_assigned']}", format_bytes(n["ram_budget_bytes"]),
+         format_bytes(n["peak_cache_bytes"]), f"{n['cache_hit_rate']:.1%}", format_bytes(n["expert_bytes_read"]),
+         str(n["requests"]), f"{n['rpc_ms_mean']:.2f}", f"{n['rpc_ms_p99']:.2f}"]
+        for n in result["nodes"]
+    ]  # fmt: skip
+    console.print(
+        fitted_table(headers, rows, keep={"node", "address", "held / assigned", "hit rate"}, stack=("node", "address"),
+                     drop_order=["peak cache", "RPCs", "p99 ms", "RAM budget"], title="nodes", console=console)
+    )  # fmt: skip
     d = result["dispatch"]
-    err.print(
+    console.print(
         f"{d['rpc_requests_per_token']:.1f} RPCs and {format_bytes(d['wire_bytes_per_token'])} on the wire per "
         f"token; MoE layer dispatch {d['layer_dispatch_ms_mean']:.2f} ms mean, {d['layer_dispatch_ms_p99']:.2f} ms p99"
     )
@@ -214,6 +215,9 @@ def cmd_pack(args) -> int:
 
 
 def cmd_run(args) -> int:
+    from flashmesh.coordinator.model_cache import resolve_model
+
+    args.store = resolve_model(args.store, show_progress=sys.stderr.isatty() and not args.json)
     if args.cluster or args.node:
         result = run_cluster(args, args.store)
     else:

@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+from flashmesh.coordinator.tables import stdout_console
 from flashmesh.node.cluster_config import interfaces_setting, tls_setting
 from flashmesh.protos import TLS_ENV, TOKEN_ENV
 from flashmesh.protos.errors import UserError
@@ -17,7 +18,7 @@ from rich.console import Console
 from rich.live import Live
 
 log = logging.getLogger(__name__)
-out = Console(width=None if sys.stdout.isatty() else 160)  # tables stay readable when piped
+out = stdout_console()
 err = Console(stderr=True)
 
 
@@ -123,7 +124,7 @@ def cmd_cluster_ls(args) -> int:
     if args.json:
         print(json.dumps([public(r) for r in rows]))
     else:
-        out.print(nodes_table(rows, title=f"flashmesh cluster: {len(rows)} nodes"))
+        out.print(nodes_table(rows, title=f"flashmesh cluster: {len(rows)} nodes", console=out))
     return 0
 
 
@@ -134,7 +135,7 @@ def cmd_cluster_inspect(args) -> int:
     if args.json:
         print(json.dumps([public(r) for r in rows]))
         return 0
-    out.print(nodes_table(rows, title=f"flashmesh cluster: {len(rows)} nodes"))
+    out.print(nodes_table(rows, title=f"flashmesh cluster: {len(rows)} nodes", console=out))
     for row in rows:
         if "error" not in row:
             out.print(layers_table(row))
@@ -169,7 +170,9 @@ def cmd_cluster_top(args) -> int:
                     print(json.dumps([{**public(r), "requests_per_s": rates.get(r.get("node_id"), (0, 0))[0]}
                                       for r in rows]), flush=True)  # fmt: skip
                 else:
-                    live.update(nodes_table(rows, title="flashmesh cluster top", rates=rates), refresh=True)
+                    live.update(
+                        nodes_table(rows, title="flashmesh cluster top", rates=rates, console=out), refresh=True
+                    )
                 count += 1
                 if args.iterations == 0 or count < args.iterations:
                     time.sleep(args.interval)

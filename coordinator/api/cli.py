@@ -5,9 +5,10 @@ from __future__ import annotations
 import argparse
 import logging
 import signal
-from pathlib import Path
+import sys
 
 from flashmesh.coordinator.cluster_cli import add_discovery_args
+from flashmesh.coordinator.model_cache import model_name
 from flashmesh.protos.errors import UserError
 from flashmesh.protos.sizes import parse_bytes
 from rich.console import Console
@@ -19,7 +20,11 @@ err = Console(stderr=True)
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions, /metrics)")
     p.set_defaults(func=cmd_serve)
-    p.add_argument("store", type=Path, help="a store, or with --cluster its dense part (`flashmesh shard --dense`)")
+    p.add_argument(
+        "store",
+        help="a store (with --cluster: or its dense part), or a model directory or hub id, packed into the cache "
+        "on first use (`flashmesh models`)",
+    )
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8080, help="TCP port (default 8080; 0: any free port)")
     p.add_argument("--ram-budget", default=None, help="bytes of expert weights kept in RAM (default: all of them)")
@@ -69,6 +74,10 @@ def cmd_serve(args) -> int:
     for name in ("max_queue", "max_tokens_limit", "prefill_step"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1")
+    from flashmesh.coordinator.model_cache import resolve_model
+
+    given = args.store
+    args.store = resolve_model(given, show_progress=sys.stderr.isatty())
     manifest = Manifest.load(args.store)  # a bad path fails here, before anything is started
     if not 0 <= args.port < 65536:
         raise UserError(f"--port {args.port} is not a TCP port; pass 0..65535")
@@ -83,7 +92,7 @@ def cmd_serve(args) -> int:
                                   metrics=metrics).start()  # fmt: skip
         try:
             options = ServeOptions(
-                model_id=args.model_name or Path(args.store).resolve().name,
+                model_id=args.model_name or model_name(given),
                 max_tokens_limit=args.max_tokens_limit,
                 max_body_bytes=max_body,
             )
