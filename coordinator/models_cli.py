@@ -43,8 +43,10 @@ def cmd_models_ls(args) -> int:
         for r in rows
     ]  # fmt: skip
     total = format_bytes(sum(r["bytes"] for r in rows))
-    out.print(fitted_table(["name", "source", "size", "packed"], cells, keep={"name", "source"}, stack=("name", "source"),
-                           title=f"{len(rows)} cached models, {total} in {cache_root()}", console=out))  # fmt: skip
+    title = f"{len(rows)} cached models, {total} in {cache_root()}"
+    table = fitted_table(["name", "source", "size", "packed"], cells, keep={"name", "source"},
+                         stack=("name", "source"), title=title, console=out)  # fmt: skip
+    out.print(table)
     return 0
 
 

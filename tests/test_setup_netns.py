@@ -6,6 +6,7 @@ and from then on `node serve`, `cluster ls | inspect`, `run --cluster` and `serv
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import threading
@@ -95,7 +96,7 @@ def test_init_join_then_no_flags(models, tmp_path):
             procs.append(serve)
             line = wait_for_line(serve, "serving")[-1]
             assert "(2 nodes)" in line, line
-            url = line.split(" at ")[1].strip().removesuffix("/v1")
+            url = re.search(r" at (http://\S+)/v1", line).group(1)
             body = json.dumps({"model": store.name, "prompt": "Hi", "max_tokens": 3}).encode()
             probe = (
                 "import sys, urllib.request; r = urllib.request.urlopen(urllib.request.Request(sys.argv[1], "

@@ -1,0 +1,96 @@
+"""The dashboard at `/`: nodes, placement, per-node hit rate, read GB/s and request latency, and decode
+tok/s over the last minutes. One self-contained page (styles and script inline, nothing fetched from
+elsewhere) that polls `/dashboard.json`, built here from the server's own figures: the worker's
+model and nodes, each node's statistics, and ServerMetrics' recent generations and latencies."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+import numpy as np
+from fastapi import FastAPI
+from fastapi.responses import HTMLResponse
+from flashmesh.coordinator.api.metrics import ServerMetrics
+from flashmesh.coordinator.api.worker import GenerationWorker
+from flashmesh.coordinator.remote import RemoteExperts
+
+WINDOW_S = 600.0  # the tok/s chart's span
+PAGE = (Path(__file__).parent / "dashboard.html").read_text()
+
+
+def _local_node(worker: GenerationWorker) -> dict:
+    """The in-process experts as one node row."""
+    s = worker.streaming.cache.stats
+    manifest = worker.manifest
+    lookups = s.hits + s.misses
+    experts = sum(spec.num_experts for spec in manifest.layers)
+    return {
+        "name": "this process", "address": "in-process", "up": True, "experts_held": experts,
+        "experts_assigned": experts, "hit_rate": s.hits / lookups if lookups else None,
+        "read_gbps": s.bytes_read / s.io_seconds / 1e9 if s.io_seconds else None, "rpc_ms": None,
+        "bytes_read": s.bytes_read,
+    }  # fmt: skip
+
+
+def _remote_nodes(worker: GenerationWorker, metrics: ServerMetrics) -> list[dict]:
+    backend = worker.streaming.backend
+    placement = backend.placement if isinstance(backend, RemoteExperts) else None
+    rows = []
+    for n in worker.nodes:
+        row = {"name": n.info.name, "address": n.address.target, "node_id": n.node_id,
+               "experts_held": sum(len(h.experts) for h in n.info.layers),
+               "experts_assigned": len(placement.assigned(n.node_id)) if placement else None}  # fmt: skip
+        try:
+            s = n.client.stats(timeout=2.0)
+        except Exception as e:  # noqa: BLE001 - an unreachable node is shown as down, not an error page
+            rows.append({**row, "up": False, "error": str(e)})
+            continue
+        lookups = s.hits + s.misses
+        recent = metrics.node_latency_recent.get(n.client.label)
+        row.update(up=True, hit_rate=s.hits / lookups if lookups else None, bytes_read=s.bytes_read,
+                   read_gbps=s.bytes_read / s.io_seconds / 1e9 if s.io_seconds else None,
+                   rpc_ms=float(np.mean(recent)) * 1e3 if recent else None)  # fmt: skip
+        rows.append(row)
+    return rows
+
+
+def _placement(worker: GenerationWorker) -> dict:
+    """Experts per layer per node: {"nodes": [names], "layers": [[layer, count per node], ...]}."""
+    backend = worker.streaming.backend
+    if not isinstance(backend, RemoteExperts):
+        return {"nodes": ["this process"], "layers": [[s.layer, s.num_experts] for s in worker.manifest.layers]}
+    p = backend.placement
+    names = {n.node_id: n.info.name for n in worker.nodes}
+    return {
+        "nodes": [names.get(i, i) for i in p.node_ids],
+        "layers": [[layer, *np.bincount(row, minlength=len(p.node_ids)).tolist()] for layer, row in
+                   sorted(p.owner.items())],
+    }  # fmt: skip
+
+
+def dashboard_state(worker: GenerationWorker, metrics: ServerMetrics, *, model_id: str) -> dict:
+    now = time.time()
+    nodes = _remote_nodes(worker, metrics) if worker.nodes else [_local_node(worker)]
+    return {
+        "model": model_id, "mode": "cluster" if worker.nodes else "in-process", "now": now,
+        "uptime_s": now - worker.started_at, "queue_depth": worker.queue_depth, "nodes": nodes,
+        "placement": _placement(worker),
+        "tokens_per_s": [{"t": t, "tps": tps, "tokens": n} for t, tps, n in metrics.generations_recent
+                         if now - t <= WINDOW_S],
+        "window_s": WINDOW_S,
+    }  # fmt: skip
+
+
+def add_dashboard(app: FastAPI, worker: GenerationWorker, metrics: ServerMetrics, *, model_id: str) -> None:
+    @app.get("/", response_class=HTMLResponse)
+    async def page() -> str:
+        return PAGE
+
+    @app.get("/dashboard.json")
+    async def state() -> dict:
+        # node statistics are gRPC calls: off the event loop
+        return await asyncio.get_running_loop().run_in_executor(
+            None, lambda: dashboard_state(worker, metrics, model_id=model_id)
+        )
