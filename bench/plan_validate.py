@@ -2,13 +2,14 @@
 
     python -m bench plan-validate [--workdir /work/data/ux/plan] [--tokens 24] [--rounds 2]
 
-1. This machine's figures, measured apart from any model: compute (GB/s of fp32 weights a
-   batch-1 matrix-vector product streams, MLX on the CPU), flash (the engine's O_DIRECT record reads
-   at queue depth 8, bench/io.py) and the loopback request round trip to a node (Health).
+1. This machine's figures, measured apart from either model: compute (GB/s of fp32 expert weights
+   mlx-lm's SwitchGLU multiplies for one token, MLX on the CPU, at a third shape), flash (the
+   engine's O_DIRECT record reads at queue depth 8, bench/io.py) and the loopback request round trip to a node (Health).
 2. Each model's routing: expert counts of one greedy generation of a calibration prompt (not the
    one measured), written as the planner's --routing file.
 3. For each model, budget (all, half, a quarter of the experts) and mode (in-process; two local
-   node processes), alternating rounds: the measured decode tok/s and hit rate beside the plan's.
+   node processes), alternating rounds: the decode tok/s and hit rate of a second generation (the
+   first warms the caches: the plan predicts steady state) beside the plan's.
 
 Local nodes share this machine's CPU: the plan describes them as two devices with half its compute
 each, plus a coordinator device for the dense part. Writes bench/results/plan-validate.json.
@@ -32,7 +33,7 @@ from flashmesh.node.store_format import MANIFEST, Manifest
 from flashmesh.node.store_writer import pack
 from flashmesh.testing.synthetic import build_model
 
-from bench.decode import PROMPT, streamed_decode
+from bench.decode import PROMPT
 from bench.engine import routing_trace
 
 log = logging.getLogger(__name__)
@@ -57,18 +58,23 @@ def prepare(workdir: Path, name: str) -> Path:
     return store
 
 
-def measure_compute_gbps(*, matrix_bytes: int = 256 * 2**20, rounds: int = 5) -> float:
-    """GB/s of fp32 weights a [1, D] x [D, F] product streams on this machine (MLX, default device)."""
-    d = 1024
-    weights = [mx.random.normal((d, 4096)) for _ in range(matrix_bytes // (d * 4096 * 4))]
-    x = mx.random.normal((1, d))
-    mx.eval(weights, x)
+def measure_compute_gbps(*, rounds: int = 7) -> float:
+    """GB/s of fp32 expert weights mlx-lm's SwitchGLU multiplies for one token on this machine: a
+    generic kernel (D=1536, F=768, 32 experts, k=6), not either model's shape."""
+    from mlx_lm.models.switch_layers import SwitchGLU
+
+    d, f, experts, k = 1536, 768, 32, 6
+    glu = SwitchGLU(d, f, experts)
+    mx.eval(glu.parameters())
+    x = mx.random.normal((1, 1, d))
+    picks = [mx.array(np.random.default_rng(i).choice(experts, k, replace=False)[None, None]) for i in range(rounds)]
+    mx.eval(glu(x, picks[0]))
     times = []
-    for _ in range(rounds):
+    for idx in picks:
         start = time.perf_counter()
-        mx.eval([x @ w for w in weights])
+        mx.eval(glu(x, idx))
         times.append(time.perf_counter() - start)
-    return sum(w.nbytes for w in weights) / statistics.median(times) / 1e9
+    return k * 3 * d * f * 4 / statistics.median(times) / 1e9
 
 
 def measure_flash_gbps(store: Path) -> float:
@@ -86,6 +92,31 @@ def routing_file(store: Path, out: Path, *, tokens: int) -> Path:
     return out
 
 
+def _steady(generate_once) -> dict:
+    """Generate once to warm the caches, then measure a second generation (the plan is steady state)."""
+    generate_once()
+    return generate_once()
+
+
+def measure_local(store: Path, *, budget: int, tokens: int) -> dict:
+    from flashmesh.coordinator.engine import open_local
+    from flashmesh.coordinator.generate import encode_prompt, generate
+
+    streaming = open_local(store, ram_budget=budget)
+    try:
+        prompt = encode_prompt(streaming.tokenizer, PROMPT, chat=False)
+
+        def once() -> dict:
+            before = (streaming.cache.stats.hits, streaming.cache.stats.misses)
+            result = generate(streaming.model, streaming.tokenizer, prompt, max_tokens=tokens)
+            hits, misses = streaming.cache.stats.hits - before[0], streaming.cache.stats.misses - before[1]
+            return {"decode_tokens_per_s": result.decode_tokens_per_s, "hit_rate": hits / max(1, hits + misses)}
+
+        return _steady(once)
+    finally:
+        streaming.close()
+
+
 def measure_cluster(store: Path, workdir: Path, *, budget: int, tokens: int) -> dict:
     from flashmesh.coordinator.cluster_run import run_on_cluster
     from flashmesh.testing.local_nodes import ensure_shards, local_nodes
@@ -101,7 +132,8 @@ def measure_cluster(store: Path, workdir: Path, *, budget: int, tokens: int) -> 
             ping = _ping_ms(client, tries=20)  # the link alone, before any layer is sent
         finally:
             client.close()
-        result = run_on_cluster(store, nodes, token=token, prompt=PROMPT, chat=False, max_tokens=tokens)
+        result = _steady(lambda: run_on_cluster(store, nodes, token=token, prompt=PROMPT, chat=False,
+                                                max_tokens=tokens))  # fmt: skip
     return {"decode_tokens_per_s": result["decode_tokens_per_s"], "hit_rate": result["cache_hit_rate"],
             "ping_ms": ping}  # fmt: skip
 
@@ -135,8 +167,7 @@ def run_plan_validate(workdir: Path, *, tokens: int = 24, rounds: int = 2) -> di
                     key = (name, fraction, mode)
                     log.warning("round %d: %s budget %.0f%% %s", r, name, fraction * 100, mode)
                     if mode == "local":
-                        m = streamed_decode(store, ram_budget=budget, max_tokens=tokens, lookahead=False)
-                        got = {"decode_tokens_per_s": m["decode_tokens_per_s"], "hit_rate": m["hit_rate"]}
+                        got = measure_local(store, budget=budget, tokens=tokens)
                     else:
                         got = measure_cluster(store, workdir, budget=budget, tokens=tokens)
                     row = rows.setdefault(key, {"model": name, "budget_fraction": fraction, "mode": mode,

@@ -60,6 +60,7 @@ class Routing:
 
 def _che(rates: np.ndarray, capacity: float) -> float:
     """LRU hit rate for independent requests at `rates` with `capacity` slots (Che's approximation)."""
+    rates = rates[rates > 0]  # records never asked for take no room
     if capacity >= len(rates):
         return 1.0
     lo, hi = 0.0, 1.0
