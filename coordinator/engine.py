@@ -12,10 +12,11 @@ from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
-from flashmesh.coordinator.dispatch import ExpertBackend, install_dispatch
+from flashmesh.coordinator.dispatch import ExpertBackend, bind_backend, install_dispatch
 from flashmesh.node.cache import ExpertCache
 from flashmesh.node.compute import LocalExperts
-from flashmesh.node.experts import find_expert_modules, layer_index, load_lazy
+from flashmesh.node.experts import load_lazy
+from flashmesh.node.store_check import dense_keys, dense_mismatch
 from flashmesh.node.store_format import Manifest
 from flashmesh.node.store_reader import ExpertStore
 from flashmesh.node.tls import TlsIdentity
@@ -44,44 +45,26 @@ class StreamingModel:
             self.store.close()
 
 
-def _dense_keys(store_path: Path, manifest: Manifest) -> set[str]:
-    keys: set[str] = set()
-    for name in manifest.dense_files:
-        path = store_path / name
-        if not path.is_file():
-            raise UserError(f"{path} is missing; the store's dense weights are incomplete, re-run `flashmesh pack`")
-        try:
-            keys.update(mx.load(str(path)).keys())
-        except (RuntimeError, ValueError) as e:
-            raise UserError(f"{path} cannot be read ({e}); re-run `flashmesh pack`") from None
-    return keys
-
-
 def load_dense_model(store_path: Path) -> tuple[nn.Module, Manifest, dict[int, nn.Module]]:
-    """mlx-lm's model for the store with dense weights loaded; return it, the manifest and the
-    routed-expert modules (by layer) still in place, to be swapped for a dispatch."""
+    """mlx-lm's model for the store with dense weights loaded and every routed-expert bank the
+    manifest names swapped for a dispatch (no backend yet: `attach` binds one); return it, the
+    manifest and layer -> the module that computes that layer's experts."""
     store_path = Path(store_path)
     manifest = Manifest.load(store_path)
     model, _ = load_lazy(store_path, strict=False)
-    experts = {layer_index(p): m for p, m in find_expert_modules(model).items()}
-    if sorted(experts) != sorted(s.layer for s in manifest.layers):
-        raise UserError(
-            f"{store_path}: the manifest's MoE layers do not match the model built from its "
-            "config; the store is from another model, re-run `flashmesh pack`"
-        )
-    expert_paths = tuple(f"{s.module}." for s in manifest.layers)
-    wanted = {k for k, _ in tree_flatten(model.parameters()) if not k.startswith(expert_paths)}
-    missing = sorted(wanted - _dense_keys(store_path, manifest))
+    templates = install_dispatch(model, manifest.layers)
+    wanted = {k for k, _ in tree_flatten(model.parameters())}
+    missing, _ = dense_mismatch(wanted, dense_keys(store_path, manifest))
     if missing:
         raise UserError(
             f"{store_path} lacks dense weights ({missing[0]} and {len(missing) - 1} more); re-run `flashmesh pack`"
         )
-    return model, manifest, experts
+    return model, manifest, templates
 
 
 def attach(model: nn.Module, backend: ExpertBackend, *, lookahead: bool = False) -> None:
-    """Swap the routed-expert modules for the dispatch, then read the dense weights."""
-    install_dispatch(model, backend, lookahead=lookahead)
+    """Bind the backend to the model's dispatches, then read the dense weights."""
+    bind_backend(model, backend, lookahead=lookahead)
     mx.eval(model.parameters())
 
 

@@ -51,13 +51,6 @@ def _store_failure(name: str, e: UserError) -> RequestError:
     return RequestError(INTERNAL, f"node {name}: {e}")
 
 
-def hidden_size(config: dict) -> int:
-    for cfg in (config, config.get("text_config", {})):
-        if "hidden_size" in cfg:
-            return int(cfg["hidden_size"])
-    raise UserError("the model config names no hidden_size")
-
-
 def measure_read_gbps(store: ExpertSource, *, max_bytes: int = 64 * 1024**2, max_records: int = 64) -> float:
     """Flash read bandwidth of this store: parallel whole-record reads, the way the cache reads."""
     jobs = []
@@ -107,7 +100,8 @@ class NodeService:
         try:
             self.manifest = self.store.manifest
             self.cache = ExpertCache(self.store, budget_bytes=ram_budget)
-            self.hidden_size = hidden_size(self.manifest.config)
+            self.hidden_size = max(s.input_dim for s in self.manifest.layers)  # what pack saw the banks take
+            self._input_dim = {s.layer: s.input_dim for s in self.manifest.layers}
             self.top_k = self.manifest.top_k
             self._held = {}
             for spec in self.manifest.layers:
@@ -151,10 +145,9 @@ class NodeService:
             experts = to_numpy(req.experts)
         except CodecError as e:
             raise self.invalid(str(e)) from None
-        if req.x.dtype not in FLOAT_DTYPES or x.ndim != 2 or x.shape[1] != self.hidden_size or x.shape[0] == 0:
-            raise self.invalid(
-                f"x must be a float tensor [M, {self.hidden_size}] with M > 0, got {req.x.dtype} {list(x.shape)}"
-            )
+        d = self._input_dim[req.layer]
+        if req.x.dtype not in FLOAT_DTYPES or x.ndim != 2 or x.shape[1] != d or x.shape[0] == 0:
+            raise self.invalid(f"x must be a float tensor [M, {d}] with M > 0, got {req.x.dtype} {list(x.shape)}")
         if not all_finite(req.x):
             raise self.invalid("x holds NaN or infinite values")
         for label, t, a in (("rows", req.rows, rows), ("experts", req.experts, experts)):

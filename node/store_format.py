@@ -23,7 +23,7 @@ import numpy as np
 import xxhash
 from flashmesh.protos.errors import UserError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: each layer names its bank's kind and top-k, read from the model by pack
 RECORD_ALIGN = 16 * 1024  # one aligned pread per expert; also the iOS page size
 TENSOR_ALIGN = 64  # tensors inside a record start on cache-line boundaries
 MANIFEST = "manifest.json"
@@ -108,6 +108,9 @@ class LayerSpec:
     experts: list[int]  # experts held by this store, in file order
     checksums: list[str]  # one per held expert, same order
     file: str = ""
+    top_k: int = 0  # experts the layer's router picks per token, seen by pack in the model's own forward pass
+    kind: str = "switch"  # "switch": one stacked-expert module; "list": a list of per-expert modules
+    input_dim: int = 0  # D of the hidden states x [N, D] the bank takes, seen by pack like top_k
 
     def __post_init__(self) -> None:
         self.file = self.file or f"experts/layer_{self.layer:03d}.bin"
@@ -164,11 +167,8 @@ class Manifest:
 
     @property
     def top_k(self) -> int:
-        for key in ("num_experts_per_tok", "moe_topk", "top_k", "num_experts_per_token"):
-            for cfg in (self.config, self.config.get("text_config", {})):
-                if key in cfg:
-                    return int(cfg[key])
-        raise UserError("the model config names no experts-per-token count")
+        """Most experts any MoE layer's router picks per token (recorded by pack from the model)."""
+        return max(s.top_k for s in self.layers)
 
     def layer(self, layer: int) -> LayerSpec:
         for spec in self.layers:
@@ -256,7 +256,7 @@ def fingerprint(config: dict, layers: list[LayerSpec], dense_checksums: list[str
     h = xxhash.xxh3_128()
     h.update(json.dumps(config, sort_keys=True).encode())
     for s in layers:
-        h.update(json.dumps([s.layer, s.module, [asdict(t) for t in s.tensors]]).encode())
+        h.update(json.dumps([s.layer, s.module, s.kind, s.top_k, [asdict(t) for t in s.tensors]]).encode())
         h.update("".join(s.checksums).encode())
     h.update("".join(dense_checksums).encode())
     return h.hexdigest()
