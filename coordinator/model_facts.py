@@ -2,9 +2,8 @@
 without weights (MLX draws nothing until evaluated): the MoE layers, experts per layer, bytes per
 expert, top-k, and the dense part's bytes.
 
-- Layers and experts: the routed-expert modules found by type (node.experts).
-- Top-k: one MoE block of the built model is called on one token with a counting dispatch in place
-  of its experts; the number of experts it routes to is k (so `--top-k` changes it only by override).
+- Layers, experts and top-k: the expert banks a traced forward pass of the built model routes
+  among (node.expert_banks, as `flashmesh pack` finds them); `--top-k` overrides k.
 - Bytes: the built model's parameters after quantizing it as the config says (mlx-lm's
   `quantization`, per-path overrides included), at the width of the weights' float dtype: read from
   the safetensors headers of a model directory, from a store's own records, else the config's
@@ -20,9 +19,9 @@ from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
-from flashmesh.coordinator.dispatch import ExpertDispatch, install_dispatch
 from flashmesh.coordinator.placement import LayerShape
-from flashmesh.node.experts import find_expert_modules, layer_index, model_classes
+from flashmesh.node.expert_banks import find_expert_banks
+from flashmesh.node.experts import model_classes
 from flashmesh.node.store_format import MANIFEST, Manifest
 from flashmesh.protos.errors import UserError
 from mlx.utils import tree_flatten
@@ -59,37 +58,6 @@ class ModelFacts:
             "active_expert_bytes_per_token": self.active_expert_bytes, "dense_bytes": self.dense_bytes,
             "dense_read_bytes_per_token": self.dense_read_bytes, "quantization": self.quantization, "notes": self.notes,
         }  # fmt: skip
-
-
-class _CountingBackend:
-    """Records how many experts each routed token asks for; returns zeros."""
-
-    def __init__(self) -> None:
-        self.k: int | None = None
-
-    def compute(self, layer: int, x: mx.array, indices: mx.array) -> mx.array:
-        self.k = int(indices.shape[-1])
-        return mx.zeros((x.shape[0], self.k, x.shape[-1]), dtype=x.dtype)
-
-    def prefetch(self, layer: int, experts: list[int]) -> None:
-        pass
-
-
-def _probe_top_k(model: nn.Module) -> int | None:
-    """Call the first MoE block on one token; its dispatch sees [1, k] expert ids."""
-    backend = _CountingBackend()
-    install_dispatch(model, backend)
-    paths = [p for p, m in model.named_modules() if isinstance(m, ExpertDispatch)]
-    embeddings = [m for _, m in model.named_modules() if isinstance(m, nn.Embedding | nn.QuantizedEmbedding)]
-    if not paths or not embeddings:
-        return None
-    block = dict(model.named_modules())[min(paths, key=layer_index).rsplit(".", 1)[0]]
-    hidden = embeddings[0].weight.shape[-1]  # [vocab, D]: the width of the hidden states
-    try:
-        mx.eval(block(mx.zeros((1, 1, hidden))))
-    except Exception:  # noqa: BLE001 - a block that needs more than x: fall back to the config
-        return None
-    return backend.k
 
 
 def _quantize(model: nn.Module, quantization: dict) -> None:
@@ -130,23 +98,20 @@ def facts_from_config(
         model = model_class(args_class.from_dict(config))
     except (TypeError, ValueError, KeyError) as e:
         raise UserError(f"cannot build a {config.get('model_type')!r} model from its config: {e}") from None
-    experts = find_expert_modules(model)
-    if not experts:
+    banks = find_expert_banks(model)
+    if not banks:
         raise UserError(f"{name} is a dense model: it has no routed experts to stream")
-    expert_paths = tuple(f"{p}." for p in experts)
-    probed = _probe_top_k(model_class(args_class.from_dict(config)))  # a second build: the probe swaps modules
-    if top_k is None and probed is None:
-        raise UserError(f"cannot tell {name}'s experts per token from its model; pass --top-k")
-    if top_k is not None and probed is not None and top_k != probed:
+    expert_paths = tuple(f"{b.path}." for b in banks)
+    probed = max(b.top_k for b in banks)
+    if top_k is not None and top_k != probed:
         notes.append(f"top-k {top_k} instead of the model's {probed}")
     if quantization:
         _quantize(model, quantization)
     params = dict(tree_flatten(model.parameters()))
     layers = []
-    for path in sorted(experts, key=layer_index):
-        tensors = {k: v for k, v in params.items() if k.startswith(f"{path}.")}
-        count = next(iter(tensors.values())).shape[0]
-        layers.append(LayerShape(layer_index(path), count, _bytes(tensors, float_bytes) // count))
+    for bank in banks:
+        tensors = {k: v for k, v in params.items() if k.startswith(f"{bank.path}.")}
+        layers.append(LayerShape(bank.layer, bank.num_experts, _bytes(tensors, float_bytes) // bank.num_experts))
     dense = {k: v for k, v in params.items() if not k.startswith(expert_paths)}
     dense_bytes = _bytes(dense, float_bytes)
     embedding = sum(
