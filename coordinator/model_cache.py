@@ -67,7 +67,10 @@ def resolve_model(arg: str | Path, *, show_progress: bool = False) -> Path:
     if (path / MANIFEST).is_file():
         return path
     if path.is_dir() and not (path / "config.json").is_file():
-        raise UserError(f"{arg} is neither a flashmesh store nor a model directory (it has no config.json)")
+        raise UserError(
+            f"{arg} is neither a flashmesh store nor a model directory (no manifest.json, no config.json); give a "
+            "store written by `flashmesh pack`, a model directory or a hub id"
+        )
     if path.exists() and not path.is_dir():
         raise UserError(f"{arg} is a file; give a store, a model directory or a hub id like org/name")
     from flashmesh.node.store_writer import pack, resolve_source

@@ -187,13 +187,8 @@ def load_facts(model: str, *, bits: int | None = None, top_k: int | None = None)
 def _hub_config(model_id: str) -> Path:
     if model_id.count("/") != 1 or model_id.startswith((".", "/")):
         raise UserError(f"{model_id} does not exist; give a store, a model directory, a config.json or a hub id")
+    from flashmesh.node.store_writer import from_hub
     from huggingface_hub import hf_hub_download
 
-    try:
-        return Path(hf_hub_download(model_id, "config.json"))
-    except Exception as e:  # the hub raises many types; all mean "could not fetch"
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(
-            f"{model_id} is not a local path and its config.json could not be downloaded from the Hugging Face hub "
-            f"({type(e).__name__}: {reason[:200]}); check the id and the network, or pass a config.json"
-        ) from None
+    return from_hub(model_id, lambda: hf_hub_download(model_id, "config.json"), what="its config.json",
+                    fix="a config.json")  # fmt: skip

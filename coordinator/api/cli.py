@@ -99,8 +99,8 @@ def cmd_serve(args) -> int:
             app = create_app(worker, options, metrics=metrics)
             host, port = sock.getsockname()[:2]
             where = f"{len(worker.nodes)} nodes" if worker.nodes else "experts in-process"
-            print(f"serving {options.model_id} ({where}) at http://{host}:{port}/v1 (dashboard: http://{host}:{port}/)",
-                  flush=True)  # fmt: skip
+            print(f"serving {options.model_id} ({where}) at http://{host}:{port}/v1", flush=True)
+            print(f"dashboard: http://{host}:{port}/", flush=True)
             make_server(app).run(sockets=[sock])
         finally:
             worker.close()
