@@ -26,9 +26,13 @@ from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
+from flashmesh.coordinator.engine import open_model
+from flashmesh.coordinator.generate import SamplingParams, encode_prompt
 from flashmesh.coordinator.hit_rate import Routing
 from flashmesh.coordinator.model_facts import load_facts
+from flashmesh.coordinator.options import ModelOptions
 from flashmesh.coordinator.planner import Device, plan
+from flashmesh.coordinator.report import generate_report
 from flashmesh.node.store_format import MANIFEST, Manifest
 from flashmesh.node.store_writer import pack
 from flashmesh.testing.synthetic import build_model
@@ -92,50 +96,35 @@ def routing_file(store: Path, out: Path, *, tokens: int) -> Path:
     return out
 
 
-def _steady(generate_once) -> dict:
-    """Generate once to warm the caches, then measure a second generation (the plan is steady state)."""
-    generate_once()
-    return generate_once()
-
-
-def measure_local(store: Path, *, budget: int, tokens: int) -> dict:
-    from flashmesh.coordinator.engine import open_local
-    from flashmesh.coordinator.generate import encode_prompt, generate
-
-    streaming = open_local(store, ram_budget=budget)
+def measure(options: ModelOptions, *, tokens: int) -> dict:
+    """Decode tok/s and hit rate of a second generation on an open model: the first warms the caches
+    (the plan is steady state)."""
+    streaming = open_model(options)
     try:
         prompt = encode_prompt(streaming.tokenizer, PROMPT, chat=False)
-
-        def once() -> dict:
-            before = (streaming.cache.stats.hits, streaming.cache.stats.misses)
-            result = generate(streaming.model, streaming.tokenizer, prompt, max_tokens=tokens)
-            hits, misses = streaming.cache.stats.hits - before[0], streaming.cache.stats.misses - before[1]
-            return {"decode_tokens_per_s": result.decode_tokens_per_s, "hit_rate": hits / max(1, hits + misses)}
-
-        return _steady(once)
+        params = SamplingParams(max_tokens=tokens)
+        generate_report(streaming, prompt, params)
+        report = generate_report(streaming, prompt, params)
     finally:
         streaming.close()
+    return {"decode_tokens_per_s": report["decode_tokens_per_s"], "hit_rate": report["cache_hit_rate"]}
 
 
 def measure_cluster(store: Path, workdir: Path, *, budget: int, tokens: int) -> dict:
-    from flashmesh.coordinator.cluster_run import run_on_cluster
+    from flashmesh.coordinator.client import NodeClient
+    from flashmesh.coordinator.cluster_view import _ping_ms
     from flashmesh.testing.local_nodes import ensure_shards, local_nodes
 
     shards = ensure_shards(store, workdir, count=2)
     token = secrets.token_urlsafe(12)
-    from flashmesh.coordinator.client import NodeClient
-    from flashmesh.coordinator.cluster_view import _ping_ms
-
     with local_nodes(shards, budgets=[budget // 2] * 2, token=token, logdir=workdir / "logs") as nodes:
         client = NodeClient(nodes[0], token=token)
         try:
             ping = _ping_ms(client, tries=20)  # the link alone, before any layer is sent
         finally:
             client.close()
-        result = _steady(lambda: run_on_cluster(store, nodes, token=token, prompt=PROMPT, chat=False,
-                                                max_tokens=tokens))  # fmt: skip
-    return {"decode_tokens_per_s": result["decode_tokens_per_s"], "hit_rate": result["cache_hit_rate"],
-            "ping_ms": ping}  # fmt: skip
+        got = measure(ModelOptions(store=store, cluster=True, nodes=tuple(nodes), token=token), tokens=tokens)
+    return {**got, "ping_ms": ping}
 
 
 def predict(store: Path, routing: Path, *, budget: int, mode: str, machine: dict) -> dict:
@@ -167,7 +156,7 @@ def run_plan_validate(workdir: Path, *, tokens: int = 24, rounds: int = 2) -> di
                     key = (name, fraction, mode)
                     log.warning("round %d: %s budget %.0f%% %s", r, name, fraction * 100, mode)
                     if mode == "local":
-                        got = measure_local(store, budget=budget, tokens=tokens)
+                        got = measure(ModelOptions(store=store, ram_budget=budget), tokens=tokens)
                     else:
                         got = measure_cluster(store, workdir, budget=budget, tokens=tokens)
                     row = rows.setdefault(key, {"model": name, "budget_fraction": fraction, "mode": mode,

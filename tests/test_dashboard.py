@@ -15,7 +15,8 @@ import urllib.request
 import zlib
 
 import pytest
-from flashmesh.coordinator.engine import open_cluster
+from flashmesh.coordinator.engine import open_model
+from flashmesh.coordinator.options import ModelOptions
 from flashmesh.node.store_format import Manifest
 from flashmesh.testing.local_nodes import ensure_shards, local_nodes
 
@@ -91,7 +92,8 @@ def test_dashboard_in_chromium(chromium, models, tmp_path):
     budget = Manifest.load(store).expert_bytes_total
     with local_nodes(shards, budgets=[budget] * 2, token=TOKEN, logdir=tmp_path / "logs") as addresses:
         names = [a.name for a in addresses]
-        with served(store, open_model=lambda: open_cluster(store, addresses, token=TOKEN)) as server:
+        options = ModelOptions(store=store, cluster=True, nodes=tuple(addresses), token=TOKEN)
+        with served(store, opener=lambda: open_model(options)) as server:
             status, _, reply = server.post("/v1/completions", {"model": "tiny-moe", "prompt": "Hi", "max_tokens": 4})
             assert status == 200, reply
             state = json.loads(urllib.request.urlopen(server.url + "/dashboard.json", timeout=30).read())

@@ -14,7 +14,7 @@ from fastapi import FastAPI
 from fastapi.responses import HTMLResponse
 from flashmesh.coordinator.api.metrics import ServerMetrics
 from flashmesh.coordinator.api.worker import GenerationWorker
-from flashmesh.coordinator.remote import RemoteExperts
+from flashmesh.node.cache_stats import CacheStats
 
 WINDOW_S = 600.0  # the tok/s chart's span
 PAGE = (Path(__file__).parent / "dashboard.html").read_text()
@@ -23,34 +23,30 @@ PAGE = (Path(__file__).parent / "dashboard.html").read_text()
 def _local_node(worker: GenerationWorker) -> dict:
     """The in-process experts as one node row."""
     s = worker.streaming.cache.stats
-    manifest = worker.manifest
-    lookups = s.hits + s.misses
-    experts = sum(spec.num_experts for spec in manifest.layers)
+    experts = sum(spec.num_experts for spec in worker.manifest.layers)
     return {
         "name": "this process", "address": "in-process", "up": True, "experts_held": experts,
-        "experts_assigned": experts, "hit_rate": s.hits / lookups if lookups else None,
-        "read_gbps": s.bytes_read / s.io_seconds / 1e9 if s.io_seconds else None, "rpc_ms": None,
-        "bytes_read": s.bytes_read,
+        "experts_assigned": experts, "hit_rate": s.hit_rate if s.hits + s.misses else None,
+        "read_gbps": s.read_gbps if s.io_seconds else None, "rpc_ms": None, "bytes_read": s.bytes_read,
     }  # fmt: skip
 
 
 def _remote_nodes(worker: GenerationWorker, metrics: ServerMetrics) -> list[dict]:
-    backend = worker.streaming.backend
-    placement = backend.placement if isinstance(backend, RemoteExperts) else None
+    remote = worker.streaming.remote
+    placement = remote.placement if remote is not None else None
     rows = []
-    for n in worker.nodes:
+    for n in worker.streaming.nodes:
         row = {"name": n.info.name, "address": n.address.target, "node_id": n.node_id,
                "experts_held": sum(len(h.experts) for h in n.info.layers),
                "experts_assigned": len(placement.assigned(n.node_id)) if placement else None}  # fmt: skip
         try:
-            s = n.client.stats(timeout=2.0)
+            s = CacheStats.from_proto(n.client.stats(timeout=2.0))
         except Exception as e:  # noqa: BLE001 - an unreachable node is shown as down, not an error page
             rows.append({**row, "up": False, "error": str(e)})
             continue
-        lookups = s.hits + s.misses
         recent = metrics.node_latency_recent.get(n.client.label)
-        row.update(up=True, hit_rate=s.hits / lookups if lookups else None, bytes_read=s.bytes_read,
-                   read_gbps=s.bytes_read / s.io_seconds / 1e9 if s.io_seconds else None,
+        row.update(up=True, hit_rate=s.hit_rate if s.hits + s.misses else None, bytes_read=s.bytes_read,
+                   read_gbps=s.read_gbps if s.io_seconds else None,
                    rpc_ms=float(np.mean(recent)) * 1e3 if recent else None)  # fmt: skip
         rows.append(row)
     return rows
@@ -58,11 +54,11 @@ def _remote_nodes(worker: GenerationWorker, metrics: ServerMetrics) -> list[dict
 
 def _placement(worker: GenerationWorker) -> dict:
     """Experts per layer per node: {"nodes": [names], "layers": [[layer, count per node], ...]}."""
-    backend = worker.streaming.backend
-    if not isinstance(backend, RemoteExperts):
+    remote = worker.streaming.remote
+    if remote is None:
         return {"nodes": ["this process"], "layers": [[s.layer, s.num_experts] for s in worker.manifest.layers]}
-    p = backend.placement
-    names = {n.node_id: n.info.name for n in worker.nodes}
+    p = remote.placement
+    names = {n.node_id: n.info.name for n in worker.streaming.nodes}
     return {
         "nodes": [names.get(i, i) for i in p.node_ids],
         "layers": [[layer, *np.bincount(row, minlength=len(p.node_ids)).tolist()] for layer, row in
@@ -72,9 +68,10 @@ def _placement(worker: GenerationWorker) -> dict:
 
 def dashboard_state(worker: GenerationWorker, metrics: ServerMetrics, *, model_id: str) -> dict:
     now = time.time()
-    nodes = _remote_nodes(worker, metrics) if worker.nodes else [_local_node(worker)]
+    cluster = worker.streaming.remote is not None
+    nodes = _remote_nodes(worker, metrics) if cluster else [_local_node(worker)]
     return {
-        "model": model_id, "mode": "cluster" if worker.nodes else "in-process", "now": now,
+        "model": model_id, "mode": "cluster" if cluster else "in-process", "now": now,
         "uptime_s": now - worker.started_at, "queue_depth": worker.queue_depth, "nodes": nodes,
         "placement": _placement(worker),
         "tokens_per_s": [{"t": t, "tps": tps, "tokens": n} for t, tps, n in metrics.generations_recent
