@@ -1,0 +1,68 @@
+"""The RPC fuzz suite (tests/test_fuzz_rpc.py) against the Swift node (`flashmesh-node`) as a real process:
+the same cases, the same expected statuses, and the node still serves afterwards."""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+from flashmesh.protos import flashmesh_pb2 as pb
+from flashmesh.protos import flashmesh_pb2_grpc as pb_grpc
+from flashmesh.testing.swift_node import MixedNodeProcesses
+
+from . import test_fuzz_rpc as suite
+# The suite's tests, in its order (the last checks the counts), run here with the Swift node's fixture.
+from .test_fuzz_rpc import test_fuzz_compute_values  # noqa: F401, I001
+from .test_fuzz_rpc import test_fuzz_compute  # noqa: F401
+from .test_fuzz_rpc import test_fuzz_prefetch  # noqa: F401
+from .test_fuzz_rpc import test_fuzz_token_on_every_rpc  # noqa: F401
+from .test_fuzz_rpc import test_fuzz_raw_bytes_on_every_rpc  # noqa: F401
+from .test_fuzz_rpc import test_fuzz_ran_enough_cases  # noqa: F401
+from .test_swift_node import swift_binary  # noqa: F401 - fixture
+
+
+class RemoteService:
+    """What the suite reads of a node service, asked over the wire."""
+
+    def __init__(self, stub: pb_grpc.NodeStub, top_k: int) -> None:
+        self.stub, self.top_k = stub, top_k
+
+    def info(self) -> pb.NodeInfo:
+        return self.stub.Info(pb.InfoRequest(), metadata=suite.OK, timeout=10)
+
+    def stats(self) -> pb.NodeStats:
+        return self.stub.Stats(pb.StatsRequest(), metadata=suite.OK, timeout=10)
+
+
+@pytest.fixture(scope="module")
+def node(bundles, swift_binary, tmp_path_factory):  # noqa: F811
+    root, built = bundles
+    store, manifest = built["qwen3_moe"]
+    bundle = root / "qwen3_moe.flashmesh-ios"
+    top_k = manifest["routing"]["top_k"]
+    work = tmp_path_factory.mktemp("fuzz-swift")
+    from flashmesh.node.bundle_source import BundleExpertSource
+
+    source = BundleExpertSource(bundle)
+    budget = source.manifest.min_budget_bytes * 4
+    source.close()
+    processes = MixedNodeProcesses(
+        [bundle], kinds=["swift"], binary=swift_binary, budgets=[budget], token=suite.TOKEN, logdir=work / "logs",
+        node_args=[["--count", "2", "--index", "0", "--max-message", str(suite.MAX_MESSAGE)]], flash_gbps=1.0,
+    )  # fmt: skip
+    suite.CASES.clear()  # count this node's cases only
+    try:
+        processes.start(0)
+        (address,) = processes.find(timeout=60)
+        channel = grpc.insecure_channel(address.target)
+        n = suite.Node.__new__(suite.Node)
+        n.service, n.port, n.channel = RemoteService(pb_grpc.NodeStub(channel), top_k), address.port, channel
+        n.stub = pb_grpc.NodeStub(channel)
+        info = n.service.info()
+        n.d = info.hidden_size
+        n.layers = {h.layer: list(h.experts) for h in info.layers}
+        n.num_experts = info.layers[0].num_experts
+        yield n
+        channel.close()
+        assert processes.procs[0].poll() is None, "the Swift node died during the fuzz"
+    finally:
+        processes.stop()
