@@ -22,6 +22,9 @@ from flashmesh.testing.local_nodes import LocalNodeProcesses
 PACKAGE = Path(__file__).resolve().parent.parent / "mobile_export" / "ios"
 REQUIRE_ENV = "FLASHMESH_REQUIRE_SWIFT"  # set (as .ci/run does) to make a missing toolchain an error
 SWIFT_DIRS = ("/opt/swift/usr/bin",)
+# One build for the executable and the unit tests: release (the node computes in loops that debug code
+# runs far slower), with testing enabled so `swift test` reuses it instead of building a second time.
+BUILD_FLAGS = ["-c", "release", "-Xswiftc", "-enable-testing"]
 _START = re.compile(r"^node (\S+) \((\w+)\) serving .* port (\d+)$", re.M)
 
 
@@ -34,21 +37,26 @@ def swift_required() -> bool:
     return os.environ.get(REQUIRE_ENV, "") not in ("", "0")
 
 
-def node_binary(*, build: bool = True) -> Path | None:
-    """The release `flashmesh-node`, built first (`swift build -c release`, quick when up to date) when
-    a toolchain exists; None without a toolchain (and no binary)."""
-    binary = PACKAGE / ".build" / "release" / "flashmesh-node"
+def swift_run(*args: str, env: dict | None = None, timeout: float = 900) -> str:
+    """`swift ARGS` in the package with BUILD_FLAGS; its output, or a StoreError with its last lines."""
     swift = swift_executable()
-    if build and swift is not None:
-        result = subprocess.run(
-            [swift, "build", "-c", "release", "--product", "flashmesh-node"],
-            cwd=PACKAGE,
-            capture_output=True,
-            text=True,
-        )
-        if result.returncode != 0:
-            tail = (result.stdout + result.stderr).strip().splitlines()[-5:]
-            raise StoreError("swift build of flashmesh-node failed: " + " | ".join(tail))
+    if swift is None:
+        raise StoreError("no Swift toolchain: install Swift 6 (swift on PATH or in /opt/swift/usr/bin)")
+    result = subprocess.run(
+        [swift, *args, *BUILD_FLAGS], cwd=PACKAGE, capture_output=True, text=True, env=env, timeout=timeout
+    )
+    output = result.stdout + result.stderr
+    if result.returncode != 0:
+        raise StoreError(f"swift {' '.join(args)} failed:\n" + "\n".join(output.strip().splitlines()[-60:]))
+    return output
+
+
+def node_binary(*, build: bool = True) -> Path | None:
+    """The release `flashmesh-node` with the unit tests, built first (quick when up to date) when a
+    toolchain exists; None without a toolchain (and no binary)."""
+    binary = PACKAGE / ".build" / "release" / "flashmesh-node"
+    if build and swift_executable() is not None:
+        swift_run("build", "--build-tests")
     return binary if binary.is_file() else None
 
 

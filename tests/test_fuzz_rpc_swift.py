@@ -10,14 +10,15 @@ from flashmesh.protos import flashmesh_pb2_grpc as pb_grpc
 from flashmesh.testing.swift_node import MixedNodeProcesses
 
 from . import test_fuzz_rpc as suite
-# The suite's tests, in its order (the last checks the counts), run here with the Swift node's fixture.
-from .test_fuzz_rpc import test_fuzz_compute_values  # noqa: F401, I001
-from .test_fuzz_rpc import test_fuzz_compute  # noqa: F401
-from .test_fuzz_rpc import test_fuzz_prefetch  # noqa: F401
-from .test_fuzz_rpc import test_fuzz_token_on_every_rpc  # noqa: F401
-from .test_fuzz_rpc import test_fuzz_raw_bytes_on_every_rpc  # noqa: F401
-from .test_fuzz_rpc import test_fuzz_ran_enough_cases  # noqa: F401
 from .test_swift_node import swift_binary  # noqa: F401 - fixture
+
+# The suite's tests in its order (the last checks the counts), collected here with this module's `node`.
+test_fuzz_compute_values = suite.test_fuzz_compute_values
+test_fuzz_compute = suite.test_fuzz_compute
+test_fuzz_prefetch = suite.test_fuzz_prefetch
+test_fuzz_token_on_every_rpc = suite.test_fuzz_token_on_every_rpc
+test_fuzz_raw_bytes_on_every_rpc = suite.test_fuzz_raw_bytes_on_every_rpc
+test_fuzz_ran_enough_cases = suite.test_fuzz_ran_enough_cases
 
 
 class RemoteService:

@@ -23,7 +23,6 @@ from flashmesh.coordinator.cli import main
 from flashmesh.coordinator.engine import open_cluster, open_local
 from flashmesh.coordinator.failover import DATA_LOSS, UNAVAILABLE
 from flashmesh.coordinator.generate import encode_prompt, generate
-from flashmesh.mobile_export.exporter import export_ios
 from flashmesh.node.bundle_source import BundleExpertSource
 from flashmesh.node.shard import write_dense
 from flashmesh.node.store_format import Manifest
@@ -53,21 +52,11 @@ def swift_binary():
 
 
 @pytest.fixture(scope="module")
-def cases(models, bundles, tmp_path_factory):
-    """name -> (store, bundle, dense part): fp16 bundles of qwen3_moe and deepseek_v3, and 4-bit
-    qwen3_moe experts as iOS 18 (packed words, CPU dequantization) and iOS 26 (int8) bundles."""
-    root, built = bundles
-    work = tmp_path_factory.mktemp("swift-cases")
-    out = {}
-    for arch in ("qwen3_moe", "deepseek_v3"):
-        out[f"{arch}-fp16"] = (built[arch][0], root / f"{arch}.flashmesh-ios")
-    _, q4 = models.get("qwen3_moe", "affine4", layers=3)
-    for target in ("iOS18", "iOS26"):
-        bundle = work / f"q4-{target}.flashmesh-ios"
-        export_ios(q4, bundle, target=target, context=64, prefill=8, show_progress=False)
-        out[f"qwen3_moe-q4-{target}"] = (q4, bundle)
+def cases(swift_bundles, tmp_path_factory):
+    """name -> (store, bundle, the store's dense part) for every bundle of conftest's `swift_bundles`."""
+    work = tmp_path_factory.mktemp("swift-dense")
     result = {}
-    for name, (store, bundle) in out.items():
+    for name, (store, bundle) in swift_bundles.items():
         dense = work / f"{name}-dense"
         write_dense(store, dense)
         result[name] = (store, bundle, dense)
