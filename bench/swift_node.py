@@ -53,13 +53,36 @@ def prepare(work: Path) -> tuple[Path, Path]:
 
 def fio_gbps(path: Path, record: int, *, seconds: int = 5) -> float | None:
     """fio random reads of whole records, O_DIRECT, 8 in flight (libaio), in GB/s; None without fio."""
-    cmd = ["fio", "--name=records", f"--filename={path}", "--rw=randread", f"--bs={record}", "--direct=1",
-           "--ioengine=libaio", "--iodepth=8", f"--runtime={seconds}", "--time_based", "--output-format=json"]  # fmt: skip
+    cmd = ["fio", "--name=records", f"--filename={path}", "--rw=randread", f"--bs={record}", "--direct=1"]
+    cmd += ["--ioengine=libaio", "--iodepth=8", f"--runtime={seconds}", "--time_based", "--output-format=json"]
     try:
         out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
     except (OSError, subprocess.CalledProcessError):
         return None
     return json.loads(out)["jobs"][0]["read"]["bw_bytes"] / 1e9
+
+
+def read_rounds(bundle: Path, binary: Path, work: Path, *, rounds: int, budget: int, record: int) -> dict:
+    """Each node's start-up read measurement (64 whole records, 8 in flight, O_DIRECT; what `NodeInfo.
+    flash_read_gbps` reports), a fresh process per round, alternating with the other node and fio."""
+    layer_file = bundle / "experts" / "layer_000.bin"
+    rates: dict[str, list[float]] = {"swift": [], "python": [], "fio": []}
+    for r in range(rounds):
+        for kind in ("swift", "python") if r % 2 == 0 else ("python", "swift"):
+            nodes = MixedNodeProcesses([bundle], kinds=[kind], binary=binary, budgets=[budget], token=TOKEN,
+                                       logdir=work / "logs")  # fmt: skip
+            try:
+                nodes.start(0)
+                (address,) = nodes.find(timeout=120)
+                client = NodeClient(address, token=TOKEN)
+                rates[kind].append(client.info().flash_read_gbps)
+                client.close()
+            finally:
+                nodes.stop()
+        fio = fio_gbps(layer_file, record, seconds=3)
+        if fio is not None:
+            rates["fio"].append(fio)
+    return {k: statistics.median(v) if v else None for k, v in rates.items()} | {"rounds": rates}
 
 
 def rss_bytes(pid: int) -> dict:
@@ -95,29 +118,23 @@ def run(work: Path, *, rounds: int, max_tokens: int, budget_share: float) -> dic
     bundle, dense = prepare(work)
     source = BundleExpertSource(bundle)
     total, record = source.manifest.expert_bytes_total, source.manifest.layers[0].record_size
-    layer_file = bundle / source.manifest.layers[0].file
     source.close()
     budget = max(int(total * budget_share), source.manifest.min_budget_bytes)
     kinds = ["swift", "python"]
     nodes = MixedNodeProcesses([bundle, bundle], kinds=kinds, binary=binary, budgets=[budget] * 2, token=TOKEN,
-                               logdir=work / "logs")  # fmt: skip
+                               logdir=work / "logs", flash_gbps=1.0)  # fmt: skip
     per_kind: dict[str, list[dict]] = {k: [] for k in kinds}
     try:
+        reads = read_rounds(bundle, binary, work, rounds=rounds, budget=budget, record=record)
         for i in range(2):
             nodes.start(i)
         nodes.find(timeout=120)
-        infos = {}
-        for kind, address in zip(kinds, nodes.addresses, strict=True):
-            client = NodeClient(address, token=TOKEN)
-            infos[kind] = client.info()
-            client.close()
         for r in range(rounds):  # alternate which node goes first
             for kind in kinds if r % 2 == 0 else kinds[::-1]:
                 per_kind[kind].append(decode_round(dense, nodes.addresses[kinds.index(kind)], max_tokens=max_tokens))
         rss = {kind: rss_bytes(nodes.procs[i].pid) for i, kind in enumerate(kinds)}
     finally:
         nodes.stop()
-    fio = fio_gbps(layer_file, record)
     medians = {
         kind: {key: statistics.median(r[key] for r in runs) for key in ("decode_tokens_per_s", "node_busy_s_per_token")}
         for kind, runs in per_kind.items()
@@ -136,7 +153,9 @@ def run(work: Path, *, rounds: int, max_tokens: int, budget_share: float) -> dic
         "node_busy_ratio_swift_over_python": medians["swift"]["node_busy_s_per_token"]
         / medians["python"]["node_busy_s_per_token"],
         "hit_rate": {k: statistics.median(r["hit_rate"] for r in v) for k, v in per_kind.items()},
-        "read_gbps": {k: infos[k].flash_read_gbps for k in kinds} | {"fio": fio},
+        "read_gbps": reads,
+        "read_ratio_swift_over_fio": reads["swift"] / reads["fio"] if reads["fio"] else None,
+        "read_ratio_python_over_fio": reads["python"] / reads["fio"] if reads["fio"] else None,
         "rss_bytes": rss,
     }
 

@@ -76,3 +76,18 @@ def swift_bundles(models, bundles, tmp_path_factory):
         export_ios(q4, bundle, target=target, context=64, prefill=8, show_progress=False)
         out[f"qwen3_moe-q4-{target}"] = (q4, bundle)
     return out
+
+
+@pytest.fixture(scope="session")
+def swift_binary():
+    """The Swift node's executable, built (with its unit tests) once per session; without a Swift
+    toolchain the tests that need it skip, loudly, or fail when FLASHMESH_REQUIRE_SWIFT is set."""
+    from flashmesh.testing.swift_node import node_binary, swift_required
+
+    binary = node_binary()
+    if binary is None:
+        message = "no Swift toolchain (swift), so the Swift node was not built or tested"
+        if swift_required():
+            pytest.fail(f"FAILED: {message}; FLASHMESH_REQUIRE_SWIFT is set")
+        pytest.skip(f"SKIPPED: {message}")
+    return binary

@@ -10,7 +10,6 @@ from flashmesh.protos import flashmesh_pb2_grpc as pb_grpc
 from flashmesh.testing.swift_node import MixedNodeProcesses
 
 from . import test_fuzz_rpc as suite
-from .test_swift_node import swift_binary  # noqa: F401 - fixture
 
 # The suite's tests in its order (the last checks the counts), collected here with this module's `node`.
 test_fuzz_compute_values = suite.test_fuzz_compute_values
@@ -35,7 +34,7 @@ class RemoteService:
 
 
 @pytest.fixture(scope="module")
-def node(bundles, swift_binary, tmp_path_factory):  # noqa: F811
+def node(bundles, swift_binary, tmp_path_factory):
     root, built = bundles
     store, manifest = built["qwen3_moe"]
     bundle = root / "qwen3_moe.flashmesh-ios"

@@ -30,7 +30,7 @@ from flashmesh.protos import LOST_RECORDS_METADATA_KEY, TOKEN_METADATA_KEY
 from flashmesh.protos import flashmesh_pb2 as pb
 from flashmesh.protos import flashmesh_pb2_grpc as pb_grpc
 from flashmesh.protos.codec import encode_numpy
-from flashmesh.testing.swift_node import MixedNodeProcesses, node_binary, swift_required
+from flashmesh.testing.swift_node import MixedNodeProcesses
 
 from bench.failover import generate_with_faults
 
@@ -38,17 +38,6 @@ PROMPT = "The quick brown fox jumps over the lazy dog. Mixture of experts"
 TOKEN = "test-swift-token"
 MAX_TOKENS = 8
 FP16_WEIGHTS_RTOL = 5e-3  # tests/test_bundle_node.py
-
-
-@pytest.fixture(scope="session")
-def swift_binary():
-    binary = node_binary()
-    if binary is None:
-        message = "SKIPPED: no Swift toolchain (swift), so the Swift node was not built or tested"
-        if swift_required():
-            pytest.fail(message.replace("SKIPPED", "FAILED") + "; FLASHMESH_REQUIRE_SWIFT is set")
-        pytest.skip(message)
-    return binary
 
 
 @pytest.fixture(scope="module")

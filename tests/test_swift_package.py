@@ -10,14 +10,12 @@ from flashmesh.mobile_export.swift_protos import OUT, swift_source
 from flashmesh.testing.swift_node import swift_run
 from flashmesh.testing.swift_vectors import BUNDLES, write_vectors
 
-from .test_swift_node import swift_binary  # noqa: F401 - fixture: builds the package (or skips loudly)
-
 
 def test_generated_swift_messages_match_the_proto():
     assert OUT.read_text() == swift_source(), "run `python -m flashmesh.mobile_export.swift_protos`"
 
 
-def test_swift_unit_tests_on_python_vectors(swift_binary, swift_bundles, tmp_path):  # noqa: F811
+def test_swift_unit_tests_on_python_vectors(swift_binary, swift_bundles, tmp_path):
     assert set(swift_bundles) == set(BUNDLES)
     vectors = write_vectors(tmp_path / "vectors", bundles={name: b for name, (_, b) in swift_bundles.items()})
     output = swift_run("test", "--skip-build", env={**os.environ, "FLASHMESH_SWIFT_VECTORS": str(vectors)})

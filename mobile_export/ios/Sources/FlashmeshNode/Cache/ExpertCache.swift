@@ -10,32 +10,6 @@ public final class ExpertCache: @unchecked Sendable {
         case auto, lru, lfu, cyclic
     }
 
-    public struct Key: Hashable, Sendable, Comparable {
-        public let layer: Int
-        public let expert: Int
-
-        public init(_ layer: Int, _ expert: Int) {
-            self.layer = layer
-            self.expert = expert
-        }
-
-        public static func < (a: Key, b: Key) -> Bool { (a.layer, a.expert) < (b.layer, b.expert) }
-    }
-
-    public struct Stats: Sendable, Equatable {
-        public var hits = 0
-        public var misses = 0
-        public var evictions = 0
-        public var bytesRead = 0
-        public var ioSeconds = 0.0
-        public var computeSeconds = 0.0
-        public var peakBytes = 0
-        public var prefetched = 0
-        public var prefetchUsed = 0
-        public var prefetchWasted = 0
-        public var prefetchWaitSeconds = 0.0
-    }
-
     public let budgetBytes: Int
     public let policy: Policy
     public let bundle: ExpertBundle
@@ -73,7 +47,7 @@ public final class ExpertCache: @unchecked Sendable {
         self.budgetBytes = budgetBytes
         self.policy = policy
         self.lfuDecay = lfuDecay
-        (slabs, distinctSlabs) = try ExpertCache.makeSlabs(bundle, budgetBytes: budgetBytes)
+        (slabs, distinctSlabs) = try Slab.plan(bundle, budgetBytes: budgetBytes)
         plans = Dictionary(uniqueKeysWithValues: bundle.layers.map { ($0.layer, $0) })
         position = Dictionary(uniqueKeysWithValues: bundle.layers.enumerated().map { ($1.layer, $0) })
     }
@@ -288,40 +262,5 @@ public final class ExpertCache: @unchecked Sendable {
             stats.evictions += 1
             if unusedPrefetch.remove(key) != nil { stats.prefetchWasted += 1 }
         }
-    }
-
-    /// One slab per expert shape, its slots the budget's share (by expert bytes), at most one per expert.
-    private static func makeSlabs(_ bundle: ExpertBundle, budgetBytes: Int) throws(BundleError) -> ([Int: Slab], [Slab]) {
-        var order: [[RAMTensor]] = []
-        var groups: [[RAMTensor]: [LayerPlan]] = [:]
-        for plan in bundle.layers {
-            if groups[plan.signature] == nil { order.append(plan.signature) }
-            groups[plan.signature, default: []].append(plan)
-        }
-        let held = groups.mapValues { $0.reduce(0) { $0 + $1.experts.count } }
-        let total = max(1, order.reduce(0) { $0 + (held[$1] ?? 0) * (groups[$1]?[0].payloadBytes ?? 0) })
-        let k = bundle.topK
-        var slots: [[RAMTensor]: Int] = [:]
-        for sig in order {
-            let payload = groups[sig]?[0].payloadBytes ?? 1
-            let product = budgetBytes.multipliedFullWidth(by: (held[sig] ?? 0) * payload)
-            let share = total.dividingFullWidth(product).quotient  // budget * held * payload // total, without overflow
-            slots[sig] = min(max(k, share / payload), held[sig] ?? 0)
-        }
-        let needed = order.reduce(0) { $0 + max(slots[$1] ?? 0, k) * (groups[$1]?[0].payloadBytes ?? 0) }
-        if needed > budgetBytes {
-            let minimum = order.reduce(0) { $0 + k * (groups[$1]?[0].payloadBytes ?? 0) }
-            throw BundleError(
-                "RAM budget \(ByteSize.format(budgetBytes)) is below this model's minimum \(ByteSize.format(minimum)) "
-                    + "(the top-k experts of one layer of each expert shape); pass --ram-budget \(minimum) or more")
-        }
-        var byLayer: [Int: Slab] = [:]
-        var distinct: [Slab] = []
-        for sig in order {
-            let slab = Slab(tensors: sig, slots: slots[sig] ?? 0, experts: held[sig] ?? 0)
-            distinct.append(slab)
-            for plan in groups[sig] ?? [] { byLayer[plan.layer] = slab }
-        }
-        return (byLayer, distinct)
     }
 }
