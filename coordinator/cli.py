@@ -14,9 +14,10 @@ from importlib.metadata import entry_points
 from pathlib import Path
 
 from flashmesh.coordinator.cluster_cli import add_discovery_args
+from flashmesh.coordinator.options import default_budget
 from flashmesh.coordinator.remote import DEFAULT_RPC_DEADLINE
-from flashmesh.node.cache import default_budget, format_bytes, parse_bytes
-from flashmesh.node.store_format import StoreError
+from flashmesh.protos.errors import UserError
+from flashmesh.protos.sizes import format_bytes, parse_bytes
 from rich.console import Console
 from rich.table import Table
 
@@ -241,7 +242,7 @@ def run_command(args: argparse.Namespace) -> int:
     )
     try:
         return args.func(args)
-    except StoreError as e:
+    except UserError as e:
         err.print(f"error: {e}", style="red", markup=False, highlight=False, soft_wrap=True)
         return 2
     except KeyboardInterrupt:

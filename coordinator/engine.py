@@ -16,9 +16,10 @@ from flashmesh.coordinator.dispatch import ExpertBackend, install_dispatch
 from flashmesh.node.cache import ExpertCache
 from flashmesh.node.compute import LocalExperts
 from flashmesh.node.experts import find_expert_modules, layer_index, load_lazy
-from flashmesh.node.store_format import Manifest, StoreError
+from flashmesh.node.store_format import Manifest
 from flashmesh.node.store_reader import ExpertStore
 from flashmesh.node.tls import TlsIdentity
+from flashmesh.protos.errors import UserError
 from mlx.utils import tree_flatten
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 from mlx_lm.utils import load_tokenizer
@@ -48,11 +49,11 @@ def _dense_keys(store_path: Path, manifest: Manifest) -> set[str]:
     for name in manifest.dense_files:
         path = store_path / name
         if not path.is_file():
-            raise StoreError(f"{path} is missing; the store's dense weights are incomplete, re-run `flashmesh pack`")
+            raise UserError(f"{path} is missing; the store's dense weights are incomplete, re-run `flashmesh pack`")
         try:
             keys.update(mx.load(str(path)).keys())
         except (RuntimeError, ValueError) as e:
-            raise StoreError(f"{path} cannot be read ({e}); re-run `flashmesh pack`") from None
+            raise UserError(f"{path} cannot be read ({e}); re-run `flashmesh pack`") from None
     return keys
 
 
@@ -64,7 +65,7 @@ def load_dense_model(store_path: Path) -> tuple[nn.Module, Manifest, dict[int, n
     model, _ = load_lazy(store_path, strict=False)
     experts = {layer_index(p): m for p, m in find_expert_modules(model).items()}
     if sorted(experts) != sorted(s.layer for s in manifest.layers):
-        raise StoreError(
+        raise UserError(
             f"{store_path}: the manifest's MoE layers do not match the model built from its "
             "config; the store is from another model, re-run `flashmesh pack`"
         )
@@ -72,7 +73,7 @@ def load_dense_model(store_path: Path) -> tuple[nn.Module, Manifest, dict[int, n
     wanted = {k for k, _ in tree_flatten(model.parameters()) if not k.startswith(expert_paths)}
     missing = sorted(wanted - _dense_keys(store_path, manifest))
     if missing:
-        raise StoreError(
+        raise UserError(
             f"{store_path} lacks dense weights ({missing[0]} and {len(missing) - 1} more); re-run `flashmesh pack`"
         )
     return model, manifest, experts
@@ -88,7 +89,7 @@ def load_store_tokenizer(store_path: Path, manifest: Manifest) -> TokenizerWrapp
     try:
         return load_tokenizer(Path(store_path), eos_token_ids=manifest.config.get("eos_token_id"))
     except (OSError, ValueError) as e:
-        raise StoreError(
+        raise UserError(
             f"{store_path} has no usable tokenizer ({e}); pack from a directory with tokenizer files"
         ) from None
 
@@ -107,14 +108,14 @@ def open_local(
     store_path = Path(store_path)
     model, manifest, templates = load_dense_model(store_path)
     if manifest.shard is not None:
-        raise StoreError(
+        raise UserError(
             f"{store_path} is a shard ({manifest.shard}); run the full store, or serve shards "
             "as nodes and run with --cluster"
         )
     store = ExpertStore(store_path, page_cache=page_cache, verify=verify, queue_depth=queue_depth)
     try:
         cache = ExpertCache(store, budget_bytes=ram_budget)
-    except StoreError:
+    except UserError:
         store.close()
         raise
     backend = LocalExperts(cache, templates)

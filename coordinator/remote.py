@@ -33,9 +33,9 @@ from flashmesh.coordinator.failover import (
     format_lost,
 )
 from flashmesh.coordinator.placement import Placement
-from flashmesh.node.store_format import StoreError
 from flashmesh.protos import flashmesh_pb2 as pb
 from flashmesh.protos.codec import CodecError, decode, encode, encode_numpy
+from flashmesh.protos.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -137,7 +137,7 @@ class RemoteExperts:
     ) -> None:
         missing = [n for n in placement.node_ids if n not in links]
         if missing:
-            raise StoreError(f"placement names nodes without a connection: {missing}")
+            raise UserError(f"placement names nodes without a connection: {missing}")
         self.links = dict(links)
         self.placement = placement
         self.fingerprint = fingerprint
@@ -181,7 +181,7 @@ class RemoteExperts:
         label = self.links[node_id].label
         try:
             info = probe.result()
-        except StoreError as e:
+        except UserError as e:
             self.membership.probe_failed(node_id, str(e))
             return
         if self.fingerprint is not None and info.fingerprint != self.fingerprint:
@@ -306,9 +306,9 @@ class RemoteExperts:
         try:
             y = decode(reply.y)  # [P, D]
         except CodecError as e:
-            raise StoreError(f"node {label} sent a malformed reply: {e}") from None
+            raise UserError(f"node {label} sent a malformed reply: {e}") from None
         if y.shape != (pairs.size, d):
-            raise StoreError(
+            raise UserError(
                 f"node {label} answered layer {layer} with shape {list(y.shape)}, expected {[pairs.size, d]}"
             )
         return y

@@ -10,7 +10,7 @@ import re
 from pathlib import Path
 
 import mlx.nn as nn
-from flashmesh.node.store_format import StoreError
+from flashmesh.protos.errors import UserError
 from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchLinear
 from mlx_lm.utils import _get_classes, load_model
 
@@ -31,7 +31,7 @@ def layer_index(path: str) -> int:
     """The decoder layer a module path belongs to: the first integer component."""
     m = re.search(r"\.(\d+)\.", f".{path}.")
     if m is None:
-        raise StoreError(f"cannot tell which layer the expert module {path} belongs to")
+        raise UserError(f"cannot tell which layer the expert module {path} belongs to")
     return int(m.group(1))
 
 
@@ -46,9 +46,9 @@ def model_classes(config: dict):
     try:
         return _get_classes(config)
     except KeyError:
-        raise StoreError("config.json has no model_type; is this a Hugging Face / mlx-lm model?") from None
+        raise UserError("config.json has no model_type; is this a Hugging Face / mlx-lm model?") from None
     except ValueError:
-        raise StoreError(
+        raise UserError(
             f"model_type {config.get('model_type')!r} is not supported by the installed mlx-lm; "
             "upgrade mlx-lm (`pip install -U mlx-lm`) or pick a model it supports"
         ) from None
@@ -61,17 +61,17 @@ def load_lazy(path: Path, *, strict: bool) -> tuple[nn.Module, dict]:
     try:
         config = json.loads((path / "config.json").read_text())
     except FileNotFoundError:
-        raise StoreError(f"{path} has no config.json; point at a model directory") from None
+        raise UserError(f"{path} has no config.json; point at a model directory") from None
     except json.JSONDecodeError as e:
-        raise StoreError(f"{path}/config.json is not valid JSON ({e})") from None
+        raise UserError(f"{path}/config.json is not valid JSON ({e})") from None
     model_classes(config)  # unknown model_type -> one clear line before mlx-lm's own error
     try:
         return load_model(path, lazy=True, strict=strict)
     except FileNotFoundError as e:
-        raise StoreError(f"{e}; the model directory needs its *.safetensors files") from None
+        raise UserError(f"{e}; the model directory needs its *.safetensors files") from None
     except (ValueError, RuntimeError, OSError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise StoreError(f"cannot load the model in {path}: {first}") from None
+        raise UserError(f"cannot load the model in {path}: {first}") from None
 
 
 def expert_templates(store_path: Path) -> dict[int, nn.Module]:
@@ -88,7 +88,7 @@ def expert_templates_from_config(config: dict, *, quantization: dict | None = No
     try:
         model = model_class(args_class.from_dict(config))
     except (TypeError, ValueError, KeyError) as e:
-        raise StoreError(f"cannot build a {config.get('model_type')!r} model from its config: {e}") from None
+        raise UserError(f"cannot build a {config.get('model_type')!r} model from its config: {e}") from None
     modules = find_expert_modules(model)
     if quantization:
         for module in modules.values():

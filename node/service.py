@@ -23,10 +23,11 @@ import numpy as np
 from flashmesh.node.cache import ExpertCache
 from flashmesh.node.compute import LocalExperts
 from flashmesh.node.expert_source import ExpertSource, open_expert_source
-from flashmesh.node.store_format import RecordError, StoreError
+from flashmesh.node.store_format import RecordError
 from flashmesh.protos import DEFAULT_MAX_MESSAGE_BYTES, PROTOCOL_VERSION
 from flashmesh.protos import flashmesh_pb2 as pb
 from flashmesh.protos.codec import FLOAT_DTYPES, CodecError, all_finite, decode, encode, to_numpy
+from flashmesh.protos.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +45,7 @@ class RequestError(Exception):
         self.records = records
 
 
-def _store_failure(name: str, e: StoreError) -> RequestError:
+def _store_failure(name: str, e: UserError) -> RequestError:
     if isinstance(e, RecordError):
         return RequestError(DATA_LOSS, f"node {name}: {e}", records=((e.layer, e.expert),))
     return RequestError(INTERNAL, f"node {name}: {e}")
@@ -54,7 +55,7 @@ def hidden_size(config: dict) -> int:
     for cfg in (config, config.get("text_config", {})):
         if "hidden_size" in cfg:
             return int(cfg["hidden_size"])
-    raise StoreError("the model config names no hidden_size")
+    raise UserError("the model config names no hidden_size")
 
 
 def measure_read_gbps(store: ExpertSource, *, max_bytes: int = 64 * 1024**2, max_records: int = 64) -> float:
@@ -94,7 +95,7 @@ class NodeService:
         """`store_path` is a store or shard, or with `bundle` an iOS bundle whose records are served (all,
         or with `shard` = {"index", "count", "replicas"} the experts that shard of the store holds)."""
         if not token:
-            raise StoreError("a node needs a cluster token")
+            raise UserError("a node needs a cluster token")
         self.token = token
         self.name = name
         self.node_id = uuid.uuid4().hex[:12]
@@ -208,7 +209,7 @@ class NodeService:
         start = time.perf_counter()
         try:
             reply = self._mlx.submit(self._compute, req, rows, experts).result()
-        except StoreError as e:
+        except UserError as e:
             raise _store_failure(self.name, e) from None
         seconds = time.perf_counter() - start
         reply.compute_seconds = seconds
@@ -232,7 +233,7 @@ class NodeService:
         start = time.perf_counter()
         try:
             resident = self._mlx.submit(self._prefetch, req.layer, experts).result()
-        except StoreError as e:
+        except UserError as e:
             raise _store_failure(self.name, e) from None
         with self._lock:
             self._busy += time.perf_counter() - start
@@ -277,7 +278,7 @@ class NodeService:
         if getattr(self, "cache", None) is not None:
             try:
                 self._mlx.submit(self.cache.drain).result()  # reads in flight finish before the store closes
-            except StoreError as e:
+            except UserError as e:
                 log.warning("node %s: a read ahead failed while closing: %s", self.name, e)
         self._mlx.shutdown(wait=True)
         self.store.close()

@@ -21,6 +21,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 import xxhash
+from flashmesh.protos.errors import UserError
 
 FORMAT_VERSION = 1
 RECORD_ALIGN = 16 * 1024  # one aligned pread per expert; also the iOS page size
@@ -28,11 +29,7 @@ TENSOR_ALIGN = 64  # tensors inside a record start on cache-line boundaries
 MANIFEST = "manifest.json"
 
 
-class StoreError(Exception):
-    """A problem with a store the user can fix; the message is one line with the fix."""
-
-
-class RecordError(StoreError):
+class RecordError(UserError):
     """One expert record cannot be used (checksum mismatch, short read): names its layer and expert."""
 
     def __init__(self, layer: int, expert: int, message: str) -> None:
@@ -57,7 +54,7 @@ def dtype_name(dtype: mx.Dtype) -> str:
     for name, (_, mxd) in _DTYPES.items():
         if mxd == dtype:
             return name
-    raise StoreError(f"expert tensors of dtype {dtype} are not supported by the store")
+    raise UserError(f"expert tensors of dtype {dtype} are not supported by the store")
 
 
 def raw_bytes(a: mx.array) -> memoryview:
@@ -128,7 +125,7 @@ class LayerSpec:
         try:
             return self._slot[expert] * self.record_size
         except KeyError:
-            raise StoreError(f"layer {self.layer} expert {expert} is not held by this store") from None
+            raise UserError(f"layer {self.layer} expert {expert} is not held by this store") from None
 
     def record_checksum(self, expert: int) -> str:
         return self.checksums[self._slot[expert]]
@@ -171,13 +168,13 @@ class Manifest:
             for cfg in (self.config, self.config.get("text_config", {})):
                 if key in cfg:
                     return int(cfg[key])
-        raise StoreError("the model config names no experts-per-token count")
+        raise UserError("the model config names no experts-per-token count")
 
     def layer(self, layer: int) -> LayerSpec:
         for spec in self.layers:
             if spec.layer == layer:
                 return spec
-        raise StoreError(f"layer {layer} is not a MoE layer of this model")
+        raise UserError(f"layer {layer} is not a MoE layer of this model")
 
     @property
     def expert_bytes_total(self) -> int:
@@ -207,14 +204,14 @@ class Manifest:
     def load(cls, directory: Path) -> Manifest:
         path = Path(directory) / MANIFEST
         if not path.is_file():
-            raise StoreError(f"{directory} is not a flashmesh store (no {MANIFEST}); create one with `flashmesh pack`")
+            raise UserError(f"{directory} is not a flashmesh store (no {MANIFEST}); create one with `flashmesh pack`")
         try:
             d = json.loads(path.read_text())
         except json.JSONDecodeError as e:
-            raise StoreError(f"{path} is not valid JSON ({e}); re-run `flashmesh pack`") from None
+            raise UserError(f"{path} is not valid JSON ({e}); re-run `flashmesh pack`") from None
         version = d.get("format_version")
         if version != FORMAT_VERSION:
-            raise StoreError(
+            raise UserError(
                 f"{directory} has store format {version}, this flashmesh reads format "
                 f"{FORMAT_VERSION}; re-pack it with `flashmesh pack`"
             )

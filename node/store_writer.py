@@ -17,7 +17,6 @@ from flashmesh.node.experts import find_expert_modules, layer_index, load_lazy, 
 from flashmesh.node.store_format import (
     LayerSpec,
     Manifest,
-    StoreError,
     checksum,
     dtype_name,
     file_checksum,
@@ -27,6 +26,7 @@ from flashmesh.node.store_format import (
     staged_directory,
     write_json_atomic,
 )
+from flashmesh.protos.errors import UserError
 from mlx.utils import tree_flatten
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -52,10 +52,10 @@ def resolve_source(src: str) -> Path:
     path = Path(src).expanduser()
     if path.exists():
         if not path.is_dir():
-            raise StoreError(f"{src} is a file; point `flashmesh pack` at a model directory")
+            raise UserError(f"{src} is a file; point `flashmesh pack` at a model directory")
         return path
     if src.count("/") != 1 or src.startswith((".", "/")):
-        raise StoreError(f"{src} does not exist; give a model directory or a hub id like org/name")
+        raise UserError(f"{src} does not exist; give a model directory or a hub id like org/name")
     from huggingface_hub import snapshot_download
 
     try:
@@ -66,7 +66,7 @@ def resolve_source(src: str) -> Path:
         )
     except Exception as e:  # the hub raises many types; all mean "could not fetch"
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise StoreError(
+        raise UserError(
             f"{src} is not a local directory and could not be downloaded from the Hugging Face hub "
             f"({type(e).__name__}: {reason[:200]}); check the id and the network, or pass a local directory"
         ) from None
@@ -75,7 +75,7 @@ def resolve_source(src: str) -> Path:
 def pack(src: str, out: Path, *, force: bool = False, show_progress: bool = True) -> Manifest:
     out = Path(out)
     if out.exists() and not force:
-        raise StoreError(f"{out} already exists; remove it or pass --force")
+        raise UserError(f"{out} already exists; remove it or pass --force")
     source = resolve_source(src)
     params, config, expert_paths = _lazy_source(source)
     with staged_directory(out) as tmp:
@@ -94,7 +94,7 @@ def _lazy_source(source: Path) -> tuple[dict[str, mx.array], dict, list[str]]:
     model, config = load_lazy(source, strict=True)
     experts = find_expert_modules(model)
     if not experts:
-        raise StoreError(
+        raise UserError(
             f"{source} is a dense model ({config.get('model_type')}): it has no routed experts to "
             "stream; flashmesh runs Mixture-of-Experts models"
         )
@@ -150,7 +150,7 @@ def _evaluated(name: str, a: mx.array) -> mx.array:
     try:
         mx.eval(a)
     except (RuntimeError, ValueError, OSError) as e:
-        raise StoreError(f"cannot read tensor {name} from the source ({e}); is a safetensors file truncated?") from None
+        raise UserError(f"cannot read tensor {name} from the source ({e}); is a safetensors file truncated?") from None
     return a
 
 
