@@ -14,9 +14,9 @@ import time
 from pathlib import Path
 
 from flashmesh.coordinator.discovery import NodeAddress
-from flashmesh.node.bundle_source import is_bundle
-from flashmesh.node.store_format import StoreError
+from flashmesh.node.bundle_format import is_bundle
 from flashmesh.protos import TOKEN_ENV
+from flashmesh.protos.errors import UserError
 from flashmesh.testing.local_nodes import LocalNodeProcesses
 
 PACKAGE = Path(__file__).resolve().parent.parent / "mobile_export" / "ios"
@@ -38,26 +38,26 @@ def swift_required() -> bool:
 
 
 def swift_run(*args: str, env: dict | None = None, timeout: float = 900) -> str:
-    """`swift ARGS` in the package with BUILD_FLAGS; its output, or a StoreError with its last lines."""
+    """`swift ARGS` in the package with BUILD_FLAGS; its output, or a UserError with its last lines."""
     swift = swift_executable()
     if swift is None:
-        raise StoreError("no Swift toolchain: install Swift 6 (swift on PATH or in /opt/swift/usr/bin)")
+        raise UserError("no Swift toolchain: install Swift 6 (swift on PATH or in /opt/swift/usr/bin)")
     result = subprocess.run(
         [swift, *args, *BUILD_FLAGS], cwd=PACKAGE, capture_output=True, text=True, env=env, timeout=timeout
     )
     output = result.stdout + result.stderr
     if result.returncode != 0:
-        raise StoreError(f"swift {' '.join(args)} failed:\n" + "\n".join(output.strip().splitlines()[-60:]))
+        raise UserError(f"swift {' '.join(args)} failed:\n" + "\n".join(output.strip().splitlines()[-60:]))
     return output
 
 
-def node_binary(*, build: bool = True) -> Path | None:
-    """The release `flashmesh-node` with the unit tests, built first (quick when up to date) when a
-    toolchain exists; None without a toolchain (and no binary)."""
-    binary = PACKAGE / ".build" / "release" / "flashmesh-node"
-    if build and swift_executable() is not None:
-        swift_run("build", "--build-tests")
-    return binary if binary.is_file() else None
+def node_binary() -> Path | None:
+    """The release `flashmesh-node` with the unit tests, built first (quick when up to date); None
+    without a Swift toolchain (a binary left from another build is not used then)."""
+    if swift_executable() is None:
+        return None
+    swift_run("build", "--build-tests")
+    return PACKAGE / ".build" / "release" / "flashmesh-node"
 
 
 class MixedNodeProcesses(LocalNodeProcesses):
@@ -76,7 +76,7 @@ class MixedNodeProcesses(LocalNodeProcesses):
             extra += ["--flash-gbps", str(self.flash_gbps)]
         if self.kinds[i] == "swift":
             if self.binary is None:
-                raise StoreError("no flashmesh-node binary: build mobile_export/ios with `swift build -c release`")
+                raise UserError("no flashmesh-node binary: build mobile_export/ios with `swift build -c release`")
             return [str(self.binary), "--bundle", str(self.shards[i]), "--host", "127.0.0.1", *budget, *extra]
         source = ["--bundle", str(self.shards[i])] if is_bundle(self.shards[i]) else [str(self.shards[i])]
         cli = [sys.executable, "-m", "flashmesh.coordinator.cli", "node", "serve", *source, *budget, *extra]
@@ -110,6 +110,6 @@ class MixedNodeProcesses(LocalNodeProcesses):
                     break
                 self._check_alive(i)
                 if time.monotonic() > deadline:
-                    raise StoreError(f"local node {self.names[i]} printed no start line within {timeout:g} s")
+                    raise UserError(f"local node {self.names[i]} printed no start line within {timeout:g} s")
                 time.sleep(0.1)
         return [a for a in self.addresses if a is not None]

@@ -19,15 +19,18 @@ from pathlib import Path
 
 import numpy as np
 import xxhash
-from flashmesh.mobile_export.bundle_format import load_manifest, save_manifest, stack_kernel_inputs
+from flashmesh.mobile_export.bundle_format import stack_kernel_inputs, tensors_from_record
 from flashmesh.mobile_export.exporter import export_ios
+from flashmesh.node.bundle_format import load_manifest, save_manifest
 from flashmesh.node.bundle_source import BundleExpertSource
-from flashmesh.node.cache import ExpertCache, format_bytes, parse_bytes
+from flashmesh.node.cache import ExpertCache
 from flashmesh.node.service import NodeService
-from flashmesh.node.store_format import StoreError, staged_directory
+from flashmesh.node.store_format import staged_directory
 from flashmesh.node.store_writer import pack
 from flashmesh.protos import flashmesh_pb2 as pb
 from flashmesh.protos.codec import encode_numpy, to_numpy
+from flashmesh.protos.errors import UserError
+from flashmesh.protos.sizes import format_bytes, parse_bytes
 from flashmesh.testing.swift_messages import message_vectors
 from flashmesh.testing.synthetic import build_model
 
@@ -61,7 +64,7 @@ def export_bundles(out: Path) -> dict[str, Path]:
 def _error(bundle: Path) -> str:
     try:
         BundleExpertSource(bundle).close()
-    except StoreError as e:
+    except UserError as e:
         return str(e)
     raise AssertionError(f"{bundle} was accepted")
 
@@ -133,8 +136,6 @@ def _records(bundle: Path, out: Path) -> list[dict]:
                 (out / file).write_bytes(np.array(a).tobytes())
                 entry["ram"][name] = file
             if quant["expert_input"] == "float16_cpu_dequant":
-                from flashmesh.mobile_export.bundle_format import tensors_from_record
-
                 kernel = stack_kernel_inputs([tensors_from_record(raw, source._specs[spec.layer])], quant)
                 entry["kernel_fp16"] = {}
                 for name, a in kernel.items():
