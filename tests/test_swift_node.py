@@ -137,6 +137,25 @@ def test_swift_node_cluster_equals_the_local_run(swift_binary, cases, tmp_path, 
     assert error <= FP16_WEIGHTS_RTOL * max(1.0, float(np.abs(want_logits).max())), error
 
 
+def test_swift_node_under_a_small_budget_with_lookahead(swift_binary, cases, tmp_path, capsys):
+    """Two layers' top-k experts of budget: the prompt's chunk is computed in waves, experts are evicted
+    (cyclic, the default below one token's experts) and the router lookahead's hints are read ahead."""
+    store, bundle, dense = cases["qwen3_moe-fp16"]
+    want_tokens, _ = _local(store)
+    nodes = _nodes([bundle], ["swift"], swift_binary, tmp_path)
+    source = BundleExpertSource(bundle)
+    nodes.budgets = [2 * source.manifest.min_budget_bytes]
+    source.close()
+    with Running(nodes):
+        listing = ["--node", nodes.addresses[0].target, "--no-zeroconf", "--token", TOKEN, "--prompt", PROMPT]
+        assert main(["run", str(dense), "--cluster", *listing, "--max-tokens", str(MAX_TOKENS), "--lookahead",
+                     "--json"]) == 0  # fmt: skip
+        result = json.loads(capsys.readouterr().out)
+    assert result["tokens"] == want_tokens
+    (node,) = result["nodes"]
+    assert node["prefetched"] > 0 and result["cache_hit_rate"] < 1.0
+
+
 def test_mixed_cluster_python_and_swift_nodes(swift_binary, cases, tmp_path, capsys):
     """One Python node and one Swift node, each half of the bundle (`--count 2 --index I`)."""
     store, bundle, dense = cases["qwen3_moe-fp16"]
