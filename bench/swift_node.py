@@ -105,6 +105,7 @@ def decode_round(dense: Path, address, *, max_tokens: int) -> dict:
     generated = len(result.tokens)
     return {
         "decode_tokens_per_s": result.decode_tokens_per_s,
+        "ttft_s": result.ttft_s,
         "tokens": result.tokens,
         "node_busy_s_per_token": (after.busy_seconds - before.busy_seconds) / max(1, generated),
         "hit_rate": (after.hits - before.hits) / max(1, after.hits - before.hits + after.misses - before.misses),
@@ -136,7 +137,10 @@ def run(work: Path, *, rounds: int, max_tokens: int, budget_share: float) -> dic
     finally:
         nodes.stop()
     medians = {
-        kind: {key: statistics.median(r[key] for r in runs) for key in ("decode_tokens_per_s", "node_busy_s_per_token")}
+        kind: {
+            key: statistics.median(r[key] for r in runs)
+            for key in ("decode_tokens_per_s", "ttft_s", "node_busy_s_per_token")
+        }
         for kind, runs in per_kind.items()
     }
     return {
@@ -152,6 +156,8 @@ def run(work: Path, *, rounds: int, max_tokens: int, budget_share: float) -> dic
         / medians["python"]["decode_tokens_per_s"],
         "node_busy_ratio_swift_over_python": medians["swift"]["node_busy_s_per_token"]
         / medians["python"]["node_busy_s_per_token"],
+        "decode_rounds": {k: [r["decode_tokens_per_s"] for r in v] for k, v in per_kind.items()},
+        "ttft_ratio_swift_over_python": medians["swift"]["ttft_s"] / medians["python"]["ttft_s"],
         "hit_rate": {k: statistics.median(r["hit_rate"] for r in v) for k, v in per_kind.items()},
         "read_gbps": reads,
         "read_ratio_swift_over_fio": reads["swift"] / reads["fio"] if reads["fio"] else None,
