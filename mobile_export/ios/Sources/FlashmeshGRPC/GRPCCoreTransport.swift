@@ -15,7 +15,7 @@ public final class GRPCCoreTransport: NodeTransport, @unchecked Sendable {
 
     public func start(
         host: String, port: Int, maxMessageBytes: Int, handler: @escaping @Sendable (RPCCall) -> RPCReply
-    ) throws(BundleError) -> Int {
+    ) throws(UserError) -> Int {
         let address = host.contains(":") ? "[\(host)]:\(port)" : "\(host):\(port)"
         var bound: Int32 = 0
         var error = [CChar](repeating: 0, count: 256)
@@ -23,7 +23,7 @@ public final class GRPCCoreTransport: NodeTransport, @unchecked Sendable {
         // node's INVALID_ARGUMENT, one far above it gRPC's RESOURCE_EXHAUSTED (node/server.py).
         let limit = Int32(clamping: maxMessageBytes + 1024 * 1024)
         guard let server = fm_server_start(address, limit, &bound, &error, error.count) else {
-            throw BundleError("cannot listen on \(host) port \(port): \(String(decoding: error.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self))")
+            throw UserError("cannot listen on \(host) port \(port): \(String(decoding: error.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self))")
         }
         let pool = WorkerPool(workers: handlers, name: "flashmesh-grpc")
         let done = DispatchSemaphore(value: 0)

@@ -35,16 +35,16 @@ struct Arguments {
     var parentPid: Int32?
     var help = false
 
-    static func parse(_ argv: [String]) throws(BundleError) -> Arguments {
+    static func parse(_ argv: [String]) throws(UserError) -> Arguments {
         var args = Arguments()
         var rest = argv[...]
-        func value(_ flag: String) throws(BundleError) -> String {
-            guard let v = rest.popFirst() else { throw BundleError("\(flag) needs a value") }
+        func value(_ flag: String) throws(UserError) -> String {
+            guard let v = rest.popFirst() else { throw UserError("\(flag) needs a value") }
             return v
         }
-        func number<T: LosslessStringConvertible>(_ flag: String, _ type: T.Type) throws(BundleError) -> T {
+        func number<T: LosslessStringConvertible>(_ flag: String, _ type: T.Type) throws(UserError) -> T {
             let text = try value(flag)
-            guard let n = T(text) else { throw BundleError("\(flag) takes a number, not '\(text)'") }
+            guard let n = T(text) else { throw UserError("\(flag) takes a number, not '\(text)'") }
             return n
         }
         while let flag = rest.popFirst() {
@@ -63,20 +63,20 @@ struct Arguments {
             case "--flash-gbps": args.flashGBps = try number(flag, Double.self)
             case "--parent-pid": args.parentPid = try number(flag, Int32.self)  // exit when this process goes
             case "-h", "--help": args.help = true
-            default: throw BundleError("unknown option \(flag); see flashmesh-node --help")
+            default: throw UserError("unknown option \(flag); see flashmesh-node --help")
             }
         }
         if args.help { return args }
-        guard args.bundle != nil else { throw BundleError("give the bundle to serve: --bundle OUT.flashmesh-ios") }
-        guard args.ramBudget != nil else { throw BundleError("give the RAM budget: --ram-budget 8GB") }
-        guard (0...65535).contains(args.port) else { throw BundleError("--port must be in 0..65535, got \(args.port)") }
+        guard args.bundle != nil else { throw UserError("give the bundle to serve: --bundle OUT.flashmesh-ios") }
+        guard args.ramBudget != nil else { throw UserError("give the RAM budget: --ram-budget 8GB") }
+        guard (0...65535).contains(args.port) else { throw UserError("--port must be in 0..65535, got \(args.port)") }
         guard (args.count == nil) == (args.index == nil) else {
-            throw BundleError("--count and --index go together")
+            throw UserError("--count and --index go together")
         }
         return args
     }
 
-    func shard() throws(BundleError) -> Shard? {
+    func shard() throws(UserError) -> Shard? {
         guard let count, let index else { return nil }
         return try Shard(count: count, index: index, replicas: replicas)
     }

@@ -10,7 +10,7 @@ import Darwin
 #endif
 
 /// Runs until SIGTERM or SIGINT (or the parent process is gone), then drains and returns 0.
-func serve(_ args: Arguments) throws(BundleError) -> Int32 {
+func serve(_ args: Arguments) throws(UserError) -> Int32 {
     let bundle = try ExpertBundle.open(args.bundle ?? "", shard: try args.shard())
     let environment = ProcessInfo.processInfo.environment
     let given = args.token ?? environment["FLASHMESH_TOKEN"].flatMap { $0.isEmpty ? nil : $0 }

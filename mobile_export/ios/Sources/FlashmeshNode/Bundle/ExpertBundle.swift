@@ -25,35 +25,35 @@ public struct ExpertBundle: Sendable {
     /// MoE layers in layer order.
     public let layers: [LayerPlan]
 
-    public static func open(_ path: String, shard: Shard? = nil) throws(BundleError) -> ExpertBundle {
+    public static func open(_ path: String, shard: Shard? = nil) throws(UserError) -> ExpertBundle {
         let manifestPath = path + "/manifest.json"
         guard let data = FileManager.default.contents(atPath: manifestPath) else {
-            throw BundleError(
+            throw UserError(
                 "\(path) is not a flashmesh iOS bundle (no manifest.json); create one with `flashmesh export-ios`")
         }
         let text: JSONText
         do {
             text = try JSONText.parse([UInt8](data))
         } catch {
-            throw BundleError("\(manifestPath) is not valid JSON (\(error)); re-export the bundle")
+            throw UserError("\(manifestPath) is not valid JSON (\(error)); re-export the bundle")
         }
         let format = text["bundle_format"].flatMap(\.integer)
         guard format == BundleManifest.bundleFormat else {
             let got = format.map(String.init) ?? "None"
-            throw BundleError(
+            throw UserError(
                 "\(manifestPath): bundle format \(got), this flashmesh reads \(BundleManifest.bundleFormat); re-export the bundle")
         }
         if let edited = editedSection(text) {
-            throw BundleError("\(manifestPath): section '\(edited)' was edited; re-export the bundle")
+            throw UserError("\(manifestPath): section '\(edited)' was edited; re-export the bundle")
         }
         let manifest: BundleManifest
         do {
             manifest = try JSONDecoder().decode(BundleManifest.self, from: data)
         } catch {
-            throw BundleError("\(manifestPath) lacks what a node needs (\(decodingReason(error))); re-export the bundle")
+            throw UserError("\(manifestPath) lacks what a node needs (\(decodingReason(error))); re-export the bundle")
         }
         guard manifest.protocolVersion == BundleManifest.protocolVersion else {
-            throw BundleError(
+            throw UserError(
                 "\(path) speaks node protocol \(manifest.protocolVersion), this flashmesh "
                     + "\(BundleManifest.protocolVersion); re-export the bundle with this flashmesh")
         }
@@ -71,7 +71,7 @@ public struct ExpertBundle: Sendable {
         return nil
     }
 
-    private init(path: String, manifest: BundleManifest, shard: Shard?) throws(BundleError) {
+    private init(path: String, manifest: BundleManifest, shard: Shard?) throws(UserError) {
         self.path = path
         self.manifest = manifest
         self.shard = shard
@@ -79,7 +79,7 @@ public struct ExpertBundle: Sendable {
         topK = try manifest.config.expertsPerToken()
         modelType = manifest.config.modelType ?? ""
         guard ExpertBundle.swigluModelTypes.contains(modelType) else {
-            throw BundleError(
+            throw UserError(
                 "the Swift node computes SwiGLU experts (\(ExpertBundle.swigluModelTypes.sorted().joined(separator: ", "))), "
                     + "not model_type '\(modelType)'; serve this bundle with `flashmesh node serve --bundle`")
         }
@@ -90,7 +90,7 @@ public struct ExpertBundle: Sendable {
             let ram = try ExpertBundle.ramTensors(path: path, record: record, weights: weights, hidden: hiddenSize)
             layers.append(LayerPlan(record: record, ram: ram, shard: shard))
         }
-        guard !layers.isEmpty else { throw BundleError("\(path) holds no MoE layers; re-export the bundle") }
+        guard !layers.isEmpty else { throw UserError("\(path) holds no MoE layers; re-export the bundle") }
         self.layers = layers
     }
 
@@ -104,46 +104,46 @@ public struct ExpertBundle: Sendable {
     /// One layer's top-k experts must fit in the cache at once.
     public var minimumBudget: Int { topK * (layers.map(\.payloadBytes).max() ?? 0) }
 
-    private static func weights(_ q: Quantization) throws(BundleError) -> Weights {
+    private static func weights(_ q: Quantization) throws(UserError) -> Weights {
         switch q.expertInput {
         case "float16":
             return .float16
         case "float16_cpu_dequant", "int8":
             guard let bits = q.bits, [2, 4, 8].contains(bits), let group = q.groupSize, group > 0 else {
-                throw BundleError("the bundle's quantization names no affine bits/group_size; re-export the bundle")
+                throw UserError("the bundle's quantization names no affine bits/group_size; re-export the bundle")
             }
             return .affine(bits: bits, groupSize: group, int8Offset: q.expertInput == "int8" ? (q.int8Offset ?? 0) : nil)
         default:
-            throw BundleError("bundle expert input mode '\(q.expertInput)' is unknown; re-export the bundle")
+            throw UserError("bundle expert input mode '\(q.expertInput)' is unknown; re-export the bundle")
         }
     }
 
-    private static func checkFile(path: String, record: RecordLayout) throws(BundleError) {
+    private static func checkFile(path: String, record: RecordLayout) throws(UserError) {
         let file = path + "/" + record.file
         let expected = record.experts.count * record.recordSize
         let size = (try? FileManager.default.attributesOfItem(atPath: file)[.size] as? Int) ?? nil
         guard let size, size >= expected else {
             let got = size.map(String.init) ?? "missing"
-            throw BundleError("\(file): \(got) of \(expected) bytes; the bundle is incomplete, re-copy or re-export it")
+            throw UserError("\(file): \(got) of \(expected) bytes; the bundle is incomplete, re-copy or re-export it")
         }
         guard record.recordSize > 0, record.recordSize % RecordReader.recordAlignment == 0,
             record.checksums.count == record.experts.count
         else {
-            throw BundleError("\(file): records are not \(RecordReader.recordAlignment)-byte aligned; re-export the bundle")
+            throw UserError("\(file): records are not \(RecordReader.recordAlignment)-byte aligned; re-export the bundle")
         }
     }
 
     /// The record's tensor table checked against the expert shapes, and the tensors the cache holds.
     private static func ramTensors(path: String, record: RecordLayout, weights: Weights, hidden: Int)
-        throws(BundleError) -> [RAMTensor]
+        throws(UserError) -> [RAMTensor]
     {
         let quantized = weights != .float16
         let names = Set(projections.flatMap { p in (quantized ? ["weight", "scales", "biases"] : ["weight"]).map { "\(p).\($0)" } })
         let table = Dictionary(record.tensors.map { ($0.name, $0) }, uniquingKeysWith: { a, _ in a })
         guard Set(table.keys) == names, table.count == record.tensors.count else {
-            throw BundleError("\(path): layer \(record.layer) records hold \(record.tensors.map(\.name))")
+            throw UserError("\(path): layer \(record.layer) records hold \(record.tensors.map(\.name))")
         }
-        let bad = BundleError("\(path): layer \(record.layer) tensor table does not describe SwiGLU experts of width \(hidden)")
+        let bad = UserError("\(path): layer \(record.layer) tensor table does not describe SwiGLU experts of width \(hidden)")
         guard let gate = table["gate_proj.weight"], gate.shape.count == 2 else { throw bad }
         let intermediate = gate.shape[0]
         var ram: [RAMTensor] = []

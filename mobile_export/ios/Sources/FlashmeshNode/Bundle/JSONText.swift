@@ -87,7 +87,7 @@ public indirect enum JSONText: Equatable, Sendable {
 
 extension JSONText {
     /// Parses JSON text; throws a one-line reason on malformed input.
-    public static func parse(_ bytes: [UInt8]) throws(BundleError) -> JSONText {
+    public static func parse(_ bytes: [UInt8]) throws(UserError) -> JSONText {
         var parser = JSONTextParser(bytes: bytes)
         let value = try parser.value(depth: 0)
         parser.skipSpace()
@@ -104,15 +104,15 @@ private struct JSONTextParser {
         self.bytes = bytes
     }
 
-    func failure(_ what: String) -> BundleError {
-        BundleError("\(what) at byte \(index)")
+    func failure(_ what: String) -> UserError {
+        UserError("\(what) at byte \(index)")
     }
 
     mutating func skipSpace() {
         while index < bytes.count, [0x20, 0x0A, 0x0D, 0x09].contains(bytes[index]) { index += 1 }
     }
 
-    mutating func value(depth: Int) throws(BundleError) -> JSONText {
+    mutating func value(depth: Int) throws(UserError) -> JSONText {
         guard depth < 512 else { throw failure("nesting too deep") }
         skipSpace()
         guard index < bytes.count else { throw failure("unexpected end") }
@@ -129,7 +129,7 @@ private struct JSONTextParser {
         }
     }
 
-    mutating func literal(_ word: String) throws(BundleError) {
+    mutating func literal(_ word: String) throws(UserError) {
         let expected = Array(word.utf8)
         guard index + expected.count <= bytes.count, Array(bytes[index..<index + expected.count]) == expected else {
             throw failure("unexpected character")
@@ -137,7 +137,7 @@ private struct JSONTextParser {
         index += expected.count
     }
 
-    mutating func number() throws(BundleError) -> JSONText {
+    mutating func number() throws(UserError) -> JSONText {
         let start = index
         if index < bytes.count, bytes[index] == UInt8(ascii: "-") {
             index += 1
@@ -153,7 +153,7 @@ private struct JSONTextParser {
         return .number(text)
     }
 
-    mutating func string() throws(BundleError) -> String {
+    mutating func string() throws(UserError) -> String {
         index += 1  // the opening quote
         var units: [UInt16] = []
         var run: [UInt8] = []  // raw UTF-8 between escapes
@@ -198,7 +198,7 @@ private struct JSONTextParser {
         throw failure("unterminated string")
     }
 
-    mutating func array(depth: Int) throws(BundleError) -> JSONText {
+    mutating func array(depth: Int) throws(UserError) -> JSONText {
         index += 1
         var items: [JSONText] = []
         skipSpace()
@@ -217,7 +217,7 @@ private struct JSONTextParser {
         }
     }
 
-    mutating func object(depth: Int) throws(BundleError) -> JSONText {
+    mutating func object(depth: Int) throws(UserError) -> JSONText {
         index += 1
         var members: [(key: String, value: JSONText)] = []
         skipSpace()

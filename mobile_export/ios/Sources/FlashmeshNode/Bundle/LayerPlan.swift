@@ -27,9 +27,9 @@ public struct Shard: Equatable, Sendable {
     public let index: Int
     public let replicas: Int
 
-    public init(count: Int, index: Int, replicas: Int = 1) throws(BundleError) {
+    public init(count: Int, index: Int, replicas: Int = 1) throws(UserError) {
         guard count >= 1, (0..<count).contains(index), (1...count).contains(replicas) else {
-            throw BundleError(
+            throw UserError(
                 "shard \(index) of \(count) with \(replicas) replicas: need 0 <= index < count, 1 <= replicas <= count")
         }
         self.count = count

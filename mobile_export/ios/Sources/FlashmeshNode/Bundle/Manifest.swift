@@ -62,16 +62,16 @@ public struct ModelConfig: Decodable, Sendable {
         return nil
     }
 
-    public func hiddenSize() throws(BundleError) -> Int {
+    public func hiddenSize() throws(UserError) -> Int {
         guard let size = ownHiddenSize ?? textConfig?.hiddenSize else {
-            throw BundleError("the model config names no hidden_size")
+            throw UserError("the model config names no hidden_size")
         }
         return size
     }
 
-    public func expertsPerToken() throws(BundleError) -> Int {
+    public func expertsPerToken() throws(UserError) -> Int {
         guard let k = ownTopK ?? textConfig?.topK else {
-            throw BundleError("the model config names no experts-per-token count")
+            throw UserError("the model config names no experts-per-token count")
         }
         return k
     }

@@ -34,7 +34,7 @@ public final class RecordReader: @unchecked Sendable {
     public init(
         bundle: ExpertBundle, pageCache: Bool = false, verify: Bool = true, queueDepth: Int = 8,
         chunkBytes: Int = 8 * 1024 * 1024
-    ) throws(BundleError) {
+    ) throws(UserError) {
         self.queueDepth = queueDepth
         self.verify = verify
         self.bundlePath = bundle.path
@@ -46,7 +46,7 @@ public final class RecordReader: @unchecked Sendable {
             let opened = FlashFile.open(path, bypassingCache: !pageCache)
             guard let fd = opened.fd else {
                 descriptors.values.forEach(FlashFile.close)
-                throw BundleError("cannot open \(path) (\(systemMessage(opened.errno))); re-copy or re-export the bundle")
+                throw UserError("cannot open \(path) (\(systemMessage(opened.errno))); re-copy or re-export the bundle")
             }
             bypassing = bypassing || opened.bypassing
             descriptors[layer.layer] = fd

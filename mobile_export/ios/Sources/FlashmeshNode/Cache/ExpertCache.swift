@@ -35,10 +35,10 @@ public final class ExpertCache: @unchecked Sendable {
 
     public init(
         bundle: ExpertBundle, reader: RecordReader, budgetBytes: Int, policy: Policy = .auto, lfuDecay: Double = 0.999
-    ) throws(BundleError) {
+    ) throws(UserError) {
         let minimum = bundle.minimumBudget
         guard budgetBytes >= minimum else {
-            throw BundleError(
+            throw UserError(
                 "RAM budget \(ByteSize.format(budgetBytes)) is below this model's minimum \(ByteSize.format(minimum)) "
                     + "(the top-k experts of one layer); pass --ram-budget \(minimum) or more")
         }

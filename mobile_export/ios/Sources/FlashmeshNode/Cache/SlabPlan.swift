@@ -1,7 +1,7 @@
 extension Slab {
     /// One slab per expert shape, its slots the budget's share (by expert bytes), at most one per
     /// expert (node/cache.py `_make_slabs`); the slabs by layer, and each slab once.
-    static func plan(_ bundle: ExpertBundle, budgetBytes: Int) throws(BundleError) -> ([Int: Slab], [Slab]) {
+    static func plan(_ bundle: ExpertBundle, budgetBytes: Int) throws(UserError) -> ([Int: Slab], [Slab]) {
         var order: [[RAMTensor]] = []
         var groups: [[RAMTensor]: [LayerPlan]] = [:]
         for plan in bundle.layers {
@@ -21,7 +21,7 @@ extension Slab {
         let needed = order.reduce(0) { $0 + max(slots[$1] ?? 0, k) * (groups[$1]?[0].payloadBytes ?? 0) }
         if needed > budgetBytes {
             let minimum = order.reduce(0) { $0 + k * (groups[$1]?[0].payloadBytes ?? 0) }
-            throw BundleError(
+            throw UserError(
                 "RAM budget \(ByteSize.format(budgetBytes)) is below this model's minimum \(ByteSize.format(minimum)) "
                     + "(the top-k experts of one layer of each expert shape); pass --ram-budget \(minimum) or more")
         }

@@ -37,9 +37,9 @@ public final class NodeService: @unchecked Sendable {
     private let started = monotonicSeconds()
 
     public init(bundle: ExpertBundle, options: Options, compute: any ExpertCompute = CPUExpertCompute())
-        throws(BundleError)
+        throws(UserError)
     {
-        guard !options.token.isEmpty else { throw BundleError("a node needs a cluster token") }
+        guard !options.token.isEmpty else { throw UserError("a node needs a cluster token") }
         self.bundle = bundle
         self.options = options
         nodeId = String(UUID().uuidString.lowercased().filter { $0 != "-" }.prefix(12))

@@ -22,7 +22,7 @@ public enum RPCReply: Sendable {
 public protocol NodeTransport: AnyObject, Sendable {
     /// Starts listening on host:port (0 = any free port); returns the port. A transport serves once.
     func start(host: String, port: Int, maxMessageBytes: Int, handler: @escaping @Sendable (RPCCall) -> RPCReply)
-        throws(BundleError) -> Int
+        throws(UserError) -> Int
 
     /// Stops taking calls; calls in flight may finish for `grace` seconds. Returns when all are done.
     func stop(grace: Double)

@@ -17,7 +17,7 @@ public enum ByteSize {
     }
 
     /// "2GB", "512MiB", "1.5g", "1048576" -> bytes (GB = 10^9, GiB = 2^30, a bare G means GiB).
-    public static func parse(_ text: String) throws(BundleError) -> Int {
+    public static func parse(_ text: String) throws(UserError) -> Int {
         let units: [String: Double] = [
             "": 1, "b": 1, "k": 1024, "kb": 1000, "kib": 1024, "m": 1_048_576, "mb": 1e6, "mib": 1_048_576,
             "g": 1_073_741_824, "gb": 1e9, "gib": 1_073_741_824, "t": 1_099_511_627_776, "tb": 1e12,
@@ -27,7 +27,7 @@ public enum ByteSize {
         let number = String(s.reversed().drop(while: { "kmgtib".contains($0) }).reversed())
         let unit = String(s.dropFirst(number.count))
         guard let value = Double(number), value >= 0, value.isFinite, let scale = units[unit] else {
-            throw BundleError("cannot read '\(text)' as a size; write it like 2GB, 512MiB or 1073741824")
+            throw UserError("cannot read '\(text)' as a size; write it like 2GB, 512MiB or 1073741824")
         }
         return Int(value * scale)
     }

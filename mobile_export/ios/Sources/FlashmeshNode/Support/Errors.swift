@@ -1,6 +1,6 @@
-/// A problem with a bundle or the node's setup that the user can fix; `description` is one line
-/// that says what and how (the executable prints it as `error: ...` and exits 2).
-public struct BundleError: Error, CustomStringConvertible, Equatable, Sendable {
+/// A problem the user can fix (a bundle, an option, the budget), as protos/errors.py `UserError`:
+/// `description` is one line that says what and how (the executable prints `error: ...`, exits 2).
+public struct UserError: Error, CustomStringConvertible, Equatable, Sendable {
     public let description: String
 
     public init(_ description: String) {
