@@ -21,8 +21,9 @@ import time
 from pathlib import Path
 
 from flashmesh.coordinator.client import NodeClient
-from flashmesh.coordinator.engine import open_cluster
-from flashmesh.coordinator.generate import encode_prompt, generate
+from flashmesh.coordinator.engine import open_model
+from flashmesh.coordinator.generate import SamplingParams, encode_prompt, generate
+from flashmesh.coordinator.options import ModelOptions
 from flashmesh.mobile_export.exporter import export_ios
 from flashmesh.node.bundle_source import BundleExpertSource
 from flashmesh.node.shard import write_dense
@@ -92,12 +93,12 @@ def rss_bytes(pid: int) -> dict:
 
 
 def decode_round(dense: Path, address, *, max_tokens: int) -> dict:
-    streaming, _ = open_cluster(dense, [address], token=TOKEN)
+    streaming = open_model(ModelOptions(store=dense, cluster=True, nodes=(address,), token=TOKEN))
     client = NodeClient(address, token=TOKEN)
     try:
         before = client.stats()
         prompt = encode_prompt(streaming.tokenizer, PROMPT, chat=False)
-        result = generate(streaming.model, streaming.tokenizer, prompt, max_tokens=max_tokens)
+        result = generate(streaming.model, streaming.tokenizer, prompt, SamplingParams(max_tokens=max_tokens))
         after = client.stats()
     finally:
         client.close()

@@ -87,7 +87,10 @@ def write_expert_layers(
                 raise UserError("export-ios needs a full store, not a shard; export from the full store")
             first = convert_record(store.read_raw(src.layer, src.experts[0]), src, mode=mode, bits=bits)
             tensors, record_size = record_layout(first)
-            spec = LayerSpec(src.layer, src.module, src.num_experts, record_size, tensors, list(src.experts), [])
+            spec = LayerSpec(
+                src.layer, src.module, src.num_experts, record_size, tensors, list(src.experts), [],
+                top_k=src.top_k, kind=src.kind, input_dim=src.input_dim,
+            )  # fmt: skip
             fd = os.open(out / spec.file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
             try:
                 for i, e in enumerate(src.experts):

@@ -124,7 +124,8 @@ class BundleExpertSource(ExpertStore):
             experts = [e for e in record.experts if e in wanted]
         return LayerSpec(
             record.layer, record.module, record.num_experts, record.record_size, tensors, experts,
-            [record.record_checksum(e) for e in experts], record.file,
+            [record.record_checksum(e) for e in experts], record.file, top_k=record.top_k, kind=record.kind,
+            input_dim=record.input_dim,
         )  # fmt: skip
 
     def _arrays(self, raw: mx.array, skew: int, spec: LayerSpec) -> dict[str, mx.array]:
@@ -142,7 +143,7 @@ class BundleExpertSource(ExpertStore):
     def templates(self) -> dict[int, nn.Module]:
         quantized = self.expert_input != "float16"
         templates = expert_templates_from_config(
-            self.manifest.config, quantization=self.quantization if quantized else None
+            self.manifest.config, self.manifest.layers, quantization=self.quantization if quantized else None
         )
         missing = sorted(set(self._layers) - set(templates))
         if missing:

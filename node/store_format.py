@@ -21,9 +21,10 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 import xxhash
+from flashmesh.protos import codec
 from flashmesh.protos.errors import UserError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: each layer names its bank's kind and top-k, read from the model by pack
 RECORD_ALIGN = 16 * 1024  # one aligned pread per expert; also the iOS page size
 TENSOR_ALIGN = 64  # tensors inside a record start on cache-line boundaries
 MANIFEST = "manifest.json"
@@ -38,23 +39,12 @@ class RecordError(UserError):
         self.expert = expert
 
 
-# mx dtype name -> (numpy dtype used to carry the bytes, mx dtype)
-_DTYPES: dict[str, tuple[np.dtype, mx.Dtype]] = {
-    "float32": (np.dtype(np.float32), mx.float32),
-    "float16": (np.dtype(np.float16), mx.float16),
-    "bfloat16": (np.dtype(np.uint16), mx.bfloat16),  # numpy has no bf16: carry as uint16
-    "uint32": (np.dtype(np.uint32), mx.uint32),
-    "uint8": (np.dtype(np.uint8), mx.uint8),
-    "int8": (np.dtype(np.int8), mx.int8),
-    "int32": (np.dtype(np.int32), mx.int32),
-}
-
-
 def dtype_name(dtype: mx.Dtype) -> str:
-    for name, (_, mxd) in _DTYPES.items():
-        if mxd == dtype:
-            return name
-    raise UserError(f"expert tensors of dtype {dtype} are not supported by the store")
+    """The store's name of an expert tensor's dtype (the wire's, protos.codec.DTYPES)."""
+    try:
+        return codec.dtype_name(dtype)
+    except codec.CodecError:
+        raise UserError(f"expert tensors of dtype {dtype} are not supported by the store") from None
 
 
 def raw_bytes(a: mx.array) -> memoryview:
@@ -66,7 +56,7 @@ def raw_bytes(a: mx.array) -> memoryview:
 
 def from_buffer(buf, spec: TensorSpec, base: int = 0) -> mx.array:
     """Copy one tensor out of a record buffer into a new mx array."""
-    np_dtype, mx_dtype = _DTYPES[spec.dtype]
+    np_dtype, mx_dtype = codec.DTYPES[spec.dtype]
     count = int(np.prod(spec.shape)) if spec.shape else 1
     arr = np.frombuffer(buf, dtype=np_dtype, count=count, offset=base + spec.offset)
     out = mx.array(arr.reshape(spec.shape))
@@ -108,6 +98,9 @@ class LayerSpec:
     experts: list[int]  # experts held by this store, in file order
     checksums: list[str]  # one per held expert, same order
     file: str = ""
+    top_k: int = 0  # experts the layer's router picks per token, seen by pack in the model's own forward pass
+    kind: str = "switch"  # "switch": one stacked-expert module; "list": a list of per-expert modules
+    input_dim: int = 0  # D of the hidden states x [N, D] the bank takes, seen by pack like top_k
 
     def __post_init__(self) -> None:
         self.file = self.file or f"experts/layer_{self.layer:03d}.bin"
@@ -164,11 +157,8 @@ class Manifest:
 
     @property
     def top_k(self) -> int:
-        for key in ("num_experts_per_tok", "moe_topk", "top_k", "num_experts_per_token"):
-            for cfg in (self.config, self.config.get("text_config", {})):
-                if key in cfg:
-                    return int(cfg[key])
-        raise UserError("the model config names no experts-per-token count")
+        """Most experts any MoE layer's router picks per token (recorded by pack from the model)."""
+        return max(s.top_k for s in self.layers)
 
     def layer(self, layer: int) -> LayerSpec:
         for spec in self.layers:
@@ -256,7 +246,7 @@ def fingerprint(config: dict, layers: list[LayerSpec], dense_checksums: list[str
     h = xxhash.xxh3_128()
     h.update(json.dumps(config, sort_keys=True).encode())
     for s in layers:
-        h.update(json.dumps([s.layer, s.module, [asdict(t) for t in s.tensors]]).encode())
+        h.update(json.dumps([s.layer, s.module, s.kind, s.top_k, [asdict(t) for t in s.tensors]]).encode())
         h.update("".join(s.checksums).encode())
     h.update("".join(dense_checksums).encode())
     return h.hexdigest()

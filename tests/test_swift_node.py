@@ -20,9 +20,10 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from flashmesh.coordinator.cli import main
-from flashmesh.coordinator.engine import open_cluster, open_local
+from flashmesh.coordinator.engine import open_model
 from flashmesh.coordinator.failover import DATA_LOSS, UNAVAILABLE
-from flashmesh.coordinator.generate import encode_prompt, generate
+from flashmesh.coordinator.generate import SamplingParams, encode_prompt, generate
+from flashmesh.coordinator.options import ModelOptions
 from flashmesh.node.bundle_source import BundleExpertSource
 from flashmesh.node.shard import write_dense
 from flashmesh.node.store_format import Manifest
@@ -30,9 +31,8 @@ from flashmesh.protos import LOST_RECORDS_METADATA_KEY, TOKEN_METADATA_KEY
 from flashmesh.protos import flashmesh_pb2 as pb
 from flashmesh.protos import flashmesh_pb2_grpc as pb_grpc
 from flashmesh.protos.codec import encode_numpy
+from flashmesh.testing.faults import generate_with_faults
 from flashmesh.testing.swift_node import MixedNodeProcesses
-
-from bench.failover import generate_with_faults
 
 PROMPT = "The quick brown fox jumps over the lazy dog. Mixture of experts"
 TOKEN = "test-swift-token"
@@ -97,10 +97,10 @@ class Running:
 
 def _local(store: Path):
     """Tokens and logits of the single-machine run."""
-    local = open_local(store, ram_budget=Manifest.load(store).expert_bytes_total)
+    local = open_model(ModelOptions(store=store, ram_budget=Manifest.load(store).expert_bytes_total))
     try:
         prompt = encode_prompt(local.tokenizer, PROMPT, chat=False)
-        tokens = generate(local.model, local.tokenizer, prompt, max_tokens=MAX_TOKENS).tokens
+        tokens = generate(local.model, local.tokenizer, prompt, SamplingParams(max_tokens=MAX_TOKENS)).tokens
         logits = np.array(local.model(mx.array(local.tokenizer.encode(PROMPT))[None]))
     finally:
         local.close()
@@ -114,8 +114,12 @@ def _run_json(dense: Path, addresses, capsys) -> dict:
     return json.loads(capsys.readouterr().out)
 
 
+def _open_cluster(dense: Path, addresses, **options):
+    return open_model(ModelOptions(store=dense, cluster=True, nodes=tuple(addresses), token=TOKEN, **options))
+
+
 def _logits(dense: Path, addresses) -> np.ndarray:
-    remote, _ = open_cluster(dense, list(addresses), token=TOKEN)
+    remote = _open_cluster(dense, addresses)
     try:
         tokenizer = remote.tokenizer
         return np.array(remote.model(mx.array(tokenizer.encode(PROMPT))[None]))
@@ -231,7 +235,7 @@ def test_damaged_records_fail_over_to_a_replica(swift_binary, cases, tmp_path):
         data[e * spec.record_size + 64] ^= 0xFF
     path.write_bytes(bytes(data))
     with Running(_replicated(bundle, copy, swift_binary, tmp_path)) as nodes:
-        streaming, _ = open_cluster(dense, list(nodes.addresses), token=TOKEN, probe_backoff=0.2)
+        streaming = _open_cluster(dense, nodes.addresses, probe_backoff=0.2)
         try:
             assert generate_with_faults(streaming, PROMPT, max_tokens=MAX_TOKENS) == want_tokens
             failovers = [f for f in streaming.backend.stats.failovers if f.kind == DATA_LOSS]
@@ -248,7 +252,7 @@ def test_sigkill_of_the_swift_node_mid_generation(swift_binary, cases, tmp_path)
     shutil.copytree(bundle, copy)
     moe_layers = len(Manifest.load(store).layers)
     with Running(_replicated(bundle, copy, swift_binary, tmp_path)) as nodes:
-        streaming, _ = open_cluster(dense, list(nodes.addresses), token=TOKEN, rpc_deadline=2.0, probe_backoff=0.2)
+        streaming = _open_cluster(dense, nodes.addresses, rpc_deadline=2.0, probe_backoff=0.2)
         victim = nodes.procs[0]
         try:
 
