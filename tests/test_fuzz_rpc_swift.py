@@ -5,19 +5,19 @@ from __future__ import annotations
 
 import grpc
 import pytest
+from flashmesh.node.bundle_source import BundleExpertSource
 from flashmesh.protos import flashmesh_pb2 as pb
 from flashmesh.protos import flashmesh_pb2_grpc as pb_grpc
 from flashmesh.testing.swift_node import MixedNodeProcesses
 
 from . import test_fuzz_rpc as suite
 
-# The suite's tests in its order (the last checks the counts), collected here with this module's `node`.
+# The suite's tests, collected here with this module's `node`.
 test_fuzz_compute_values = suite.test_fuzz_compute_values
 test_fuzz_compute = suite.test_fuzz_compute
 test_fuzz_prefetch = suite.test_fuzz_prefetch
 test_fuzz_token_on_every_rpc = suite.test_fuzz_token_on_every_rpc
 test_fuzz_raw_bytes_on_every_rpc = suite.test_fuzz_raw_bytes_on_every_rpc
-test_fuzz_ran_enough_cases = suite.test_fuzz_ran_enough_cases
 
 
 class RemoteService:
@@ -40,8 +40,6 @@ def node(bundles, swift_binary, tmp_path_factory):
     bundle = root / "qwen3_moe.flashmesh-ios"
     top_k = manifest["routing"]["top_k"]
     work = tmp_path_factory.mktemp("fuzz-swift")
-    from flashmesh.node.bundle_source import BundleExpertSource
-
     source = BundleExpertSource(bundle)
     budget = source.manifest.min_budget_bytes * 4
     source.close()
@@ -49,19 +47,13 @@ def node(bundles, swift_binary, tmp_path_factory):
         [bundle], kinds=["swift"], binary=swift_binary, budgets=[budget], token=suite.TOKEN, logdir=work / "logs",
         node_args=[["--count", "2", "--index", "0", "--max-message", str(suite.MAX_MESSAGE)]], flash_gbps=1.0,
     )  # fmt: skip
-    suite.CASES.clear()  # count this node's cases only
     try:
         processes.start(0)
         (address,) = processes.find(timeout=60)
         channel = grpc.insecure_channel(address.target)
-        n = suite.Node.__new__(suite.Node)
-        n.service, n.port, n.channel = RemoteService(pb_grpc.NodeStub(channel), top_k), address.port, channel
-        n.stub = pb_grpc.NodeStub(channel)
-        info = n.service.info()
-        n.d = info.hidden_size
-        n.layers = {h.layer: list(h.experts) for h in info.layers}
-        n.num_experts = info.layers[0].num_experts
+        n = suite.Node(RemoteService(pb_grpc.NodeStub(channel), top_k), address.port)
         yield n
+        n.channel.close()
         channel.close()
         assert processes.procs[0].poll() is None, "the Swift node died during the fuzz"
     finally:

@@ -21,7 +21,6 @@ import numpy as np
 import pytest
 from flashmesh.coordinator.cli import main
 from flashmesh.coordinator.engine import open_model
-from flashmesh.coordinator.failover import DATA_LOSS, UNAVAILABLE
 from flashmesh.coordinator.generate import SamplingParams, encode_prompt, generate
 from flashmesh.coordinator.options import ModelOptions
 from flashmesh.node.bundle_source import BundleExpertSource
@@ -31,6 +30,7 @@ from flashmesh.protos import LOST_RECORDS_METADATA_KEY, TOKEN_METADATA_KEY
 from flashmesh.protos import flashmesh_pb2 as pb
 from flashmesh.protos import flashmesh_pb2_grpc as pb_grpc
 from flashmesh.protos.codec import encode_numpy
+from flashmesh.protos.errors import ErrorKind
 from flashmesh.testing.faults import generate_with_faults
 from flashmesh.testing.swift_node import MixedNodeProcesses
 
@@ -238,7 +238,7 @@ def test_damaged_records_fail_over_to_a_replica(swift_binary, cases, tmp_path):
         streaming = _open_cluster(dense, nodes.addresses, probe_backoff=0.2)
         try:
             assert generate_with_faults(streaming, PROMPT, max_tokens=MAX_TOKENS) == want_tokens
-            failovers = [f for f in streaming.backend.stats.failovers if f.kind == DATA_LOSS]
+            failovers = [f for f in streaming.backend.dispatch.failovers if f.kind == ErrorKind.DATA_LOSS]
             assert failovers and {f.layer for f in failovers} == {spec.layer}
             assert all(f"layer {spec.layer} expert" in f.reason and "checksum mismatch" in f.reason for f in failovers)
         finally:
@@ -264,8 +264,8 @@ def test_sigkill_of_the_swift_node_mid_generation(swift_binary, cases, tmp_path)
             assert generate_with_faults(streaming, PROMPT, max_tokens=MAX_TOKENS, on_layer_call=kill) == want_tokens
             swift_id = next(n for n, link in streaming.backend.links.items() if nodes.names[0] in link.label)
             assert streaming.backend.placement.assigned(swift_id)  # the Swift node had work to lose
-            failovers = [f for f in streaming.backend.stats.failovers if nodes.names[0] in f.node]
-            assert [f.kind for f in failovers] == [UNAVAILABLE]
+            failovers = [f for f in streaming.backend.dispatch.failovers if nodes.names[0] in f.node]
+            assert [f.kind for f in failovers] == [ErrorKind.UNAVAILABLE]
             assert streaming.backend.membership.down() == [swift_id]
         finally:
             streaming.close()
