@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import subprocess
 import time
@@ -27,8 +28,9 @@ from flashmesh.coordinator.options import ModelOptions
 from flashmesh.mobile_export.exporter import export_ios
 from flashmesh.node.bundle_source import BundleExpertSource
 from flashmesh.node.shard import write_dense
-from flashmesh.node.store_format import MANIFEST
+from flashmesh.node.store_format import MANIFEST, Manifest
 from flashmesh.node.store_writer import pack
+from flashmesh.protos.errors import UserError
 from flashmesh.testing.swift_node import MixedNodeProcesses, node_binary
 from flashmesh.testing.synthetic import build_model
 
@@ -40,8 +42,14 @@ TOKEN = "bench-swift-token"
 
 
 def prepare(work: Path) -> tuple[Path, Path]:
-    """(bundle, dense part), built once."""
+    """(bundle, dense part), built once (again when this flashmesh reads another store format)."""
     store, bundle, dense = work / "store", work / "model.flashmesh-ios", work / "dense"
+    try:
+        Manifest.load(dense)
+    except UserError:
+        shutil.rmtree(work / "src", ignore_errors=True)
+        for path in (store, bundle, dense):
+            shutil.rmtree(path, ignore_errors=True)
     if not (store / MANIFEST).is_file():
         src = build_model(work / "src", "qwen3_moe", **SHAPE)
         pack(str(src), store, show_progress=False)
