@@ -31,7 +31,9 @@ ifeq ($(SWIFT),)
 	@if [ -n "$$FLASHMESH_REQUIRE_SWIFT" ] && [ "$$FLASHMESH_REQUIRE_SWIFT" != 0 ]; then \
 		echo "FLASHMESH_REQUIRE_SWIFT is set: a missing Swift toolchain is an error"; exit 1; fi
 else
-	@missing=$$(for p in $(SWIFT_DEBS); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	@if ! command -v dpkg >/dev/null; then \
+		echo "not Debian: the Swift node links gRPC, xxhash and BLAS from the system (docs/ios.md)"; exit 0; fi; \
+	missing=$$(for p in $(SWIFT_DEBS); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
 	if [ -n "$$missing" ]; then \
 		echo "installing $$missing for the Swift node"; \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; fi
