@@ -14,7 +14,7 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from flashmesh.node.store_format import StoreError
+from flashmesh.protos.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -62,10 +62,10 @@ def ensure_package() -> Path:
         for cmd in (["apt-get", "update", "-qq"], ["apt-get", "install", "-y", "-qq", PACKAGE]):
             proc = subprocess.run(cmd, capture_output=True, text=True)
             if proc.returncode != 0:
-                raise StoreError(f"`{' '.join(cmd)}` failed ({proc.stderr.strip()[-200:]}); install {PACKAGE} as root")
+                raise UserError(f"`{' '.join(cmd)}` failed ({proc.stderr.strip()[-200:]}); install {PACKAGE} as root")
         found = sources_dir()
     if found is None:
-        raise StoreError(f"{PACKAGE} is installed but {SOURCES}/{SOURCES_GLOB} is missing")
+        raise UserError(f"{PACKAGE} is installed but {SOURCES}/{SOURCES_GLOB} is missing")
     return found
 
 
@@ -110,7 +110,7 @@ def load_corpus(root: Path | None = None) -> Corpus:
     root = root or ensure_package()
     files = sorted(root.rglob("*.txt"))
     if not files:
-        raise StoreError(f"no reST sources under {root}")
+        raise UserError(f"no reST sources under {root}")
     docs = [clean_rst(f.read_text(encoding="utf-8", errors="replace")) for f in files]
     held = [d for i, d in enumerate(docs) if i % HELD_OUT_EVERY == HELD_OUT_EVERY - 1]
     train = [d for i, d in enumerate(docs) if i % HELD_OUT_EVERY != HELD_OUT_EVERY - 1]

@@ -26,11 +26,12 @@ from rich.progress import track
 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-from flashmesh.coordinator.engine import open_cluster, open_local  # noqa: E402
-from flashmesh.coordinator.generate import encode_prompt, generate  # noqa: E402
+from flashmesh.coordinator.engine import open_model  # noqa: E402
+from flashmesh.coordinator.options import ModelOptions  # noqa: E402
 from flashmesh.coordinator.remote import DEFAULT_RPC_DEADLINE  # noqa: E402
 from flashmesh.node.store_format import Manifest  # noqa: E402
 from flashmesh.testing.demo import DEMO_SHAPE, prepare_demo  # noqa: E402
+from flashmesh.testing.faults import generate_with_faults  # noqa: E402
 from flashmesh.testing.local_nodes import ensure_dense, ensure_shards, local_node_processes  # noqa: E402
 
 from bench.cli import write_result  # noqa: E402
@@ -39,35 +40,21 @@ PROMPT = "The experts live on flash and"
 FAULTS = ("sigkill_between_calls", "sigkill_in_flight", "sigstop")
 
 
-def generate_with_faults(streaming, prompt: str, *, max_tokens: int, on_layer_call=None) -> list[int]:
-    """Greedy tokens; `on_layer_call(n)` runs before the n-th MoE layer call (to inject a fault there)."""
-    backend = streaming.backend
-    if on_layer_call is not None:
-        compute, calls = backend.compute, [0]
-
-        def hooked(layer, x, indices):
-            calls[0] += 1
-            on_layer_call(calls[0])
-            return compute(layer, x, indices)
-
-        backend.compute = hooked
-    try:
-        tokens = encode_prompt(streaming.tokenizer, prompt, chat=False)
-        return generate(streaming.model, streaming.tokenizer, tokens, max_tokens=max_tokens).tokens
-    finally:
-        backend.__dict__.pop("compute", None)
-
-
 def _generate(streaming, max_tokens: int, on_layer_call=None) -> list[int]:
     return generate_with_faults(streaming, PROMPT, max_tokens=max_tokens, on_layer_call=on_layer_call)
 
 
 def _one(nodes, dense, *, fault: str, reference: list[int], max_tokens: int, rpc_deadline: float, moe_layers: int):
-    streaming, connected = open_cluster(dense, list(nodes.addresses), token=nodes.token, rpc_deadline=rpc_deadline)
+    streaming = open_model(
+        ModelOptions(
+            store=dense, cluster=True, nodes=tuple(nodes.addresses), token=nodes.token, rpc_deadline=rpc_deadline
+        )
+    )
+    connected = streaming.nodes
     backend = streaming.backend
     try:
         _generate(streaming, max_tokens)  # warm caches and the measured latency
-        backend.reset_stats()
+        backend.reset_dispatch()
         placement = backend.placement
         victim_id = max(placement.node_ids, key=lambda n: len(placement.assigned(n)))
         target = next(n.address.target for n in connected if n.node_id == victim_id)
@@ -94,7 +81,7 @@ def _one(nodes, dense, *, fault: str, reference: list[int], max_tokens: int, rpc
                 proc.send_signal(signal.SIGCONT)
             elif timer.is_alive() or fault == "sigkill_in_flight":
                 timer.join()
-        stats = backend.stats
+        stats = backend.dispatch
         healthy = [c.seconds for c in stats.calls if c.rounds == 1 and c.tokens == 1]
         stall = max(stats.stall_seconds, default=0.0)
         row = {
@@ -127,7 +114,7 @@ def main() -> None:
 
     store, _ = prepare_demo(args.workdir, show_progress=False)
     manifest = Manifest.load(store)
-    local = open_local(store, ram_budget=manifest.expert_bytes_total)
+    local = open_model(ModelOptions(store=store, ram_budget=manifest.expert_bytes_total))
     try:
         reference = _generate(local, args.max_tokens)
     finally:

@@ -16,7 +16,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
-from flashmesh.node.experts import find_expert_modules
+from flashmesh.node.expert_banks import find_expert_banks, submodule
 
 
 @dataclass(eq=False)
@@ -51,14 +51,16 @@ class RecordingGate(nn.Linear):
 def record_routers(model: nn.Module) -> RouterLogits:
     """Swap every MoE block's `gate` for a RecordingGate; return the sink its logits go to."""
     sink = RouterLogits()
-    for path in find_expert_modules(model):
-        block = model
-        for part in path.split(".")[:-1]:
-            block = block[int(part)] if part.isdigit() else block[part]
+    for block in _moe_blocks(model):
         if not isinstance(block.get("gate"), nn.Linear):
-            raise ValueError(f"{path}: the MoE block has no nn.Linear router named gate")
+            raise ValueError("the MoE block has no nn.Linear router named gate")
         block["gate"] = RecordingGate(block["gate"], sink)
     return sink
+
+
+def _moe_blocks(model: nn.Module) -> list[nn.Module]:
+    """The modules holding each routed-expert bank (mlx-lm's MoE blocks), found by tracing."""
+    return [submodule(model, bank.path.rpartition(".")[0]) for bank in find_expert_banks(model)]
 
 
 def load_balancing_loss(logits: list[mx.array], *, top_k: int) -> mx.array:
@@ -138,10 +140,7 @@ def train(
 
 def restore_routers(model: nn.Module) -> None:
     """Put plain nn.Linear routers back (same weights), so the model is mlx-lm's as built."""
-    for path in find_expert_modules(model):
-        block = model
-        for part in path.split(".")[:-1]:
-            block = block[int(part)] if part.isdigit() else block[part]
+    for block in _moe_blocks(model):
         gate = block["gate"]
         if isinstance(gate, RecordingGate):
             plain = nn.Linear(1, 1, bias="bias" in gate)

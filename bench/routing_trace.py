@@ -13,10 +13,11 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
-from flashmesh.coordinator.dispatch import ExpertBackend, ExpertDispatch, Lookahead, set_lookahead
-from flashmesh.coordinator.engine import open_local
-from flashmesh.coordinator.generate import encode_prompt, generate
-from flashmesh.node.cache import default_budget
+from flashmesh.coordinator.dispatch import ExpertBackend, ExpertDispatch, Lookahead, bind_backend, set_lookahead
+from flashmesh.coordinator.engine import open_model
+from flashmesh.coordinator.generate import SamplingParams, encode_prompt, generate
+from flashmesh.coordinator.options import ModelOptions, default_budget
+from flashmesh.node.cache_stats import ExpertStats
 from flashmesh.node.store_format import Manifest
 
 from bench.routing import Steps
@@ -45,8 +46,14 @@ class TracingBackend:
         self.calls.append((layer, ids, None if la is None else la.layer, predicted))
         return self.inner.compute(layer, x, indices)
 
-    def prefetch(self, layer: int, experts: list[int]) -> None:
-        self.inner.prefetch(layer, experts)
+    def hint(self, layer: int, experts: list[int]) -> None:
+        self.inner.hint(layer, experts)
+
+    def stats(self) -> ExpertStats:
+        return self.inner.stats()
+
+    def close(self) -> None:
+        self.inner.close()
 
     def take_steps(self) -> tuple[Steps, Steps]:
         """The calls so far as per-token (chosen, predicted) steps; clears them."""
@@ -72,10 +79,8 @@ def install_tracer(model: nn.Module, backend: ExpertBackend) -> TracingBackend:
     set_lookahead(model, enabled=True)  # builds the next-layer predictors the engine would use
     dispatches = [m for _, m in model.named_modules() if isinstance(m, ExpertDispatch)]
     predictors = {d.layer: d.lookahead for d in dispatches if d.lookahead is not None}
-    set_lookahead(model, enabled=False)
     tracer = TracingBackend(backend, predictors)
-    for d in dispatches:
-        d.backend = tracer
+    bind_backend(model, tracer, lookahead=False)
     return tracer
 
 
@@ -86,17 +91,17 @@ def trace_store(
     "generation": the tokens generated from `prompt` (its decode steps); and the generated text.
     Everything fits in RAM (up to half the machine's)."""
     manifest = Manifest.load(store)
-    streaming = open_local(store, ram_budget=default_budget(manifest))
+    streaming = open_model(ModelOptions(store=store, ram_budget=default_budget(manifest)))
     try:
         tracer = install_tracer(streaming.model, streaming.backend)
         phases = {}
         if prompt_tokens:
-            generate(streaming.model, streaming.tokenizer, prompt_tokens, max_tokens=1)
+            generate(streaming.model, streaming.tokenizer, prompt_tokens, SamplingParams(max_tokens=1))
             steps, predicted = tracer.take_steps()
             phases["prompt"] = (steps[: len(prompt_tokens)], predicted[: len(prompt_tokens)])
-        mx.random.seed(seed)
         tokens = encode_prompt(streaming.tokenizer, prompt, chat=False)
-        result = generate(streaming.model, streaming.tokenizer, tokens, max_tokens=max_tokens, temperature=temperature)
+        params = SamplingParams(max_tokens=max_tokens, temperature=temperature, seed=seed)
+        result = generate(streaming.model, streaming.tokenizer, tokens, params)
         steps, predicted = tracer.take_steps()
         phases["generation"] = (steps[len(tokens) :], predicted[len(tokens) :])  # decode steps only
         return phases, result.text

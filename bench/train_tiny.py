@@ -57,14 +57,14 @@ def encode(tokenizer_dir: Path, docs: list[str]):
 
 def continuations(model_dir: Path, prompts: list[str], *, max_tokens: int = 40) -> dict[str, str]:
     """Greedy continuations from mlx-lm's own load of the written directory."""
-    from flashmesh.coordinator.generate import encode_prompt, generate
+    from flashmesh.coordinator.generate import SamplingParams, encode_prompt, generate
     from mlx_lm import load
 
     model, tokenizer = load(str(model_dir))
     out = {}
     for prompt in prompts:
         tokens = encode_prompt(tokenizer, prompt, chat=False)
-        out[prompt] = generate(model, tokenizer, tokens, max_tokens=max_tokens).text
+        out[prompt] = generate(model, tokenizer, tokens, SamplingParams(max_tokens=max_tokens)).text
     return out
 
 

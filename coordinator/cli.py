@@ -13,10 +13,11 @@ import sys
 from importlib.metadata import entry_points
 from pathlib import Path
 
-from flashmesh.coordinator.cluster_cli import add_discovery_args
-from flashmesh.coordinator.remote import DEFAULT_RPC_DEADLINE
-from flashmesh.node.cache import default_budget, format_bytes, parse_bytes
-from flashmesh.node.store_format import StoreError
+from flashmesh.coordinator.generate import SamplingParams
+from flashmesh.coordinator.options import ModelOptions, add_model_args, model_options
+from flashmesh.coordinator.report import run_prompt
+from flashmesh.protos.errors import UserError
+from flashmesh.protos.sizes import format_bytes
 from rich.console import Console
 from rich.table import Table
 
@@ -31,24 +32,31 @@ COMMANDS = "flashmesh.commands"
 def add_generation_args(p: argparse.ArgumentParser, *, prompt_default: str | None) -> None:
     p.add_argument("--prompt", default=prompt_default, required=prompt_default is None)
     p.add_argument("--max-tokens", type=int, default=32)
-    p.add_argument(
-        "--ram-budget",
-        default=None,
-        help="bytes of expert weights kept in RAM, e.g. 2GB, 512MiB (default: every expert, at most half the RAM)",
-    )
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-p", type=float, default=0.0)
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
-    p.add_argument("--page-cache", action="store_true", help="let the OS page cache help (default: bypass it)")
     p.add_argument("--prefill-step", type=int, default=512, help="prompt tokens per prefill chunk")
-    p.add_argument("--preload", action="store_true", help="read every expert up front when the budget holds them all")
-    p.add_argument(
-        "--lookahead",
-        action="store_true",
-        help="predict the next layer's experts with its router and read them ahead (helps where flash, not "
-        "compute, is the limit; docs/benchmarks.md)",
-    )
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text and a table")
+
+
+def sampling_params(args: argparse.Namespace) -> SamplingParams:
+    return SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p)
+
+
+def run_args(args: argparse.Namespace, options: ModelOptions) -> dict:
+    """Generate as `run` and the demo do: text streamed to stdout unless --json; return the JSON."""
+    stream = None if args.json else (lambda text, _n: print(text, end="", flush=True))
+    result = run_prompt(
+        options,
+        args.prompt,
+        sampling_params(args),
+        chat=args.chat,
+        prefill_step_size=args.prefill_step,
+        on_text=stream,
+    )
+    if stream is not None:
+        print(flush=True)
+    return result
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -64,17 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", help="generate with experts streamed from a store")
     p.set_defaults(func=cmd_run)
-    p.add_argument("store", type=Path, help="a store, or with --cluster its dense part (`flashmesh shard --dense`)")
+    add_model_args(p)
     add_generation_args(p, prompt_default=None)
-    p.add_argument("--cluster", action="store_true", help="compute the experts on nodes (zeroconf and/or --node)")
-    add_discovery_args(p)
-    p.add_argument(
-        "--rpc-deadline",
-        type=float,
-        default=DEFAULT_RPC_DEADLINE,
-        help="seconds a node gets for a layer's request before it counts as hung and its work moves to replicas; "
-        "grows with measured latency for large requests (default %(default)g)",
-    )
 
     for entry in sorted(entry_points(group=COMMANDS), key=lambda e: e.name):
         entry.load().register(sub)
@@ -103,76 +102,6 @@ def print_stats(stats: dict, *, title: str) -> None:
     for name, value in rows:
         table.add_row(name, value)
     err.print(table)
-
-
-def run_store(args, store: Path, *, extra: dict | None = None) -> dict:
-    from flashmesh.coordinator.engine import open_local
-    from flashmesh.coordinator.generate import add_cache_stats, encode_prompt, generate
-    from flashmesh.node.store_format import Manifest
-
-    manifest = Manifest.load(store)
-    budget = parse_bytes(args.ram_budget) if args.ram_budget else default_budget(manifest)
-    streaming = open_local(
-        store, ram_budget=budget, page_cache=args.page_cache, lookahead=args.lookahead, preload=args.preload
-    )
-    try:
-        prompt = encode_prompt(streaming.tokenizer, args.prompt, chat=args.chat)
-        stream = None if args.json else (lambda s: print(s, end="", flush=True))
-        stats = generate(
-            streaming.model,
-            streaming.tokenizer,
-            prompt,
-            max_tokens=args.max_tokens,
-            temperature=args.temperature,
-            top_p=args.top_p,
-            prefill_step_size=args.prefill_step,
-            on_text=stream,
-        )
-        if stream is not None:
-            print(flush=True)
-        add_cache_stats(
-            stats, streaming.cache.stats, ram_budget_bytes=budget, expert_bytes_total=manifest.expert_bytes_total
-        )
-        result = stats.to_json()
-        result["page_cache_bypassed"] = streaming.store.bypassing_cache
-        result.update(extra or {})
-        return result
-    finally:
-        streaming.close()
-
-
-def run_cluster(
-    args, store: Path, *, addresses=None, token: str | None = None, tls=None, extra: dict | None = None
-) -> dict:
-    from flashmesh.coordinator.cluster_cli import coordinator_tls, find_nodes
-    from flashmesh.coordinator.cluster_run import resolve_token, run_on_cluster
-    from flashmesh.node.store_format import Manifest
-
-    manifest = Manifest.load(store)
-    token = token or resolve_token(args.token)
-    if addresses is None:  # `run`: nodes and TLS from the command line (the demo passes its own)
-        tls = coordinator_tls(args)
-        addresses = find_nodes(args, fingerprint=manifest.fingerprint)
-    stream = None if args.json else (lambda s: print(s, end="", flush=True))
-    result = run_on_cluster(
-        store,
-        addresses,
-        token=token,
-        prompt=args.prompt,
-        chat=args.chat,
-        max_tokens=args.max_tokens,
-        temperature=args.temperature,
-        top_p=args.top_p,
-        prefill_step_size=args.prefill_step,
-        lookahead=args.lookahead,
-        rpc_deadline=getattr(args, "rpc_deadline", DEFAULT_RPC_DEADLINE),
-        on_text=stream,
-        tls=tls,
-    )
-    if stream is not None:
-        print(flush=True)
-    result.update(extra or {})
-    return result
 
 
 def print_nodes(result: dict) -> None:
@@ -213,10 +142,7 @@ def cmd_pack(args) -> int:
 
 
 def cmd_run(args) -> int:
-    if args.cluster or args.node:
-        result = run_cluster(args, args.store)
-    else:
-        result = run_store(args, args.store)
+    result = run_args(args, model_options(args))
     if args.json:
         print(json.dumps(result))
     else:
@@ -241,7 +167,7 @@ def run_command(args: argparse.Namespace) -> int:
     )
     try:
         return args.func(args)
-    except StoreError as e:
+    except UserError as e:
         err.print(f"error: {e}", style="red", markup=False, highlight=False, soft_wrap=True)
         return 2
     except KeyboardInterrupt:

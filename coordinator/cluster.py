@@ -1,22 +1,34 @@
 """Connecting to nodes: check each one's protocol version and model fingerprint, then place.
 
 Used by `flashmesh run --cluster`, the demo and `flashmesh cluster ...`. Every failure is one line
-(a NodeError / StoreError) naming the node and why.
+(a NodeError / UserError) naming the node and why.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 
 from flashmesh.coordinator.client import NodeClient, NodeError
 from flashmesh.coordinator.discovery import NodeAddress
 from flashmesh.coordinator.placement import NodeCapacity
 from flashmesh.node.tls import TlsIdentity
-from flashmesh.protos import PROTOCOL_VERSION
+from flashmesh.protos import PROTOCOL_VERSION, TOKEN_ENV
 from flashmesh.protos import flashmesh_pb2 as pb
+from flashmesh.protos.errors import UserError
 
 log = logging.getLogger(__name__)
+
+
+def resolve_token(token: str | None) -> str:
+    """The cluster token given, else $FLASHMESH_TOKEN; a one-line error without one."""
+    token = token or os.environ.get(TOKEN_ENV)
+    if not token:
+        raise UserError(
+            f"the cluster needs its token: pass --token or set {TOKEN_ENV} (each node prints it when it starts)"
+        )
+    return token
 
 
 @dataclass
@@ -30,13 +42,7 @@ class ConnectedNode:
         return self.info.node_id
 
     def capacity(self) -> NodeCapacity:
-        return NodeCapacity(
-            node_id=self.info.node_id,
-            held={h.layer: frozenset(h.experts) for h in self.info.layers},
-            read_gbps=self.info.flash_read_gbps,
-            ram_budget_bytes=self.info.ram_budget_bytes,
-            name=self.info.name,
-        )
+        return NodeCapacity.of(self.info)
 
 
 def identity_problem(address: NodeAddress, info: pb.NodeInfo) -> str | None:

@@ -1,19 +1,19 @@
 """Finding nodes: zeroconf browse of `_flashmesh._tcp.local.` on the interfaces given, plus static
 HOST:PORT addresses for networks without mDNS. Returns addresses only; whether a node serves the
-right model is checked over the protocol (coordinator.client / coordinator.engine.open_cluster).
+right model is checked over the protocol (coordinator.client / coordinator.engine.open_model).
 """
 
 from __future__ import annotations
 
 import logging
-import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from flashmesh.node.store_format import StoreError
+from flashmesh.node.advertise import check_interfaces
 from flashmesh.protos import SERVICE_TYPE
+from flashmesh.protos.errors import UserError
 from zeroconf import IPVersion, ServiceBrowser, ServiceListener, Zeroconf
 
 log = logging.getLogger(__name__)
@@ -45,7 +45,7 @@ def parse_address(text: str) -> NodeAddress:
     host, sep, port = rest.rpartition(":")
     host = host.strip("[]")
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise StoreError(
+        raise UserError(
             f"cannot read node address {text!r}; write it as HOST:PORT or NAME@HOST:PORT, e.g. 192.168.1.20:50051"
         )
     return NodeAddress(host=host, port=int(port), name=name)
@@ -121,20 +121,16 @@ def browse(
 
 def discover(
     *,
-    static: list[str] | None = None,
+    static: Sequence[NodeAddress | str] | None = None,
     interfaces: list[str] | None = None,
     timeout: float = 3.0,
     expect: int | None = None,
     accept: Callable[[NodeAddress], bool] | None = None,
 ) -> list[NodeAddress]:
     """Static addresses first, then zeroconf on `interfaces` (none given: no multicast at all)."""
-    nodes = [parse_address(a) for a in static or []]
+    nodes = [a if isinstance(a, NodeAddress) else parse_address(a) for a in static or []]
     if interfaces:
-        for a in interfaces:
-            try:
-                socket.inet_aton(a)
-            except OSError:
-                raise StoreError(f"--interfaces takes IPv4 addresses such as 127.0.0.1, not {a!r}") from None
+        check_interfaces(interfaces)
         want = None if expect is None else max(0, expect - len(nodes))
         if want != 0:
             seen = {(n.host, n.port) for n in nodes}
@@ -143,4 +139,28 @@ def discover(
                 for n in browse(interfaces=interfaces, timeout=timeout, expect=want, accept=accept)
                 if (n.host, n.port) not in seen
             ]
+    return nodes
+
+
+def find_nodes(
+    *,
+    static: Sequence[NodeAddress | str] = (),
+    interfaces: Sequence[str] | None,
+    timeout: float = 3.0,
+    expect: int | None = None,
+    name_prefix: str = "",
+    fingerprint: str | None = None,
+) -> list[NodeAddress]:
+    """`discover`, keeping zeroconf nodes named `name_prefix`... that serve `fingerprint`; at least one
+    node or a one-line error."""
+    nodes = discover(
+        static=static,
+        interfaces=list(interfaces) if interfaces else None,
+        timeout=timeout,
+        expect=expect,
+        accept=lambda n: n.name.startswith(name_prefix) and (fingerprint is None or n.fingerprint == fingerprint),
+    )
+    if not nodes:
+        where = f" by zeroconf on {', '.join(interfaces)}" if interfaces else ""
+        raise UserError(f"no flashmesh nodes found{where}; start `flashmesh node serve` or pass --node HOST:PORT")
     return nodes

@@ -17,27 +17,23 @@ from dataclasses import dataclass, field
 
 import numpy as np
 from flashmesh.coordinator.placement import Placement
-from flashmesh.node.store_format import StoreError
+from flashmesh.protos.errors import ErrorKind, UserError
 
 Key = tuple[int, int]  # (layer, expert)
 
-# Kinds of NodeError. The first three are failures the coordinator works around with replicas; the
-# others are a wrong request or setup, where trying another node would not help.
-UNAVAILABLE, DEADLINE, DATA_LOSS = "unavailable", "deadline", "data_loss"
-FAILOVER_KINDS = frozenset({UNAVAILABLE, DEADLINE, DATA_LOSS})
 
-
-class NodeError(StoreError):
+class NodeError(UserError):
     """A node could not be used: unreachable, refused the token, wrong model, failed a request.
-    `kind` says which (see FAILOVER_KINDS); `records` the (layer, expert) records it found damaged."""
+    `kind` says which (protos.errors: FAILOVER_KINDS a replica can stand in for); `records` the
+    (layer, expert) records it found damaged."""
 
-    def __init__(self, message: str, *, kind: str = "other", records: Iterable[Key] = ()) -> None:
+    def __init__(self, message: str, *, kind: ErrorKind = ErrorKind.UNKNOWN, records: Iterable[Key] = ()) -> None:
         super().__init__(message)
         self.kind = kind
         self.records = tuple(records)
 
 
-class ExpertsLost(StoreError):
+class ExpertsLost(UserError):
     """Experts a request needs that no reachable node can compute; names them and the nodes down."""
 
     def __init__(self, message: str, *, lost: dict[int, list[int]], nodes: list[str]) -> None:
@@ -77,7 +73,7 @@ class Deadline:
         self, *, floor: float, initial: float | None = None, factor: float = 10.0, window: int = 256, warmup: int = 8
     ) -> None:
         if floor <= 0:
-            raise StoreError(f"an RPC deadline must be positive, got {floor:g} s")
+            raise UserError(f"an RPC deadline must be positive, got {floor:g} s")
         self.floor = floor
         self.initial = max(floor, initial if initial is not None else 10 * floor)
         self.factor = factor

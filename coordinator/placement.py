@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
-from flashmesh.node.store_format import StoreError
+from flashmesh.protos import flashmesh_pb2 as pb
+from flashmesh.protos.errors import UserError
 
 Key = tuple[int, int]  # (layer, expert)
 
@@ -47,6 +48,17 @@ class NodeCapacity:
     ram_budget_bytes: int
     name: str = ""
 
+    @classmethod
+    def of(cls, info: pb.NodeInfo) -> NodeCapacity:
+        """What a node's Info reply says it can take."""
+        return cls(
+            node_id=info.node_id,
+            held={h.layer: frozenset(h.experts) for h in info.layers},
+            read_gbps=info.flash_read_gbps,
+            ram_budget_bytes=info.ram_budget_bytes,
+            name=info.name,
+        )
+
 
 @dataclass
 class Placement:
@@ -71,10 +83,10 @@ def _cost(assigned: int, node: NodeCapacity) -> tuple[float, float]:
 def place(layers: Sequence[LayerLike], nodes: Sequence[NodeCapacity]) -> Placement:
     """Map every routed expert of `layers` (the full model's) to one node holding it on flash."""
     if not nodes:
-        raise StoreError("no nodes to place experts on; start `flashmesh node serve` or pass --node HOST:PORT")
+        raise UserError("no nodes to place experts on; start `flashmesh node serve` or pass --node HOST:PORT")
     ids = [n.node_id for n in nodes]
     if len(set(ids)) != len(ids):
-        raise StoreError("two nodes report the same node id; restart one of them")
+        raise UserError("two nodes report the same node id; restart one of them")
     items: list[tuple[int, int, int, list[int]]] = []  # (layer, expert, bytes, holder slots)
     missing: dict[int, list[int]] = {}
     for spec in layers:
@@ -87,7 +99,7 @@ def place(layers: Sequence[LayerLike], nodes: Sequence[NodeCapacity]) -> Placeme
     if missing:
         count = sum(len(v) for v in missing.values())
         layer, experts = next(iter(sorted(missing.items())))
-        raise StoreError(
+        raise UserError(
             f"{count} experts are held by no node found (first: layer {layer} experts {experts[:6]}); "
             "start a node for every shard (`flashmesh shard ... --index I`) or pass its --node"
         )

@@ -23,23 +23,17 @@ from typing import Protocol
 
 import mlx.core as mx
 import numpy as np
-from flashmesh.coordinator.failover import (
-    DATA_LOSS,
-    FAILOVER_KINDS,
-    Deadline,
-    ExpertsLost,
-    Membership,
-    NodeError,
-    format_lost,
-)
+from flashmesh.coordinator.failover import Deadline, ExpertsLost, Membership, NodeError, format_lost
 from flashmesh.coordinator.placement import Placement
-from flashmesh.node.store_format import StoreError
+from flashmesh.node.cache_stats import CacheStats, ExpertStats
 from flashmesh.protos import flashmesh_pb2 as pb
 from flashmesh.protos.codec import CodecError, decode, encode, encode_numpy
+from flashmesh.protos.errors import FAILOVER_KINDS, ErrorKind, UserError
 
 log = logging.getLogger(__name__)
 
 DEFAULT_RPC_DEADLINE = 3.0  # seconds: the least time a node gets for a request before it counts as hung
+STATS_TIMEOUT = 10.0  # seconds a node gets to answer a Stats call
 
 
 class PendingReply(Protocol):
@@ -48,6 +42,8 @@ class PendingReply(Protocol):
     def done(self) -> bool: ...
 
     def result(self): ...
+
+    def cancel(self) -> bool: ...
 
 
 class NodeLink(Protocol):
@@ -60,6 +56,10 @@ class NodeLink(Protocol):
     def info_async(self, *, timeout: float | None = None) -> PendingReply: ...
 
     def prefetch(self, request: pb.PrefetchRequest, *, timeout: float | None = None) -> pb.PrefetchReply: ...
+
+    def stats(self, *, timeout: float | None = None) -> pb.NodeStats: ...
+
+    def close(self) -> None: ...
 
 
 @dataclass
@@ -85,7 +85,7 @@ class LayerCall:
 class Failover:
     layer: int
     node: str  # label
-    kind: str  # unavailable, deadline, data_loss
+    kind: ErrorKind  # one of FAILOVER_KINDS
     reason: str
     pairs: int  # (token, expert) pairs moved to other nodes
     detect_seconds: float  # send -> failure seen (a deadline, or a refused connection)
@@ -121,8 +121,9 @@ class DispatchStats:
 
 
 class RemoteExperts:
-    """ExpertBackend over nodes: one request per node per layer, all nodes in parallel; failed
-    requests (node gone, hung past its deadline, damaged record) are re-sent to replicas."""
+    """The ExpertBackend (coordinator.dispatch) over nodes: one request per node per layer, all nodes
+    in parallel; failed requests (node gone, hung past its deadline, damaged record) are re-sent to
+    replicas."""
 
     def __init__(
         self,
@@ -137,7 +138,7 @@ class RemoteExperts:
     ) -> None:
         missing = [n for n in placement.node_ids if n not in links]
         if missing:
-            raise StoreError(f"placement names nodes without a connection: {missing}")
+            raise UserError(f"placement names nodes without a connection: {missing}")
         self.links = dict(links)
         self.placement = placement
         self.fingerprint = fingerprint
@@ -145,7 +146,8 @@ class RemoteExperts:
         self.probe_deadline = probe_deadline
         self.membership = Membership(placement, probe_backoff=probe_backoff, max_probe_backoff=max_probe_backoff)
         self._next: tuple[int, np.ndarray] | None = None  # router lookahead: (layer, experts)
-        self.stats = DispatchStats(nodes={n: NodeTraffic() for n in placement.node_ids})
+        self.dispatch = DispatchStats(nodes={n: NodeTraffic() for n in placement.node_ids})
+        self._node_stats: dict[str, pb.NodeStats] = {}  # each node's last Stats reply
 
     def hint(self, layer: int, experts: list[int]) -> None:
         """The router lookahead's guess at `layer`'s experts; it rides on the next compute's
@@ -181,7 +183,7 @@ class RemoteExperts:
         label = self.links[node_id].label
         try:
             info = probe.result()
-        except StoreError as e:
+        except UserError as e:
             self.membership.probe_failed(node_id, str(e))
             return
         if self.fingerprint is not None and info.fingerprint != self.fingerprint:
@@ -190,14 +192,14 @@ class RemoteExperts:
             return
         held = {h.layer: frozenset(h.experts) for h in info.layers}
         self.membership.recovered(node_id, answered_id=info.node_id, held=held)
-        self.stats.recoveries.append(label)
+        self.dispatch.recoveries.append(label)
         log.warning("node %s is back (id %s); routing its experts to it again", label, info.node_id)
 
     def _fail(self, node_id: str, error: NodeError, layer: int, experts: np.ndarray) -> None:
         """A request to `node_id` failed in a way a replica can stand in for: mark the node down,
         or, for damaged records the request needed, only those records."""
         asked = {(layer, int(e)) for e in experts}
-        if error.kind == DATA_LOSS and asked & set(error.records):
+        if error.kind == ErrorKind.DATA_LOSS and asked & set(error.records):
             self.membership.mark_bad(node_id, error.records)
             log.warning("%s; using a replica for those records", error)
         else:
@@ -256,8 +258,8 @@ class RemoteExperts:
                             raise
                         self._fail(node_id, e, layer, flat[pairs])
                         label = self.links[node_id].label
-                        self.stats.failovers.append(Failover(layer, label, e.kind, str(e), pairs.size, call.seconds))
-                        self.stats.nodes[node_id].failures += 1
+                        self.dispatch.failovers.append(Failover(layer, label, e.kind, str(e), pairs.size, call.seconds))
+                        self.dispatch.nodes[node_id].failures += 1
                         failed.append(pairs)
                         continue
                     wire += sent + reply.ByteSize()
@@ -269,7 +271,7 @@ class RemoteExperts:
         y_all = outputs[0] if len(outputs) == 1 else mx.concatenate(outputs)  # [N*k, D] in `order`
         out = y_all[mx.array(np.argsort(np.concatenate(order)))].reshape(n, k, -1)  # [N, k, D]
         mx.eval(out)
-        self.stats.calls.append(LayerCall(n, requests, wire, time.perf_counter() - start, rounds))
+        self.dispatch.calls.append(LayerCall(n, requests, wire, time.perf_counter() - start, rounds))
         return out
 
     def _send(self, layer: int, x: mx.array, flat: np.ndarray, todo: np.ndarray, k: int) -> list:
@@ -295,7 +297,7 @@ class RemoteExperts:
         return in_flight
 
     def _decode(self, node_id, reply, layer: int, pairs: np.ndarray, sent: int, seconds: float, d: int) -> mx.array:
-        traffic = self.stats.nodes[node_id]
+        traffic = self.dispatch.nodes[node_id]
         traffic.requests += 1
         traffic.pairs += pairs.size
         traffic.bytes_sent += sent
@@ -306,15 +308,32 @@ class RemoteExperts:
         try:
             y = decode(reply.y)  # [P, D]
         except CodecError as e:
-            raise StoreError(f"node {label} sent a malformed reply: {e}") from None
+            raise UserError(f"node {label} sent a malformed reply: {e}") from None
         if y.shape != (pairs.size, d):
-            raise StoreError(
+            raise UserError(
                 f"node {label} answered layer {layer} with shape {list(y.shape)}, expected {[pairs.size, d]}"
             )
         return y
 
-    def reset_stats(self) -> None:
-        self.stats = DispatchStats(nodes={n: NodeTraffic() for n in self.placement.node_ids})
+    def reset_dispatch(self) -> None:
+        """Start the wire figures afresh (a server does after each request, or its lists would grow)."""
+        self.dispatch = DispatchStats(nodes={n: NodeTraffic() for n in self.placement.node_ids})
+
+    def stats(self) -> ExpertStats:
+        """Each node's cache counters (its Stats RPC); a node that is down or does not answer keeps
+        the figures it last reported, so a window over a failover still adds up."""
+        for node_id, link in self.links.items():
+            if not self.membership.states[node_id].up and node_id in self._node_stats:
+                continue
+            try:
+                self._node_stats[node_id] = link.stats(timeout=STATS_TIMEOUT)
+            except UserError as e:
+                log.warning("no statistics from %s: %s", link.label, e)
+                self._node_stats.setdefault(node_id, pb.NodeStats())
+        return ExpertStats(
+            {n: CacheStats.from_proto(s) for n, s in self._node_stats.items()},
+            {n: s.ram_budget_bytes for n, s in self._node_stats.items()},
+        )
 
     def prefetch(self, layer: int, experts: list[int]) -> None:
         """Ask each node computing `experts` now to read its share into its cache (waits for all).
@@ -334,11 +353,8 @@ class RemoteExperts:
 
     def close(self) -> None:
         for state in self.membership.states.values():
-            cancel = getattr(state.probe, "cancel", None)
-            if cancel is not None:
-                cancel()
+            if state.probe is not None:
+                state.probe.cancel()
             state.probe = None
         for link in self.links.values():
-            close = getattr(link, "close", None)
-            if close is not None:
-                close()
+            link.close()

@@ -23,38 +23,30 @@ import numpy as np
 from flashmesh.node.cache import ExpertCache
 from flashmesh.node.compute import LocalExperts
 from flashmesh.node.expert_source import ExpertSource, open_expert_source
-from flashmesh.node.store_format import RecordError, StoreError
+from flashmesh.node.store_format import RecordError
 from flashmesh.protos import DEFAULT_MAX_MESSAGE_BYTES, PROTOCOL_VERSION
 from flashmesh.protos import flashmesh_pb2 as pb
 from flashmesh.protos.codec import FLOAT_DTYPES, CodecError, all_finite, decode, encode, to_numpy
+from flashmesh.protos.errors import ErrorKind, UserError
 
 log = logging.getLogger(__name__)
 
-INVALID, UNAUTHENTICATED, INTERNAL = "invalid_argument", "unauthenticated", "internal"
-DATA_LOSS = "data_loss"  # a record on this node's flash failed its checksum (or was cut short)
-
 
 class RequestError(Exception):
-    """A request the node refuses or cannot serve; `status` names the gRPC status code, `records`
-    the (layer, expert) records found damaged (DATA_LOSS), so a coordinator can use a replica."""
+    """A request the node refuses or cannot serve; `kind` (protos.errors.ErrorKind) becomes the gRPC
+    status code, `records` the (layer, expert) records found damaged (DATA_LOSS), so a coordinator
+    can use a replica."""
 
-    def __init__(self, status: str, message: str, *, records: tuple[tuple[int, int], ...] = ()) -> None:
+    def __init__(self, kind: ErrorKind, message: str, *, records: tuple[tuple[int, int], ...] = ()) -> None:
         super().__init__(message)
-        self.status = status
+        self.kind = kind
         self.records = records
 
 
-def _store_failure(name: str, e: StoreError) -> RequestError:
+def _store_failure(name: str, e: UserError) -> RequestError:
     if isinstance(e, RecordError):
-        return RequestError(DATA_LOSS, f"node {name}: {e}", records=((e.layer, e.expert),))
-    return RequestError(INTERNAL, f"node {name}: {e}")
-
-
-def hidden_size(config: dict) -> int:
-    for cfg in (config, config.get("text_config", {})):
-        if "hidden_size" in cfg:
-            return int(cfg["hidden_size"])
-    raise StoreError("the model config names no hidden_size")
+        return RequestError(ErrorKind.DATA_LOSS, f"node {name}: {e}", records=((e.layer, e.expert),))
+    return RequestError(ErrorKind.INTERNAL, f"node {name}: {e}")
 
 
 def measure_read_gbps(store: ExpertSource, *, max_bytes: int = 64 * 1024**2, max_records: int = 64) -> float:
@@ -94,7 +86,7 @@ class NodeService:
         """`store_path` is a store or shard, or with `bundle` an iOS bundle whose records are served (all,
         or with `shard` = {"index", "count", "replicas"} the experts that shard of the store holds)."""
         if not token:
-            raise StoreError("a node needs a cluster token")
+            raise UserError("a node needs a cluster token")
         self.token = token
         self.name = name
         self.node_id = uuid.uuid4().hex[:12]
@@ -106,7 +98,8 @@ class NodeService:
         try:
             self.manifest = self.store.manifest
             self.cache = ExpertCache(self.store, budget_bytes=ram_budget)
-            self.hidden_size = hidden_size(self.manifest.config)
+            self.hidden_size = max(s.input_dim for s in self.manifest.layers)  # what pack saw the banks take
+            self._input_dim = {s.layer: s.input_dim for s in self.manifest.layers}
             self.top_k = self.manifest.top_k
             self._held = {}
             for spec in self.manifest.layers:
@@ -128,11 +121,11 @@ class NodeService:
     def check_token(self, given: str | None) -> None:
         if not given or not hmac.compare_digest(given.encode(), self.token.encode()):
             self._count(rejected=1)
-            raise RequestError(UNAUTHENTICATED, "missing or wrong cluster token")
+            raise RequestError(ErrorKind.UNAUTHENTICATED, "missing or wrong cluster token")
 
     def invalid(self, message: str) -> RequestError:
         self._count(rejected=1)
-        return RequestError(INVALID, message)
+        return RequestError(ErrorKind.INVALID_ARGUMENT, message)
 
     def _check_layer(self, layer: int) -> np.ndarray:
         if layer not in self._held:
@@ -150,10 +143,9 @@ class NodeService:
             experts = to_numpy(req.experts)
         except CodecError as e:
             raise self.invalid(str(e)) from None
-        if req.x.dtype not in FLOAT_DTYPES or x.ndim != 2 or x.shape[1] != self.hidden_size or x.shape[0] == 0:
-            raise self.invalid(
-                f"x must be a float tensor [M, {self.hidden_size}] with M > 0, got {req.x.dtype} {list(x.shape)}"
-            )
+        d = self._input_dim[req.layer]
+        if req.x.dtype not in FLOAT_DTYPES or x.ndim != 2 or x.shape[1] != d or x.shape[0] == 0:
+            raise self.invalid(f"x must be a float tensor [M, {d}] with M > 0, got {req.x.dtype} {list(x.shape)}")
         if not all_finite(req.x):
             raise self.invalid("x holds NaN or infinite values")
         for label, t, a in (("rows", req.rows, rows), ("experts", req.experts, experts)):
@@ -208,7 +200,7 @@ class NodeService:
         start = time.perf_counter()
         try:
             reply = self._mlx.submit(self._compute, req, rows, experts).result()
-        except StoreError as e:
+        except UserError as e:
             raise _store_failure(self.name, e) from None
         seconds = time.perf_counter() - start
         reply.compute_seconds = seconds
@@ -232,7 +224,7 @@ class NodeService:
         start = time.perf_counter()
         try:
             resident = self._mlx.submit(self._prefetch, req.layer, experts).result()
-        except StoreError as e:
+        except UserError as e:
             raise _store_failure(self.name, e) from None
         with self._lock:
             self._busy += time.perf_counter() - start
@@ -249,15 +241,7 @@ class NodeService:
         with self._lock:
             counters, busy = dict(self._counters), self._busy
         return pb.NodeStats(
-            hits=s.hits,
-            misses=s.misses,
-            evictions=s.evictions,
-            bytes_read=s.bytes_read,
-            io_seconds=s.io_seconds,
-            compute_seconds=s.compute_seconds,
-            peak_cache_bytes=s.peak_bytes,
-            prefetched=s.prefetched,
-            prefetch_used=s.prefetch_used,
+            **s.proto_fields(),
             cache_bytes=self.cache.bytes,
             ram_budget_bytes=self.cache.budget_bytes,
             busy_seconds=busy,
@@ -277,7 +261,7 @@ class NodeService:
         if getattr(self, "cache", None) is not None:
             try:
                 self._mlx.submit(self.cache.drain).result()  # reads in flight finish before the store closes
-            except StoreError as e:
+            except UserError as e:
                 log.warning("node %s: a read ahead failed while closing: %s", self.name, e)
         self._mlx.shutdown(wait=True)
         self.store.close()

@@ -21,18 +21,16 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 import xxhash
+from flashmesh.protos import codec
+from flashmesh.protos.errors import UserError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: each layer names its bank's kind and top-k, read from the model by pack
 RECORD_ALIGN = 16 * 1024  # one aligned pread per expert; also the iOS page size
 TENSOR_ALIGN = 64  # tensors inside a record start on cache-line boundaries
 MANIFEST = "manifest.json"
 
 
-class StoreError(Exception):
-    """A problem with a store the user can fix; the message is one line with the fix."""
-
-
-class RecordError(StoreError):
+class RecordError(UserError):
     """One expert record cannot be used (checksum mismatch, short read): names its layer and expert."""
 
     def __init__(self, layer: int, expert: int, message: str) -> None:
@@ -41,23 +39,12 @@ class RecordError(StoreError):
         self.expert = expert
 
 
-# mx dtype name -> (numpy dtype used to carry the bytes, mx dtype)
-_DTYPES: dict[str, tuple[np.dtype, mx.Dtype]] = {
-    "float32": (np.dtype(np.float32), mx.float32),
-    "float16": (np.dtype(np.float16), mx.float16),
-    "bfloat16": (np.dtype(np.uint16), mx.bfloat16),  # numpy has no bf16: carry as uint16
-    "uint32": (np.dtype(np.uint32), mx.uint32),
-    "uint8": (np.dtype(np.uint8), mx.uint8),
-    "int8": (np.dtype(np.int8), mx.int8),
-    "int32": (np.dtype(np.int32), mx.int32),
-}
-
-
 def dtype_name(dtype: mx.Dtype) -> str:
-    for name, (_, mxd) in _DTYPES.items():
-        if mxd == dtype:
-            return name
-    raise StoreError(f"expert tensors of dtype {dtype} are not supported by the store")
+    """The store's name of an expert tensor's dtype (the wire's, protos.codec.DTYPES)."""
+    try:
+        return codec.dtype_name(dtype)
+    except codec.CodecError:
+        raise UserError(f"expert tensors of dtype {dtype} are not supported by the store") from None
 
 
 def raw_bytes(a: mx.array) -> memoryview:
@@ -69,7 +56,7 @@ def raw_bytes(a: mx.array) -> memoryview:
 
 def from_buffer(buf, spec: TensorSpec, base: int = 0) -> mx.array:
     """Copy one tensor out of a record buffer into a new mx array."""
-    np_dtype, mx_dtype = _DTYPES[spec.dtype]
+    np_dtype, mx_dtype = codec.DTYPES[spec.dtype]
     count = int(np.prod(spec.shape)) if spec.shape else 1
     arr = np.frombuffer(buf, dtype=np_dtype, count=count, offset=base + spec.offset)
     out = mx.array(arr.reshape(spec.shape))
@@ -111,6 +98,9 @@ class LayerSpec:
     experts: list[int]  # experts held by this store, in file order
     checksums: list[str]  # one per held expert, same order
     file: str = ""
+    top_k: int = 0  # experts the layer's router picks per token, seen by pack in the model's own forward pass
+    kind: str = "switch"  # "switch": one stacked-expert module; "list": a list of per-expert modules
+    input_dim: int = 0  # D of the hidden states x [N, D] the bank takes, seen by pack like top_k
 
     def __post_init__(self) -> None:
         self.file = self.file or f"experts/layer_{self.layer:03d}.bin"
@@ -128,7 +118,7 @@ class LayerSpec:
         try:
             return self._slot[expert] * self.record_size
         except KeyError:
-            raise StoreError(f"layer {self.layer} expert {expert} is not held by this store") from None
+            raise UserError(f"layer {self.layer} expert {expert} is not held by this store") from None
 
     def record_checksum(self, expert: int) -> str:
         return self.checksums[self._slot[expert]]
@@ -167,17 +157,14 @@ class Manifest:
 
     @property
     def top_k(self) -> int:
-        for key in ("num_experts_per_tok", "moe_topk", "top_k", "num_experts_per_token"):
-            for cfg in (self.config, self.config.get("text_config", {})):
-                if key in cfg:
-                    return int(cfg[key])
-        raise StoreError("the model config names no experts-per-token count")
+        """Most experts any MoE layer's router picks per token (recorded by pack from the model)."""
+        return max(s.top_k for s in self.layers)
 
     def layer(self, layer: int) -> LayerSpec:
         for spec in self.layers:
             if spec.layer == layer:
                 return spec
-        raise StoreError(f"layer {layer} is not a MoE layer of this model")
+        raise UserError(f"layer {layer} is not a MoE layer of this model")
 
     @property
     def expert_bytes_total(self) -> int:
@@ -207,14 +194,14 @@ class Manifest:
     def load(cls, directory: Path) -> Manifest:
         path = Path(directory) / MANIFEST
         if not path.is_file():
-            raise StoreError(f"{directory} is not a flashmesh store (no {MANIFEST}); create one with `flashmesh pack`")
+            raise UserError(f"{directory} is not a flashmesh store (no {MANIFEST}); create one with `flashmesh pack`")
         try:
             d = json.loads(path.read_text())
         except json.JSONDecodeError as e:
-            raise StoreError(f"{path} is not valid JSON ({e}); re-run `flashmesh pack`") from None
+            raise UserError(f"{path} is not valid JSON ({e}); re-run `flashmesh pack`") from None
         version = d.get("format_version")
         if version != FORMAT_VERSION:
-            raise StoreError(
+            raise UserError(
                 f"{directory} has store format {version}, this flashmesh reads format "
                 f"{FORMAT_VERSION}; re-pack it with `flashmesh pack`"
             )
@@ -259,7 +246,7 @@ def fingerprint(config: dict, layers: list[LayerSpec], dense_checksums: list[str
     h = xxhash.xxh3_128()
     h.update(json.dumps(config, sort_keys=True).encode())
     for s in layers:
-        h.update(json.dumps([s.layer, s.module, [asdict(t) for t in s.tensors]]).encode())
+        h.update(json.dumps([s.layer, s.module, s.kind, s.top_k, [asdict(t) for t in s.tensors]]).encode())
         h.update("".join(s.checksums).encode())
     h.update("".join(dense_checksums).encode())
     return h.hexdigest()

@@ -23,16 +23,9 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 from flashmesh.node.experts import expert_templates
-from flashmesh.node.store_format import (
-    _DTYPES,
-    RECORD_ALIGN,
-    LayerSpec,
-    Manifest,
-    RecordError,
-    StoreError,
-    TensorSpec,
-    checksum,
-)
+from flashmesh.node.store_format import RECORD_ALIGN, LayerSpec, Manifest, RecordError, TensorSpec, checksum
+from flashmesh.protos.codec import DTYPES
+from flashmesh.protos.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +43,7 @@ class ReadStats:
 def _tensor_view(raw: mx.array, skew: int, t: TensorSpec) -> mx.array:
     """One tensor of a record as a view of the record's MLX buffer (no copy)."""
     start = skew + t.offset
-    return raw[start : start + t.nbytes].view(_DTYPES[t.dtype][1]).reshape(t.shape)
+    return raw[start : start + t.nbytes].view(DTYPES[t.dtype][1]).reshape(t.shape)
 
 
 class PendingRead:
@@ -130,12 +123,10 @@ class ExpertStore:
     def _open(self, spec: LayerSpec) -> int:
         path = self.path / spec.file
         if not path.is_file():
-            raise StoreError(f"{path} is missing; the store is incomplete, re-run `flashmesh pack`")
+            raise UserError(f"{path} is missing; the store is incomplete, re-run `flashmesh pack`")
         expected = len(spec.experts) * spec.record_size
         if path.stat().st_size < expected:
-            raise StoreError(
-                f"{path} is truncated ({path.stat().st_size} of {expected} bytes); re-run `flashmesh pack`"
-            )
+            raise UserError(f"{path} is truncated ({path.stat().st_size} of {expected} bytes); re-run `flashmesh pack`")
         if self.page_cache:
             return os.open(path, os.O_RDONLY)
         fd, bypassing = _open_bypassing_cache(path)
@@ -170,21 +161,27 @@ class ExpertStore:
         buf = self._buffer(spec.record_size)
         view = memoryview(buf)[: spec.record_size]
         got = os.preadv(self._fds[layer], [view], spec.record_offset(expert))
-        if got != spec.record_size:
+        problem = self._problem(spec, expert, got, view)
+        if problem is not None:
             self._release(buf)
-            raise RecordError(
-                layer,
+            raise problem
+        return buf
+
+    def _problem(self, spec: LayerSpec, expert: int, got: int, data) -> RecordError | None:
+        """Why `got` bytes read into `data` are not `expert`'s record (short read, checksum); None if they are."""
+        if got != spec.record_size:
+            return RecordError(
+                spec.layer,
                 expert,
                 f"short read ({got} of {spec.record_size} bytes); the store file is truncated, re-run `flashmesh pack`",
             )
-        if self.verify and checksum(view) != spec.record_checksum(expert):
-            self._release(buf)
-            raise RecordError(
-                layer,
+        if self.verify and checksum(data) != spec.record_checksum(expert):
+            return RecordError(
+                spec.layer,
                 expert,
                 f"record checksum mismatch in {self.path / spec.file}; the flash copy is corrupt, {self.remedy}",
             )
-        return buf
+        return None
 
     def _read_chunk(self, layer: int, expert: int, view: memoryview, offset: int) -> int:
         """Reader thread: one aligned pread into (a slice of) MLX-owned memory; nothing else."""
@@ -230,24 +227,11 @@ class ExpertStore:
             except Exception as exc:  # collect, finish the other reads, then raise the first
                 error = error or exc
                 continue
-            if got != size:
-                error = error or RecordError(
-                    pending.layer,
-                    e,
-                    f"short read ({got} of {size} bytes); the store file is truncated, re-run `flashmesh pack`",
-                )
-                continue
             raw = pending.raws[e]
-            if self.verify:
-                host = memoryview(np.array(raw, copy=False))[skew : skew + size]
-                if checksum(host) != spec.record_checksum(e):
-                    error = error or RecordError(
-                        pending.layer,
-                        e,
-                        f"record checksum mismatch in {self.path / spec.file}; "
-                        f"the flash copy is corrupt, {self.remedy}",
-                    )
-                    continue
+            problem = self._problem(spec, e, got, memoryview(np.array(raw, copy=False))[skew : skew + size])
+            if problem is not None:
+                error = error or problem
+                continue
             out[e] = self._arrays(raw, skew, spec)
         mx.eval([a for arrays in out.values() for a in arrays.values()])
         elapsed = time.perf_counter() - pending.started

@@ -14,7 +14,8 @@ import json
 import shutil
 from pathlib import Path
 
-from flashmesh.node.store_format import StoreError, staged_directory
+from flashmesh.node.store_format import staged_directory
+from flashmesh.protos.errors import UserError
 
 SHIPPED = Path(__file__).parent / "tiny_moe"
 TRAINED_SHAPE = {"hidden": 128, "layers": 8, "experts": 32, "top_k": 4, "expert_hidden": 64}
@@ -52,11 +53,11 @@ def verify(shipped: Path = SHIPPED) -> dict[str, str]:
     try:
         sums = json.loads((shipped / CHECKSUMS).read_text())
     except (OSError, ValueError) as e:
-        raise StoreError(f"{shipped / CHECKSUMS} is missing or unreadable ({e}); re-checkout the repository") from None
+        raise UserError(f"{shipped / CHECKSUMS} is missing or unreadable ({e}); re-checkout the repository") from None
     for name, expected in sums.items():
         path = shipped / name
         if not path.is_file() or _sha256(path) != expected:
-            raise StoreError(
+            raise UserError(
                 f"{path} is missing or does not match its SHA-256 (a partial checkout or a Git LFS pointer?); "
                 "re-checkout it, or re-create it with `python -m bench.train_tiny OUT --ship testing/tiny_moe`"
             )

@@ -77,8 +77,9 @@ def test_lookahead_accuracy_and_summary():
 def test_tracer_records_what_the_dispatch_receives(models):
     """The trace is mlx-lm's own routing: per token and layer the router's top-k, tokens unchanged."""
     import mlx.core as mx
-    from flashmesh.coordinator.engine import open_local
-    from flashmesh.coordinator.generate import generate
+    from flashmesh.coordinator.engine import open_model
+    from flashmesh.coordinator.generate import SamplingParams, generate
+    from flashmesh.coordinator.options import ModelOptions
     from flashmesh.node.store_format import Manifest
 
     from bench.routing_trace import install_tracer
@@ -86,13 +87,14 @@ def test_tracer_records_what_the_dispatch_receives(models):
     _, store = models.get("qwen3_moe")
     manifest = Manifest.load(store)
     prompt = [1, 5, 9, 12, 3, 7]
-    plain = open_local(store, ram_budget=manifest.expert_bytes_total)
-    expected = generate(plain.model, plain.tokenizer, prompt, max_tokens=5).tokens
+    options = ModelOptions(store=store, ram_budget=manifest.expert_bytes_total)
+    plain = open_model(options)
+    expected = generate(plain.model, plain.tokenizer, prompt, SamplingParams(max_tokens=5)).tokens
     plain.close()
-    streaming = open_local(store, ram_budget=manifest.expert_bytes_total)
+    streaming = open_model(options)
     try:
         tracer = install_tracer(streaming.model, streaming.backend)
-        assert generate(streaming.model, streaming.tokenizer, prompt, max_tokens=5).tokens == expected
+        assert generate(streaming.model, streaming.tokenizer, prompt, SamplingParams(max_tokens=5)).tokens == expected
         steps, predicted = tracer.take_steps()
         layers = sorted(s.layer for s in manifest.layers)
         assert len(steps) >= len(prompt) + 4 and all(sorted(s) == layers for s in steps)

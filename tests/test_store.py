@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import os
 
-from flashmesh.node.cache import parse_bytes
 from flashmesh.node.store_format import RECORD_ALIGN, TENSOR_ALIGN, Manifest, checksum, layout_record
 from flashmesh.node.store_reader import ExpertStore
+from flashmesh.protos.sizes import parse_bytes
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -72,10 +72,11 @@ def test_parse_bytes():
 
 
 def test_prefetch_warms_the_cache(models):
-    from flashmesh.coordinator.engine import open_local
+    from flashmesh.coordinator.engine import open_model
+    from flashmesh.coordinator.options import ModelOptions
 
     _, store = models.get("qwen3_moe")
-    streaming = open_local(store, ram_budget=Manifest.load(store).expert_bytes_total)
+    streaming = open_model(ModelOptions(store=store, ram_budget=Manifest.load(store).expert_bytes_total))
     try:
         layer = streaming.manifest.layers[0].layer
         streaming.backend.prefetch(layer, [3, 1, 3])

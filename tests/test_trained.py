@@ -8,7 +8,7 @@ import shutil
 import mlx.core as mx
 import numpy as np
 import pytest
-from flashmesh.node.store_format import StoreError
+from flashmesh.protos.errors import UserError
 from flashmesh.testing import trained
 
 
@@ -36,9 +36,9 @@ def test_a_damaged_shipped_file_is_refused(tmp_path):
         byte = f.read(1)
         f.seek(1000)
         f.write(bytes([byte[0] ^ 1]))
-    with pytest.raises(StoreError, match="SHA-256"):
+    with pytest.raises(UserError, match="SHA-256"):
         trained.materialize(tmp_path / "model", shipped=copy)
     assert not (tmp_path / "model").exists()
     (copy / trained.CHECKSUMS).unlink()
-    with pytest.raises(StoreError, match="checksums.json"):
+    with pytest.raises(UserError, match="checksums.json"):
         trained.verify(copy)
