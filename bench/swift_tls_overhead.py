@@ -29,7 +29,7 @@ from flashmesh.testing.swift_node import MixedNodeProcesses, node_binary
 
 from bench.cli import write_result
 from bench.swift_node import PROMPT, SHAPE, TOKEN, prepare
-from bench.tls_overhead import interleaved_rpcs
+from bench.tls_overhead import interleaved_rpcs, save_figure
 
 MODES = ("plaintext", "tls")
 
@@ -64,12 +64,7 @@ def _plot(result: dict, path: Path) -> None:
     axes[1].set_xticks(range(len(MODES)), MODES)
     axes[1].set_ylabel("decode tok/s (median)")
     axes[1].set_title(f"one-node cluster, ratio {result['decode']['tls_ratio']:.2f}")
-    for ax in axes:
-        ax.legend()
-    fig.suptitle("Swift node: mutual TLS vs plaintext on loopback (random qwen3_moe bundle, one run)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, axes, "Swift node: mutual TLS vs plaintext on loopback (random qwen3_moe bundle, one run)", path)
 
 
 def main() -> None:

@@ -151,9 +151,15 @@ def _plot(result: dict, path: Path) -> None:
         ax.set_xticks(range(len(counts)), [f"{c} node{'s' if c > 1 else ''}" for c in counts])
         ax.set_ylabel(label)
         ax.set_title("decode speed (best)" if i == 1 else "MoE layer dispatch, mean")
+    save_figure(fig, axes, "mutual TLS vs plaintext on loopback (demo model, one run)", path)
+
+
+def save_figure(fig, axes, title: str, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
     for ax in axes:
         ax.legend()
-    fig.suptitle("mutual TLS vs plaintext on loopback (demo model, one run)")
+    fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

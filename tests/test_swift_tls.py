@@ -16,41 +16,29 @@ import subprocess
 from pathlib import Path
 from types import SimpleNamespace
 
-import grpc
 import pytest
 from flashmesh.coordinator.certs import init_cluster, issue
 from flashmesh.coordinator.cli import main
-from flashmesh.coordinator.client import NodeClient, NodeError
 from flashmesh.coordinator.cluster_setup import add_node, setup_coordinator
-from flashmesh.node.bundle_source import BundleExpertSource
 from flashmesh.node.join import join
 from flashmesh.node.shard import write_dense
 from flashmesh.node.tls import COORDINATOR, NODE, load_identity
-from flashmesh.protos import TLS_ENV, TOKEN_METADATA_KEY
-from flashmesh.protos import flashmesh_pb2 as pb
-from flashmesh.protos import flashmesh_pb2_grpc as pb_grpc
-from flashmesh.testing.swift_node import MixedNodeProcesses
+from flashmesh.protos import TLS_ENV
+from flashmesh.testing.swift_node import MixedNodeProcesses, bundle_expert_bytes
 
 from .conftest import PROMPT, assert_one_line_error, local_tokens
+from .tls_checks import assert_only_cluster_clients
 
 TOKEN = f"swift-tls-token-{os.getpid()}"
 MAX_TOKENS = 8
 CONFIG_ENV = "FLASHMESH_CONFIG_DIR"
 
 
-def _budget(bundle: Path) -> int:
-    """Every expert of the bundle, as the cache holds it (fp16 records count as fp32)."""
-    source = BundleExpertSource(bundle)
-    try:
-        return source.manifest.expert_bytes_total
-    finally:
-        source.close()
-
-
 def _start(bundle: Path, binary: Path, logdir: Path, *, token: str, args_for) -> tuple:
     """One Swift node on 127.0.0.1; `args_for(name)` gives its TLS options, knowing its name."""
-    nodes = MixedNodeProcesses([bundle], kinds=["swift"], binary=binary, budgets=[_budget(bundle)], token=token,
-                               logdir=logdir, flash_gbps=1.0)  # fmt: skip
+    budgets = [bundle_expert_bytes(bundle)]
+    nodes = MixedNodeProcesses([bundle], kinds=["swift"], binary=binary, budgets=budgets, token=token, logdir=logdir,
+                               flash_gbps=1.0)  # fmt: skip
     nodes.node_args = [args_for(nodes.names[0])]
     try:
         nodes.start(0)
@@ -97,46 +85,10 @@ def test_tls_coordinator_and_swift_node_give_mlx_lm_tokens(swift_tls, capsys):
     assert tokens == local_tokens(c.store, max_tokens=MAX_TOKENS)
 
 
-def _info(channel: grpc.Channel, metadata=((TOKEN_METADATA_KEY, TOKEN),)) -> pb.NodeInfo:
-    try:
-        return pb_grpc.NodeStub(channel).Info(pb.InfoRequest(), metadata=metadata, timeout=10)
-    finally:
-        channel.close()
-
-
-def _secure(target: str, identity, *, root=None, with_cert: bool = True) -> grpc.Channel:
-    credentials = grpc.ssl_channel_credentials(
-        root_certificates=root or identity.ca_pem,
-        private_key=identity.key_pem if with_cert else None,
-        certificate_chain=identity.cert_pem if with_cert else None,
-    )
-    return grpc.secure_channel(target, credentials)
-
-
 def test_clients_without_a_certificate_from_the_cluster_ca_are_refused(swift_tls):
     c = swift_tls
-    target = c.address.target
-    assert _info(_secure(target, c.identity)).name == c.address.name
     spare = load_identity(issue(c.work / "cluster", "spare-node", out=c.work / "spare-node"), role=NODE)
-    for channel in (
-        grpc.insecure_channel(target),  # plaintext
-        _secure(target, c.identity, with_cert=False),  # TLS, no client certificate
-        _secure(target, c.other, root=c.identity.ca_pem),  # a client certificate from another CA
-        _secure(target, spare),  # a node's (server) certificate used as a client's
-    ):
-        with pytest.raises(grpc.RpcError) as e:
-            _info(channel)
-        assert e.value.code() == grpc.StatusCode.UNAVAILABLE  # refused in the handshake, before any RPC
-    for metadata in ((), ((TOKEN_METADATA_KEY, "wrong"),)):  # TLS does not replace the token
-        with pytest.raises(grpc.RpcError) as e:
-            _info(_secure(target, c.identity), metadata)
-        assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
-    for tls, needle in ((None, "--tls"), (c.other, "TLS")):  # what a coordinator says: one line with the fix
-        client = NodeClient(c.address, token=TOKEN, tls=tls)
-        with pytest.raises(NodeError) as e:
-            client.info(timeout=10)
-        client.close()
-        assert target in str(e.value) and needle in str(e.value) and "\n" not in str(e.value)
+    assert_only_cluster_clients(c.address, token=TOKEN, identity=c.identity, other=c.other, spare=spare)
 
 
 def test_cluster_init_add_node_and_the_join_file(swift_binary, swift_tls, tmp_path, monkeypatch, capsys):
