@@ -174,7 +174,7 @@ class ExpertCache:
 
     def _touch(self, key: Key) -> None:
         self._entries.move_to_end(key)
-        if self.policy == "lfu":
+        if self.effective_policy == "lfu":  # "auto" is LFU too
             self._freq[key] = self._freq.get(key, 0.0) + self._clock
 
     def _load(self, layer: int, experts: list[int], *, urgent: bool) -> SlotReads | ConvertedReads:
@@ -261,11 +261,10 @@ class ExpertCache:
         if layer in self._pending:
             self._collect(layer, experts)
         self._now = self._position.get(layer, 0)
-        if self.policy == "lfu":
-            self._clock /= self.lfu_decay
-            if self._clock > 1e100:  # renormalise the decayed counts before floats overflow
-                self._freq = {k: v / self._clock for k, v in self._freq.items()}
-                self._clock = 1.0
+        self._clock /= self.lfu_decay
+        if self._clock > 1e100:  # renormalise the decayed counts before floats overflow
+            self._freq = {k: v / self._clock for k, v in self._freq.items()}
+            self._clock = 1.0
         entries = self._entries
         missing = [e for e in experts if (layer, e) not in entries]
         self._stats.hits += len(experts) - len(missing)
