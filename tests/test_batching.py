@@ -1,0 +1,174 @@
+"""Continuous batching (coordinator/api/batching.py): sequences that join a running batch at token
+boundaries get exactly the greedy tokens mlx-lm gives each alone, and the same as mlx-lm's own
+BatchGenerator on the unpacked model with the same joins; each decode step is one MoE call per
+layer for the whole batch, in-process and on nodes (one request per node per layer).
+
+Logprob tolerance: on CPU, mlx-lm's batched path (left padding, masks, [B, ...] matmuls) gave
+bit-identical logprobs to its single-sequence path for qwen3_moe, mixtral, deepseek_v3 and
+qwen3_next, and differences up to 1.4e-6 for gpt_oss (its sliding-window layers); the streamed
+experts add the wave regrouping of test_equivalence.py (<= 1e-4) when the budget is small.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from flashmesh.coordinator.api.batching import ContinuousBatch, can_batch
+from flashmesh.coordinator.api.jobs import DoneEvent, ErrorEvent, Job
+from flashmesh.coordinator.dispatch import bind_backend
+from flashmesh.coordinator.engine import attach, load_dense_model, load_store_tokenizer, open_model
+from flashmesh.coordinator.generate import SamplingParams, generate
+from flashmesh.coordinator.options import ModelOptions
+from flashmesh.coordinator.placement import NodeCapacity, place
+from flashmesh.coordinator.remote import RemoteExperts
+from flashmesh.node.shard import write_dense
+from flashmesh.node.store_format import Manifest
+from flashmesh.testing.in_process import InProcessLink
+from mlx_lm import load
+from mlx_lm.generate import BatchGenerator, make_stop_sequences
+
+from .conftest import PROMPT, shard_services
+
+PROMPTS = [
+    PROMPT,
+    "Hello",
+    "Streaming experts from flash, one token at a time, is what we do here all day long.",
+    "What is the capital of France?",
+]
+JOINS = {0: [0], 2: [1, 2], 5: [3]}  # decode step -> the prompts that join then
+MAX_TOKENS = 14
+PREFILL_STEP = 8  # several prefill chunks per prompt, interleaved with the others' decode steps
+
+
+def ours(model, tokenizer, prompts, *, max_tokens=MAX_TOKENS) -> list[tuple[list[int], list[float]]]:
+    """Greedy tokens and their logprobs per prompt, joining our batch on the JOINS schedule."""
+    done: dict[int, DoneEvent] = {}
+
+    def send(job: Job, event) -> None:
+        assert not isinstance(event, ErrorEvent), event.error
+        if isinstance(event, DoneEvent):
+            done[int(job.id)] = event
+
+    batch = ContinuousBatch(
+        model, tokenizer, send=send, observe=lambda *_: None, max_batch=4, prefill_step_size=PREFILL_STEP
+    )
+    step = 0
+    while len(done) < len(prompts):
+        for i in JOINS.get(step, []):
+            job = Job(tokenizer.encode(prompts[i]), SamplingParams(max_tokens=max_tokens), lambda e: None, logprobs=0)
+            job.id = str(i)
+            batch.add(job)
+        batch.step()
+        step += 1
+    return [(done[i].stats.tokens, [lp.logprob for lp in done[i].logprobs]) for i in range(len(prompts))]
+
+
+def mlx_lm_batch(model, tokenizer, prompts) -> list[tuple[list[int], list[float]]]:
+    """mlx-lm's own BatchGenerator on the unpacked model, the same joins and prefill chunks."""
+    generator = BatchGenerator(model, completion_batch_size=4, prefill_batch_size=2, prefill_step_size=PREFILL_STEP)
+    stops = make_stop_sequences(tokenizer)
+    uids, out, finished, step = {}, {}, set(), 0
+    while len(finished) < len(prompts):
+        for i in JOINS.get(step, []):
+            (uid,) = generator.insert([tokenizer.encode(prompts[i])], max_tokens=[MAX_TOKENS], stop_sequences=[stops])
+            uids[uid] = i
+        for r in generator.next()[1]:
+            tokens, logprobs = out.setdefault(uids[r.uid], ([], []))
+            tokens.append(r.token)
+            if r.finish_reason != "stop":
+                logprobs.append(r.logprobs[r.token].item())
+            if r.finish_reason is not None:
+                finished.add(r.uid)
+        step += 1
+    return [out[i] for i in range(len(prompts))]
+
+
+def alone(model, tokenizer, prompts) -> list[list[int]]:
+    return [
+        generate(model, tokenizer, tokenizer.encode(p), SamplingParams(max_tokens=MAX_TOKENS)).tokens for p in prompts
+    ]
+
+
+@pytest.mark.parametrize("arch", ["qwen3_moe", "gpt_oss", "qwen3_next"])  # KV, rotating + KV, arrays + KV caches
+def test_batched_tokens_are_each_sequence_alone(models, arch):
+    src, store = models.get(arch)
+    ref_model, tokenizer = load(str(src))
+    reference_alone = alone(ref_model, tokenizer, PROMPTS)
+    reference_batch = mlx_lm_batch(ref_model, tokenizer, PROMPTS)
+    manifest = Manifest.load(store)
+    streaming = open_model(
+        ModelOptions(store=store, ram_budget=max(manifest.expert_bytes_total // 4, manifest.min_budget_bytes))
+    )
+    try:
+        assert can_batch(streaming.model)
+        batched = ours(streaming.model, streaming.tokenizer, PROMPTS)
+    finally:
+        streaming.close()
+    for (tokens, logprobs), (ref_tokens, ref_logprobs), solo in zip(
+        batched, reference_batch, reference_alone, strict=True
+    ):
+        assert tokens == ref_tokens == solo
+        np.testing.assert_allclose(logprobs, ref_logprobs, rtol=0, atol=1e-4)
+
+
+class CountingBackend:
+    """The ExpertBackend protocol around another backend, recording the rows of each compute call."""
+
+    def __init__(self, inner) -> None:
+        self.inner = inner
+        self.calls: list[tuple[int, int]] = []  # (layer, rows)
+
+    def compute(self, layer: int, x: mx.array, indices: mx.array) -> mx.array:
+        self.calls.append((layer, x.shape[0]))
+        return self.inner.compute(layer, x, indices)
+
+    def hint(self, layer: int, experts: list[int]) -> None:
+        self.inner.hint(layer, experts)
+
+    def stats(self):
+        return self.inner.stats()
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+def test_a_decode_step_is_one_moe_call_per_layer_for_the_batch(models):
+    _, store = models.get("qwen3_moe")
+    streaming = open_model(ModelOptions(store=store))
+    counting = CountingBackend(streaming.backend)
+    bind_backend(streaming.model, counting)
+    try:
+        prompts = PROMPTS[:3]
+        tokenizer = streaming.tokenizer
+        batch = ContinuousBatch(streaming.model, tokenizer, send=lambda *_: None, observe=lambda *_: None)
+        for p in prompts:
+            batch.add(Job(tokenizer.encode(p), SamplingParams(max_tokens=20), lambda e: None))
+        while batch.step() < len(prompts):  # prefill, then the first step that decodes all three
+            counting.calls.clear()
+        layers = len(Manifest.load(store).layers)
+        assert counting.calls == [(spec.layer, len(prompts)) for spec in Manifest.load(store).layers]
+        assert len(counting.calls) == layers
+    finally:
+        streaming.close()
+
+
+def test_batched_on_nodes_matches_and_sends_one_request_per_node_per_layer(models, tmp_path):
+    src, store = models.get("qwen3_moe")
+    ref_model, tokenizer = load(str(src))
+    reference = alone(ref_model, tokenizer, PROMPTS)
+    services = shard_services(store, tmp_path)
+    try:
+        manifest = Manifest.load(store)
+        write_dense(store, tmp_path / "dense")
+        model, _, _ = load_dense_model(tmp_path / "dense")
+        links = {s.node_id: InProcessLink(s, s.name) for s in services}
+        remote = RemoteExperts(links, place(manifest.layers, [NodeCapacity.of(s.info()) for s in services]))
+        attach(model, remote)
+        batched = ours(model, load_store_tokenizer(tmp_path / "dense", manifest), PROMPTS)
+        assert [tokens for tokens, _ in batched] == reference
+        dispatch = remote.dispatch
+        assert dispatch.layer_calls > 0 and dispatch.requests <= dispatch.layer_calls * len(services)
+    finally:
+        for s in services:
+            s.close()
