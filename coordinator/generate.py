@@ -25,9 +25,10 @@ LogitsProcessor = Callable[[mx.array, mx.array], mx.array]  # (tokens so far [L]
 
 
 class Constraint(Protocol):
-    """What the output must match (a grammar): a fresh stateful logits processor per sequence."""
+    """What the output must match (a grammar): a fresh stateful logits processor per sequence, told
+    the sequence's token budget (so that it can close what it enforces before the budget ends)."""
 
-    def processor(self) -> LogitsProcessor: ...
+    def processor(self, *, max_tokens: int) -> LogitsProcessor: ...
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -54,7 +55,7 @@ class SamplingParams:
             frequency_penalty=self.frequency_penalty or None,
         )
         if self.constraint is not None:  # last: it masks what the others left
-            processors.append(self.constraint.processor())
+            processors.append(self.constraint.processor(max_tokens=self.max_tokens))
         return processors
 
 

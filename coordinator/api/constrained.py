@@ -1,6 +1,10 @@
 """Constrained decoding with llguidance: JSON (any object, or a JSON schema) and tool-call grammars
 as mlx-lm logits processors, so the output matches whatever the model's weights would pick.
 
+A grammar only says what may come next; a model (a random-weight one, say) may keep writing one
+JSON string until max_tokens cuts it. So when the budget left is just enough, the processor writes
+the shortest closing (json_closer.py) itself, token by token, as far as the grammar allows it.
+
 llguidance (the grammar engine behind llama.cpp's and vLLM's structured output) computes, for each
 step, the set of tokens that keep the output inside the grammar; the processor sets every other
 logit to -inf. It reads mlx-lm's tokenizer (the Hugging Face fast tokenizer inside the wrapper),
@@ -9,6 +13,7 @@ needs no torch, and compiles JSON schemas and Lark grammars (with inline `%json 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 
@@ -17,10 +22,12 @@ import llguidance.hf
 import llguidance.numpy
 import mlx.core as mx
 import numpy as np
+from flashmesh.coordinator.api.json_closer import JsonCloser
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
 # Compact JSON: flexible whitespace lets a model pad forever; a schema's x-guidance may override it.
 JSON_DEFAULTS = {"whitespace_flexible": False}
+CLOSING_MARGIN = 8  # tokens: start closing this long before the budget needs it (one token may open several)
 
 
 class GrammarError(ValueError):
@@ -34,33 +41,61 @@ class Grammar:
     tokenizer: llguidance.LLTokenizer
     grammar: str
     vocab_size: int  # the model's logits width (may exceed the tokenizer's)
+    suffix: str = ""  # what the grammar wants after its JSON (a tool call's end marker)
 
-    def processor(self) -> GrammarProcessor:
+    def processor(self, *, max_tokens: int) -> GrammarProcessor:
         matcher = llguidance.LLMatcher(self.tokenizer, self.grammar, log_level=0)
-        return GrammarProcessor(matcher, self.tokenizer.vocab_size, self.vocab_size)
+        return GrammarProcessor(matcher, self, max_tokens)
 
 
 class GrammarProcessor:
-    """An mlx-lm logits processor: feeds the sequence's new tokens to the matcher, then masks
-    every token the grammar does not allow next. The first call sees the prompt (consumed by
-    nobody); each later call sees one more token, the one just sampled."""
+    """An mlx-lm logits processor: feeds the sequence's new tokens to the matcher, then masks every
+    token the grammar does not allow next. The first call sees the prompt (consumed by nobody);
+    each later call sees one more token, the one just sampled."""
 
-    def __init__(self, matcher: llguidance.LLMatcher, grammar_vocab: int, vocab_size: int) -> None:
-        self.matcher = matcher
-        self.vocab_size = vocab_size
+    def __init__(self, matcher: llguidance.LLMatcher, grammar: Grammar, max_tokens: int) -> None:
+        self.matcher, self.grammar, self.max_tokens = matcher, grammar, max_tokens
+        self.vocab_size = grammar.vocab_size
         self._seen: int | None = None
-        self._bitmask = llguidance.numpy.allocate_token_bitmask(1, grammar_vocab)  # [1, ceil(vocab / 32)]
+        self._generated = 0
+        self._closer = JsonCloser()
+        self._forced: list[int] | None = None  # the closing's tokens still to write, once closing
+        self._bitmask = llguidance.numpy.allocate_token_bitmask(1, grammar.tokenizer.vocab_size)  # [1, V/32]
 
     def __call__(self, tokens: mx.array, logits: mx.array) -> mx.array:  # tokens [L], logits [1, V]
         if self._seen is not None:
             for token in tokens[self._seen :].tolist():
                 if not self.matcher.consume_token(token):
                     raise RuntimeError(f"the grammar refused token {token}: {self.matcher.get_error()}")
+                self._closer.feed(self.grammar.tokenizer.decode_bytes([token]))
+                self._generated += 1
         self._seen = tokens.size
         llguidance.numpy.fill_next_token_bitmask(self.matcher, self._bitmask)
         allowed = np.unpackbits(self._bitmask.view(np.uint8), bitorder="little")[: self.vocab_size]
-        allowed = np.pad(allowed, (0, self.vocab_size - allowed.size)).astype(bool)  # [V]: bits past the tokenizer off
+        allowed = np.pad(allowed, (0, self.vocab_size - allowed.size)).astype(bool)  # [V]: past the tokenizer, off
+        forced = self._next_forced(allowed)
+        if forced is not None:
+            allowed = np.zeros_like(allowed)
+            allowed[forced] = True
         return mx.where(mx.array(allowed), logits, mx.array(-mx.inf, dtype=logits.dtype))
+
+    def _next_forced(self, allowed: np.ndarray) -> int | None:
+        """The closing's next token, once the budget left (this token and the end-of-sequence one
+        included) is down to what the closing needs plus the margin; None: the grammar decides."""
+        if self._forced is None:
+            closing = self._closer.closing()
+            if not closing:
+                return None
+            needed = self.grammar.tokenizer.tokenize_str(closing + self.grammar.suffix)
+            if self.max_tokens - self._generated > len(needed) + 1 + CLOSING_MARGIN:
+                return None
+            self._forced = list(needed)
+        if self._forced and allowed[self._forced[0]]:
+            return self._forced.pop(0)
+        # Done, or not allowed here (inside a multi-byte character, a schema's types): the grammar
+        # picks this token, and the closing is planned again from the next one.
+        self._forced = None
+        return None
 
 
 class Grammars:
@@ -112,4 +147,4 @@ class Grammars:
         schema = calls[0] if len(calls) == 1 else {"anyOf": calls}
         body = json.dumps({**schema, "x-guidance": JSON_DEFAULTS})
         lark = f"start: {json.dumps(start + chr(10))} %json {body} {json.dumps(chr(10) + end)}"
-        return self.compile(llguidance.LLMatcher.grammar_from_lark(lark))
+        return dataclasses.replace(self.compile(llguidance.LLMatcher.grammar_from_lark(lark)), suffix="\n" + end)
