@@ -17,6 +17,7 @@ from flashmesh.coordinator.api.worker import GenerationWorker
 from flashmesh.coordinator.engine import open_model
 from flashmesh.coordinator.options import ModelOptions
 from flashmesh.node.store_format import Manifest
+from prometheus_client.parser import text_string_to_metric_families
 
 MODEL = "tiny-moe"
 # A Qwen-style template with tools: mlx-lm infers its json_tools parser (<tool_call> + tool_call.name).
@@ -77,3 +78,14 @@ def served(store: Path, *, opener=None, max_queue: int = 4, worker_options: dict
             yield Served(url, worker, metrics)
     finally:
         worker.close()
+
+
+def metric(server, name: str, **labels) -> float:
+    status, _, body = server.raw("GET", "/metrics")
+    assert status == 200
+    total = 0.0
+    for family in text_string_to_metric_families(body.decode()):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                total += sample.value
+    return total

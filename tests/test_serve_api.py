@@ -15,7 +15,7 @@ from mlx_lm import load
 from mlx_lm.generate import stream_generate
 
 from .conftest import PROMPT
-from .serve_util import MODEL, TOOLS_TEMPLATE, served
+from .serve_util import MODEL, TOOLS_TEMPLATE, metric, served
 
 OTHER = "Streaming experts from flash, one token at a time"
 WEATHER = {
@@ -230,3 +230,27 @@ def test_unsupported_parameters_are_refused_by_name(server):
         with pytest.raises(openai.BadRequestError) as e:
             call()
         assert needle in e.value.body["message"] and "\n" not in e.value.body["message"], e.value.body
+
+
+def test_second_turn_reuses_the_conversations_kv_cache(server, tiny):
+    """Turn 2 starts from turn 1's KV cache (prompt and reply): only the new tokens are computed,
+    and the reply is still mlx-lm's for the whole conversation computed from scratch."""
+    client = client_of(server)
+    first = [{"role": "user", "content": PROMPT}]
+    one = client.chat.completions.create(model=MODEL, messages=first, max_tokens=12, temperature=0)
+    hits = metric(server, "flashmesh_prompt_cache_hits_total")
+    second = first + [
+        {"role": "assistant", "content": one.choices[0].message.content},
+        {"role": "user", "content": OTHER},
+    ]
+    two = client.chat.completions.create(model=MODEL, messages=second, max_tokens=12, temperature=0)
+    assert metric(server, "flashmesh_prompt_cache_hits_total") == hits + 1
+    cached = two.usage.prompt_tokens_details.cached_tokens
+    assert cached >= len(encode_prompt(server.worker.tokenizer, PROMPT, chat=True))  # at least all of turn 1's prompt
+    assert metric(server, "flashmesh_prompt_cache_tokens_reused_total") >= cached
+    assert 0 < metric(server, "flashmesh_prompt_cache_bytes") and metric(server, "flashmesh_prompt_cache_entries") <= 8
+    tokenizer = server.worker.tokenizer
+    model, _ = load(str(tiny[0]))
+    prompt = tokenizer.apply_chat_template(second, add_generation_prompt=True)
+    alone = "".join(r.text for r in stream_generate(model, tokenizer, prompt, max_tokens=12))
+    assert two.choices[0].message.content == alone
