@@ -3,9 +3,12 @@ helpers several test files share (running the CLI, the one-line error check, the
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import mlx.core as mx
@@ -13,6 +16,11 @@ import numpy as np
 import pytest
 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+# The suite never reads or writes the user's own cluster config or model cache (subprocesses inherit these).
+_ISOLATED = tempfile.mkdtemp(prefix="flashmesh-tests-")
+os.environ["FLASHMESH_CONFIG_DIR"] = os.path.join(_ISOLATED, "config")
+os.environ["FLASHMESH_CACHE_DIR"] = os.path.join(_ISOLATED, "cache")
+atexit.register(shutil.rmtree, _ISOLATED, ignore_errors=True)
 
 from flashmesh.coordinator.cli import main  # noqa: E402
 from flashmesh.coordinator.engine import open_model  # noqa: E402
@@ -74,9 +82,9 @@ def bundles(models, tmp_path_factory):
     return root, out
 
 
-def flashmesh(*args, cwd=None) -> subprocess.CompletedProcess:
-    """The console script as a user runs it, in its own process."""
-    env = {**os.environ, "TRANSFORMERS_VERBOSITY": "error"}
+def flashmesh(*args, cwd=None, env=None) -> subprocess.CompletedProcess:
+    """The console script as a user runs it, in its own process (`env`: more environment)."""
+    env = {**os.environ, "TRANSFORMERS_VERBOSITY": "error", **(env or {})}
     return subprocess.run(
         [sys.executable, "-m", "flashmesh.coordinator.cli", *map(str, args)],
         capture_output=True,
@@ -162,3 +170,36 @@ def shard_services(store, tmp_path, *, count=3, budget_factor=2, token="secret")
             )
         )
     return services
+
+
+@pytest.fixture(scope="session")
+def swift_bundles(models, bundles, tmp_path_factory):
+    """The bundles the Swift node is tested on (names of flashmesh.testing.swift_vectors.BUNDLES) ->
+    (store, bundle): the fp16 ones above, and 4-bit qwen3_moe experts exported for iOS 18 (packed
+    words, CPU dequantization) and iOS 26 (int8)."""
+    from flashmesh.mobile_export.exporter import export_ios
+
+    root, built = bundles
+    out = {f"{arch}-fp16": (built[arch][0], root / f"{arch}.flashmesh-ios") for arch in ("qwen3_moe", "deepseek_v3")}
+    work = tmp_path_factory.mktemp("swift-bundles")
+    _, q4 = models.get("qwen3_moe", "affine4", layers=3)
+    for target in ("iOS18", "iOS26"):
+        bundle = work / f"q4-{target}.flashmesh-ios"
+        export_ios(q4, bundle, target=target, context=64, prefill=8, show_progress=False)
+        out[f"qwen3_moe-q4-{target}"] = (q4, bundle)
+    return out
+
+
+@pytest.fixture(scope="session")
+def swift_binary():
+    """The Swift node's executable, built (with its unit tests) once per session; without a Swift
+    toolchain the tests that need it skip, loudly, or fail when FLASHMESH_REQUIRE_SWIFT is set."""
+    from flashmesh.testing.swift_node import node_binary, swift_required
+
+    binary = node_binary()
+    if binary is None:
+        message = "no Swift toolchain (swift), so the Swift node was not built or tested"
+        if swift_required():
+            pytest.fail(f"FAILED: {message}; FLASHMESH_REQUIRE_SWIFT is set")
+        pytest.skip(f"SKIPPED: {message}")
+    return binary

@@ -16,6 +16,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from flashmesh.coordinator.api import anthropic_routes, openai_routes, responses_routes
 from flashmesh.coordinator.api.context import ServeContext, ServeOptions
+from flashmesh.coordinator.api.dashboard import add_dashboard
 from flashmesh.coordinator.api.errors import ApiError, error_response
 from flashmesh.coordinator.api.metrics import ServerMetrics
 from flashmesh.coordinator.api.middleware import BodyLimit, RequestMetrics
@@ -85,6 +86,7 @@ def create_app(worker: GenerationWorker, options: ServeOptions, *, metrics: Serv
     openai_routes.register(app, ctx)
     responses_routes.register(app, ctx)
     anthropic_routes.register(app, ctx)
+    add_dashboard(app, worker, metrics, model_id=options.model_id)
     app.add_middleware(BodyLimit, max_bytes=options.max_body_bytes)
     app.add_middleware(RequestMetrics, metrics=metrics)  # added last: outermost, so it sees 413s too
     return app

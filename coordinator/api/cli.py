@@ -5,10 +5,11 @@ from __future__ import annotations
 import argparse
 import logging
 import signal
-from pathlib import Path
+import sys
 
 from flashmesh.coordinator.engine import open_model
-from flashmesh.coordinator.options import add_model_args, model_options
+from flashmesh.coordinator.model_cache import model_name
+from flashmesh.coordinator.options import add_model_args, model_options, resolve_store
 from flashmesh.protos.errors import UserError
 from flashmesh.protos.sizes import parse_bytes
 from rich.console import Console
@@ -54,8 +55,10 @@ def cmd_serve(args) -> int:
     if args.prompt_cache < 0:
         raise UserError("--prompt-cache must be 0 (off) or more")
     prompt_cache_bytes = parse_bytes(args.prompt_cache_bytes)
-    Manifest.load(args.store)  # a bad path fails here, before anything is started
+    given = args.store
+    resolve_store(args, show_progress=sys.stderr.isatty())  # packs a model directory on first use
     options = model_options(args)
+    Manifest.load(options.store)  # a bad path fails here, before anything is started
     if not 0 <= args.port < 65536:
         raise UserError(f"--port {args.port} is not a TCP port; pass 0..65535")
     max_body = parse_bytes(args.max_body)
@@ -71,7 +74,7 @@ def cmd_serve(args) -> int:
         ).start()  # fmt: skip
         try:
             serving = ServeOptions(
-                model_id=args.model_name or Path(args.store).resolve().name,
+                model_id=args.model_name or model_name(given),
                 max_tokens_limit=args.max_tokens_limit,
                 max_body_bytes=max_body,
             )
@@ -80,6 +83,7 @@ def cmd_serve(args) -> int:
             nodes = worker.streaming.nodes
             where = f"{len(nodes)} nodes" if nodes else "experts in-process"
             print(f"serving {serving.model_id} ({where}) at http://{host}:{port}/v1", flush=True)
+            print(f"dashboard: http://{host}:{port}/", flush=True)
             make_server(app).run(sockets=[sock])
         finally:
             worker.close()
