@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator
 from fastapi import FastAPI, Request
 from flashmesh.coordinator.api.anthropic_schemas import CountTokensRequest, MessagesRequest
 from flashmesh.coordinator.api.context import ServeContext
-from flashmesh.coordinator.api.errors import ApiError, anthropic_error_body, unsupported
+from flashmesh.coordinator.api.errors import ApiError, anthropic_error_body
 from flashmesh.coordinator.api.jobs import DoneEvent, TextEvent
 from flashmesh.coordinator.api.openai_format import whole
 from flashmesh.coordinator.api.parsing import parse_body
@@ -34,23 +34,15 @@ def prepare(ctx: ServeContext, body: MessagesRequest | CountTokensRequest):
     """(template messages, tools as functions or None, forced-call grammar or None); tokenizer thread."""
     choice = body.tool_choice
     tools = [t.as_function() for t in body.tools or []] if not (choice and choice.type == "none") else []
-    if tools:
-        ctx.check_tools(param="tools")
-    forced = None
-    if choice is not None and choice.type == "any":
-        forced = tools
-    elif choice is not None and choice.type == "tool":
-        forced = [t for t in tools if t["name"] == choice.name]
-        if not forced:
-            raise ApiError(400, f"tool_choice names {choice.name!r}, which is not in tools", param="tool_choice")
-    if forced is not None and not forced:
-        raise ApiError(400, "tool_choice requires a tool call but tools is empty", param="tool_choice")
-    grammar = ctx.tool_grammar(forced) if forced else None
+    named = choice.name if choice is not None and choice.type == "tool" else None
+    forced = ctx.forced_tools(tools, required=choice is not None and choice.type == "any", name=named)
     output_format = body.output_config.format if body.output_config else None
-    if output_format is not None:
-        if grammar is not None:
-            raise unsupported("output_config.format", "together with a tool_choice that forces a call")
-        grammar = ctx.json_grammar(output_format.schema_, param="output_config.format")
+    grammar = ctx.output_grammar(
+        forced,
+        json_output=output_format is not None,
+        schema=output_format.schema_ if output_format else None,
+        format_param="output_config.format",
+    )
     functions = [{"type": "function", "function": t} for t in tools]
     prompt = ctx.encode_chat(body.template_messages(), functions)
     return prompt, tools or None, grammar

@@ -127,6 +127,31 @@ class ServeContext:
         if not self.tokenizer.has_tool_calling:
             raise unsupported(param, "this model's chat template has no tool-call format mlx-lm knows")
 
+    def forced_tools(self, tools: list[dict], *, required: bool, name: str | None) -> list[dict] | None:
+        """The tools (function definitions) offered, checked; of them, those a call is forced among
+        (a named one, or any when `required`), or None when the model may answer in text."""
+        if tools:
+            self.check_tools()
+        if name is not None:
+            forced = [t for t in tools if t["name"] == name]
+            if not forced:
+                raise ApiError(400, f"tool_choice names {name!r}, which is not in tools", param="tool_choice")
+            return forced
+        if required and not tools:
+            raise ApiError(400, "tool_choice requires a call but tools is empty", param="tool_choice")
+        return tools if required else None
+
+    def output_grammar(
+        self, forced: list[dict] | None, *, json_output: bool, schema: dict | None = None, format_param: str
+    ) -> Grammar | None:
+        """The grammar of the output: a forced call among `forced`, or JSON (matching `schema` if
+        given) when `json_output`, or none."""
+        if json_output:
+            if forced:
+                raise unsupported(format_param, "together with a tool_choice that forces a call")
+            return self.json_grammar(schema, param=format_param)
+        return self.tool_grammar(forced) if forced else None
+
     def tool_grammar(self, tools: list[dict], *, param: str = "tool_choice") -> Grammar:
         """Force one call among `tools` (OpenAI function definitions: name, parameters)."""
         parser = self.tokenizer.tool_parser.__module__.rsplit(".", 1)[-1]

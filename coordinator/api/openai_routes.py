@@ -44,28 +44,29 @@ def chat_constraint(ctx: ServeContext, body: ChatCompletionRequest) -> tuple[lis
     """(the tools to offer the template and parse calls for, the grammar the output must match)."""
     choice = body.tool_choice
     tools = [t.function.model_dump(exclude_none=True) for t in body.tools or []] if choice != "none" else []
-    forced = tools if choice == "required" else None
-    if not isinstance(choice, str | None):
-        forced = [t for t in tools if t["name"] == choice.function.name]
-        if not forced:
-            raise ApiError(
-                400, f"tool_choice names {choice.function.name!r}, which is not in tools", param="tool_choice"
-            )
-    if forced is not None and not tools:
-        raise ApiError(400, "tool_choice requires a call but tools is empty", param="tool_choice")
-    if tools:
-        ctx.check_tools()
+    named = None if isinstance(choice, str | None) else choice.function.name
+    forced = ctx.forced_tools(tools, required=choice == "required", name=named)
     response_format = body.response_format
-    if response_format is not None and response_format.type != "text":
-        if forced:
-            raise unsupported("response_format", "together with a tool_choice that forces a call")
-        schema = None
-        if response_format.type == "json_schema":
-            if response_format.json_schema is None:
-                raise ApiError(400, "response_format json_schema needs its json_schema", param="response_format")
-            schema = response_format.json_schema.schema_ or {}
-        return tools or None, ctx.json_grammar(schema, param="response_format")
-    return tools or None, ctx.tool_grammar(forced) if forced else None
+    json_output = response_format is not None and response_format.type != "text"
+    schema = None
+    if json_output and response_format.type == "json_schema":
+        if response_format.json_schema is None:
+            raise ApiError(400, "response_format json_schema needs its json_schema", param="response_format")
+        schema = response_format.json_schema.schema_ or {}
+    grammar = ctx.output_grammar(forced, json_output=json_output, schema=schema, format_param="response_format")
+    return tools or None, grammar
+
+
+def _choices(head, results: dict, body: Sampling, *, prompts: list[int], build) -> dict:
+    """The non-streamed body: one choice per result, `build(index, done)` its fields."""
+    ordered = sorted(results.items())
+    out = []
+    for i, (_, done) in ordered:
+        choice = {"index": i, **build(i, done)}
+        if body.return_token_ids:
+            choice["token_ids"] = done.stats.tokens
+        out.append(choice)
+    return {**head(chunk=False), "choices": out, "usage": fmt.usage([d for _, (_, d) in ordered], prompts=prompts)}
 
 
 def register(app: FastAPI, ctx: ServeContext) -> None:
@@ -93,19 +94,12 @@ def register(app: FastAPI, ctx: ServeContext) -> None:
         results = await run.collect(request)
         if results is None:
             return {}
-        out = []
-        for i, (_, done) in sorted(results.items()):
-            choice = {
-                "index": i,
-                "text": echoes[i] + done.stats.text,
-                "finish_reason": done.stats.finish_reason,
-                "logprobs": None if body.logprobs is None else fmt.completion_logprobs(done.logprobs, ctx.token_text),
-            }
-            if body.return_token_ids:
-                choice["token_ids"] = done.stats.tokens
-            out.append(choice)
-        done_events = [d for _, (_, d) in sorted(results.items())]
-        return {**head(chunk=False), "choices": out, "usage": fmt.usage(done_events, prompts=lengths)}
+
+        def build(i: int, done: DoneEvent) -> dict:
+            lp = None if body.logprobs is None else fmt.completion_logprobs(done.logprobs, ctx.token_text)
+            return {"text": echoes[i] + done.stats.text, "finish_reason": done.stats.finish_reason, "logprobs": lp}
+
+        return _choices(head, results, body, prompts=lengths, build=build)
 
     @app.post("/v1/chat/completions", response_model=None)
     async def chat_completions(request: Request):
@@ -135,19 +129,13 @@ def register(app: FastAPI, ctx: ServeContext) -> None:
         results = await run.collect(request)
         if results is None:
             return {}
-        out = []
-        for i, (_, done) in sorted(results.items()):
-            choice = {
-                "index": i,
-                "message": fmt.chat_message(fmt.whole(splitters[i], done.stats.text)),
-                "logprobs": None if logprobs is None else fmt.chat_logprobs(done.logprobs, ctx.token_text),
-                "finish_reason": fmt.finish_reason(done, splitters[i]),
-            }
-            if body.return_token_ids:
-                choice["token_ids"] = done.stats.tokens
-            out.append(choice)
-        done_events = [d for _, (_, d) in sorted(results.items())]
-        return {**head(chunk=False), "choices": out, "usage": fmt.usage(done_events, prompts=[len(prompt)])}
+
+        def build(i: int, done: DoneEvent) -> dict:
+            lp = None if logprobs is None else fmt.chat_logprobs(done.logprobs, ctx.token_text)
+            message = fmt.chat_message(fmt.whole(splitters[i], done.stats.text))
+            return {"message": message, "logprobs": lp, "finish_reason": fmt.finish_reason(done, splitters[i])}
+
+        return _choices(head, results, body, prompts=[len(prompt)], build=build)
 
 
 async def _stream_completion(ctx, run: Run, head, body: CompletionRequest, echoes, lengths) -> AsyncIterator[str]:

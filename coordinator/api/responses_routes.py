@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 
 from fastapi import FastAPI, Request
 from flashmesh.coordinator.api.context import ServeContext
-from flashmesh.coordinator.api.errors import ApiError, unsupported
+from flashmesh.coordinator.api.errors import ApiError
 from flashmesh.coordinator.api.jobs import DoneEvent, TextEvent
 from flashmesh.coordinator.api.openai_format import whole
 from flashmesh.coordinator.api.parsing import parse_body
@@ -24,22 +24,12 @@ def prepare(ctx: ServeContext, body: ResponsesRequest):
     """(prompt, tools offered or None, grammar or None); on the tokenizer thread."""
     choice = body.tool_choice
     tools = [t.as_function() for t in body.tools or []] if choice != "none" else []
-    if tools:
-        ctx.check_tools()
-    forced = tools if choice == "required" else None
-    if not isinstance(choice, str | None):
-        forced = [t for t in tools if t["name"] == choice.name]
-        if not forced:
-            raise ApiError(400, f"tool_choice names {choice.name!r}, which is not in tools", param="tool_choice")
-    if forced is not None and not forced:
-        raise ApiError(400, "tool_choice requires a call but tools is empty", param="tool_choice")
-    grammar = ctx.tool_grammar(forced) if forced else None
+    named = None if isinstance(choice, str | None) else choice.name
+    forced = ctx.forced_tools(tools, required=choice == "required", name=named)
     text_format = body.text.format if body.text else None
-    if text_format is not None and text_format.type != "text":
-        if grammar is not None:
-            raise unsupported("text.format", "together with a tool_choice that forces a call")
-        schema = text_format.schema_ or {} if text_format.type == "json_schema" else None
-        grammar = ctx.json_grammar(schema, param="text.format")
+    json_output = text_format is not None and text_format.type != "text"
+    schema = (text_format.schema_ or {}) if json_output and text_format.type == "json_schema" else None
+    grammar = ctx.output_grammar(forced, json_output=json_output, schema=schema, format_param="text.format")
     prompt = ctx.encode_chat(
         body.template_messages(), [{"type": "function", "function": t} for t in tools], param="input"
     )
