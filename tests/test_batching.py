@@ -172,3 +172,33 @@ def test_batched_on_nodes_matches_and_sends_one_request_per_node_per_layer(model
     finally:
         for s in services:
             s.close()
+
+
+def test_a_long_prompt_joining_stalls_the_batch_by_one_chunk_per_step(models):
+    """While a long prompt is prefilled chunk by chunk, the running sequence gets a token every step."""
+    _, store = models.get("qwen3_moe")
+    streaming = open_model(ModelOptions(store=store))
+    counting = CountingBackend(streaming.backend)
+    bind_backend(streaming.model, counting)
+    try:
+        tokenizer = streaming.tokenizer
+        batch = ContinuousBatch(
+            streaming.model, tokenizer, send=lambda *_: None, observe=lambda *_: None, prefill_step_size=PREFILL_STEP
+        )
+        batch.add(Job(tokenizer.encode("Hello"), SamplingParams(max_tokens=60), lambda e: None))
+        while batch.step() == 0:
+            pass
+        long_prompt = tokenizer.encode(PROMPT * 4)
+        batch.add(Job(long_prompt, SamplingParams(max_tokens=4), lambda e: None))
+        steps = 0
+        while True:
+            counting.calls.clear()
+            decoded = batch.step()
+            steps += 1
+            rows = max(n for _, n in counting.calls)  # the most rows one MoE call had in this step
+            assert decoded >= 1 and rows <= 1 + PREFILL_STEP  # one decode token + at most one chunk
+            if decoded == 2:
+                break
+        assert steps >= len(long_prompt) // PREFILL_STEP  # the prompt really went in chunks
+    finally:
+        streaming.close()
