@@ -133,24 +133,27 @@ class CountingBackend:
         self.inner.close()
 
 
-def test_a_decode_step_is_one_moe_call_per_layer_for_the_batch(models):
+@pytest.fixture
+def counted(models):
+    """The qwen3_moe store opened in-process with a CountingBackend bound; (store, model, counting)."""
     _, store = models.get("qwen3_moe")
     streaming = open_model(ModelOptions(store=store))
     counting = CountingBackend(streaming.backend)
     bind_backend(streaming.model, counting)
-    try:
-        prompts = PROMPTS[:3]
-        tokenizer = streaming.tokenizer
-        batch = ContinuousBatch(streaming.model, tokenizer, send=lambda *_: None, observe=lambda *_: None)
-        for p in prompts:
-            batch.add(Job(tokenizer.encode(p), SamplingParams(max_tokens=20), lambda e: None))
-        while batch.step() < len(prompts):  # prefill, then the first step that decodes all three
-            counting.calls.clear()
-        layers = len(Manifest.load(store).layers)
-        assert counting.calls == [(spec.layer, len(prompts)) for spec in Manifest.load(store).layers]
-        assert len(counting.calls) == layers
-    finally:
-        streaming.close()
+    yield store, streaming, counting
+    streaming.close()
+
+
+def test_a_decode_step_is_one_moe_call_per_layer_for_the_batch(counted):
+    store, streaming, counting = counted
+    prompts = PROMPTS[:3]
+    tokenizer = streaming.tokenizer
+    batch = ContinuousBatch(streaming.model, tokenizer, send=lambda *_: None, observe=lambda *_: None)
+    for p in prompts:
+        batch.add(Job(tokenizer.encode(p), SamplingParams(max_tokens=20), lambda e: None))
+    while batch.step() < len(prompts):  # prefill, then the first step that decodes all three
+        counting.calls.clear()
+    assert counting.calls == [(spec.layer, len(prompts)) for spec in Manifest.load(store).layers]
 
 
 def test_batched_on_nodes_matches_and_sends_one_request_per_node_per_layer(models, tmp_path):
@@ -174,31 +177,23 @@ def test_batched_on_nodes_matches_and_sends_one_request_per_node_per_layer(model
             s.close()
 
 
-def test_a_long_prompt_joining_stalls_the_batch_by_one_chunk_per_step(models):
+def test_a_long_prompt_joining_stalls_the_batch_by_one_chunk_per_step(counted):
     """While a long prompt is prefilled chunk by chunk, the running sequence gets a token every step."""
-    _, store = models.get("qwen3_moe")
-    streaming = open_model(ModelOptions(store=store))
-    counting = CountingBackend(streaming.backend)
-    bind_backend(streaming.model, counting)
-    try:
-        tokenizer = streaming.tokenizer
-        batch = ContinuousBatch(
-            streaming.model, tokenizer, send=lambda *_: None, observe=lambda *_: None, prefill_step_size=PREFILL_STEP
-        )
-        batch.add(Job(tokenizer.encode("Hello"), SamplingParams(max_tokens=60), lambda e: None))
-        while batch.step() == 0:
-            pass
-        long_prompt = tokenizer.encode(PROMPT * 4)
-        batch.add(Job(long_prompt, SamplingParams(max_tokens=4), lambda e: None))
-        steps = 0
-        while True:
-            counting.calls.clear()
-            decoded = batch.step()
-            steps += 1
-            rows = max(n for _, n in counting.calls)  # the most rows one MoE call had in this step
-            assert decoded >= 1 and rows <= 1 + PREFILL_STEP  # one decode token + at most one chunk
-            if decoded == 2:
-                break
-        assert steps >= len(long_prompt) // PREFILL_STEP  # the prompt really went in chunks
-    finally:
-        streaming.close()
+    _, streaming, counting = counted
+    tokenizer = streaming.tokenizer
+    batch = ContinuousBatch(
+        streaming.model, tokenizer, send=lambda *_: None, observe=lambda *_: None, prefill_step_size=PREFILL_STEP
+    )
+    batch.add(Job(tokenizer.encode("Hello"), SamplingParams(max_tokens=60), lambda e: None))
+    while batch.step() == 0:
+        pass
+    long_prompt = tokenizer.encode(PROMPT * 4)
+    batch.add(Job(long_prompt, SamplingParams(max_tokens=4), lambda e: None))
+    steps = decoded = 0
+    while decoded < 2 and steps < 50:  # until the long prompt is in and decoding beside the first
+        counting.calls.clear()
+        decoded = batch.step()
+        steps += 1
+        rows = max(n for _, n in counting.calls)  # the most rows one MoE call had in this step
+        assert decoded >= 1 and rows <= 1 + PREFILL_STEP  # one decode token + at most one chunk
+    assert decoded == 2 and steps >= len(long_prompt) // PREFILL_STEP  # the prompt really went in chunks
