@@ -11,11 +11,14 @@ experts add the wave regrouping of test_equivalence.py (<= 1e-4) when the budget
 
 from __future__ import annotations
 
+import threading
+
 import mlx.core as mx
 import numpy as np
 import pytest
 from flashmesh.coordinator.api.batching import ContinuousBatch, can_batch
 from flashmesh.coordinator.api.jobs import DoneEvent, ErrorEvent, Job
+from flashmesh.coordinator.api.worker import GenerationWorker
 from flashmesh.coordinator.dispatch import bind_backend
 from flashmesh.coordinator.engine import attach, load_dense_model, load_store_tokenizer, open_model
 from flashmesh.coordinator.generate import SamplingParams, generate
@@ -24,9 +27,10 @@ from flashmesh.coordinator.placement import NodeCapacity, place
 from flashmesh.coordinator.remote import RemoteExperts
 from flashmesh.node.shard import write_dense
 from flashmesh.node.store_format import Manifest
+from flashmesh.testing.arch_check import build_and_pack
 from flashmesh.testing.in_process import InProcessLink
 from mlx_lm import load
-from mlx_lm.generate import BatchGenerator, make_stop_sequences
+from mlx_lm.generate import BatchGenerator, make_stop_sequences, stream_generate
 
 from .conftest import PROMPT, shard_services
 
@@ -197,3 +201,53 @@ def test_a_long_prompt_joining_stalls_the_batch_by_one_chunk_per_step(counted):
         rows = max(n for _, n in counting.calls)  # the most rows one MoE call had in this step
         assert decoded >= 1 and rows <= 1 + PREFILL_STEP  # one decode token + at most one chunk
     assert decoded == 2 and steps >= len(long_prompt) // PREFILL_STEP  # the prompt really went in chunks
+
+
+def served_together(worker: GenerationWorker, requests: list[tuple[str, SamplingParams]]) -> list[list[int]]:
+    """Submit every request at once to a started worker; the tokens of each."""
+    done = [threading.Event() for _ in requests]
+    out: list = [None] * len(requests)
+
+    def on_event(i: int, event) -> None:
+        if isinstance(event, ErrorEvent | DoneEvent):
+            out[i] = event
+            done[i].set()
+
+    for i, (prompt, params) in enumerate(requests):
+        worker.submit(worker.tokenizer.encode(prompt), params, lambda e, i=i: on_event(i, e))
+    for d in done:
+        assert d.wait(120)
+    assert not any(isinstance(e, ErrorEvent) for e in out), out
+    return [e.stats.tokens for e in out]
+
+
+def test_a_seeded_sampled_request_beside_a_batch_gets_what_it_gets_alone(models):
+    """mlx-lm's batch shares one random state: a seeded sampled request waits for the batch to drain
+    and runs alone, so its seed reproduces it whatever else is served; the greedy ones still batch."""
+    src, store = models.get("qwen3_moe")
+    seeded = SamplingParams(max_tokens=12, temperature=1.0, seed=5)
+    greedy = SamplingParams(max_tokens=MAX_TOKENS)
+    worker = GenerationWorker(lambda: open_model(ModelOptions(store=store)), max_batch=4).start()
+    try:
+        (by_itself,) = served_together(worker, [(PROMPTS[1], seeded)])
+        mixed = served_together(worker, [(PROMPTS[0], greedy), (PROMPTS[1], seeded), (PROMPTS[2], greedy)])
+    finally:
+        worker.close()
+    model, tokenizer = load(str(src))
+    assert mixed[1] == by_itself
+    assert [mixed[0], mixed[2]] == alone(model, tokenizer, [PROMPTS[0], PROMPTS[2]])
+
+
+def test_a_model_mlx_lm_cannot_batch_is_served_one_at_a_time(tmp_path):
+    """llama4's chunked KV cache cannot join mlx-lm's batch: concurrent requests are still served,
+    one after another through the single-sequence loop, each with mlx-lm's greedy tokens."""
+    packed = build_and_pack(tmp_path, "llama4")
+    worker = GenerationWorker(lambda: open_model(ModelOptions(store=packed.store)), max_batch=4).start()
+    try:
+        assert not worker.batching
+        ours = served_together(worker, [(p, SamplingParams(max_tokens=MAX_TOKENS)) for p in PROMPTS[:3]])
+    finally:
+        worker.close()
+    model, tokenizer = load(str(packed.source))
+    for prompt, tokens in zip(PROMPTS[:3], ours, strict=True):  # mlx-lm's own single-sequence loop
+        assert tokens == [r.token for r in stream_generate(model, tokenizer, prompt, max_tokens=MAX_TOKENS)]
