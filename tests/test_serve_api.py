@@ -147,6 +147,15 @@ def test_completion_logprobs_echo_prompts_and_n(server, reference):
     assert [c.message.content for c in again.choices] == [by_index[i] for i in range(3)]  # seed + choice, alone
 
 
+def test_max_completion_tokens_bounds_the_reply_like_max_tokens(server, reference):
+    tokens, _, text = reference(PROMPT, max_tokens=5, chat=True)
+    out = client_of(server).chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": PROMPT}], max_completion_tokens=5, temperature=0
+    )
+    assert out.choices[0].message.content == text and out.usage.completion_tokens == len(tokens) == 5
+    assert out.choices[0].finish_reason == "length"
+
+
 @pytest.mark.parametrize(
     "response_format,max_tokens",
     [
