@@ -409,14 +409,15 @@ def cmd_serving(args: argparse.Namespace) -> int:
     path = write_result(name, result)
     print(
         f"{'streams':>7} {'decode tok/s':>12} {'x one':>6} {'MB/token':>9} {'x one':>6} {'TTFT p50/p99 s':>15} "
-        f"{'ITL p50/p99 ms':>15}"
+        f"{'ITL p50/p99 ms':>15} {'CPU ms/token':>12} {'x one':>6}"
     )
     for r in result["rows"]:
         print(
             f"{r['streams']:>7} {r['aggregate_decode_tokens_per_s']:>12.1f} {r['decode_speedup_vs_1']:>6.2f} "
             f"{r['bytes_read_per_token'] / 1e6:>9.3f} {r['bytes_per_token_vs_1']:>6.2f} "
             f"{r['ttft_s']['p50']:>7.2f}/{r['ttft_s']['p99']:<7.2f} "
-            f"{r['itl_s']['p50'] * 1e3:>7.1f}/{r['itl_s']['p99'] * 1e3:<7.1f}"
+            f"{r['itl_s']['p50'] * 1e3:>7.1f}/{r['itl_s']['p99'] * 1e3:<7.1f} "
+            f"{r['cpu_s_per_token'] * 1e3:>12.1f} {r['cpu_per_token_vs_1']:>6.2f}"
         )
     print(f"written to {path} and {result['plot']}")
     return 0

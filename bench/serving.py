@@ -98,7 +98,7 @@ def run_streams(worker: GenerationWorker, prompts: list[str], *, max_tokens: int
     backend = worker.streaming.backend
     before = backend.stats()
     streams = []
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     for p in prompts:
         s = Stream(time.perf_counter())
         worker.submit(tokenizer.encode(p), params, s.on_event)
@@ -107,7 +107,7 @@ def run_streams(worker: GenerationWorker, prompts: list[str], *, max_tokens: int
         s.done.wait(600)
         if s.error is not None:
             raise s.error
-    wall = time.perf_counter() - start
+    wall, cpu = time.perf_counter() - start, time.process_time() - cpu_start
     used = backend.stats().since(before).total
     tokens = sum(len(s.times) for s in streams)
     # Decode: every token after each stream's first, over the span from the first first token to the
@@ -122,6 +122,9 @@ def run_streams(worker: GenerationWorker, prompts: list[str], *, max_tokens: int
         "aggregate_decode_tokens_per_s": decoded / (last - first) if last > first else 0.0,
         "expert_bytes_read": used.bytes_read,
         "bytes_read_per_token": used.bytes_read / max(1, tokens),
+        # This process's CPU seconds (all its threads; not the nodes'): what other engineers' load
+        # does not change, unlike wall time, so the CPU cost of batching shows through the noise.
+        "cpu_s_per_token": cpu / max(1, tokens),
         "cache_hit_rate": used.hit_rate,
         "ttft_s": [s.times[0] - s.submitted for s in streams],
         "itl_s": itl,
@@ -162,6 +165,7 @@ def run_batching_bench(
                 "aggregate_decode_tokens_per_s": float(np.median([x["aggregate_decode_tokens_per_s"] for x in t])),
                 "aggregate_tokens_per_s": float(np.median([x["aggregate_tokens_per_s"] for x in t])),
                 "bytes_read_per_token": float(np.median([x["bytes_read_per_token"] for x in t])),
+                "cpu_s_per_token": float(np.median([x["cpu_s_per_token"] for x in t])),
                 "cache_hit_rate": float(np.median([x["cache_hit_rate"] for x in t])),
                 "ttft_s": _percentiles([v for x in t for v in x["ttft_s"]]),
                 "itl_s": _percentiles([v for x in t for v in x["itl_s"]]),
@@ -177,6 +181,7 @@ def run_batching_bench(
         row["bytes_per_token_vs_1"] = float(
             np.median([x["bytes_read_per_token"] / max(1e-9, y["bytes_read_per_token"]) for x, y in pairs])
         )
+        row["cpu_per_token_vs_1"] = float(np.median([x["cpu_s_per_token"] / y["cpu_s_per_token"] for x, y in pairs]))
     manifest = Manifest.load(store)
     return {
         "store": str(store),
