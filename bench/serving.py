@@ -320,6 +320,8 @@ def plot_batching(result: dict, path: Path) -> Path:
     streams = [r["streams"] for r in rows]
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
     a.plot(streams, [r["decode_speedup_vs_1"] for r in rows], "o-", label="measured")
+    if all("cpu_per_token_vs_1" in r for r in rows):  # what the CPU alone allows, load aside
+        a.plot(streams, [1 / r["cpu_per_token_vs_1"] for r in rows], "s--", label="1 / (CPU per token, x one)")
     a.plot(streams, streams, ":", color="gray", label="linear")
     a.set(xlabel="concurrent streams", ylabel="aggregate decode tok/s / one stream's", xscale="log", yscale="log")
     a.set_xticks(streams, [str(s) for s in streams])
