@@ -465,6 +465,54 @@ def cmd_soak(args: argparse.Namespace) -> int:
     return 0 if result["errors"] == 0 and result["rss_within_bound"] else 1
 
 
+def cmd_serving(args: argparse.Namespace) -> int:
+    from rich.progress import BarColumn, Progress, TextColumn
+
+    from bench.serving import plot_batching, run_batching_bench, run_second_turn_bench
+
+    store = _store_or_demo(args.store)
+    budget = _budget(store, args.ram_budget, fraction=0.25)
+    if args.second_turn:
+        result = run_second_turn_bench(store, budget=budget, rounds=args.rounds, context=args.context)
+        path = write_result(args.name or f"serving-second-turn-{store.name}", result)
+        med = result["median"]
+        print(
+            f"{med['first_turn_prompt_tokens']:.0f}-token conversation: second-turn TTFT / first-turn TTFT "
+            f"{result['cached_second_over_first']:.3f}; with / without the prompt cache "
+            f"{result['cached_over_uncached_second']:.3f} (medians of {args.rounds} rounds); written to {path}"
+        )
+        return 0
+    streams = tuple(int(s) for s in args.streams.split(","))
+    with Progress(TextColumn("serving"), BarColumn(), TextColumn("{task.completed}/{task.total}")) as bar:
+        task = bar.add_task("serving", total=args.rounds * len(streams))
+        result = run_batching_bench(
+            store,
+            streams=streams,
+            rounds=args.rounds,
+            max_tokens=args.max_tokens,
+            budget=budget,
+            nodes=args.nodes,
+            progress=lambda: bar.advance(task),
+        )
+    name = args.name or f"serving-{store.name}-{'n' + str(args.nodes) if args.nodes else 'local'}"
+    result["plot"] = str(plot_batching(result, RESULTS / f"{name}.png"))
+    path = write_result(name, result)
+    print(
+        f"{'streams':>7} {'decode tok/s':>12} {'x one':>6} {'MB/token':>9} {'x one':>6} {'TTFT p50/p99 s':>15} "
+        f"{'ITL p50/p99 ms':>15} {'CPU ms/token':>12} {'x one':>6}"
+    )
+    for r in result["rows"]:
+        print(
+            f"{r['streams']:>7} {r['aggregate_decode_tokens_per_s']:>12.1f} {r['decode_speedup_vs_1']:>6.2f} "
+            f"{r['bytes_read_per_token'] / 1e6:>9.3f} {r['bytes_per_token_vs_1']:>6.2f} "
+            f"{r['ttft_s']['p50']:>7.2f}/{r['ttft_s']['p99']:<7.2f} "
+            f"{r['itl_s']['p50'] * 1e3:>7.1f}/{r['itl_s']['p99'] * 1e3:<7.1f} "
+            f"{r['cpu_s_per_token'] * 1e3:>12.1f} {r['cpu_per_token_vs_1']:>6.2f}"
+        )
+    print(f"written to {path} and {result['plot']}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -571,12 +619,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", default=None)
     p.add_argument("--json", action="store_true")
 
+    p = bsub.add_parser("serving", help="serve's continuous batching: tok/s and bytes/token vs concurrent streams")
+    p.set_defaults(func=cmd_serving)
+    p.add_argument("store", type=Path, nargs="?", default=None, help="a packed store (default: the demo store)")
+    p.add_argument("--streams", default="1,2,4,8", help="concurrencies, in alternating order each round")
+    p.add_argument("--nodes", type=int, default=0, help="experts on this many local node processes (0: in-process)")
+    p.add_argument("--ram-budget", default=None, help="default: a quarter of the expert bytes (split by shard)")
+    p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--second-turn", action="store_true", help="measure a conversation's second-turn TTFT instead")
+    p.add_argument("--context", type=int, default=1000, help="--second-turn: the conversation's first prompt, tokens")
+    p.add_argument("--name", default=None)
+
     p = bsub.add_parser("plan-validate", help="flashmesh plan's predictions vs measured decode, two models x 3 budgets")
     p.set_defaults(func=cmd_plan_validate)
     p.add_argument("--workdir", type=Path, default=Path("/work/data/ux/plan"), help="where the models are built")
     p.add_argument("--tokens", type=int, default=24)
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--name", default="plan-validate")
+
     p = bsub.add_parser("sweep", help="tok/s and hit rate vs RAM budget, with mlx-lm in RAM as reference")
     p.set_defaults(func=cmd_sweep)
     p.add_argument("store", type=Path, nargs="?", default=None)

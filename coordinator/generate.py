@@ -12,6 +12,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -20,6 +21,14 @@ from mlx_lm.sample_utils import make_logits_processors, make_sampler
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
 OnText = Callable[[str, int], None]  # (new text, tokens generated so far)
+LogitsProcessor = Callable[[mx.array, mx.array], mx.array]  # (tokens so far [L], logits [1, V]) -> logits
+
+
+class Constraint(Protocol):
+    """What the output must match (a grammar): a fresh stateful logits processor per sequence, told
+    the sequence's token budget (so that it can close what it enforces before the budget ends)."""
+
+    def processor(self, *, max_tokens: int) -> LogitsProcessor: ...
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -27,21 +36,27 @@ class SamplingParams:
     max_tokens: int
     temperature: float = 0.0  # 0: greedy
     top_p: float = 1.0  # 0 or 1: off
+    top_k: int = 0  # 0: off
+    min_p: float = 0.0  # 0: off
     stop: tuple[str, ...] = ()  # text that ends the generation (not included in it)
     seed: int | None = None
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logit_bias: tuple[tuple[int, float], ...] = ()
+    constraint: Constraint | None = None  # e.g. a JSON schema the output must match
 
     def sampler(self):
-        return make_sampler(temp=self.temperature, top_p=self.top_p)
+        return make_sampler(temp=self.temperature, top_p=self.top_p, min_p=self.min_p, top_k=self.top_k)
 
-    def logits_processors(self) -> list:
-        return make_logits_processors(
+    def logits_processors(self) -> list[LogitsProcessor]:
+        processors = make_logits_processors(
             logit_bias=dict(self.logit_bias) or None,
             presence_penalty=self.presence_penalty or None,
             frequency_penalty=self.frequency_penalty or None,
         )
+        if self.constraint is not None:  # last: it masks what the others left
+            processors.append(self.constraint.processor(max_tokens=self.max_tokens))
+        return processors
 
 
 @dataclass
@@ -161,10 +176,12 @@ def generate(
     prefill_step_size: int = 512,
     on_text: OnText | None = None,
     on_token: Callable[[int], None] | None = None,
+    on_logprobs: Callable[[int, mx.array], None] | None = None,
     cancelled: Callable[[], bool] | None = None,
 ) -> GenerationStats:
     """Generate one sequence (greedy unless temperature > 0). `on_text` gets text as it can be shown,
-    `on_token` the count after each token; `cancelled` is asked after each. Timings cover this call."""
+    `on_token` the count after each token, `on_logprobs` each token with its distribution (logprobs
+    [V], before the sampler); `cancelled` is asked after each. Timings cover this call."""
     generation = Generation(prompt_tokens, params, on_text=on_text, on_token=on_token, cancelled=cancelled)
     if params.seed is not None:
         mx.random.seed(params.seed)
@@ -178,6 +195,8 @@ def generate(
             logits_processors=params.logits_processors() or None,
             prefill_step_size=prefill_step_size,
         ):
+            if on_logprobs is not None:
+                on_logprobs(response.token, response.logprobs)
             if generation.add(response.token, response.text, response.finish_reason):
                 break
     return generation.finish()

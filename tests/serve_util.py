@@ -17,8 +17,22 @@ from flashmesh.coordinator.api.worker import GenerationWorker
 from flashmesh.coordinator.engine import open_model
 from flashmesh.coordinator.options import ModelOptions
 from flashmesh.node.store_format import Manifest
+from prometheus_client.parser import text_string_to_metric_families
 
 MODEL = "tiny-moe"
+# A Qwen-style template with tools: mlx-lm infers its json_tools parser (<tool_call> + tool_call.name).
+TOOLS_TEMPLATE = (
+    "{%- if tools %}<|im_start|>system\n<tools>\n{%- for tool in tools %}\n{{ tool | tojson }}{%- endfor %}\n</tools>\n"
+    'Call a function as <tool_call>\n{"name": <name>, "arguments": <arguments>}\n</tool_call><|im_end|>\n{% endif %}'
+    "{%- for m in messages %}"
+    "{%- if m.role == 'tool' %}<|im_start|>user\n<tool_response>\n{{ m.content }}\n</tool_response><|im_end|>\n"
+    "{%- elif m.role == 'assistant' and m.tool_calls %}<|im_start|>assistant\n{{ m.content or '' }}"
+    "{%- for tc in m.tool_calls %}{%- set tool_call = tc.function if tc.function is defined else tc %}"
+    '\n<tool_call>\n{"name": "{{ tool_call.name }}", "arguments": {{ tool_call.arguments | tojson }}}\n</tool_call>'
+    "{%- endfor %}<|im_end|>\n"
+    "{%- else %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{%- endif %}"
+    "{%- endfor %}{%- if add_generation_prompt %}<|im_start|>assistant\n{%- endif %}"
+)
 
 
 @dataclass
@@ -50,12 +64,13 @@ class Served:
 
 
 @contextmanager
-def served(store: Path, *, opener=None, max_queue: int = 4, **options) -> Iterator[Served]:
+def served(store: Path, *, opener=None, max_queue: int = 4, worker_options: dict | None = None,
+           **options) -> Iterator[Served]:  # fmt: skip
     """Serve `store` with its experts in-process, or as `opener` (returning the open model) opens it."""
     budget = Manifest.load(store).expert_bytes_total
     metrics = ServerMetrics()
     opener = opener or (lambda: open_model(ModelOptions(store=store, ram_budget=budget)))
-    worker = GenerationWorker(opener, max_queue=max_queue, metrics=metrics)
+    worker = GenerationWorker(opener, max_queue=max_queue, metrics=metrics, **(worker_options or {}))
     worker.start()
     try:
         app = create_app(worker, ServeOptions(model_id=MODEL, **options), metrics=metrics)
@@ -63,3 +78,14 @@ def served(store: Path, *, opener=None, max_queue: int = 4, **options) -> Iterat
             yield Served(url, worker, metrics)
     finally:
         worker.close()
+
+
+def metric(server, name: str, **labels) -> float:
+    status, _, body = server.raw("GET", "/metrics")
+    assert status == 200
+    total = 0.0
+    for family in text_string_to_metric_families(body.decode()):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                total += sample.value
+    return total

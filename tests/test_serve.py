@@ -22,7 +22,7 @@ from mlx_lm import load
 from prometheus_client.parser import text_string_to_metric_families
 
 from .conftest import PROMPT, assert_one_line_error
-from .serve_util import MODEL, served
+from .serve_util import MODEL, metric, served
 
 OTHER = "Streaming experts from flash, one token at a time"
 
@@ -53,17 +53,6 @@ def reference(tiny):
 @pytest.fixture
 def client(server):
     return openai.OpenAI(base_url=server.base, api_key="unused", max_retries=0, timeout=60)
-
-
-def metric(server, name: str, **labels) -> float:
-    status, _, body = server.raw("GET", "/metrics")
-    assert status == 200
-    total = 0.0
-    for family in text_string_to_metric_families(body.decode()):
-        for sample in family.samples:
-            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
-                total += sample.value
-    return total
 
 
 def test_models_and_completion_match_mlx_lm(client, reference):

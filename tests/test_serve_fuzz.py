@@ -2,7 +2,8 @@
 
 Malformed JSON, wrong types, huge and negative numbers, unknown fields, adversarial strings and
 oversized bodies: the server never answers a client's mistake with a 5xx, every error is OpenAI's
-error JSON, and it keeps serving afterwards. The number of cases run is printed (and asserted)."""
+error JSON (Anthropic's on /v1/messages), and it keeps serving afterwards. The number of cases
+run is printed (and asserted)."""
 
 from __future__ import annotations
 
@@ -17,7 +18,8 @@ from .serve_util import MODEL, served
 
 MAX_BODY = 16 * 1024
 EXAMPLES = 400
-PATHS = ["/v1/completions", "/v1/chat/completions", "/v1/models", f"/v1/models/{MODEL}", "/metrics", "/health"]
+GENERATING = ["/v1/completions", "/v1/chat/completions", "/v1/messages", "/v1/responses"]
+PATHS = [*GENERATING, "/v1/models", f"/v1/models/{MODEL}", "/metrics", "/health"]
 ALLOWED = {200, 400, 404, 405, 413}
 
 adversarial_text = st.one_of(
@@ -36,11 +38,15 @@ json_value = st.recursive(
 )
 FIELDS = ["model", "prompt", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "stop", "seed"]
 FIELDS += ["stream", "stream_options", "n", "logprobs", "logit_bias", "presence_penalty", "user", "echo", "unknown"]
+FIELDS += ["tools", "tool_choice", "response_format", "top_logprobs", "system", "input", "instructions", "text"]
+FIELDS += ["max_output_tokens", "stop_sequences", "output_config", "thinking"]
 
 
 def valid(path: str) -> dict:
-    if "chat" in path:
+    if "chat" in path or "messages" in path:
         return {"model": MODEL, "messages": [{"role": "user", "content": "hello"}], "max_tokens": 4}
+    if "responses" in path:
+        return {"model": MODEL, "input": "hello", "max_output_tokens": 4}
     return {"model": MODEL, "prompt": "hello", "max_tokens": 4}
 
 
@@ -63,8 +69,8 @@ def mutated(draw, path: str) -> bytes:
 @st.composite
 def request(draw) -> tuple[str, str, bytes | None, dict]:
     # Mostly the generation endpoints with their own method: that is where validation lives.
-    path = draw(st.sampled_from([*PATHS[:2] * 4, *PATHS[2:], "/v1/" + draw(st.text("abc/%.", max_size=8))]))
-    right = "POST" if path in PATHS[:2] else "GET"
+    path = draw(st.sampled_from([*GENERATING * 2, *PATHS[4:], "/v1/" + draw(st.text("abc/%.", max_size=8))]))
+    right = "POST" if path in GENERATING else "GET"
     method = draw(st.sampled_from([right] * 6 + ["GET", "POST", "PUT", "DELETE"]))
     body = draw(
         st.one_of(
@@ -102,7 +108,9 @@ def test_http_fuzz_never_5xx_and_keeps_serving(fuzz_server, capsys):
         assert status in ALLOWED, (method, path, body[:200] if body else body, status, raw[:300])
         if status != 200 or response_headers.get("content-type", "").startswith("application/json"):
             payload = json.loads(raw)
-            if status != 200:
+            if status != 200 and path.startswith("/v1/messages"):
+                assert payload["type"] == "error" and set(payload["error"]) >= {"message", "type"}, payload
+            elif status != 200:
                 assert set(payload["error"]) >= {"message", "type", "param", "code"}, payload
 
     case()

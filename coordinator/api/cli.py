@@ -29,6 +29,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-tokens-limit", type=int, default=4096, help="largest max_tokens a request may ask for")
     p.add_argument("--max-body", default="8MiB", help="largest request body (413 above it)")
     p.add_argument("--prefill-step", type=int, default=512, help="prompt tokens per prefill chunk")
+    p.add_argument("--max-batch", type=int, default=8, help="requests decoded together in one step (default 8)")
+    p.add_argument(
+        "--prefill-batch", type=int, default=2,
+        help="prompts prefilled together; a joining request stalls the others by at most one chunk of each",
+    )  # fmt: skip
+    p.add_argument("--prompt-cache", type=int, default=8, help="conversations whose KV cache is kept (0: none)")
+    p.add_argument("--prompt-cache-bytes", default="1GiB", help="most KV bytes the prompt cache keeps")
 
 
 def _exit_cleanly(*_) -> None:
@@ -42,9 +49,12 @@ def cmd_serve(args) -> int:
     from flashmesh.coordinator.api.worker import GenerationWorker
     from flashmesh.node.store_format import Manifest
 
-    for name in ("max_queue", "max_tokens_limit", "prefill_step"):
+    for name in ("max_queue", "max_tokens_limit", "prefill_step", "max_batch", "prefill_batch"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1")
+    if args.prompt_cache < 0:
+        raise UserError("--prompt-cache must be 0 (off) or more")
+    prompt_cache_bytes = parse_bytes(args.prompt_cache_bytes)
     given = args.store
     resolve_store(args, show_progress=sys.stderr.isatty())  # packs a model directory on first use
     options = model_options(args)
@@ -58,8 +68,10 @@ def cmd_serve(args) -> int:
     try:
         metrics = ServerMetrics()
         worker = GenerationWorker(
-            lambda: open_model(options), max_queue=args.max_queue, prefill_step_size=args.prefill_step, metrics=metrics
-        ).start()
+            lambda: open_model(options), max_queue=args.max_queue, max_batch=args.max_batch,
+            prefill_batch=args.prefill_batch, prefill_step_size=args.prefill_step,
+            prompt_cache_entries=args.prompt_cache, prompt_cache_bytes=prompt_cache_bytes, metrics=metrics,
+        ).start()  # fmt: skip
         try:
             serving = ServeOptions(
                 model_id=args.model_name or model_name(given),

@@ -8,12 +8,17 @@ from collections.abc import Callable, Iterable
 
 from flashmesh.coordinator.generate import GenerationStats
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64)
 DISPATCH_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1, 5)
 # Paths reported as themselves; anything else is "other", so a scan of odd URLs cannot grow the label set.
-KNOWN_PATHS = ("/v1/models", "/v1/completions", "/v1/chat/completions", "/metrics", "/health", "/", "/dashboard.json")
+KNOWN_PATHS = (
+    "/v1/models", "/v1/completions", "/v1/chat/completions", "/v1/messages", "/v1/responses", "/metrics", "/health",
+    "/", "/dashboard.json",
+)  # fmt: skip
 HISTORY = 1000  # generations and per-node request latencies the dashboard remembers
 
 
@@ -58,6 +63,10 @@ class ServerMetrics:
             "flashmesh_layer_dispatch_seconds", "one MoE layer across all nodes, split to reassembled (cluster mode)",
             buckets=DISPATCH_BUCKETS, registry=r,
         )  # fmt: skip
+        self.batch_sequences = Histogram(
+            "flashmesh_batch_sequences", "sequences decoded together in one step (one MoE call per layer for all)",
+            buckets=BATCH_BUCKETS, registry=r,
+        )  # fmt: skip
         self._hits = self._lookups = 0
         # For the dashboard: the last generations (wall time, decode tok/s, tokens) and recent per-node latencies.
         self.generations_recent: deque[tuple[float, float, int]] = deque(maxlen=HISTORY)
@@ -82,6 +91,14 @@ class ServerMetrics:
             self.ttft.observe(stats.ttft_s)
             self.generations_recent.append((time.time(), stats.decode_tokens_per_s, len(stats.tokens)))
         self.queue_wait.observe(max(0.0, queue_seconds))
+
+    def observe_batch(self, sequences: int) -> None:
+        if sequences > 0:
+            self.batch_sequences.observe(sequences)
+
+    def watch_prompt_cache(self, cache) -> None:
+        """Report a PromptCache (api/prompt_cache.py): lookups, hits, tokens reused, entries, bytes."""
+        self.registry.register(_PromptCacheCollector(cache))
 
     def observe_failure(self) -> None:
         self.generations.labels(finish_reason="error").inc()
@@ -108,3 +125,28 @@ class ServerMetrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _PromptCacheCollector:
+    """Reads the prompt cache's counters when /metrics is scraped (plain ints: safe from any thread)."""
+
+    def __init__(self, cache) -> None:
+        self.cache = cache
+
+    def describe(self):
+        return []
+
+    def collect(self):
+        stats = self.cache.stats
+        for name, text, value in (
+            ("flashmesh_prompt_cache_lookups", "prompts looked up in the prompt cache", stats.lookups),
+            ("flashmesh_prompt_cache_hits", "lookups that reused a cached prefix", stats.hits),
+            ("flashmesh_prompt_cache_tokens_reused", "prompt tokens not recomputed", stats.tokens_reused),
+        ):  # fmt: skip
+            yield CounterMetricFamily(name, text, value=value)
+        yield GaugeMetricFamily(
+            "flashmesh_prompt_cache_bytes", "KV bytes held by the prompt cache", value=self.cache.nbytes
+        )
+        yield GaugeMetricFamily(
+            "flashmesh_prompt_cache_entries", "sequences held by the prompt cache", value=len(self.cache)
+        )

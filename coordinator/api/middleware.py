@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-import json
 import time
 
+from flashmesh.coordinator.api.errors import error_bytes
 from flashmesh.coordinator.api.metrics import ServerMetrics
-from flashmesh.coordinator.api.openai_format import error_body
 
 BODY_METHODS = {"POST", "PUT", "PATCH"}
 
 
-async def _send_error(send, status: int, message: str, *, code: str) -> None:
-    body = json.dumps(error_body(message, code=code)).encode()
+async def _send_error(send, path: str, status: int, message: str, *, code: str) -> None:
+    body = error_bytes(path, status, message, code=code)
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
@@ -35,9 +34,11 @@ class BodyLimit:
             try:
                 length = int(declared)
             except ValueError:
-                return await _send_error(send, 400, "Content-Length is not a number", code="bad_content_length")
+                return await _send_error(
+                    send, scope["path"], 400, "Content-Length is not a number", code="bad_content_length"
+                )
             if length > self.max_bytes:
-                return await _send_error(send, 413, too_big, code="request_too_large")
+                return await _send_error(send, scope["path"], 413, too_big, code="request_too_large")
         chunks, size = [], 0
         while True:
             message = await receive()
@@ -46,7 +47,7 @@ class BodyLimit:
             chunks.append(message.get("body", b""))
             size += len(chunks[-1])
             if size > self.max_bytes:
-                return await _send_error(send, 413, too_big, code="request_too_large")
+                return await _send_error(send, scope["path"], 413, too_big, code="request_too_large")
             if not message.get("more_body", False):
                 break
         replayed = False
