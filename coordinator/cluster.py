@@ -115,3 +115,22 @@ def connect(
     if not nodes and skipped:
         raise NodeError(f"no usable node: {'; '.join(skipped)}")
     return list(nodes.values())
+
+
+def relinker(nodes: list[ConnectedNode], watcher, *, token: str, tls: TlsIdentity | None):
+    """RemoteExperts' `relink`: a new client for a node that `watcher` (coordinator.node_watch) saw
+    announce itself under the same name at another address; the old client is closed."""
+    by_id = {n.node_id: n for n in nodes}
+
+    def relink(node_id: str) -> NodeClient | None:
+        node = by_id[node_id]
+        moved = watcher.latest(node.info.name) if node.info.name else None
+        if moved is None or moved.target == node.client.address.target:
+            return None
+        old, node.address = node.client, moved
+        node.client = NodeClient(moved, token=token, tls=tls)
+        node.client.label = f"{node.info.name} ({moved.target})"
+        old.close()
+        return node.client
+
+    return relink

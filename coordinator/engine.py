@@ -135,12 +135,16 @@ def open_cluster(
     tls: TlsIdentity | None = None,
     rpc_deadline: float | None = None,
     probe_backoff: float = 0.5,
+    watcher=None,
+    hedge=None,
 ) -> tuple[StreamingModel, list]:
     """Dense part in RAM (a full store or a `flashmesh shard --dense` one), experts on the nodes at
     `addresses` (coordinator.discovery.NodeAddress), over mutual TLS with `tls`; return the model
     and the connected nodes. `rpc_deadline`: least seconds a node gets per request before its work
-    fails over (None: default)."""
-    from flashmesh.coordinator.cluster import connect
+    fails over (None: default). `watcher` (coordinator.node_watch.NodeWatcher, owned by the caller):
+    a node that announces itself at a new address is reconnected there. `hedge`: a
+    coordinator.failover.Hedge (None: the default policy)."""
+    from flashmesh.coordinator.cluster import connect, relinker
     from flashmesh.coordinator.placement import place
     from flashmesh.coordinator.remote import DEFAULT_RPC_DEADLINE, RemoteExperts
 
@@ -155,6 +159,8 @@ def open_cluster(
             rpc_deadline=DEFAULT_RPC_DEADLINE if rpc_deadline is None else rpc_deadline,
             probe_backoff=probe_backoff,
             fingerprint=manifest.fingerprint,
+            relink=None if watcher is None else relinker(nodes, watcher, token=token, tls=tls),
+            hedge=hedge,
         )
         attach(model, backend, lookahead=lookahead)
         tokenizer = load_store_tokenizer(store_path, manifest)

@@ -4,8 +4,10 @@ how long to wait for a node, and the errors a node call ends in.
 `Membership` keeps, per MoE layer, each expert's candidates (the placement's primary, then its
 replicas, best first) and per node whether it is up and which of its records are damaged. `route`
 picks the first usable candidate of each expert; an expert with none is lost, and `ExpertsLost`
-names them. `Deadline` turns measured latencies into a per-request deadline. RemoteExperts
-(coordinator.remote) drives both; tests drive them with in-process links, no network.
+names them. `Deadline` turns measured latencies into a per-request deadline, the last resort;
+`Hedge` says when a request is late against its node's own recent latency, so that a replica gets
+the same pairs long before the deadline. RemoteExperts (coordinator.remote) drives them; tests
+drive them with in-process links, no network.
 """
 
 from __future__ import annotations
@@ -93,6 +95,54 @@ class Deadline:
         return max(self.floor, self.factor * max(self._per_pair) * max(1, pairs))
 
 
+class Hedge:
+    """When a request is late enough that a replica should get the same pairs too (first answer wins).
+
+    Late means unanswered after `factor` x the node's own recent p99 latency for requests of that
+    size (pairs rounded up to a power of two), and never sooner than `floor` seconds. A size class
+    with fewer than `warmup` measured replies borrows the nearest smaller warm one, scaled by the
+    pairs; a node with none is not hedged (its deadline still applies)."""
+
+    def __init__(
+        self,
+        *,
+        factor: float = 3.0,
+        floor: float = 0.05,
+        quantile: float = 99.0,
+        window: int = 128,
+        warmup: int = 16,
+        enabled: bool = True,
+    ) -> None:
+        if factor <= 0 or floor < 0:
+            raise StoreError(f"a hedge needs a positive factor and a floor >= 0, got {factor:g} and {floor:g} s")
+        self.factor, self.floor, self.quantile, self.window, self.warmup = factor, floor, quantile, window, warmup
+        self.enabled = enabled  # False: never hedge, only deadlines (for comparison)
+        self._seconds: dict[tuple[str, int], deque[float]] = {}
+        self._p99: dict[tuple[str, int], float] = {}  # cached quantile, refreshed every 8 replies
+
+    @staticmethod
+    def _size_class(pairs: int) -> int:
+        return (max(1, pairs) - 1).bit_length()  # 1 -> 0, 2 -> 1, 3-4 -> 2, 5-8 -> 3, ...
+
+    def observe(self, node: str, seconds: float, pairs: int) -> None:
+        key = (node, self._size_class(pairs))
+        window = self._seconds.setdefault(key, deque(maxlen=self.window))
+        window.append(seconds)
+        if len(window) >= self.warmup and (key not in self._p99 or len(window) % 8 == 0):
+            self._p99[key] = float(np.percentile(window, self.quantile))
+
+    def after(self, node: str, pairs: int) -> float | None:
+        """Seconds to wait for `node`'s answer to a request of `pairs` before hedging; None: never."""
+        if not self.enabled:
+            return None
+        size = self._size_class(pairs)
+        for warm in range(size, -1, -1):
+            p99 = self._p99.get((node, warm))
+            if p99 is not None:
+                return max(self.floor, self.factor * p99 * 2 ** (size - warm))
+        return None
+
+
 @dataclass
 class NodeState:
     up: bool = True
@@ -138,17 +188,21 @@ class Membership:
 
     # --- routing -----------------------------------------------------------------------------
 
-    def _usable(self, layer: int, experts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def _usable(self, layer: int, experts: np.ndarray, avoid: Iterable[int] = ()) -> tuple[np.ndarray, np.ndarray]:
         choices = self.choices[layer][experts]  # [P, C]
         safe = choices.clip(0)
-        ok = (choices >= 0) & self._up[safe] & ~self._bad[layer][experts[:, None], safe]  # [P, C]
+        up = self._up.copy()
+        up[list(avoid)] = False
+        ok = (choices >= 0) & up[safe] & ~self._bad[layer][experts[:, None], safe]  # [P, C]
         return choices, ok
 
-    def route(self, layer: int, experts: np.ndarray) -> np.ndarray:
-        """experts [P] -> node slot [P] computing each; -1 where no usable node holds it."""
-        if self.healthy:
+    def route(self, layer: int, experts: np.ndarray, *, avoid: Iterable[int] = ()) -> np.ndarray:
+        """experts [P] -> node slot [P] computing each; -1 where no usable node holds it. `avoid`:
+        node slots not to use (a hedge goes to another holder than the late node)."""
+        avoid = tuple(avoid)
+        if self.healthy and not avoid:
             return self.placement.owner[layer][experts]
-        choices, ok = self._usable(layer, experts)
+        choices, ok = self._usable(layer, experts, avoid)
         slots = choices[np.arange(experts.size), ok.argmax(axis=1)]
         return np.where(ok.any(axis=1), slots, -1).astype(np.int32)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import signal
 from pathlib import Path
@@ -34,16 +35,23 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_discovery_args(p)
 
 
-def _opener(args, manifest):
-    """What the worker thread calls to open the model: in-process experts, or the cluster's."""
+def _opener(args, manifest, cleanup: contextlib.ExitStack):
+    """What the worker thread calls to open the model: in-process experts, or the cluster's (and a
+    zeroconf watcher, closed by `cleanup`, that finds nodes again when they restart elsewhere)."""
     if args.cluster or args.node:
-        from flashmesh.coordinator.cluster_cli import find_nodes
+        from flashmesh.coordinator.cluster_cli import coordinator_tls, find_nodes, node_watcher
         from flashmesh.coordinator.cluster_run import resolve_token
         from flashmesh.coordinator.engine import open_cluster
 
         token = resolve_token(args.token)
+        tls = coordinator_tls(args)
         addresses = find_nodes(args, fingerprint=manifest.fingerprint)
-        return lambda: open_cluster(args.store, addresses, token=token, lookahead=args.lookahead)
+        watcher = node_watcher(args, fingerprint=manifest.fingerprint)
+        if watcher is not None:
+            cleanup.callback(watcher.close)
+        return lambda: open_cluster(
+            args.store, addresses, token=token, lookahead=args.lookahead, tls=tls, watcher=watcher
+        )
 
     from flashmesh.coordinator.engine import open_local
 
@@ -73,10 +81,11 @@ def cmd_serve(args) -> int:
         raise StoreError(f"--port {args.port} is not a TCP port; pass 0..65535")
     max_body = parse_bytes(args.max_body)
     sock = bind(args.host, args.port)
-    # uvicorn shuts down gracefully on SIGTERM, then raises it again: exit 0 through the finally blocks.
-    previous = signal.signal(signal.SIGTERM, _exit_cleanly)
+    # uvicorn shuts down gracefully on SIGTERM / SIGINT, then raises it again: exit 0 through the finally blocks.
+    previous = {sig: signal.signal(sig, _exit_cleanly) for sig in (signal.SIGTERM, signal.SIGINT)}
+    cleanup = contextlib.ExitStack()
     try:
-        opener = _opener(args, manifest)
+        opener = _opener(args, manifest, cleanup)
         metrics = ServerMetrics()
         worker = GenerationWorker(opener, max_queue=args.max_queue, prefill_step_size=args.prefill_step,
                                   metrics=metrics).start()  # fmt: skip
@@ -94,6 +103,8 @@ def cmd_serve(args) -> int:
         finally:
             worker.close()
     finally:
+        cleanup.close()
         sock.close()
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     return 0

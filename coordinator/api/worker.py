@@ -19,17 +19,15 @@ from dataclasses import dataclass, field
 import mlx.core as mx
 from flashmesh.coordinator.engine import StreamingModel
 from flashmesh.coordinator.generate import GenerationStats
-from flashmesh.node.store_format import Manifest
+from flashmesh.coordinator.remote import RemoteExperts
+from flashmesh.node.shutdown import release_thread_mlx_state
+from flashmesh.node.store_format import Manifest, StoreError
 from mlx_lm.generate import stream_generate
 from mlx_lm.sample_utils import make_logits_processors, make_sampler
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
 log = logging.getLogger(__name__)
-
-# A thread that used MLX tears its per-thread MLX state down as the OS thread exits, which can race
-# with process exit and abort ("terminate called without an active exception"; 9 of 40 runs of a
-# three-line script here). So the worker thread, once finished, parks on this (never set) instead.
-_PARKED = threading.Event()
+IDLE_POLL_SECONDS = 1.0  # an idle worker probes cluster nodes that are down this often
 
 
 class QueueFull(Exception):
@@ -222,7 +220,11 @@ class GenerationWorker:
         self._ready.set()
         try:
             while True:
-                job = self._queue.get()
+                try:
+                    job = self._queue.get(timeout=IDLE_POLL_SECONDS)
+                except queue.Empty:
+                    self._idle()
+                    continue
                 if job is None:
                     break
                 self._running = job
@@ -236,10 +238,27 @@ class GenerationWorker:
             finally:
                 self._finish()
 
+    def _idle(self) -> None:
+        """Between requests: probe cluster nodes that are down, so an idle server takes them back."""
+        backend = self.streaming.backend
+        if isinstance(backend, RemoteExperts):
+            try:
+                backend.poll_health()
+            except StoreError as e:  # a probe's trouble shows again on the next request
+                log.warning("probing nodes: %s", e)
+
+    def node_states(self) -> list[dict]:
+        """Each cluster node's label and whether it is in use (a snapshot; empty in-process)."""
+        backend = self.streaming.backend if self.streaming is not None else None
+        if not isinstance(backend, RemoteExperts):
+            return []
+        states = backend.membership.states
+        return [{"node": backend.links[n].label, "up": states[n].up, "reason": states[n].reason} for n in states]
+
     def _finish(self) -> None:
+        release_thread_mlx_state()  # else the thread's end can race interpreter exit (node.shutdown)
         self._finished.set()
         self._ready.set()
-        _PARKED.wait()
 
     def _send(self, job: Job, event: Event) -> None:
         try:
