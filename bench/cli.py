@@ -351,6 +351,54 @@ def cmd_soak(args: argparse.Namespace) -> int:
     return 0 if result["errors"] == 0 and result["rss_within_bound"] else 1
 
 
+def cmd_chaos(args: argparse.Namespace) -> int:
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from bench.chaos import FAULTS, run_chaos
+
+    store = _store_or_demo(args.store)
+    seconds = args.minutes * 60
+    kinds = tuple(k for k in args.faults.split(",") if k)
+    if unknown := [k for k in kinds if k not in FAULTS]:
+        from flashmesh.node.store_format import StoreError
+
+        raise StoreError(f"unknown faults {unknown}; choose from {', '.join(FAULTS)}")
+    name = args.name or f"chaos-{'demo' if args.store is None else store.name}-k{args.clients}"
+    columns = [TextColumn("chaos"), BarColumn(), TextColumn("{task.fields[served]} requests"), TimeRemainingColumn()]
+    with Progress(*columns, disable=args.json) as bar:
+        task = bar.add_task("chaos", total=seconds, served=0)
+        result = run_chaos(
+            store, workdir=DEMO_WORKDIR.parent / "bench-chaos", clients=args.clients, seconds=seconds,
+            calm_seconds=args.calm, fault_every=args.fault_every, fault_seconds=args.fault_seconds,
+            max_tokens=args.max_tokens, kinds=kinds,
+            progress=lambda done, served: bar.update(task, completed=done, served=served),
+        )  # fmt: skip
+    result["store"] = str(store)
+    path = write_result(name, result)
+    if args.json:
+        print(json.dumps({k: v for k, v in result.items() if k != "rss_samples"}))
+    else:
+        print(chaos_table(result))
+        print(f"written to {path}")
+    ok = result["failed"] == 0 and result["greedy_differs"] == 0 and result["nodes_in_use_at_end"] == result["nodes"]
+    return 0 if ok and result["server_exit_code"] == 0 else 1
+
+
+def chaos_table(r: dict) -> str:
+    faults = ", ".join(f"{k} {v}" for k, v in r["faults_by_kind"].items())
+    rows = [
+        ("requests served (failed)", f"{r['served']} ({r['failed']})"),
+        ("greedy outputs differing from the fault-free run", f"{r['greedy_differs']} of {r['greedy_compared']}"),
+        ("faults", faults + (f"; {len(r['fault_errors'])} could not be made" if r["fault_errors"] else "")),
+        ("latency p99, chaos / fault-free", f"{r['latency_p99_s']:.2f} s / {r['calm_latency_p99_s']:.2f} s"),
+        ("latency p50, chaos / fault-free", f"{r['latency_p50_s']:.2f} s / {r['calm_latency_p50_s']:.2f} s"),
+        ("nodes in use at the end", f"{r['nodes_in_use_at_end']} of {r['nodes']}"),
+        ("server RSS growth over the chaos phase", f"{r['rss_growth_bytes'] / 2**20:+.1f} MiB"),
+        ("server exit status on SIGTERM", str(r["server_exit_code"])),
+    ]
+    return "\n".join(f"{a:50s} {b}" for a, b in rows)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -420,6 +468,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ram-budget", default=None, help="default: a quarter of the expert bytes")
     p.add_argument("--warmup", type=float, default=20.0, help="seconds before the RSS baseline is taken")
     p.add_argument("--rss-bound", default="64MiB", help="allowed RSS growth after warm-up")
+    p.add_argument("--name", default=None)
+    p.add_argument("--json", action="store_true")
+
+    p = bsub.add_parser("chaos", help="serve --cluster on netns hosts under a fault every ~20 s (needs root)")
+    p.set_defaults(func=cmd_chaos)
+    p.add_argument("store", type=Path, nargs="?", default=None, help="a packed store (default: the demo store)")
+    p.add_argument("--clients", type=int, default=3)
+    p.add_argument("--minutes", type=float, default=10.0, help="length of the chaos phase")
+    p.add_argument("--calm", type=float, default=60.0, help="seconds of the fault-free reference phase first")
+    p.add_argument("--fault-every", type=float, default=20.0, help="seconds between faults")
+    p.add_argument("--fault-seconds", type=float, default=5.0, help="how long each fault lasts")
+    p.add_argument("--faults", default="sigkill_restart,sigstop,link_down,damaged_record", help="kinds, in turn")
+    p.add_argument("--max-tokens", type=int, default=8)
     p.add_argument("--name", default=None)
     p.add_argument("--json", action="store_true")
 

@@ -152,6 +152,7 @@ class NodeState:
     backoff: float = 0.0
     node_id: str = ""  # the id the node answered with last (a restarted node answers with a new one)
     bad: set[Key] = field(default_factory=set)  # records damaged on this node's flash
+    bad_retry: dict[Key, tuple[float, float]] = field(default_factory=dict)  # record -> (retry at, back-off)
     probe: object | None = None  # a probe in flight (PendingReply of an Info call)
 
 
@@ -164,9 +165,14 @@ class Membership:
         *,
         probe_backoff: float = 0.5,
         max_probe_backoff: float = 10.0,
+        record_retry: float = 5.0,
+        max_record_retry: float = 300.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        """A damaged record is tried again after `record_retry` seconds (a read error may pass, a
+        re-copied file heals), doubling each time it fails again, up to `max_record_retry`."""
         self.placement = placement
+        self.record_retry, self.max_record_retry = record_retry, max_record_retry
         self.node_ids = list(placement.node_ids)
         self.probe_backoff = probe_backoff
         self.max_probe_backoff = max_probe_backoff
@@ -237,16 +243,33 @@ class Membership:
         self._up[self.node_ids.index(node_id)] = False
         self._refresh()
 
-    def mark_bad(self, node_id: str, records: Iterable[Key]) -> int:
-        """Records damaged on `node_id`'s flash: route them elsewhere. Returns how many were new."""
-        state, slot, new = self.states[node_id], self.node_ids.index(node_id), 0
+    def mark_bad(self, node_id: str, records: Iterable[Key], *, retry: bool = True) -> int:
+        """Records damaged on `node_id`'s flash (or, `retry` False, no longer held there): route them
+        elsewhere. Returns how many were new."""
+        state, slot, new, now = self.states[node_id], self.node_ids.index(node_id), 0, self.clock()
         for layer, expert in records:
             if layer in self._bad and 0 <= expert < self._bad[layer].shape[0] and (layer, expert) not in state.bad:
                 state.bad.add((layer, expert))
                 self._bad[layer][expert, slot] = True
+                _, last = state.bad_retry.get((layer, expert), (0.0, self.record_retry / 2))
+                backoff = min(self.max_record_retry, 2 * last) if retry else float("inf")
+                state.bad_retry[(layer, expert)] = (now + backoff, backoff)
                 new += 1
         self._refresh()
         return new
+
+    def retry_records(self) -> int:
+        """Let damaged records whose back-off has passed be tried again; returns how many."""
+        now, count = self.clock(), 0
+        for node_id, state in self.states.items():
+            due = [key for key in state.bad if state.bad_retry.get(key, (0.0,))[0] <= now]
+            for layer, expert in due:
+                state.bad.discard((layer, expert))
+                self._bad[layer][expert, self.node_ids.index(node_id)] = False
+            count += len(due)
+        if count:
+            self._refresh()
+        return count
 
     def probe_failed(self, node_id: str, reason: str) -> None:
         state = self.states[node_id]
@@ -262,6 +285,7 @@ class Membership:
             for layer, expert in state.bad:
                 self._bad[layer][expert, slot] = False
             state.bad.clear()
+            state.bad_retry.clear()
             state.node_id = answered_id
         missing = [
             (layer, int(e))
@@ -269,7 +293,7 @@ class Membership:
             for e in np.nonzero((choices == slot).any(axis=1))[0]
             if int(e) not in held.get(layer, ())
         ]
-        self.mark_bad(node_id, missing)
+        self.mark_bad(node_id, missing, retry=False)
         state.up, state.reason, state.probe = True, "", None
         self._up[slot] = True
         self._refresh()

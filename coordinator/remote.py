@@ -143,6 +143,7 @@ class RemoteExperts:
         take the answers of probes that finished. Nothing runs unowned: a probe's future lives in
         the node's state until a later layer call (or close) collects it. `wait_for`: probe those
         nodes now, whatever their back-off, and wait for the answers."""
+        self.membership.retry_records()
         now = time.monotonic()
         for node_id in self.membership.down():
             state = self.membership.states[node_id]

@@ -47,7 +47,7 @@ class RequestError(Exception):
 
 def _store_failure(name: str, e: StoreError) -> RequestError:
     if isinstance(e, RecordError):
-        return RequestError(DATA_LOSS, f"node {name}: {e}", records=((e.layer, e.expert),))
+        return RequestError(DATA_LOSS, f"node {name}: {e}", records=e.records)
     return RequestError(INTERNAL, f"node {name}: {e}")
 
 

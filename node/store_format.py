@@ -39,6 +39,7 @@ class RecordError(StoreError):
         super().__init__(f"layer {layer} expert {expert}: {message}")
         self.layer = layer
         self.expert = expert
+        self.records: tuple[tuple[int, int], ...] = ((layer, expert),)  # every record of the read that failed
 
 
 # mx dtype name -> (numpy dtype used to carry the bytes, mx dtype)

@@ -169,7 +169,13 @@ class ExpertStore:
         spec = self._specs[layer]
         buf = self._buffer(spec.record_size)
         view = memoryview(buf)[: spec.record_size]
-        got = os.preadv(self._fds[layer], [view], spec.record_offset(expert))
+        try:
+            got = os.preadv(self._fds[layer], [view], spec.record_offset(expert))
+        except OSError as e:
+            self._release(buf)
+            raise RecordError(
+                layer, expert, f"cannot read {self.path / spec.file} ({e.strerror}); {self.remedy}"
+            ) from None
         if got != spec.record_size:
             self._release(buf)
             raise RecordError(
@@ -224,13 +230,21 @@ class ExpertStore:
         size = spec.record_size
         out: dict[int, dict[str, mx.array]] = {}
         error: Exception | None = None
+        failed: list[tuple[int, int]] = []  # records that could not be used (all of them, for DATA_LOSS)
         for e, (skew, futures) in pending.jobs.items():
             try:
                 got = sum(f.result() for f in futures)
+            except OSError as exc:  # EIO, a file gone from under us: this record is lost, the rest may not be
+                failed.append((pending.layer, e))
+                error = error or RecordError(
+                    pending.layer, e, f"cannot read {self.path / spec.file} ({exc.strerror}); {self.remedy}"
+                )
+                continue
             except Exception as exc:  # collect, finish the other reads, then raise the first
                 error = error or exc
                 continue
             if got != size:
+                failed.append((pending.layer, e))
                 error = error or RecordError(
                     pending.layer,
                     e,
@@ -241,6 +255,7 @@ class ExpertStore:
             if self.verify:
                 host = memoryview(np.array(raw, copy=False))[skew : skew + size]
                 if checksum(host) != spec.record_checksum(e):
+                    failed.append((pending.layer, e))
                     error = error or RecordError(
                         pending.layer,
                         e,
@@ -255,6 +270,8 @@ class ExpertStore:
             self.stats.records += len(out)
             self.stats.bytes += len(out) * size
             self.stats.seconds += elapsed
+        if isinstance(error, RecordError):
+            error.records = tuple(failed)
         if error is not None:
             raise error
         return out
