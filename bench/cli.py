@@ -384,6 +384,29 @@ def cmd_chaos(args: argparse.Namespace) -> int:
     return 0 if ok and result["server_exit_code"] == 0 else 1
 
 
+def cmd_shutdown(args: argparse.Namespace) -> int:
+    from rich.progress import Progress
+
+    from bench.shutdown import run_cycles, summarize
+
+    store = _store_or_demo(args.store)
+    with Progress(disable=args.json) as bar:
+        task = bar.add_task("start/stop cycles", total=None)
+        cycles = run_cycles(store, DEMO_WORKDIR, cycles=args.cycles,
+                            progress=lambda done, total: bar.update(task, completed=done, total=total))  # fmt: skip
+    summary = summarize(cycles)
+    path = write_result(args.name, {"store": str(store), "cycles_per_case": args.cycles, "summary": summary,
+                                    "cycles": [vars(c) for c in cycles]})  # fmt: skip
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        for key, row in summary.items():
+            print(f"{key:28s} {row['exit_0']}/{row['cycles']} exit 0, {row['aborts']} aborts, "
+                  f"slowest exit {row['max_seconds_to_exit']:.2f} s {row['other'][:2] or ''}")  # fmt: skip
+        print(f"written to {path}")
+    return 0 if all(r["exit_0"] == r["cycles"] for r in summary.values()) else 1
+
+
 def chaos_table(r: dict) -> str:
     faults = ", ".join(f"{k} {v}" for k, v in r["faults_by_kind"].items())
     rows = [
@@ -402,6 +425,7 @@ def chaos_table(r: dict) -> str:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true")
+    parser.set_defaults(stopped_status=0)  # a benchmark stopped by SIGTERM / Ctrl-C exits 0 after cleaning up
     bsub = parser.add_subparsers(dest="bench", required=True)
 
     p = bsub.add_parser("io", help="store fetch path vs fio random reads at the record size, same file, same run")
@@ -482,6 +506,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--faults", default="sigkill_restart,sigstop,link_down,damaged_record", help="kinds, in turn")
     p.add_argument("--max-tokens", type=int, default=8)
     p.add_argument("--name", default=None)
+    p.add_argument("--json", action="store_true")
+
+    p = bsub.add_parser("shutdown", help="node serve / serve / demo stopped by SIGTERM or SIGINT, idle and loaded")
+    p.set_defaults(func=cmd_shutdown)
+    p.add_argument("store", type=Path, nargs="?", default=None, help="a packed store (default: the demo store)")
+    p.add_argument("--cycles", type=int, default=50, help="start/stop cycles per process and idle/load")
+    p.add_argument("--name", default="shutdown")
     p.add_argument("--json", action="store_true")
 
     p = bsub.add_parser("sweep", help="tok/s and hit rate vs RAM budget, with mlx-lm in RAM as reference")

@@ -15,6 +15,7 @@ from pathlib import Path
 import mlx.core as mx
 from flashmesh.node.experts import find_expert_modules, layer_index, load_lazy, quantization_of
 from flashmesh.node.store_format import (
+    RECORD_ALIGN,
     LayerSpec,
     Manifest,
     StoreError,
@@ -78,11 +79,20 @@ def pack(src: str, out: Path, *, force: bool = False, show_progress: bool = True
         raise StoreError(f"{out} already exists; remove it or pass --force")
     source = resolve_source(src)
     params, config, expert_paths = _lazy_source(source)
-    with staged_directory(out) as tmp:
+    with staged_directory(out, needs=_store_bytes(params, expert_paths)) as tmp:
         (tmp / "experts").mkdir()
         manifest = _write_store(params, config, expert_paths, source, tmp, show_progress)
     log.info("packed %s into %s (fingerprint %s)", source, out, manifest.fingerprint)
     return manifest
+
+
+def _store_bytes(params: dict[str, mx.array], expert_paths: list[str]) -> int:
+    """About the bytes of the store: every tensor, plus up to one alignment gap per expert record."""
+    records = 0
+    for path in expert_paths:
+        first = next((a for k, a in params.items() if k.startswith(f"{path}.")), None)
+        records += first.shape[0] if first is not None and first.ndim else 0  # [E, ...]
+    return sum(a.nbytes for a in params.values()) + records * RECORD_ALIGN
 
 
 def _lazy_source(source: Path) -> tuple[dict[str, mx.array], dict, list[str]]:

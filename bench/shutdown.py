@@ -1,0 +1,153 @@
+"""Start/stop cycles: `node serve`, `serve` and `demo` stopped by SIGTERM or SIGINT, idle and under
+load, each must exit 0 (no abort, no traceback). The test suite runs a few cycles of each
+(tests/test_shutdown.py); `python -m bench shutdown --cycles 50` runs the full count.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+from flashmesh.node.store_format import Manifest, StoreError
+from flashmesh.protos import TOKEN_ENV
+
+PROCESSES = ("node_serve", "serve", "demo")
+TOKEN = "shutdown-token"
+
+
+@dataclass
+class Cycle:
+    process: str
+    signal: str
+    load: bool
+    status: int
+    seconds_to_exit: float
+    tail: str  # the last lines of its output when the status is not 0
+
+
+def _command(process: str, store: Path, workdir: Path) -> tuple[list[str], str]:
+    """The command line and the output line that says it is up."""
+    cli = [sys.executable, "-m", "flashmesh.coordinator.cli"]
+    if process == "node_serve":
+        budget = str(Manifest.load(store).expert_bytes_total)
+        return cli + ["node", "serve", str(store), "--ram-budget", budget, "--no-advertise", "--flash-gbps", "1"], (
+            "serving"
+        )
+    if process == "serve":
+        return cli + ["serve", str(store), "--port", "0", "--model-name", "m"], "serving"
+    # the demo: in-process while it loads (idle), with two node processes while it generates (load)
+    return cli + ["demo", "--workdir", str(workdir), "--max-tokens", "4000", "--no-tls"], ""
+
+
+def _load(process: str, line: str, stop: threading.Event) -> None:
+    """Keep requests in flight until `stop` (errors are expected once the process stops)."""
+    if process == "node_serve":
+        from flashmesh.coordinator.client import NodeClient
+        from flashmesh.coordinator.discovery import NodeAddress
+
+        port = int(re.search(r"port (\d+)", line).group(1))
+        client = NodeClient(NodeAddress("127.0.0.1", port), token=TOKEN)
+        try:
+            while not stop.is_set():
+                try:
+                    client.stats(timeout=2.0)
+                    client.info(timeout=2.0)
+                except StoreError:
+                    time.sleep(0.01)
+        finally:
+            client.close()
+        return
+    base = line.rsplit(" at ", 1)[1].strip()
+    body = json.dumps({"model": "m", "prompt": "Hello", "max_tokens": 64, "stream": True}).encode()
+    while not stop.is_set():
+        try:
+            req = urllib.request.Request(f"{base}/completions", data=body, headers={"Content-Type": "application/json"})
+            with urllib.request.urlopen(req, timeout=30) as r:
+                r.read()
+        except OSError:
+            time.sleep(0.01)
+
+
+def one_cycle(process: str, store: Path, workdir: Path, *, sig: signal.Signals, load: bool) -> Cycle:
+    cmd, ready = _command(process, store, workdir)
+    if process == "demo":
+        cmd += ["--nodes", "2" if load else "0"]
+    env = {**os.environ, TOKEN_ENV: TOKEN, "TRANSFORMERS_VERBOSITY": "error"}
+    with tempfile.TemporaryFile() as err:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True, env=env)
+        stop, loader = threading.Event(), None
+        try:
+            line = proc.stdout.readline() if ready else ""
+            while ready and line and ready not in line:
+                line = proc.stdout.readline()
+            if not ready:  # the demo: once it handles SIGTERM, while it loads (idle) or generates (load)
+                _wait_for_handler(proc.pid, signal.SIGTERM)
+                time.sleep(12.0 if load else 1.0)
+            elif load:
+                loader = threading.Thread(target=_load, args=(process, line, stop), name="shutdown-load")
+                loader.start()
+                time.sleep(1.0)
+            sent = time.monotonic()
+            proc.send_signal(sig)
+            threading.Thread(target=proc.stdout.read, daemon=True).start()  # keep its stdout drained
+            status = proc.wait(timeout=60)
+            seconds = time.monotonic() - sent
+        finally:
+            stop.set()
+            if loader is not None:
+                loader.join()
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        err.seek(0)
+        tail = err.read().decode(errors="replace").strip().splitlines()[-3:]
+    return Cycle(process, sig.name, load, status, seconds, " | ".join(tail) if status else "")
+
+
+def _wait_for_handler(pid: int, sig: signal.Signals, *, timeout: float = 120.0) -> None:
+    """Until process `pid` catches `sig` (its SigCgt mask in /proc): a signal before that, during
+    interpreter start-up, would end it by the default action, before any of our code runs."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        status = Path(f"/proc/{pid}/status").read_text()
+        caught = int(next(line.split()[1] for line in status.splitlines() if line.startswith("SigCgt:")), 16)
+        if caught & (1 << (sig - 1)):
+            return
+        time.sleep(0.05)
+    raise StoreError(f"process {pid} did not install a handler for {sig.name} within {timeout:g} s")
+
+
+def run_cycles(store: Path, workdir: Path, *, cycles: int, processes=PROCESSES, progress=None) -> list[Cycle]:
+    """`cycles` per (process, idle/load), alternating SIGTERM and SIGINT."""
+    out = []
+    plan = [(p, load, i) for i in range(cycles) for p in processes for load in (False, True)]
+    for n, (process, load, i) in enumerate(plan):
+        sig = signal.SIGTERM if i % 2 == 0 else signal.SIGINT
+        out.append(one_cycle(process, store, workdir, sig=sig, load=load))
+        if progress is not None:
+            progress(n + 1, len(plan))
+    return out
+
+
+def summarize(cycles: list[Cycle]) -> dict:
+    rows = {}
+    for c in cycles:
+        key = f"{c.process}/{'load' if c.load else 'idle'}/{c.signal}"
+        row = rows.setdefault(key, {"cycles": 0, "exit_0": 0, "aborts": 0, "other": [], "max_seconds_to_exit": 0.0})
+        row["cycles"] += 1
+        row["exit_0"] += c.status == 0
+        row["aborts"] += c.status in (134, -6)
+        row["max_seconds_to_exit"] = max(row["max_seconds_to_exit"], c.seconds_to_exit)
+        if c.status not in (0, 134, -6):
+            row["other"].append(f"{c.status}: {c.tail}")
+    return rows

@@ -1,0 +1,135 @@
+"""Storage faults (root: tmpfs and loop devices made here): a full disk under pack, shard and
+export-ios is one line naming the place and the bytes needed, with nothing left behind; a store
+file that fails to read (EIO) under a running node is DATA_LOSS for its records only, and the
+coordinator serves them from replicas while the node keeps serving the rest."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from flashmesh.coordinator.engine import open_cluster
+from flashmesh.coordinator.failover import DATA_LOSS
+from flashmesh.node.shard import write_dense
+from flashmesh.node.store_format import Manifest
+from flashmesh.testing.local_nodes import ensure_shards, local_node_processes
+
+from bench.failover import generate_with_faults
+
+from .test_errors import assert_one_line_error, run_cli
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs or a loop device needs root")
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 96 KiB tmpfs: too small for any store of the test models."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=96k", "fmr-small", str(mount)], check=True)
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", str(mount)], check=True)
+
+
+@pytest.mark.parametrize("command", ["pack", "shard", "dense", "export-ios"])
+def test_a_full_disk_is_one_line_naming_the_place_and_the_bytes(models, small_disk, capsys, command):
+    src, store = models.get("qwen3_moe", "fp32", layers=3)
+    out = small_disk / "out"
+    args = {
+        "pack": ["pack", src, out],
+        "shard": ["shard", store, out, "--count", "2", "--index", "0"],
+        "dense": ["shard", store, out, "--dense"],
+        "export-ios": ["export-ios", store, out, "--context", "64", "--prefill", "8"],
+    }[command]
+    code, err = run_cli(capsys, *args)
+    assert_one_line_error(code, err, f"not enough space in {small_disk}")
+    assert str(out) in err and re.search(r"it needs (about|more than the) [\d.]+ ?[KMG]?i?B", err), err
+    assert list(small_disk.iterdir()) == []  # nothing half-written, no temporary left
+
+
+def _physical_extents(path: Path) -> list[tuple[int, int]]:
+    """(first byte, last byte) on the device of each extent of `path` (filefrag, e2fsprogs)."""
+    text = subprocess.run(["filefrag", "-v", "-b1", str(path)], check=True, capture_output=True, text=True).stdout
+    return [(int(a), int(b)) for a, b in re.findall(r"^\s*\d+:\s+\d+\.\.\s*\d+:\s+(\d+)\.\.\s*(\d+):", text, re.M)]
+
+
+@pytest.fixture
+def loop_disk(tmp_path):
+    """An ext4 filesystem on a loop device over `disk.img`; yields (mount point, image path)."""
+    if shutil.which("losetup") is None or shutil.which("filefrag") is None:
+        pytest.skip("needs losetup and filefrag (util-linux, e2fsprogs)")
+    image, mount = tmp_path / "disk.img", tmp_path / "disk"
+    mount.mkdir()
+    image.touch()
+    os.truncate(image, 64 * 2**20)
+    subprocess.run(["mkfs.ext4", "-q", "-F", str(image)], check=True)
+    loop = subprocess.run(["losetup", "-f", "--show", str(image)], check=True, capture_output=True, text=True)
+    device = loop.stdout.strip()
+    try:
+        subprocess.run(["mount", device, str(mount)], check=True)
+        try:
+            yield mount, image
+        finally:
+            subprocess.run(["umount", str(mount)], check=False)
+    finally:
+        subprocess.run(["losetup", "-d", device], check=False)
+        for _ in range(100):  # a loop device that saw I/O errors is released a moment later
+            if not subprocess.run(["losetup", "-j", str(image)], capture_output=True, text=True).stdout.strip():
+                break
+            time.sleep(0.1)
+
+
+def test_a_store_file_that_fails_to_read_is_data_loss_served_by_replicas(models, tmp_path, loop_disk):
+    _, store = models.get("qwen3_moe")
+    mount, image = loop_disk
+    shards = ensure_shards(store, tmp_path, count=3, replicas=2)
+    # shard 0 on the loop disk, its last layer file written last so that it lies after everything else
+    victim = Manifest.load(shards[0]).layers[-1]
+    disk_shard = mount / shards[0].name
+    shutil.copytree(shards[0], disk_shard, ignore=shutil.ignore_patterns(Path(victim.file).name))
+    os.sync()
+    shutil.copy2(shards[0] / victim.file, disk_shard / victim.file)
+    os.sync()
+    others = [e for p in disk_shard.rglob("*") if p.is_file() and p.name != Path(victim.file).name
+              for e in _physical_extents(p)]  # fmt: skip
+    start = min(a for a, _ in _physical_extents(disk_shard / victim.file))
+    if any(b >= start for _, b in others):
+        pytest.skip("ext4 placed the victim file before another one; cannot fail it alone by truncation")
+    dense = tmp_path / "dense"
+    write_dense(store, dense)
+    budget = Manifest.load(store).expert_bytes_total
+    with local_node_processes([disk_shard, *shards[1:]], budgets=[budget] * 3, token="eio", logdir=tmp_path / "logs",
+                              flash_gbps=1.0) as nodes:  # fmt: skip
+        streaming, connected = open_cluster(dense, list(nodes.addresses), token="eio", rpc_deadline=5.0)
+        try:
+            # the disk under the node fails from the victim file on: its reads (O_DIRECT) get EIO
+            os.truncate(image, start)
+            prompt = "The quick brown fox jumps over the lazy dog. Mixture of experts"
+            tokens = generate_with_faults(streaming, prompt, max_tokens=6)
+            sick = next(n.node_id for n in connected if n.address.target == nodes.addresses[0].target)
+            backend = streaming.backend
+            lost = [f for f in backend.stats.failovers if f.kind == DATA_LOSS]
+            assert lost and all("Input/output error" in f.reason and f"layer {victim.layer}" in f.reason for f in lost)
+            state = backend.membership.states[sick]
+            assert state.up and state.bad and {layer for layer, _ in state.bad} == {victim.layer}
+            assert backend.stats.nodes[sick].requests > 0  # still serving the layers it can read
+        finally:
+            streaming.close()
+    assert tokens == _healthy_tokens(store, prompt)
+
+
+def _healthy_tokens(store: Path, prompt: str) -> list[int]:
+    from flashmesh.coordinator.engine import open_local
+
+    local = open_local(store, ram_budget=Manifest.load(store).expert_bytes_total)
+    try:
+        return generate_with_faults(local, prompt, max_tokens=6)
+    finally:
+        local.close()
