@@ -132,15 +132,21 @@ def run_store(args, store: Path, *, extra: dict | None = None) -> dict:
         )
         if stream is not None:
             print(flush=True)
-        add_cache_stats(
-            stats, streaming.cache.stats, ram_budget_bytes=budget, expert_bytes_total=manifest.expert_bytes_total
-        )
-        result = stats.to_json()
-        result["page_cache_bypassed"] = streaming.store.bypassing_cache
-        result.update(extra or {})
-        return result
+    except (TypeError, ValueError, AssertionError) as e:  # mlx-lm's model rejecting what a damaged config.json built
+        log.debug("the forward pass failed", exc_info=True)
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise StoreError(
+            f"the model in {store} cannot run ({first[:200]}); its config.json may be damaged, re-run `flashmesh pack`"
+        ) from None
     finally:
         streaming.close()
+    add_cache_stats(
+        stats, streaming.cache.stats, ram_budget_bytes=budget, expert_bytes_total=manifest.expert_bytes_total
+    )
+    result = stats.to_json()
+    result["page_cache_bypassed"] = streaming.store.bypassing_cache
+    result.update(extra or {})
+    return result
 
 
 def run_cluster(
@@ -249,7 +255,8 @@ def run_command(args: argparse.Namespace) -> int:
     try:
         return args.func(args)
     except StoreError as e:
-        err.print(f"error: {e}", style="red", markup=False, highlight=False, soft_wrap=True)
+        one_line = " ".join(line.strip() for line in str(e).splitlines())  # a library's message may span lines
+        err.print(f"error: {one_line}", style="red", markup=False, highlight=False, soft_wrap=True)
         return 2
     except KeyboardInterrupt:
         status = getattr(args, "stopped_status", 130)

@@ -85,9 +85,11 @@ def attach(model: nn.Module, backend: ExpertBackend, *, lookahead: bool = False)
 
 
 def load_store_tokenizer(store_path: Path, manifest: Manifest) -> TokenizerWrapper:
+    from huggingface_hub.errors import StrictDataclassError
+
     try:
         return load_tokenizer(Path(store_path), eos_token_ids=manifest.config.get("eos_token_id"))
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, TypeError, KeyError, AttributeError, StrictDataclassError) as e:
         raise StoreError(
             f"{store_path} has no usable tokenizer ({e}); pack from a directory with tokenizer files"
         ) from None

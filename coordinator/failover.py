@@ -101,7 +101,8 @@ class Hedge:
     Late means unanswered after `factor` x the node's own recent p99 latency for requests of that
     size (pairs rounded up to a power of two), and never sooner than `floor` seconds. A size class
     with fewer than `warmup` measured replies borrows the nearest smaller warm one, scaled by the
-    pairs; a node with none is not hedged (its deadline still applies)."""
+    pairs, else the nearest larger one as it is; a node with none is not hedged (its deadline
+    still applies)."""
 
     def __init__(
         self,
@@ -140,6 +141,9 @@ class Hedge:
             p99 = self._p99.get((node, warm))
             if p99 is not None:
                 return max(self.floor, self.factor * p99 * 2 ** (size - warm))
+        larger = [c for n, c in self._p99 if n == node and c > size]
+        if larger:  # a bigger request's latency bounds a smaller one's
+            return max(self.floor, self.factor * self._p99[(node, min(larger))])
         return None
 
 
@@ -189,26 +193,32 @@ class Membership:
         for (layer, expert), alternatives in placement.replicas.items():
             self.choices[layer][expert, 1 : 1 + len(alternatives)] = [slot[n] for n in alternatives]
         self._up = np.ones(len(self.node_ids), dtype=bool)
+        self._suspect = np.zeros(len(self.node_ids), dtype=bool)  # down only for being slow once
         self._bad = {layer: np.zeros((c.shape[0], len(self.node_ids)), dtype=bool) for layer, c in self.choices.items()}
         self.healthy = True  # every node up and no record damaged: routing is the placement's
 
     # --- routing -----------------------------------------------------------------------------
 
-    def _usable(self, layer: int, experts: np.ndarray, avoid: Iterable[int] = ()) -> tuple[np.ndarray, np.ndarray]:
+    def _usable(
+        self, layer: int, experts: np.ndarray, avoid: Iterable[int] = (), suspects: bool = False
+    ) -> tuple[np.ndarray, np.ndarray]:
         choices = self.choices[layer][experts]  # [P, C]
         safe = choices.clip(0)
-        up = self._up.copy()
+        up = self._up | self._suspect if suspects else self._up.copy()
         up[list(avoid)] = False
         ok = (choices >= 0) & up[safe] & ~self._bad[layer][experts[:, None], safe]  # [P, C]
         return choices, ok
 
-    def route(self, layer: int, experts: np.ndarray, *, avoid: Iterable[int] = ()) -> np.ndarray:
+    def route(
+        self, layer: int, experts: np.ndarray, *, avoid: Iterable[int] = (), suspects: bool = False
+    ) -> np.ndarray:
         """experts [P] -> node slot [P] computing each; -1 where no usable node holds it. `avoid`:
-        node slots not to use (a hedge goes to another holder than the late node)."""
+        node slots not to use (a hedge goes to another holder than the late node); `suspects`:
+        count nodes that are down only for having been slow (outrun by a hedge) as usable."""
         avoid = tuple(avoid)
         if self.healthy and not avoid:
             return self.placement.owner[layer][experts]
-        choices, ok = self._usable(layer, experts, avoid)
+        choices, ok = self._usable(layer, experts, avoid, suspects)
         slots = choices[np.arange(experts.size), ok.argmax(axis=1)]
         return np.where(ok.any(axis=1), slots, -1).astype(np.int32)
 
@@ -233,14 +243,17 @@ class Membership:
     def _refresh(self) -> None:
         self.healthy = bool(self._up.all()) and not any(b.any() for b in self._bad.values())
 
-    def mark_down(self, node_id: str, reason: str) -> None:
+    def mark_down(self, node_id: str, reason: str, *, slow: bool = False) -> None:
+        """`slow`: it only answered later than its replicas did (a hedge may still use it)."""
         state = self.states[node_id]
         now = self.clock()
         if state.up:
             state.up, state.down_since, state.backoff = False, now, self.probe_backoff
             state.next_probe = now + state.backoff
         state.reason = reason
-        self._up[self.node_ids.index(node_id)] = False
+        slot = self.node_ids.index(node_id)
+        self._suspect[slot] = slow and (self._suspect[slot] or self._up[slot])
+        self._up[slot] = False
         self._refresh()
 
     def mark_bad(self, node_id: str, records: Iterable[Key], *, retry: bool = True) -> int:
@@ -295,7 +308,7 @@ class Membership:
         ]
         self.mark_bad(node_id, missing, retry=False)
         state.up, state.reason, state.probe = True, "", None
-        self._up[slot] = True
+        self._up[slot], self._suspect[slot] = True, False
         self._refresh()
 
     def down(self) -> list[str]:

@@ -24,21 +24,19 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Protocol
 
 import mlx.core as mx
 import numpy as np
 from flashmesh.coordinator.dispatch_stats import DispatchStats, Failover, HedgeEvent, LayerCall, NodeTraffic
 from flashmesh.coordinator.failover import (
-    DATA_LOSS,
     FAILOVER_KINDS,
     Deadline,
-    ExpertsLost,
     Hedge,
     Membership,
     NodeError,
-    format_lost,
 )
+from flashmesh.coordinator.links import NodeLink, PendingReply
+from flashmesh.coordinator.node_health import NodeHealth
 from flashmesh.coordinator.placement import Placement
 from flashmesh.node.store_format import StoreError
 from flashmesh.protos import flashmesh_pb2 as pb
@@ -47,20 +45,6 @@ from flashmesh.protos.codec import CodecError, decode, encode, encode_numpy
 log = logging.getLogger(__name__)
 
 DEFAULT_RPC_DEADLINE = 3.0  # seconds: the least time a node gets for a request before it counts as hung
-
-
-class PendingReply(Protocol):
-    seconds: float
-
-    def done(self) -> bool: ...
-
-    def result(self): ...
-
-    def add_done_callback(self, fn: Callable[[Any], None]) -> None:
-        """Call `fn` (on any thread; it only sets an event) once the reply is in or failed."""
-        ...
-
-    def cancel(self) -> bool: ...
 
 
 @dataclass(eq=False)
@@ -75,18 +59,6 @@ class _Attempt:
     sent_at: float
     hedge_at: float | None  # perf_counter time at which replicas get these pairs too; None: never
     is_hedge: bool = False
-
-
-class NodeLink(Protocol):
-    """What RemoteExperts needs of a node: coordinator.client.NodeClient, or InProcessLink in tests."""
-
-    label: str
-
-    def compute_async(self, request: pb.ComputeRequest, *, timeout: float | None = None) -> PendingReply: ...
-
-    def info_async(self, *, timeout: float | None = None) -> PendingReply: ...
-
-    def prefetch(self, request: pb.PrefetchRequest, *, timeout: float | None = None) -> pb.PrefetchReply: ...
 
 
 class RemoteExperts:
@@ -117,10 +89,11 @@ class RemoteExperts:
         self.fingerprint = fingerprint
         self.deadline = Deadline(floor=rpc_deadline)
         self.hedge = Hedge() if hedge is None else hedge
-        self.probe_deadline = probe_deadline
-        self.relink = relink
         self.membership = Membership(placement, probe_backoff=probe_backoff, max_probe_backoff=max_probe_backoff)
-        self._slot = {n: i for i, n in enumerate(placement.node_ids)}
+        self.health = NodeHealth(
+            self.links, self.membership, fingerprint=fingerprint, relink=relink, probe_deadline=probe_deadline,
+            on_recovered=lambda label: self.stats.recoveries.append(label),
+        )  # fmt: skip
         self._next: tuple[int, np.ndarray] | None = None  # router lookahead: (layer, experts)
         self.stats = DispatchStats(nodes={n: NodeTraffic() for n in placement.node_ids})
 
@@ -136,93 +109,16 @@ class RemoteExperts:
         mine = experts[self.membership.route(next_layer, experts) == slot]
         return pb.PrefetchRequest(layer=next_layer, experts=mine.tolist()) if mine.size else None
 
-    # --- health: probes of nodes that are down, polled on the dispatch path ------------------
-
-    def _poll_probes(self, *, wait_for: list[str] | None = None) -> None:
-        """Start a probe (Info, short deadline) of each down node whose back-off has elapsed, and
-        take the answers of probes that finished. Nothing runs unowned: a probe's future lives in
-        the node's state until a later layer call (or close) collects it. `wait_for`: probe those
-        nodes now, whatever their back-off, and wait for the answers."""
-        self.membership.retry_records()
-        now = time.monotonic()
-        for node_id in self.membership.down():
-            state = self.membership.states[node_id]
-            urgent = wait_for is not None and node_id in wait_for
-            moved = False
-            if state.probe is None and self.relink is not None and (link := self.relink(node_id)) is not None:
-                log.warning("node %s announced itself at a new address; probing it there", link.label)
-                self.links[node_id], moved = link, True
-            if state.probe is None and (urgent or moved or now >= state.next_probe):
-                state.probe = self.links[node_id].info_async(timeout=self.probe_deadline)
-            if state.probe is not None and (urgent or state.probe.done()):
-                self._take_probe(node_id)
-
     def poll_health(self) -> None:
         """Probe nodes that are down now, between requests (an idle server takes them back too)."""
-        self._poll_probes()
-
-    def _take_probe(self, node_id: str) -> None:
-        state = self.membership.states[node_id]
-        probe, state.probe = state.probe, None
-        label = self.links[node_id].label
-        try:
-            info = probe.result()
-        except StoreError as e:
-            self.membership.probe_failed(node_id, str(e))
-            return
-        if self.fingerprint is not None and info.fingerprint != self.fingerprint:
-            self.membership.probe_failed(node_id, f"node {label} now serves another model ({info.fingerprint[:16]})")
-            log.warning("node %s answers again but serves another model; not using it", label)
-            return
-        held = {h.layer: frozenset(h.experts) for h in info.layers}
-        self.membership.recovered(node_id, answered_id=info.node_id, held=held)
-        self.stats.recoveries.append(label)
-        log.warning("node %s is back (id %s); routing its experts to it again", label, info.node_id)
-
-    def _fail(self, node_id: str, error: NodeError, layer: int, experts: np.ndarray) -> None:
-        """A request to `node_id` failed in a way a replica can stand in for: mark the node down,
-        or, for damaged records the request needed, only those records."""
-        asked = {(layer, int(e)) for e in experts}
-        if error.kind == DATA_LOSS and asked & set(error.records):
-            self.membership.mark_bad(node_id, error.records)
-            log.warning("%s; using a replica for those records", error)
-        else:
-            self.membership.mark_down(node_id, str(error))
-            log.warning("%s; marked down, its work goes to the other holders of its experts", error)
-
-    def _lost(self, layer: int, experts: np.ndarray) -> ExpertsLost:
-        lost = self.membership.lost()
-        needed = sorted({int(e) for e in experts})
-        nodes = self.membership.holders(layer, needed)
-        why = "; ".join(self.membership.states[n].reason or f"node {self.links[n].label}: damaged records"
-                        for n in nodes)  # fmt: skip
-        count = sum(len(v) for v in lost.values())
-        return ExpertsLost(
-            f"{count} experts are lost ({format_lost(lost)}): {why}; no other node holds them. Restart the node "
-            "(the coordinator finds it again at the same address) or run shards with replicas "
-            "(`flashmesh shard --replicas 2`)",
-            lost=lost,
-            nodes=[self.links[n].label for n in nodes],
-        )
-
-    def _route(self, layer: int, experts: np.ndarray) -> np.ndarray:
-        slots = self.membership.route(layer, experts)
-        if (slots < 0).any():
-            # Last chance before failing the request: ask the nodes that hold the lost experts now.
-            gone = experts[slots < 0]
-            holders = [n for n in self.membership.holders(layer, np.unique(gone)) if not self.membership.states[n].up]
-            self._poll_probes(wait_for=holders)
-            slots = self.membership.route(layer, experts)
-            if (slots < 0).any():
-                raise self._lost(layer, experts[slots < 0])
-        return slots
+        self.health.poll()
 
     # --- dispatch ----------------------------------------------------------------------------
 
     def compute(self, layer: int, x: mx.array, indices: mx.array) -> mx.array:
         """x [N, D], indices [N, k] (expert ids) -> per-pair expert outputs [N, k, D]."""
         start = time.perf_counter()
-        self._poll_probes()
+        self.health.poll()
         idx = np.array(indices)  # [N, k]; forces the graph up to the router
         n, k = idx.shape
         flat = idx.reshape(-1).astype(np.int32)  # [N*k]
@@ -291,7 +187,7 @@ class RemoteExperts:
         except NodeError as e:
             if e.kind not in FAILOVER_KINDS:
                 raise
-            self._fail(a.node_id, e, layer, flat[a.pairs])
+            self.health.fail(a.node_id, e, layer, flat[a.pairs])
             label = self.links[a.node_id].label
             self.stats.failovers.append(Failover(layer, label, e.kind, str(e), a.pairs.size, a.call.seconds))
             self.stats.nodes[a.node_id].failures += 1
@@ -301,6 +197,8 @@ class RemoteExperts:
         """`a` is late: send its unanswered pairs to the next holder of each expert as well."""
         want = a.pairs[~done[a.pairs]]
         slots = self.membership.route(layer, flat[want], avoid=(a.slot,))  # [W]
+        if (slots < 0).any():  # the other holder is down only for having been slow once: better than waiting
+            slots = np.where(slots < 0, self.membership.route(layer, flat[want], avoid=(a.slot,), suspects=True), slots)
         ok = slots >= 0
         if not ok.any():
             return []  # no replica: the request's deadline is the last resort
@@ -317,12 +215,12 @@ class RemoteExperts:
         label, waited = self.links[a.node_id].label, time.perf_counter() - a.sent_at
         self.stats.nodes[a.node_id].outrun += 1
         reason = f"node {label}: no answer within {waited * 1e3:.0f} ms (hedged to replicas, which answered)"
-        self.membership.mark_down(a.node_id, reason)
+        self.membership.mark_down(a.node_id, reason, slow=True)
         log.warning("%s; marked down until a probe answers", reason)
 
     def _send(self, layer: int, x: mx.array, flat: np.ndarray, todo: np.ndarray, k: int, wake) -> list:
         """One request per node for the pairs `todo` (flat positions), all in flight at once."""
-        return self._send_slots(layer, x, flat, todo, self._route(layer, flat[todo]), k, wake)
+        return self._send_slots(layer, x, flat, todo, self.health.route(layer, flat[todo]), k, wake)
 
     def _send_slots(self, layer, x, flat, todo: np.ndarray, slots: np.ndarray, k: int, wake, *, hedge=False) -> list:
         n = x.shape[0]
@@ -385,7 +283,7 @@ class RemoteExperts:
             except NodeError as e:
                 if e.kind not in FAILOVER_KINDS:
                     raise
-                self._fail(node_id, e, layer, mine)
+                self.health.fail(node_id, e, layer, mine)
 
     def close(self) -> None:
         for state in self.membership.states.values():

@@ -53,8 +53,11 @@ def _store_failure(name: str, e: StoreError) -> RequestError:
 
 def hidden_size(config: dict) -> int:
     for cfg in (config, config.get("text_config", {})):
-        if "hidden_size" in cfg:
-            return int(cfg["hidden_size"])
+        if isinstance(cfg, dict) and "hidden_size" in cfg:
+            value = cfg["hidden_size"]
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise StoreError(f"the model config's hidden_size must be a positive integer, not {value!r}")
+            return value
     raise StoreError("the model config names no hidden_size")
 
 

@@ -170,8 +170,11 @@ class Manifest:
     def top_k(self) -> int:
         for key in ("num_experts_per_tok", "moe_topk", "top_k", "num_experts_per_token"):
             for cfg in (self.config, self.config.get("text_config", {})):
-                if key in cfg:
-                    return int(cfg[key])
+                if isinstance(cfg, dict) and key in cfg:
+                    value = cfg[key]
+                    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                        raise StoreError(f"the model config's {key} must be a positive integer, not {value!r}")
+                    return value
         raise StoreError("the model config names no experts-per-token count")
 
     def layer(self, layer: int) -> LayerSpec:
@@ -213,12 +216,15 @@ class Manifest:
             d = json.loads(path.read_text())
         except json.JSONDecodeError as e:
             raise StoreError(f"{path} is not valid JSON ({e}); re-run `flashmesh pack`") from None
-        version = d.get("format_version")
+        version = d.get("format_version") if isinstance(d, dict) else None
         if version != FORMAT_VERSION:
             raise StoreError(
                 f"{directory} has store format {version}, this flashmesh reads format "
                 f"{FORMAT_VERSION}; re-pack it with `flashmesh pack`"
             )
+        from flashmesh.node.manifest_check import check_manifest
+
+        check_manifest(d, path)
         return cls(
             config=d["config"],
             fingerprint=d["fingerprint"],
