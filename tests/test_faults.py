@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from flashmesh.coordinator.cli import main
 from flashmesh.coordinator.engine import open_cluster, open_local
-from flashmesh.coordinator.failover import DATA_LOSS, DEADLINE, UNAVAILABLE, ExpertsLost
+from flashmesh.coordinator.failover import DATA_LOSS, DEADLINE, UNAVAILABLE, ExpertsLost, Hedge
 from flashmesh.coordinator.generate import generate
 from flashmesh.node.shard import write_dense
 from flashmesh.node.store_format import Manifest
@@ -69,10 +69,11 @@ class Cluster:
     def __init__(self, nodes, dense, shards):
         self.nodes, self.dense, self.shards = nodes, dense, shards
 
-    def open(self):
+    def open(self, *, hedge: Hedge | None = None):
         return open_cluster(
-            self.dense, list(self.nodes.addresses), token=TOKEN, rpc_deadline=RPC_DEADLINE, probe_backoff=0.2
-        )
+            self.dense, list(self.nodes.addresses), token=TOKEN, rpc_deadline=RPC_DEADLINE, probe_backoff=0.2,
+            hedge=hedge,
+        )  # fmt: skip
 
     def busiest(self, streaming, connected) -> tuple[int, str]:
         """(process index, node id) of the node assigned the most experts: the one to hurt."""
@@ -174,8 +175,9 @@ def test_run_cli_takes_an_rpc_deadline(replicated, reference, capsys):
 
 
 def test_sigstop_is_found_by_the_deadline_and_fails_over(replicated, reference):
+    """The last resort, hedging off (tests/test_hedging.py and tests/test_chaos.py hedge)."""
     _, tokens, _ = reference
-    streaming, connected = replicated.open()
+    streaming, connected = replicated.open(hedge=Hedge(enabled=False))
     backend = streaming.backend
     index, victim_id = replicated.busiest(streaming, connected)
     victim, label = replicated.nodes.procs[index], backend.links[victim_id].label
