@@ -29,8 +29,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from flashmesh.node.store_format import Manifest, StoreError
+from flashmesh.node.store_format import Manifest
 from flashmesh.protos import TOKEN_ENV
+from flashmesh.protos.errors import UserError
 from flashmesh.testing import netns
 from flashmesh.testing.local_nodes import ensure_dense, ensure_shards, local_node_processes
 
@@ -88,7 +89,7 @@ def _request(base: str, kind: str, prompt: str, max_tokens: int) -> str:
                 continue
             event = json.loads(line[6:])
             if "error" in event:
-                raise StoreError(f"stream error: {event['error']}")
+                raise UserError(f"stream error: {event['error']}")
             for choice in event.get("choices", []):
                 text.append((choice.get("delta") or {}).get("content") or choice.get("text") or "")
         return "".join(text)
@@ -202,7 +203,7 @@ def _start_serve(dense: Path, *, gateway: str, prefix: str, logfile: Path) -> tu
         proc.kill()
         proc.wait()
         tail = logfile.read_text(errors="replace").strip().splitlines()[-1:]
-        raise StoreError(f"the server did not start: {' '.join(tail) or line.strip()}")
+        raise UserError(f"the server did not start: {' '.join(tail) or line.strip()}")
     return proc, line.rsplit(" at ", 1)[1].strip().removesuffix("/v1")
 
 
@@ -230,7 +231,7 @@ def run_chaos(
     progress=None,
 ) -> dict:
     if (why := netns.available()) is not None:
-        raise StoreError(f"{why}; the chaos soak runs its nodes on network-namespace hosts")
+        raise UserError(f"{why}; the chaos soak runs its nodes on network-namespace hosts")
     workdir = Path(workdir)
     manifest = Manifest.load(store)
     dense = ensure_dense(store, workdir / "dense")

@@ -63,8 +63,8 @@ def cmd_io(args: argparse.Namespace) -> int:
 
 
 def _budget(store: Path, text: str | None, *, fraction: float) -> int:
-    from flashmesh.node.cache import parse_bytes
     from flashmesh.node.store_format import Manifest
+    from flashmesh.protos.sizes import parse_bytes
 
     manifest = Manifest.load(store)
     if text is not None:
@@ -135,12 +135,12 @@ def _need(*modules: str) -> None:
     """Fail in one line, before any work, when an optional benchmark dependency is missing."""
     import importlib.util
 
-    from flashmesh.node.store_format import StoreError
+    from flashmesh.protos.errors import UserError
 
     missing = [m for m in modules if importlib.util.find_spec(m) is None]
     if missing:
         extras = "bench,llamacpp" if "llama_cpp" in missing else "bench"
-        raise StoreError(f"this benchmark needs {', '.join(missing)}: pip install -e '.[{extras}]'")
+        raise UserError(f"this benchmark needs {', '.join(missing)}: pip install -e '.[{extras}]'")
 
 
 def _gguf_for(args: argparse.Namespace) -> Path:
@@ -156,8 +156,8 @@ def _gguf_for(args: argparse.Namespace) -> Path:
 
 
 def cmd_oversub(args: argparse.Namespace) -> int:
-    from flashmesh.node.cache import parse_bytes
     from flashmesh.node.store_format import Manifest
+    from flashmesh.protos.sizes import parse_bytes
 
     from bench.oversub import run_oversub_bench
 
@@ -208,8 +208,8 @@ def cmd_oversub(args: argparse.Namespace) -> int:
 
 
 def cmd_scaling(args: argparse.Namespace) -> int:
-    from flashmesh.node.cache import parse_bytes
     from flashmesh.node.store_format import Manifest
+    from flashmesh.protos.sizes import parse_bytes
     from rich.console import Console
 
     from bench.scaling import plot_scaling, run_scaling_bench
@@ -305,7 +305,7 @@ def cmd_decode(args: argparse.Namespace) -> int:
 
 
 def cmd_soak(args: argparse.Namespace) -> int:
-    from flashmesh.node.cache import format_bytes, parse_bytes
+    from flashmesh.protos.sizes import format_bytes, parse_bytes
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
     from bench.soak import plot_soak, run_soak
@@ -314,9 +314,9 @@ def cmd_soak(args: argparse.Namespace) -> int:
         import openai  # noqa: F401
         import psutil  # noqa: F401
     except ImportError as e:
-        from flashmesh.node.store_format import StoreError
+        from flashmesh.protos.errors import UserError
 
-        raise StoreError(f"the soak needs {e.name}: pip install -e '.[bench,dev]'") from None
+        raise UserError(f"the soak needs {e.name}: pip install -e '.[bench,dev]'") from None
     store = _store_or_demo(args.store)
     budget = _budget(store, args.ram_budget, fraction=0.25)
     seconds = args.minutes * 60
@@ -360,9 +360,9 @@ def cmd_chaos(args: argparse.Namespace) -> int:
     seconds = args.minutes * 60
     kinds = tuple(k for k in args.faults.split(",") if k)
     if unknown := [k for k in kinds if k not in FAULTS]:
-        from flashmesh.node.store_format import StoreError
+        from flashmesh.protos.errors import UserError
 
-        raise StoreError(f"unknown faults {unknown}; choose from {', '.join(FAULTS)}")
+        raise UserError(f"unknown faults {unknown}; choose from {', '.join(FAULTS)}")
     name = args.name or f"chaos-{'demo' if args.store is None else store.name}-k{args.clients}"
     columns = [TextColumn("chaos"), BarColumn(), TextColumn("{task.fields[served]} requests"), TimeRemainingColumn()]
     with Progress(*columns, disable=args.json) as bar:

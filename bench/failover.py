@@ -34,7 +34,8 @@ from flashmesh.coordinator.engine import open_cluster, open_local  # noqa: E402
 from flashmesh.coordinator.failover import Hedge  # noqa: E402
 from flashmesh.coordinator.generate import encode_prompt, generate  # noqa: E402
 from flashmesh.coordinator.remote import DEFAULT_RPC_DEADLINE  # noqa: E402
-from flashmesh.node.store_format import Manifest, StoreError  # noqa: E402
+from flashmesh.node.store_format import Manifest  # noqa: E402
+from flashmesh.protos.errors import UserError  # noqa: E402
 from flashmesh.testing import netns  # noqa: E402
 from flashmesh.testing.demo import DEMO_SHAPE, prepare_demo  # noqa: E402
 from flashmesh.testing.local_nodes import ensure_dense, ensure_shards, local_node_processes  # noqa: E402
@@ -206,7 +207,7 @@ def main() -> None:
 
 def _summary(mine: list[dict]) -> dict:
     if not mine:
-        raise StoreError("no runs")
+        raise UserError("no runs")
     back = [r["taken_back_s"] for r in mine if r["taken_back_s"] is not None]
     return {
         "runs": len(mine),

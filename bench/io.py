@@ -20,8 +20,9 @@ import time
 from pathlib import Path
 
 import numpy as np
-from flashmesh.node.store_format import Manifest, StoreError
+from flashmesh.node.store_format import Manifest
 from flashmesh.node.store_reader import ExpertStore
+from flashmesh.protos.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +38,7 @@ def ensure_fio() -> str:
     subprocess.run(["apt-get", "install", "-y", "fio"], check=False, capture_output=True)
     found = shutil.which("fio")
     if not found:
-        raise StoreError("fio is not installed and apt-get could not install it; install fio and re-run")
+        raise UserError("fio is not installed and apt-get could not install it; install fio and re-run")
     return found
 
 

@@ -16,7 +16,8 @@ import sys
 import time
 from pathlib import Path
 
-from flashmesh.node.store_format import Manifest, StoreError
+from flashmesh.node.store_format import Manifest
+from flashmesh.protos.errors import UserError
 
 from bench.io import fio_randread
 
@@ -27,7 +28,7 @@ CGROUP_ROOT = Path("/sys/fs/cgroup/memory")
 
 def make_cgroup(name: str, *, limit_bytes: int) -> Path:
     if not CGROUP_ROOT.is_dir():
-        raise StoreError(f"{CGROUP_ROOT} is missing: this benchmark needs the cgroup v1 memory controller")
+        raise UserError(f"{CGROUP_ROOT} is missing: this benchmark needs the cgroup v1 memory controller")
     path = CGROUP_ROOT / name
     path.mkdir(exist_ok=True)
     (path / "memory.limit_in_bytes").write_text(str(limit_bytes))

@@ -17,7 +17,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from flashmesh.node.store_format import MANIFEST, Manifest, StoreError
+from flashmesh.node.store_format import MANIFEST, Manifest
+from flashmesh.protos.errors import UserError
 
 from bench.decode import PROMPT
 from bench.oversub import CGROUP_ROOT, drop_page_cache, oom_kills
@@ -33,7 +34,7 @@ def disk_of(path: Path) -> str:
     majmin = f"{os.major(dev)}:{os.minor(dev)}"
     sys_dev = Path("/sys/dev/block") / majmin
     if not sys_dev.exists():
-        raise StoreError(f"{path} is on device {majmin}, which is not a block device; blkio cannot cap it")
+        raise UserError(f"{path} is on device {majmin}, which is not a block device; blkio cannot cap it")
     if (sys_dev / "partition").exists():
         majmin = (sys_dev.resolve().parent / "dev").read_text().strip()
     return majmin
@@ -44,7 +45,7 @@ class NodeCgroups:
 
     def __init__(self, name: str, *, memory_bytes: int, read_bps: int, disk: str):
         if not CGROUP_ROOT.is_dir() or not BLKIO_ROOT.is_dir():
-            raise StoreError("this benchmark needs the cgroup v1 memory and blkio controllers under /sys/fs/cgroup")
+            raise UserError("this benchmark needs the cgroup v1 memory and blkio controllers under /sys/fs/cgroup")
         self.memory = CGROUP_ROOT / name
         self.blkio = BLKIO_ROOT / name
         self.memory.mkdir(exist_ok=True)
@@ -227,7 +228,7 @@ def run_scaling_bench(
     budgets = {(n, m): ram_budget * base // n if m == "split" else ram_budget for n, m in configs}
     for (n, m), b in budgets.items():
         if b < manifest.min_budget_bytes:
-            raise StoreError(f"{n} nodes ({m}) get {b} B each, below the minimum {manifest.min_budget_bytes} B")
+            raise UserError(f"{n} nodes ({m}) get {b} B each, below the minimum {manifest.min_budget_bytes} B")
     runs: dict[tuple[int, str], list[dict]] = {c: [] for c in configs}
     for i in range(rounds):
         for n, m in configs:

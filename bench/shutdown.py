@@ -18,8 +18,9 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from flashmesh.node.store_format import Manifest, StoreError
+from flashmesh.node.store_format import Manifest
 from flashmesh.protos import TOKEN_ENV
+from flashmesh.protos.errors import UserError
 
 PROCESSES = ("node_serve", "serve", "demo")
 TOKEN = "shutdown-token"
@@ -62,7 +63,7 @@ def _load(process: str, line: str, stop: threading.Event) -> None:
                 try:
                     client.stats(timeout=2.0)
                     client.info(timeout=2.0)
-                except StoreError:
+                except UserError:
                     time.sleep(0.01)
         finally:
             client.close()
@@ -91,7 +92,7 @@ def one_cycle(process: str, store: Path, workdir: Path, *, sig: signal.Signals, 
             while ready and line and ready not in line:
                 line = proc.stdout.readline()
             if not ready:  # the demo: once it handles SIGTERM, while it loads (idle) or generates (load)
-                _wait_for_handler(proc.pid, signal.SIGTERM)
+                _wait_for_handler(proc, signal.SIGTERM)
                 time.sleep(12.0 if load else 1.0)
             elif load:
                 loader = threading.Thread(target=_load, args=(process, line, stop), name="shutdown-load")
@@ -114,17 +115,19 @@ def one_cycle(process: str, store: Path, workdir: Path, *, sig: signal.Signals, 
     return Cycle(process, sig.name, load, status, seconds, " | ".join(tail) if status else "")
 
 
-def _wait_for_handler(pid: int, sig: signal.Signals, *, timeout: float = 120.0) -> None:
-    """Until process `pid` catches `sig` (its SigCgt mask in /proc): a signal before that, during
+def _wait_for_handler(proc: subprocess.Popen, sig: signal.Signals, *, timeout: float = 120.0) -> None:
+    """Until `proc` catches `sig` (its SigCgt mask in /proc): a signal before that, during
     interpreter start-up, would end it by the default action, before any of our code runs."""
-    deadline = time.monotonic() + timeout
+    deadline, pid = time.monotonic() + timeout, proc.pid
     while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            return  # it ended by itself: its status says how
         status = Path(f"/proc/{pid}/status").read_text()
         caught = int(next(line.split()[1] for line in status.splitlines() if line.startswith("SigCgt:")), 16)
         if caught & (1 << (sig - 1)):
             return
         time.sleep(0.05)
-    raise StoreError(f"process {pid} did not install a handler for {sig.name} within {timeout:g} s")
+    raise UserError(f"process {pid} did not install a handler for {sig.name} within {timeout:g} s")
 
 
 def run_cycles(store: Path, workdir: Path, *, cycles: int, processes=PROCESSES, progress=None) -> list[Cycle]:

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from flashmesh.node.store_format import StoreError
+from flashmesh.protos.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +65,7 @@ def _start_server(store: Path, *, ram_budget: int, max_queue: int, logfile: Path
         proc.kill()
         proc.wait()
         tail = logfile.read_text(errors="replace").strip().splitlines()[-1:]
-        raise StoreError(f"the server did not start: {' '.join(tail) or line.strip()}")
+        raise UserError(f"the server did not start: {' '.join(tail) or line.strip()}")
     return proc, line.rsplit(" at ", 1)[1].strip()
 
 

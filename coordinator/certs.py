@@ -25,7 +25,6 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-from flashmesh.node.store_format import StoreError
 from flashmesh.node.tls import (
     CA_DIR,
     CA_FILE,
@@ -37,6 +36,7 @@ from flashmesh.node.tls import (
     NODES_DIR,
     check_name,
 )
+from flashmesh.protos.errors import UserError
 
 CA_KEY_FILE = "ca.key"
 CA_DAYS = 3650
@@ -75,7 +75,7 @@ def _place(partial: Path, final: Path, *, force: bool) -> None:
     """Rename the finished directory `partial` to `final`, replacing it only with `force`."""
     if final.exists() and not force:
         shutil.rmtree(partial)
-        raise StoreError(f"{final} already exists; pass --force to replace it")
+        raise UserError(f"{final} already exists; pass --force to replace it")
     old = None
     if final.exists():
         old = final.with_name(f".old-{final.name}-{secrets.token_hex(3)}")
@@ -110,14 +110,14 @@ def _partial(parent: Path, name: str) -> Path:
 def load_ca(directory: Path) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
     ca_dir = Path(directory) / CA_DIR
     if not (ca_dir / CA_KEY_FILE).is_file():
-        raise StoreError(
+        raise UserError(
             f"{ca_dir / CA_KEY_FILE} is missing; run this where `flashmesh cluster init {directory}` was run"
         )
     try:
         cert = x509.load_pem_x509_certificate((ca_dir / CA_FILE).read_bytes())
         key = serialization.load_pem_private_key((ca_dir / CA_KEY_FILE).read_bytes(), password=None)
     except (OSError, ValueError) as e:
-        raise StoreError(
+        raise UserError(
             f"{ca_dir} holds no readable CA ({e}); recreate it with `flashmesh cluster init --force`"
         ) from None
     return cert, key
@@ -169,7 +169,7 @@ def issue(
     else:
         final = directory / NODES_DIR / name
     if final.exists() and not force:
-        raise StoreError(f"{final} already exists; pass --force to replace it")
+        raise UserError(f"{final} already exists; pass --force to replace it")
     key = _key()
     start = valid_from or datetime.now(UTC) - timedelta(minutes=5)
     alt = [x509.DNSName(name)]
@@ -221,9 +221,9 @@ def init_cluster(
     for name in (coordinator, *nodes):
         check_name(name)
     if len(set(nodes)) != len(nodes):
-        raise StoreError(f"--nodes names a node twice: {', '.join(nodes)}")
+        raise UserError(f"--nodes names a node twice: {', '.join(nodes)}")
     if (directory / CA_DIR).exists() and not force:
-        raise StoreError(
+        raise UserError(
             f"{directory} already holds a cluster CA; add nodes with `flashmesh cluster add-node {directory} NAME`, "
             "or pass --force to replace it (every certificate must then be reissued)"
         )

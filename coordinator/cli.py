@@ -16,9 +16,10 @@ from importlib.metadata import entry_points
 from pathlib import Path
 
 from flashmesh.coordinator.cluster_cli import add_discovery_args
+from flashmesh.coordinator.options import default_budget
 from flashmesh.coordinator.remote import DEFAULT_RPC_DEADLINE
-from flashmesh.node.cache import default_budget, format_bytes, parse_bytes
-from flashmesh.node.store_format import StoreError
+from flashmesh.protos.errors import UserError
+from flashmesh.protos.sizes import format_bytes, parse_bytes
 from rich.console import Console
 from rich.table import Table
 
@@ -135,7 +136,7 @@ def run_store(args, store: Path, *, extra: dict | None = None) -> dict:
     except (TypeError, ValueError, AssertionError) as e:  # mlx-lm's model rejecting what a damaged config.json built
         log.debug("the forward pass failed", exc_info=True)
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise StoreError(
+        raise UserError(
             f"the model in {store} cannot run ({first[:200]}); its config.json may be damaged, re-run `flashmesh pack`"
         ) from None
     finally:
@@ -254,7 +255,7 @@ def run_command(args: argparse.Namespace) -> int:
     previous = signal.signal(signal.SIGTERM, _interrupt) if main_thread else None
     try:
         return args.func(args)
-    except StoreError as e:
+    except UserError as e:
         one_line = " ".join(line.strip() for line in str(e).splitlines())  # a library's message may span lines
         err.print(f"error: {one_line}", style="red", markup=False, highlight=False, soft_wrap=True)
         return 2

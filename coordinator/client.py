@@ -1,5 +1,5 @@
 """The coordinator's gRPC adapter to one node. Every call carries the cluster token; every failure
-becomes a `NodeError` (a StoreError: one line naming the node and why) whose `kind` tells the
+becomes a `NodeError` (a UserError: one line naming the node and why) whose `kind` tells the
 failover (coordinator.failover) whether a replica can stand in."""
 
 from __future__ import annotations

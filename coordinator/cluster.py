@@ -1,7 +1,7 @@
 """Connecting to nodes: check each one's protocol version and model fingerprint, then place.
 
 Used by `flashmesh run --cluster`, the demo and `flashmesh cluster ...`. Every failure is one line
-(a NodeError / StoreError) naming the node and why.
+(a NodeError / UserError) naming the node and why.
 """
 
 from __future__ import annotations

@@ -15,10 +15,11 @@ from pathlib import Path
 
 import numpy as np
 from flashmesh.coordinator.discovery import NodeAddress
-from flashmesh.node.store_format import Manifest, StoreError
+from flashmesh.node.store_format import Manifest
 from flashmesh.node.tls import TlsIdentity
 from flashmesh.protos import TOKEN_ENV
 from flashmesh.protos import flashmesh_pb2 as pb
+from flashmesh.protos.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +27,7 @@ log = logging.getLogger(__name__)
 def resolve_token(token: str | None) -> str:
     token = token or os.environ.get(TOKEN_ENV)
     if not token:
-        raise StoreError(
+        raise UserError(
             f"the cluster needs its token: pass --token or set {TOKEN_ENV} (each node prints it when it starts)"
         )
     return token
@@ -142,6 +143,6 @@ def _stats_or(node, fallback: pb.NodeStats) -> pb.NodeStats:
     """A node's statistics, or `fallback` (no change) when it went away during the run."""
     try:
         return node.client.stats(timeout=2.0)
-    except StoreError as e:
+    except UserError as e:
         log.warning("no statistics from %s: %s", node.client.label, e)
         return fallback

@@ -8,9 +8,9 @@ from flashmesh.coordinator.client import NodeClient, NodeError
 from flashmesh.coordinator.cluster import identity_problem
 from flashmesh.coordinator.discovery import NodeAddress
 from flashmesh.coordinator.placement import LayerShape, NodeCapacity, place
-from flashmesh.node.cache import format_bytes
-from flashmesh.node.store_format import StoreError
 from flashmesh.protos import flashmesh_pb2 as pb
+from flashmesh.protos.errors import UserError
+from flashmesh.protos.sizes import format_bytes
 from rich.table import Table
 
 
@@ -82,7 +82,7 @@ def add_assignment(rows: list[dict]) -> None:
         ]
         try:
             placement = place(layers, capacities)
-        except StoreError as e:
+        except UserError as e:
             for row in group:
                 row["experts_assigned"] = None
                 row["placement_error"] = str(e)

@@ -6,14 +6,14 @@ right model is checked over the protocol (coordinator.client / coordinator.engin
 from __future__ import annotations
 
 import logging
-import socket
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from flashmesh.node.store_format import StoreError
+from flashmesh.node.advertise import check_interfaces
 from flashmesh.protos import SERVICE_TYPE
+from flashmesh.protos.errors import UserError
 from zeroconf import IPVersion, ServiceBrowser, ServiceListener, Zeroconf
 
 log = logging.getLogger(__name__)
@@ -45,7 +45,7 @@ def parse_address(text: str) -> NodeAddress:
     host, sep, port = rest.rpartition(":")
     host = host.strip("[]")
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise StoreError(
+        raise UserError(
             f"cannot read node address {text!r}; write it as HOST:PORT or NAME@HOST:PORT, e.g. 192.168.1.20:50051"
         )
     return NodeAddress(host=host, port=int(port), name=name)
@@ -137,11 +137,7 @@ def discover(
     """Static addresses first, then zeroconf on `interfaces` (none given: no multicast at all)."""
     nodes = [parse_address(a) for a in static or []]
     if interfaces:
-        for a in interfaces:
-            try:
-                socket.inet_aton(a)
-            except OSError:
-                raise StoreError(f"--interfaces takes IPv4 addresses such as 127.0.0.1, not {a!r}") from None
+        check_interfaces(interfaces)
         want = None if expect is None else max(0, expect - len(nodes))
         if want != 0:
             seen = {(n.host, n.port) for n in nodes}

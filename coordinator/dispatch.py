@@ -2,7 +2,9 @@
 
 `ExpertDispatch` has SwitchGLU's call signature, (x [..., D], indices [..., k]) -> [..., k, D],
 and hands the work to an `ExpertBackend`: in-process (node.compute.LocalExperts) or remote nodes.
-Routing, score weighting and shared experts stay in mlx-lm's own MoE block, untouched.
+Routing, score weighting and shared experts stay in mlx-lm's own MoE block, untouched. Which
+modules are swapped is the store manifest's list (found by `pack`, node/expert_banks.py); a list
+of per-expert modules (dbrx) gets coordinator/list_dispatch.py instead.
 """
 
 from __future__ import annotations
@@ -13,7 +15,10 @@ from typing import Protocol
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
-from flashmesh.node.experts import find_expert_modules, layer_index
+from flashmesh.coordinator.list_dispatch import expert_lists, install_list_dispatch
+from flashmesh.node.expert_banks import set_submodule, submodule
+from flashmesh.node.experts import bank_template
+from flashmesh.node.store_format import LayerSpec
 
 
 class ExpertBackend(Protocol):
@@ -46,10 +51,10 @@ class Lookahead:
 
 
 class ExpertDispatch(nn.Module):
-    def __init__(self, layer: int, backend: ExpertBackend) -> None:
+    def __init__(self, layer: int, backend: ExpertBackend | None = None) -> None:
         super().__init__()
         self.layer = layer
-        self.backend = backend
+        self.backend = backend  # bound by bind_backend when the backend is made
         self.lookahead: Lookahead | None = None
 
     def __call__(self, x: mx.array, indices: mx.array) -> mx.array:
@@ -62,21 +67,6 @@ class ExpertDispatch(nn.Module):
         return y.reshape(*lead, k, d)
 
 
-def _set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
-    parts = path.split(".")
-    parent = root
-    for part in parts[:-1]:
-        parent = parent[int(part)] if part.isdigit() else parent[part]
-    parent[parts[-1]] = module
-
-
-def _get_submodule(root: nn.Module, path: str) -> nn.Module:
-    node = root
-    for part in path.split("."):
-        node = node[int(part)] if part.isdigit() else node[part]
-    return node
-
-
 def _router_of(block: nn.Module) -> nn.Module | None:
     """The router of an MoE block (mlx-lm names it `gate` or `router`), if it has one."""
     for name in ("gate", "router"):
@@ -86,37 +76,49 @@ def _router_of(block: nn.Module) -> nn.Module | None:
     return None
 
 
-def install_dispatch(model: nn.Module, backend: ExpertBackend, *, lookahead: bool = False) -> dict[int, nn.Module]:
-    """Replace every routed-expert module with an ExpertDispatch; return layer -> the module replaced.
+def install_dispatch(model: nn.Module, layers: list[LayerSpec]) -> dict[int, nn.Module]:
+    """Swap every routed-expert bank the store's manifest names (`layers`) for a dispatch; return
+    layer -> the module computing that layer's experts (node.experts.bank_template), taken out of
+    the model. Bind a backend with bind_backend before running the model."""
+    replaced = {}
+    for spec in layers:
+        replaced[spec.layer] = bank_template(model, spec)
+        if spec.kind == "list":
+            install_list_dispatch(model, spec.module, spec.layer)
+        else:
+            set_submodule(model, spec.module, ExpertDispatch(spec.layer))
+    return replaced
+
+
+def bind_backend(model: nn.Module, backend: ExpertBackend, *, lookahead: bool = False) -> int:
+    """Point every dispatch of `model` at `backend`; return how many there are.
 
     lookahead: each dispatch predicts the next MoE layer's experts with that layer's router and
     hints them to the backend (used by backends that have `hint`, i.e. the in-process one). Off by
     default: measured a net loss (0.72-0.79x decode tok/s) on the CPU-bound reference VM, where it
     covers ~57% of misses but reads 0.6-1.2 wasted experts per useful one (docs/benchmarks.md).
     Turn it on with set_lookahead(model, enabled=True) where flash, not compute, is the limit."""
-    replaced = {}
-    paths = {}
-    for path, module in find_expert_modules(model).items():
-        layer = layer_index(path)
-        _set_submodule(model, path, ExpertDispatch(layer, backend))
-        replaced[layer] = module
-        paths[layer] = path
-    set_lookahead(model, enabled=lookahead, _paths=paths)
-    return replaced
+    dispatches = [m for m in model.modules() if isinstance(m, ExpertDispatch)]
+    lists = expert_lists(model)
+    for d in (*dispatches, *lists):
+        d.backend = backend
+    set_lookahead(model, enabled=lookahead)
+    return len(dispatches) + len(lists)
 
 
-def set_lookahead(model: nn.Module, *, enabled: bool, _paths: dict[int, str] | None = None) -> int:
-    """Turn router lookahead on or off for every dispatch in `model`; return how many predict."""
-    if _paths is None:
-        _paths = {m.layer: p for p, m in model.named_modules() if isinstance(m, ExpertDispatch)}
+def set_lookahead(model: nn.Module, *, enabled: bool) -> int:
+    """Turn router lookahead on or off for every switch dispatch in `model`; return how many predict."""
+    _paths = {m.layer: p for p, m in model.named_modules() if isinstance(m, ExpertDispatch)}
     layers = sorted(_paths)
+    if not layers:
+        return 0
     count = 0
     for here, following in zip(layers, layers[1:] + [None], strict=True):
-        dispatch = _get_submodule(model, _paths[here])
+        dispatch = submodule(model, _paths[here])
         dispatch.lookahead = None
         if not enabled or following is None:
             continue
-        router = _router_of(_get_submodule(model, _paths[following].rsplit(".", 1)[0]))
+        router = _router_of(submodule(model, _paths[following].rsplit(".", 1)[0]))
         if router is not None:
             dispatch.lookahead = Lookahead(following, router)
             count += 1

@@ -12,13 +12,15 @@ from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
-from flashmesh.coordinator.dispatch import ExpertBackend, install_dispatch
+from flashmesh.coordinator.dispatch import ExpertBackend, bind_backend, install_dispatch
 from flashmesh.node.cache import ExpertCache
 from flashmesh.node.compute import LocalExperts
-from flashmesh.node.experts import find_expert_modules, layer_index, load_lazy
-from flashmesh.node.store_format import Manifest, StoreError
+from flashmesh.node.experts import load_lazy
+from flashmesh.node.store_check import dense_keys, dense_mismatch
+from flashmesh.node.store_format import Manifest
 from flashmesh.node.store_reader import ExpertStore
 from flashmesh.node.tls import TlsIdentity
+from flashmesh.protos.errors import UserError
 from mlx.utils import tree_flatten
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 from mlx_lm.utils import load_tokenizer
@@ -43,44 +45,26 @@ class StreamingModel:
             self.store.close()
 
 
-def _dense_keys(store_path: Path, manifest: Manifest) -> set[str]:
-    keys: set[str] = set()
-    for name in manifest.dense_files:
-        path = store_path / name
-        if not path.is_file():
-            raise StoreError(f"{path} is missing; the store's dense weights are incomplete, re-run `flashmesh pack`")
-        try:
-            keys.update(mx.load(str(path)).keys())
-        except (RuntimeError, ValueError) as e:
-            raise StoreError(f"{path} cannot be read ({e}); re-run `flashmesh pack`") from None
-    return keys
-
-
 def load_dense_model(store_path: Path) -> tuple[nn.Module, Manifest, dict[int, nn.Module]]:
-    """mlx-lm's model for the store with dense weights loaded; return it, the manifest and the
-    routed-expert modules (by layer) still in place, to be swapped for a dispatch."""
+    """mlx-lm's model for the store with dense weights loaded and every routed-expert bank the
+    manifest names swapped for a dispatch (no backend yet: `attach` binds one); return it, the
+    manifest and layer -> the module that computes that layer's experts."""
     store_path = Path(store_path)
     manifest = Manifest.load(store_path)
     model, _ = load_lazy(store_path, strict=False)
-    experts = {layer_index(p): m for p, m in find_expert_modules(model).items()}
-    if sorted(experts) != sorted(s.layer for s in manifest.layers):
-        raise StoreError(
-            f"{store_path}: the manifest's MoE layers do not match the model built from its "
-            "config; the store is from another model, re-run `flashmesh pack`"
-        )
-    expert_paths = tuple(f"{s.module}." for s in manifest.layers)
-    wanted = {k for k, _ in tree_flatten(model.parameters()) if not k.startswith(expert_paths)}
-    missing = sorted(wanted - _dense_keys(store_path, manifest))
+    templates = install_dispatch(model, manifest.layers)
+    wanted = {k for k, _ in tree_flatten(model.parameters())}
+    missing, _ = dense_mismatch(wanted, dense_keys(store_path, manifest))
     if missing:
-        raise StoreError(
+        raise UserError(
             f"{store_path} lacks dense weights ({missing[0]} and {len(missing) - 1} more); re-run `flashmesh pack`"
         )
-    return model, manifest, experts
+    return model, manifest, templates
 
 
 def attach(model: nn.Module, backend: ExpertBackend, *, lookahead: bool = False) -> None:
-    """Swap the routed-expert modules for the dispatch, then read the dense weights."""
-    install_dispatch(model, backend, lookahead=lookahead)
+    """Bind the backend to the model's dispatches, then read the dense weights."""
+    bind_backend(model, backend, lookahead=lookahead)
     mx.eval(model.parameters())
 
 
@@ -90,7 +74,7 @@ def load_store_tokenizer(store_path: Path, manifest: Manifest) -> TokenizerWrapp
     try:
         return load_tokenizer(Path(store_path), eos_token_ids=manifest.config.get("eos_token_id"))
     except (OSError, ValueError, TypeError, KeyError, AttributeError, StrictDataclassError) as e:
-        raise StoreError(
+        raise UserError(
             f"{store_path} has no usable tokenizer ({e}); pack from a directory with tokenizer files"
         ) from None
 
@@ -109,14 +93,14 @@ def open_local(
     store_path = Path(store_path)
     model, manifest, templates = load_dense_model(store_path)
     if manifest.shard is not None:
-        raise StoreError(
+        raise UserError(
             f"{store_path} is a shard ({manifest.shard}); run the full store, or serve shards "
             "as nodes and run with --cluster"
         )
     store = ExpertStore(store_path, page_cache=page_cache, verify=verify, queue_depth=queue_depth)
     try:
         cache = ExpertCache(store, budget_bytes=ram_budget)
-    except StoreError:
+    except UserError:
         store.close()
         raise
     backend = LocalExperts(cache, templates)

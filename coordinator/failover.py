@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 from flashmesh.coordinator.placement import Placement
-from flashmesh.node.store_format import StoreError
+from flashmesh.protos.errors import UserError
 
 Key = tuple[int, int]  # (layer, expert)
 
@@ -29,7 +29,7 @@ UNAVAILABLE, DEADLINE, DATA_LOSS = "unavailable", "deadline", "data_loss"
 FAILOVER_KINDS = frozenset({UNAVAILABLE, DEADLINE, DATA_LOSS})
 
 
-class NodeError(StoreError):
+class NodeError(UserError):
     """A node could not be used: unreachable, refused the token, wrong model, failed a request.
     `kind` says which (see FAILOVER_KINDS); `records` the (layer, expert) records it found damaged."""
 
@@ -39,7 +39,7 @@ class NodeError(StoreError):
         self.records = tuple(records)
 
 
-class ExpertsLost(StoreError):
+class ExpertsLost(UserError):
     """Experts a request needs that no reachable node can compute; names them and the nodes down."""
 
     def __init__(self, message: str, *, lost: dict[int, list[int]], nodes: list[str]) -> None:
@@ -79,7 +79,7 @@ class Deadline:
         self, *, floor: float, initial: float | None = None, factor: float = 10.0, window: int = 256, warmup: int = 8
     ) -> None:
         if floor <= 0:
-            raise StoreError(f"an RPC deadline must be positive, got {floor:g} s")
+            raise UserError(f"an RPC deadline must be positive, got {floor:g} s")
         self.floor = floor
         self.initial = max(floor, initial if initial is not None else 10 * floor)
         self.factor = factor
@@ -115,7 +115,7 @@ class Hedge:
         enabled: bool = True,
     ) -> None:
         if factor <= 0 or floor < 0:
-            raise StoreError(f"a hedge needs a positive factor and a floor >= 0, got {factor:g} and {floor:g} s")
+            raise UserError(f"a hedge needs a positive factor and a floor >= 0, got {factor:g} and {floor:g} s")
         self.factor, self.floor, self.quantile, self.window, self.warmup = factor, floor, quantile, window, warmup
         self.enabled = enabled  # False: never hedge, only deadlines (for comparison)
         self._seconds: dict[tuple[str, int], deque[float]] = {}

@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 import numpy as np
 from flashmesh.coordinator.failover import DATA_LOSS, ExpertsLost, Membership, NodeError, format_lost
-from flashmesh.node.store_format import StoreError
+from flashmesh.protos.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +57,7 @@ class NodeHealth:
         label = self.links[node_id].label
         try:
             info = probe.result()
-        except StoreError as e:
+        except UserError as e:
             self.membership.probe_failed(node_id, str(e))
             return
         if self.fingerprint is not None and info.fingerprint != self.fingerprint:

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
-from flashmesh.node.store_format import StoreError
+from flashmesh.protos.errors import UserError
 
 Key = tuple[int, int]  # (layer, expert)
 
@@ -71,10 +71,10 @@ def _cost(assigned: int, node: NodeCapacity) -> tuple[float, float]:
 def place(layers: Sequence[LayerLike], nodes: Sequence[NodeCapacity]) -> Placement:
     """Map every routed expert of `layers` (the full model's) to one node holding it on flash."""
     if not nodes:
-        raise StoreError("no nodes to place experts on; start `flashmesh node serve` or pass --node HOST:PORT")
+        raise UserError("no nodes to place experts on; start `flashmesh node serve` or pass --node HOST:PORT")
     ids = [n.node_id for n in nodes]
     if len(set(ids)) != len(ids):
-        raise StoreError("two nodes report the same node id; restart one of them")
+        raise UserError("two nodes report the same node id; restart one of them")
     items: list[tuple[int, int, int, list[int]]] = []  # (layer, expert, bytes, holder slots)
     missing: dict[int, list[int]] = {}
     for spec in layers:
@@ -87,7 +87,7 @@ def place(layers: Sequence[LayerLike], nodes: Sequence[NodeCapacity]) -> Placeme
     if missing:
         count = sum(len(v) for v in missing.values())
         layer, experts = next(iter(sorted(missing.items())))
-        raise StoreError(
+        raise UserError(
             f"{count} experts are held by no node found (first: layer {layer} experts {experts[:6]}); "
             "start a node for every shard (`flashmesh shard ... --index I`) or pass its --node"
         )

@@ -38,9 +38,9 @@ from flashmesh.coordinator.failover import (
 from flashmesh.coordinator.links import NodeLink, PendingReply
 from flashmesh.coordinator.node_health import NodeHealth
 from flashmesh.coordinator.placement import Placement
-from flashmesh.node.store_format import StoreError
 from flashmesh.protos import flashmesh_pb2 as pb
 from flashmesh.protos.codec import CodecError, decode, encode, encode_numpy
+from flashmesh.protos.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +83,7 @@ class RemoteExperts:
         `relink(node_id)`: a link to the node at a new address when discovery saw it move (else None)."""
         missing = [n for n in placement.node_ids if n not in links]
         if missing:
-            raise StoreError(f"placement names nodes without a connection: {missing}")
+            raise UserError(f"placement names nodes without a connection: {missing}")
         self.links = dict(links)
         self.placement = placement
         self.fingerprint = fingerprint
@@ -259,9 +259,9 @@ class RemoteExperts:
         try:
             y = decode(reply.y)  # [P, D]
         except CodecError as e:
-            raise StoreError(f"node {label} sent a malformed reply: {e}") from None
+            raise UserError(f"node {label} sent a malformed reply: {e}") from None
         if y.shape != (a.pairs.size, d):
-            raise StoreError(
+            raise UserError(
                 f"node {label} answered layer {layer} with shape {list(y.shape)}, expected {[a.pairs.size, d]}"
             )
         return y

@@ -14,7 +14,7 @@ import mlx.core as mx
 import numpy as np
 from coremltools.converters.mil import Builder as mb
 from flashmesh.mobile_export import mil_ops as ops
-from flashmesh.node.store_format import StoreError
+from flashmesh.protos.errors import UserError
 
 SUPPORTED = ("deepseek_v3", "mixtral", "qwen3_moe")
 
@@ -127,9 +127,9 @@ class DeepseekV3(Arch):
         super().__init__(config, model, ctx=ctx)
         c = config
         if c.get("attention_bias"):
-            raise StoreError("export-ios cannot express deepseek_v3 with attention_bias=true")
+            raise UserError("export-ios cannot express deepseek_v3 with attention_bias=true")
         if c.get("topk_method", "noaux_tc") != "noaux_tc" or c.get("scoring_func", "sigmoid") != "sigmoid":
-            raise StoreError(
+            raise UserError(
                 f"export-ios cannot express deepseek routing {c.get('topk_method')}/{c.get('scoring_func')}"
             )
         self.nh = c["num_attention_heads"]
@@ -196,4 +196,4 @@ def arch_for(config: dict, model, *, ctx: int) -> Arch:
         return Mixtral(config, model, ctx=ctx)
     if model_type == "deepseek_v3":
         return DeepseekV3(config, model, ctx=ctx)
-    raise StoreError(f"export-ios cannot express model_type {model_type!r} (supported: {', '.join(SUPPORTED)})")
+    raise UserError(f"export-ios cannot express model_type {model_type!r} (supported: {', '.join(SUPPORTED)})")

@@ -1,29 +1,21 @@
-"""The iPhone bundle's on-disk format: manifest, expert records, embeddings; and a record reader.
+"""The iPhone bundle as the phone sees it: its limits, and a NumPy reader of its expert records.
 
-A bundle is a directory `NAME.flashmesh-ios`:
-  manifest.json            everything the app needs (see docs/ios.md), with per-section checksums
-  coreml/*.mlpackage       dense segments (multifunction decode/prefill, stateful KV) and the expert kernel
-  experts/layer_XXX.bin    one record per expert, RECORD_ALIGN aligned, laid out as the kernel's inputs
-  embeddings.bin           the token embedding table, fp16 [vocab, hidden], one pread per token row
-  tokenizer files          copied from the store
-
-`BundleExperts` is the reader: one aligned pread per record, checksum verified, tensors as numpy
+The layout of the directory and its manifest are node.bundle_format's (a node serves a bundle's
+records too). `BundleExperts` is the reader: one aligned pread per record, checksum verified, tensors as numpy
 arrays, plus `kernel_inputs` which turns records into the expert kernel's input arrays (CPU
 dequantization for the iOS 18 path). A node serving from a bundle plugs these two in.
 """
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 import numpy as np
-from flashmesh.node.store_format import RECORD_ALIGN, LayerSpec, StoreError, checksum
+from flashmesh.node.bundle_format import PROJ, layer_specs, load_manifest
+from flashmesh.node.store_format import RECORD_ALIGN, LayerSpec, checksum
+from flashmesh.protos.errors import UserError
 
-BUNDLE_FORMAT = 1
-MANIFEST = "manifest.json"
-PROTOCOL_VERSION = 1  # the node protocol the bundle's app speaks (protos/flashmesh.proto, package flashmesh.v1)
 MIN_IOS = {"iOS18": "18.0", "iOS26": "26.0"}
 PACKAGE_LIMIT_BYTES = 1_000_000_000  # each .mlpackage stays under 1 GB
 
@@ -34,40 +26,6 @@ NP_DTYPES = {
     "int8": np.dtype(np.int8),
     "int32": np.dtype(np.int32),
 }
-
-
-def section_checksums(manifest: dict) -> dict[str, str]:
-    """One checksum per top-level manifest section, so an edit is reported by section name."""
-    return {
-        k: checksum(json.dumps(v, sort_keys=True).encode()) for k, v in manifest.items() if k != "section_checksums"
-    }
-
-
-def save_manifest(directory: Path, manifest: dict) -> None:
-    manifest = {**manifest, "section_checksums": section_checksums(manifest)}
-    tmp = directory / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=1))
-    os.replace(tmp, directory / MANIFEST)
-
-
-def load_manifest(directory: Path) -> dict:
-    path = Path(directory) / MANIFEST
-    if not path.is_file():
-        raise StoreError(
-            f"{directory} is not a flashmesh iOS bundle (no {MANIFEST}); create one with `flashmesh export-ios`"
-        )
-    try:
-        manifest = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise StoreError(f"{path} is not valid JSON ({e}); re-export the bundle") from None
-    if not isinstance(manifest, dict) or manifest.get("bundle_format") != BUNDLE_FORMAT:
-        got = manifest.get("bundle_format") if isinstance(manifest, dict) else None
-        raise StoreError(f"{path}: bundle format {got}, this flashmesh reads {BUNDLE_FORMAT}; re-export the bundle")
-    return manifest
-
-
-def layer_specs(manifest: dict) -> dict[int, LayerSpec]:
-    return {d["layer"]: LayerSpec.from_json(d) for d in manifest["layers"]}
 
 
 def tensors_from_record(buf, spec: LayerSpec) -> dict[str, np.ndarray]:
@@ -111,9 +69,9 @@ class BundleExperts:
         spec = self.specs[layer]
         data = os.pread(self._fds[layer], spec.record_size, spec.record_offset(expert))
         if len(data) != spec.record_size:
-            raise StoreError(f"{self.path / spec.file}: layer {layer} expert {expert} record is truncated")
+            raise UserError(f"{self.path / spec.file}: layer {layer} expert {expert} record is truncated")
         if self.verify and checksum(data) != spec.record_checksum(expert):
-            raise StoreError(f"{self.path / spec.file}: layer {layer} expert {expert} record checksum mismatch")
+            raise UserError(f"{self.path / spec.file}: layer {layer} expert {expert} record checksum mismatch")
         return data
 
     def read(self, layer: int, expert: int) -> dict[str, np.ndarray]:
@@ -137,7 +95,6 @@ class BundleExperts:
         self.close()
 
 
-PROJ = ("gate_proj", "up_proj", "down_proj")
 KERNEL_NAMES = {"gate_proj": "gate", "up_proj": "up", "down_proj": "down"}
 
 
@@ -165,10 +122,10 @@ def stack_kernel_inputs(records: list[dict[str, np.ndarray]], quantization: dict
             out[f"{name}_scales"] = np.stack([r[f"{proj}.scales"] for r in records])
             out[f"{name}_biases"] = np.stack([r[f"{proj}.biases"] for r in records])
         else:
-            raise StoreError(f"bundle expert input mode {mode!r} is unknown; re-export the bundle")
+            raise UserError(f"bundle expert input mode {mode!r} is unknown; re-export the bundle")
     return out
 
 
 def check_aligned(spec: LayerSpec) -> None:
     if spec.record_size % RECORD_ALIGN:
-        raise StoreError(f"layer {spec.layer}: record size {spec.record_size} is not {RECORD_ALIGN}-aligned")
+        raise UserError(f"layer {spec.layer}: record size {spec.record_size} is not {RECORD_ALIGN}-aligned")

@@ -8,7 +8,10 @@ import sys
 import time
 from pathlib import Path
 
-from flashmesh.node.store_format import StoreError
+from flashmesh.protos.errors import UserError
+from rich.console import Console
+
+err = Console(stderr=True)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -63,8 +66,6 @@ def cmd_export_ios(args) -> int:
     if args.json:
         print(json.dumps(summary))
     else:
-        from flashmesh.coordinator.cli import err
-
         err.print(
             f"wrote {summary['bundle']} ({summary['bytes'] / 1e6:.1f} MB, {len(summary['packages'])} packages) in "
             f"{summary['seconds']} s; experts reach the kernel as {summary['expert_input']}, "
@@ -77,13 +78,11 @@ def cmd_verify_bundle(args) -> int:
     from flashmesh.mobile_export.verify import verify_bundle
 
     if not args.bundle.is_dir():
-        raise StoreError(f"{args.bundle} is not a directory; give the bundle written by `flashmesh export-ios`")
+        raise UserError(f"{args.bundle} is not a directory; give the bundle written by `flashmesh export-ios`")
     report = verify_bundle(args.bundle, store=args.store)
     if args.json:
         print(json.dumps(report.to_json()))
     else:
-        from flashmesh.coordinator.cli import err
-
         for what, n in report.checks.items():
             err.print(f"ok  {n:6d}  {what}", highlight=False)
         for e in report.errors:

@@ -10,13 +10,16 @@ from pathlib import Path
 import numpy as np
 from flashmesh.mobile_export import programs
 from flashmesh.mobile_export.arch import SUPPORTED, arch_for
-from flashmesh.mobile_export.bundle_format import BUNDLE_FORMAT, MIN_IOS, PROTOCOL_VERSION, save_manifest
+from flashmesh.mobile_export.bundle_format import MIN_IOS
 from flashmesh.mobile_export.mil_ops import WeightRegistry
 from flashmesh.mobile_export.records import INT8_OFFSET, bytes_per_token, expert_input_mode, write_expert_layers
 from flashmesh.mobile_export.weights import DenseWeights
+from flashmesh.node.bundle_format import BUNDLE_FORMAT, save_manifest
 from flashmesh.node.experts import load_lazy
-from flashmesh.node.store_format import Manifest, StoreError, checksum, staged_directory
+from flashmesh.node.store_format import Manifest, checksum, staged_directory
 from flashmesh.node.store_writer import TOKENIZER_FILES
+from flashmesh.protos import PROTOCOL_VERSION
+from flashmesh.protos.errors import UserError
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 log = logging.getLogger(__name__)
@@ -32,7 +35,7 @@ def expert_quantization(manifest: Manifest) -> dict | None:
     q = {**q, **(q.get(f"{spec.module}.gate_proj") or {})}
     mode, bits = q.get("mode", "affine"), q.get("bits")
     if mode != "affine" or bits not in (2, 4, 8):
-        raise StoreError(
+        raise UserError(
             f"export-ios cannot express {mode} {bits}-bit experts (supported: unquantized, affine 2/4/8-bit)"
         )
     return {"mode": mode, "bits": bits, "group_size": q["group_size"]}
@@ -46,7 +49,7 @@ def package_files(package: Path) -> dict[str, str]:
 def check_supported(manifest: Manifest) -> None:
     model_type = manifest.config.get("model_type")
     if model_type not in SUPPORTED:
-        raise StoreError(f"export-ios cannot express model_type {model_type!r} (supported: {', '.join(SUPPORTED)})")
+        raise UserError(f"export-ios cannot express model_type {model_type!r} (supported: {', '.join(SUPPORTED)})")
     expert_quantization(manifest)
 
 
@@ -64,11 +67,11 @@ def export_ios(
     """Write the bundle; return its manifest."""
     store, out = Path(store), Path(out)
     if target not in programs.TARGETS:
-        raise StoreError(f"--target {target} is unknown (choose iOS18 or iOS26)")
+        raise UserError(f"--target {target} is unknown (choose iOS18 or iOS26)")
     if out.exists() and not force:
-        raise StoreError(f"{out} already exists; remove it or pass --force")
+        raise UserError(f"{out} already exists; remove it or pass --force")
     if not 1 <= prefill <= context:
-        raise StoreError(f"--prefill {prefill} must be between 1 and --context {context}")
+        raise UserError(f"--prefill {prefill} must be between 1 and --context {context}")
     manifest = Manifest.load(store)
     check_supported(manifest)
     start = time.perf_counter()
@@ -230,7 +233,7 @@ def _write_kernel(tmp: Path, manifest: Manifest, quant: dict | None, *, target: 
     shapes = {t.name: t.shape for t in manifest.layers[0].tensors}
     inter, hidden = shapes["gate_proj.weight"][0], manifest.config["hidden_size"]  # gate [I, H] (or packed)
     if "down_proj.weight" in shapes and shapes["down_proj.weight"][0] != hidden:
-        raise StoreError(
+        raise UserError(
             f"export-ios: expert down_proj has shape {shapes['down_proj.weight']}, expected [{hidden}, ...]"
         )
     kq = None if quant is None else {**quant, "offset": INT8_OFFSET.get(quant["bits"], 0)}

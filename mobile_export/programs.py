@@ -24,7 +24,7 @@ from coremltools.converters.mil.mil.passes import pass_pipeline as _pass_pipelin
 from flashmesh.mobile_export import mil_ops as ops
 from flashmesh.mobile_export.arch import Arch
 from flashmesh.mobile_export.bundle_format import PACKAGE_LIMIT_BYTES
-from flashmesh.node.store_format import StoreError
+from flashmesh.protos.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -162,7 +162,7 @@ def group_segments(segments: list[Segment], chunks: int | None) -> list[list[Seg
     """Contiguous groups of segments, each under the package limit; `chunks` fixes their number."""
     for s in segments:
         if s.weight_bytes >= PACKAGE_LIMIT_BYTES:
-            raise StoreError(
+            raise UserError(
                 f"segment {s.index} (layers {s.layers}) holds {s.weight_bytes / 1e9:.2f} GB of weights, over the "
                 "1 GB package limit; export-ios cannot split one segment yet"
             )
@@ -176,7 +176,7 @@ def group_segments(segments: list[Segment], chunks: int | None) -> list[list[Seg
             size += s.weight_bytes
         return groups
     if not 1 <= chunks <= len(segments):
-        raise StoreError(f"--chunks {chunks}: this model has {len(segments)} dense segments; pick 1..{len(segments)}")
+        raise UserError(f"--chunks {chunks}: this model has {len(segments)} dense segments; pick 1..{len(segments)}")
     per, extra = divmod(len(segments), chunks)  # contiguous, equal counts (segments are alike in size)
     groups, start = [], 0
     for j in range(chunks):
@@ -185,7 +185,7 @@ def group_segments(segments: list[Segment], chunks: int | None) -> list[list[Seg
         start += n
     for j, g in enumerate(groups):
         if sum(s.weight_bytes for s in g) >= PACKAGE_LIMIT_BYTES:
-            raise StoreError(f"--chunks {chunks} puts over 1 GB of weights in package {j}; use more chunks")
+            raise UserError(f"--chunks {chunks} puts over 1 GB of weights in package {j}; use more chunks")
     return groups
 
 

@@ -14,9 +14,11 @@ import os
 from pathlib import Path
 
 import numpy as np
-from flashmesh.mobile_export.bundle_format import PROJ, unpack_affine
-from flashmesh.node.store_format import LayerSpec, Manifest, StoreError, checksum, layout_record
+from flashmesh.mobile_export.bundle_format import unpack_affine
+from flashmesh.node.bundle_format import PROJ
+from flashmesh.node.store_format import LayerSpec, Manifest, checksum, layout_record
 from flashmesh.node.store_reader import ExpertStore
+from flashmesh.protos.errors import UserError
 
 INT8_OFFSET = {8: 128}  # 8-bit values 0..255 are stored as q - 128; smaller widths fit int8 as they are
 
@@ -47,7 +49,7 @@ def convert_record(raw: bytes, spec: LayerSpec, *, mode: str, bits: int | None) 
     }
     if set(arrays) != expected:
         extra = sorted(set(arrays) ^ expected)
-        raise StoreError(
+        raise UserError(
             f"export-ios cannot express expert tensors {extra} of layer {spec.layer} (expects {sorted(expected)})"
         )
     out = {}
@@ -82,10 +84,13 @@ def write_expert_layers(
     with ExpertStore(store_path, page_cache=True) as store:
         for src in manifest.layers:
             if manifest.shard is not None or len(src.experts) != src.num_experts:
-                raise StoreError("export-ios needs a full store, not a shard; export from the full store")
+                raise UserError("export-ios needs a full store, not a shard; export from the full store")
             first = convert_record(store.read_raw(src.layer, src.experts[0]), src, mode=mode, bits=bits)
             tensors, record_size = record_layout(first)
-            spec = LayerSpec(src.layer, src.module, src.num_experts, record_size, tensors, list(src.experts), [])
+            spec = LayerSpec(
+                src.layer, src.module, src.num_experts, record_size, tensors, list(src.experts), [],
+                top_k=src.top_k, kind=src.kind, input_dim=src.input_dim,
+            )  # fmt: skip
             fd = os.open(out / spec.file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
             try:
                 for i, e in enumerate(src.experts):

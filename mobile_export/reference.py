@@ -13,9 +13,10 @@ from pathlib import Path
 
 import numpy as np
 from coremltools.converters.mil.mil import types
-from flashmesh.mobile_export.bundle_format import BundleExperts, load_manifest
+from flashmesh.mobile_export.bundle_format import BundleExperts
 from flashmesh.mobile_export.saved import load_saved_program
-from flashmesh.node.store_format import StoreError
+from flashmesh.node.bundle_format import load_manifest
+from flashmesh.protos.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -130,7 +131,7 @@ class Interpreter:
                 out = OPS[op.op_type](**args)
                 results = list(out) if isinstance(out, tuple) else [out]
             else:
-                raise StoreError(f"{self.package}: the reference executor has no op {op.op_type!r}")
+                raise UserError(f"{self.package}: the reference executor has no op {op.op_type!r}")
             for var, res in zip(op.outputs, results, strict=True):
                 env[var.name] = np.asarray(res).astype(types.nptype_from_builtin(var.dtype))
         return {v.name: env[v.name] for v in func.outputs}
@@ -163,7 +164,7 @@ class ReferenceRunner:
     def forward(self, tokens: list[int]) -> np.ndarray:
         """Feed tokens at the current position; return logits [len(tokens), V] (float32)."""
         if self.pos + len(tokens) > self.ctx:
-            raise StoreError(f"context of {self.ctx} tokens is full")
+            raise UserError(f"context of {self.ctx} tokens is full")
         if len(tokens) == 1:
             return self._call(tokens, "decode", 1)
         out = []
@@ -175,7 +176,7 @@ class ReferenceRunner:
     def _call(self, tokens: list[int], mode: str, t: int) -> np.ndarray:
         n = len(tokens)
         if self.pos + t > self.ctx:
-            raise StoreError(f"a {mode} call of {t} tokens at position {self.pos} passes the context of {self.ctx}")
+            raise UserError(f"a {mode} call of {t} tokens at position {self.pos} passes the context of {self.ctx}")
         ids = np.array(tokens + [0] * (t - n))
         positions = (self.pos + np.arange(t)).astype(np.int32)  # [T]
         mask = np.where(np.arange(self.ctx)[None, :] <= positions[:, None], 0.0, -np.inf)

@@ -7,7 +7,7 @@ from pathlib import Path
 import coremltools as ct
 from coremltools.converters.mil.frontend.milproto.load import load as load_milproto
 from coremltools.converters.mil.mil import Program
-from flashmesh.node.store_format import StoreError
+from flashmesh.protos.errors import UserError
 
 
 def load_saved_program(package: Path) -> Program:
@@ -22,11 +22,11 @@ def load_saved_program(package: Path) -> Program:
             else package / "Data/com.apple.CoreML/weights"
         )
         return load_milproto(spec, spec.specificationVersion, file_weights_dir=str(weights))
-    except StoreError:
+    except UserError:
         raise
     except Exception as e:  # protobuf / blob errors come in many types; all mean "cannot be read"
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise StoreError(f"{package} cannot be reloaded by coremltools: {first}") from None
+        raise UserError(f"{package} cannot be reloaded by coremltools: {first}") from None
 
 
 def consts(program: Program) -> dict[str, object]:

@@ -13,10 +13,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from flashmesh.mobile_export.bundle_format import MANIFEST, check_aligned, layer_specs, load_manifest, section_checksums
+from flashmesh.mobile_export.bundle_format import check_aligned
 from flashmesh.mobile_export.records import convert_record, record_bytes
 from flashmesh.mobile_export.saved import consts, load_saved_program
-from flashmesh.node.store_format import RECORD_ALIGN, Manifest, StoreError, checksum
+from flashmesh.node.bundle_format import MANIFEST, layer_specs, load_manifest, section_checksums
+from flashmesh.node.store_format import RECORD_ALIGN, Manifest, checksum
+from flashmesh.protos.errors import UserError
 
 
 @dataclass
@@ -41,7 +43,7 @@ def verify_bundle(bundle: Path, *, store: Path | None = None) -> Report:
     report = Report(str(bundle))
     try:
         manifest = load_manifest(bundle)
-    except StoreError as e:
+    except UserError as e:
         report.errors.append(str(e))
         return report
     stored = manifest.get("section_checksums", {})
@@ -80,7 +82,7 @@ def _check_records(bundle: Path, manifest: dict, report: Report, store, source) 
             path = bundle / spec.file
             try:
                 check_aligned(spec)
-            except StoreError as e:
+            except UserError as e:
                 report.errors.append(f"{spec.file}: {e}")
                 continue
             if not path.is_file():

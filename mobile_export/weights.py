@@ -6,7 +6,8 @@ from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
-from flashmesh.node.store_format import Manifest, StoreError
+from flashmesh.node.store_format import Manifest
+from flashmesh.protos.errors import UserError
 
 
 class DenseWeights:
@@ -20,7 +21,7 @@ class DenseWeights:
             try:
                 self._arrays.update(mx.load(str(self.store / name)))
             except (RuntimeError, ValueError, OSError) as e:
-                raise StoreError(f"{self.store / name} cannot be read ({e}); re-run `flashmesh pack`") from None
+                raise UserError(f"{self.store / name} cannot be read ({e}); re-run `flashmesh pack`") from None
 
     def __contains__(self, key: str) -> bool:
         return key in self._arrays
@@ -36,13 +37,13 @@ class DenseWeights:
 
     def get(self, key: str) -> np.ndarray:
         if key not in self._arrays:
-            raise StoreError(f"the store has no dense weight {key}; re-run `flashmesh pack`")
+            raise UserError(f"the store has no dense weight {key}; re-run `flashmesh pack`")
         a = self._arrays[key]
         module = key.rsplit(".", 1)[0]
         if key.endswith(".weight") and f"{module}.scales" in self._arrays:
             q = self._quant_of(module)
             if q.get("mode", "affine") != "affine":
-                raise StoreError(f"export-ios cannot express {q.get('mode')} quantization (dense weight {key})")
+                raise UserError(f"export-ios cannot express {q.get('mode')} quantization (dense weight {key})")
             a = mx.dequantize(
                 a,
                 self._arrays[f"{module}.scales"],

@@ -10,7 +10,17 @@ from __future__ import annotations
 import socket
 
 from flashmesh.protos import PROTOCOL_VERSION, SERVICE_TYPE
+from flashmesh.protos.errors import UserError
 from zeroconf import IPVersion, ServiceInfo, Zeroconf
+
+
+def check_interfaces(interfaces: list[str]) -> None:
+    """Zeroconf binds to interfaces by IPv4 address: refuse anything else in one line."""
+    for a in interfaces:
+        try:
+            socket.inet_aton(a)
+        except OSError:
+            raise UserError(f"--interfaces takes IPv4 addresses such as 127.0.0.1, not {a!r}") from None
 
 
 def instance_name(name: str, node_id: str) -> str:

@@ -18,28 +18,20 @@ store the bundle was exported from accepts it like any node of that store.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
-from flashmesh.mobile_export.bundle_format import PROJ, layer_specs, load_manifest, section_checksums
+from flashmesh.node.bundle_format import PROJ, layer_specs, load_manifest, section_checksums
 from flashmesh.node.experts import expert_templates_from_config
 from flashmesh.node.shard import shard_experts
-from flashmesh.node.store_format import LayerSpec, Manifest, StoreError, layout_record
+from flashmesh.node.store_format import LayerSpec, Manifest, layout_record
 from flashmesh.node.store_reader import ExpertStore
 from flashmesh.protos import PROTOCOL_VERSION
+from flashmesh.protos.errors import UserError
 
 COMPUTE_DTYPE = "float32"  # what MLX's CPU gather_mm / gather_qmm take alongside float32 activations
-
-
-def is_bundle(path: Path) -> bool:
-    """A directory written by `flashmesh export-ios` (its manifest names a bundle format)."""
-    try:
-        return "bundle_format" in json.loads((Path(path) / "manifest.json").read_text())
-    except (OSError, ValueError):
-        return False
 
 
 def pack_affine(q: mx.array, bits: int) -> mx.array:
@@ -70,16 +62,16 @@ class BundleExpertSource(ExpertStore):
         if shard is not None:
             count, index, replicas = shard["count"], shard["index"], shard.get("replicas", 1)
             if count < 1 or not 0 <= index < count or not 1 <= replicas <= count:
-                raise StoreError(f"shard {index} of {count} with {replicas} replicas: need 0 <= index < count, "
+                raise UserError(f"shard {index} of {count} with {replicas} replicas: need 0 <= index < count, "
                                  "1 <= replicas <= count")  # fmt: skip
             shard = {"index": index, "count": count, "replicas": replicas}
         self.bundle_manifest = load_manifest(bundle)
         stored = self.bundle_manifest.get("section_checksums", {})
         edited = [k for k, v in section_checksums(self.bundle_manifest).items() if stored.get(k) != v]
         if edited:
-            raise StoreError(f"{bundle}/manifest.json: section {edited[0]!r} was edited; re-export the bundle")
+            raise UserError(f"{bundle}/manifest.json: section {edited[0]!r} was edited; re-export the bundle")
         if self.bundle_manifest["protocol_version"] != PROTOCOL_VERSION:
-            raise StoreError(
+            raise UserError(
                 f"{bundle} speaks node protocol {self.bundle_manifest['protocol_version']}, this flashmesh "
                 f"{PROTOCOL_VERSION}; re-export the bundle with this flashmesh"
             )
@@ -94,9 +86,7 @@ class BundleExpertSource(ExpertStore):
             expected = len(spec.experts) * spec.record_size
             if not path.is_file() or path.stat().st_size < expected:
                 got = path.stat().st_size if path.is_file() else "missing"
-                raise StoreError(
-                    f"{path}: {got} of {expected} bytes; the bundle is incomplete, re-copy or re-export it"
-                )
+                raise UserError(f"{path}: {got} of {expected} bytes; the bundle is incomplete, re-copy or re-export it")
         layers = [self._ram_spec(s, shard) for s in sorted(records.values(), key=lambda s: s.layer)]
         manifest = Manifest(
             config=self.bundle_manifest["config"],
@@ -134,7 +124,8 @@ class BundleExpertSource(ExpertStore):
             experts = [e for e in record.experts if e in wanted]
         return LayerSpec(
             record.layer, record.module, record.num_experts, record.record_size, tensors, experts,
-            [record.record_checksum(e) for e in experts], record.file,
+            [record.record_checksum(e) for e in experts], record.file, top_k=record.top_k, kind=record.kind,
+            input_dim=record.input_dim,
         )  # fmt: skip
 
     def _arrays(self, raw: mx.array, skew: int, spec: LayerSpec) -> dict[str, mx.array]:
@@ -152,13 +143,13 @@ class BundleExpertSource(ExpertStore):
     def templates(self) -> dict[int, nn.Module]:
         quantized = self.expert_input != "float16"
         templates = expert_templates_from_config(
-            self.manifest.config, quantization=self.quantization if quantized else None
+            self.manifest.config, self.manifest.layers, quantization=self.quantization if quantized else None
         )
         missing = sorted(set(self._layers) - set(templates))
         if missing:
-            raise StoreError(f"{self.path}: MoE layers {missing} have no routed-expert module in the model config")
+            raise UserError(f"{self.path}: MoE layers {missing} have no routed-expert module in the model config")
         names = {f"{p}.{s}" for p in PROJ for s in (("weight", "scales", "biases") if quantized else ("weight",))}
         for spec in self._specs.values():
             if {t.name for t in spec.tensors} != names:
-                raise StoreError(f"{self.path}: layer {spec.layer} records hold {[t.name for t in spec.tensors]}")
+                raise UserError(f"{self.path}: layer {spec.layer} records hold {[t.name for t in spec.tensors]}")
         return templates

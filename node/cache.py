@@ -24,7 +24,6 @@ uses the slabs in place. Records are read into transient buffers and copied into
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -32,8 +31,10 @@ from dataclasses import dataclass
 import mlx.core as mx
 import numpy as np
 from flashmesh.node.slab import Slab, signature
-from flashmesh.node.store_format import Manifest, StoreError
+from flashmesh.node.store_format import Manifest
 from flashmesh.node.store_reader import ExpertStore, PendingRead
+from flashmesh.protos.errors import UserError
+from flashmesh.protos.sizes import format_bytes
 
 log = logging.getLogger(__name__)
 
@@ -83,12 +84,12 @@ class ExpertCache:
     ) -> None:
         minimum = store.manifest.min_budget_bytes
         if budget_bytes < minimum:
-            raise StoreError(
+            raise UserError(
                 f"RAM budget {format_bytes(budget_bytes)} is below this model's minimum "
                 f"{format_bytes(minimum)} (the top-k experts of one layer); pass --ram-budget {minimum} or more"
             )
         if policy not in POLICIES:
-            raise StoreError(f"unknown cache policy {policy!r}; pick one of {', '.join(POLICIES)}")
+            raise UserError(f"unknown cache policy {policy!r}; pick one of {', '.join(POLICIES)}")
         self.store = store
         self.budget_bytes = budget_bytes
         self.policy = policy
@@ -184,7 +185,7 @@ class ExpertCache:
         slots = {e: self._reserved.pop((layer, e)) for e in pending.experts}
         try:
             fetched = pending.result()
-        except StoreError as e:
+        except UserError as e:
             # A read-ahead is a hint: drop the whole batch and give its room back; a corrupt record
             # is reported by the acquire that really needs it, to the request that asked for it.
             log.warning("read-ahead of layer %d dropped: %s", layer, e)
@@ -347,54 +348,9 @@ def _make_slabs(manifest: Manifest, budget_bytes: int) -> dict[int, Slab]:
     needed = sum(max(n, manifest.top_k) * groups[sig][0].payload_bytes for sig, n in slots.items())
     if needed > budget_bytes:
         minimum = sum(manifest.top_k * specs[0].payload_bytes for specs in groups.values())
-        raise StoreError(
+        raise UserError(
             f"RAM budget {format_bytes(budget_bytes)} is below this model's minimum {format_bytes(minimum)} "
             f"(the top-k experts of one layer of each expert shape); pass --ram-budget {minimum} or more"
         )
     slabs = {sig: Slab(specs[0], slots=slots[sig], experts=held[sig]) for sig, specs in groups.items()}
     return {spec.layer: slabs[sig] for sig, specs in groups.items() for spec in specs}
-
-
-def default_budget(manifest: Manifest) -> int:
-    """Without --ram-budget: every expert, but at most half of this machine's RAM (the slabs are
-    allocated up front, so a budget above what the machine has would fail at start)."""
-    physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    return min(manifest.expert_bytes_total, max(manifest.min_budget_bytes, physical // 2))
-
-
-def format_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f}{unit}" if unit == "B" else f"{n:.2f}{unit}".replace(".00", "")
-        n /= 1024
-    return f"{n}"
-
-
-def parse_bytes(text: str) -> int:
-    """'2GB', '512MiB', '1.5g', '1048576' -> bytes (GB = 10^9, GiB = 2^30; a bare G means GiB)."""
-    units = {
-        "": 1,
-        "b": 1,
-        "k": 1024,
-        "kb": 1000,
-        "kib": 1024,
-        "m": 1024**2,
-        "mb": 1000**2,
-        "mib": 1024**2,
-        "g": 1024**3,
-        "gb": 1000**3,
-        "gib": 1024**3,
-        "t": 1024**4,
-        "tb": 1000**4,
-        "tib": 1024**4,
-    }
-    s = text.strip().lower().replace(" ", "")
-    number = s.rstrip("kmgtib")
-    unit = s[len(number) :]
-    try:
-        value = float(number)
-    except ValueError:
-        raise StoreError(f"cannot read {text!r} as a size; write it like 2GB, 512MiB or 1073741824") from None
-    if unit not in units or value < 0:
-        raise StoreError(f"cannot read {text!r} as a size; write it like 2GB, 512MiB or 1073741824")
-    return int(value * units[unit])

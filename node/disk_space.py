@@ -8,7 +8,7 @@ import errno
 import shutil
 from pathlib import Path
 
-from flashmesh.node.store_format import StoreError
+from flashmesh.protos.errors import UserError
 
 FULL = (errno.ENOSPC, errno.EDQUOT)
 
@@ -30,7 +30,7 @@ def tree_bytes(path: Path) -> int:
 
 
 def _message(out: Path, *, needs: int | None, written: int | None) -> str:
-    from flashmesh.node.cache import format_bytes
+    from flashmesh.protos.sizes import format_bytes
 
     where = _existing(Path(out).parent)
     free = format_bytes(free_bytes(where))
@@ -47,9 +47,9 @@ def _message(out: Path, *, needs: int | None, written: int | None) -> str:
 def check_space(out: Path, needs: int) -> None:
     """Raise before anything is written when `needs` bytes will not fit beside `out`."""
     if needs > free_bytes(Path(out).parent):
-        raise StoreError(_message(out, needs=needs, written=None))
+        raise UserError(_message(out, needs=needs, written=None))
 
 
-def disk_full(out: Path, *, needs: int | None, written: int) -> StoreError:
+def disk_full(out: Path, *, needs: int | None, written: int) -> UserError:
     """The error for a write to `out` that found the disk full after `written` bytes."""
-    return StoreError(_message(out, needs=needs, written=written))
+    return UserError(_message(out, needs=needs, written=written))

@@ -13,9 +13,11 @@ from typing import Protocol
 
 import mlx.core as mx
 import mlx.nn as nn
-from flashmesh.node.bundle_source import BundleExpertSource, is_bundle
-from flashmesh.node.store_format import LayerSpec, Manifest, StoreError
+from flashmesh.node.bundle_format import is_bundle
+from flashmesh.node.bundle_source import BundleExpertSource
+from flashmesh.node.store_format import LayerSpec, Manifest
 from flashmesh.node.store_reader import ExpertStore, PendingRead, ReadStats
+from flashmesh.protos.errors import UserError
 
 
 class ExpertSource(Protocol):
@@ -53,7 +55,7 @@ def open_expert_source(
     if bundle:
         return BundleExpertSource(path, page_cache=page_cache, verify=verify, shard=shard)
     if shard is not None:
-        raise StoreError("serving a shard of a store needs `flashmesh shard` first; --count/--index go with --bundle")
+        raise UserError("serving a shard of a store needs `flashmesh shard` first; --count/--index go with --bundle")
     if is_bundle(path):
-        raise StoreError(f"{path} is an iOS bundle, not a store; serve it with `flashmesh node serve --bundle {path}`")
+        raise UserError(f"{path} is an iOS bundle, not a store; serve it with `flashmesh node serve --bundle {path}`")
     return ExpertStore(path, page_cache=page_cache, verify=verify)

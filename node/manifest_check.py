@@ -5,9 +5,11 @@ line naming the field, not a crash somewhere later."""
 from __future__ import annotations
 
 import math
+from dataclasses import fields
 from pathlib import PurePosixPath
 
-from flashmesh.node.store_format import _DTYPES, RECORD_ALIGN, StoreError
+from flashmesh.node.store_format import _DTYPES, RECORD_ALIGN, LayerSpec, TensorSpec
+from flashmesh.protos.errors import UserError
 
 
 class _Bad(Exception):
@@ -38,9 +40,16 @@ def _relative(value, where: str) -> None:
         raise _Bad(f"{where} must be a path inside the store, not {value!r}")
 
 
-def _tensor(t, where: str, record_size: int) -> None:
-    if not isinstance(t, dict):
+def _keys(d, where: str, cls) -> None:
+    if not isinstance(d, dict):
         raise _Bad(f"{where} must be an object")
+    unknown = sorted(set(d) - {f.name for f in fields(cls)})
+    if unknown:
+        raise _Bad(f"{where} has fields this flashmesh does not know: {unknown}")
+
+
+def _tensor(t, where: str, record_size: int) -> None:
+    _keys(t, where, TensorSpec)
     _str(t.get("name"), f"{where}.name")
     if t.get("dtype") not in _DTYPES:
         raise _Bad(f"{where}.dtype must be one of {sorted(_DTYPES)}, not {t.get('dtype')!r}")
@@ -53,9 +62,13 @@ def _tensor(t, where: str, record_size: int) -> None:
 
 
 def _layer(d, where: str) -> None:
-    if not isinstance(d, dict):
-        raise _Bad(f"{where} must be an object")
+    _keys(d, where, LayerSpec)
     _int(d.get("layer"), f"{where}.layer")
+    for key in ("top_k", "input_dim"):
+        if key in d:
+            _int(d[key], f"{where}.{key}")
+    if d.get("kind", "switch") not in ("switch", "list"):
+        raise _Bad(f"{where}.kind must be 'switch' or 'list', not {d.get('kind')!r}")
     _str(d.get("module"), f"{where}.module")
     num = _int(d.get("num_experts"), f"{where}.num_experts", low=1)
     size = _int(d.get("record_size"), f"{where}.record_size", low=RECORD_ALIGN)
@@ -77,7 +90,7 @@ def _layer(d, where: str) -> None:
 
 
 def check_manifest(d, path) -> None:
-    """Raise StoreError naming the first field of the manifest at `path` that cannot be right."""
+    """Raise UserError naming the first field of the manifest at `path` that cannot be right."""
     try:
         if not isinstance(d, dict):
             raise _Bad("it must be a JSON object")
@@ -95,4 +108,4 @@ def check_manifest(d, path) -> None:
         if len({layer["layer"] for layer in layers}) != len(layers):
             raise _Bad("layers name the same layer twice")
     except _Bad as e:
-        raise StoreError(f"{path} is damaged: {e}; re-run `flashmesh pack` (or re-copy the store)") from None
+        raise UserError(f"{path} is damaged: {e}; re-run `flashmesh pack` (or re-copy the store)") from None

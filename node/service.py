@@ -24,10 +24,11 @@ from flashmesh.node.cache import ExpertCache
 from flashmesh.node.compute import LocalExperts
 from flashmesh.node.expert_source import ExpertSource, open_expert_source
 from flashmesh.node.shutdown import MlxThread
-from flashmesh.node.store_format import RecordError, StoreError
+from flashmesh.node.store_format import RecordError
 from flashmesh.protos import DEFAULT_MAX_MESSAGE_BYTES, PROTOCOL_VERSION
 from flashmesh.protos import flashmesh_pb2 as pb
 from flashmesh.protos.codec import FLOAT_DTYPES, CodecError, all_finite, decode, encode, to_numpy
+from flashmesh.protos.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -45,20 +46,10 @@ class RequestError(Exception):
         self.records = records
 
 
-def _store_failure(name: str, e: StoreError) -> RequestError:
+def _store_failure(name: str, e: UserError) -> RequestError:
     if isinstance(e, RecordError):
         return RequestError(DATA_LOSS, f"node {name}: {e}", records=e.records)
     return RequestError(INTERNAL, f"node {name}: {e}")
-
-
-def hidden_size(config: dict) -> int:
-    for cfg in (config, config.get("text_config", {})):
-        if isinstance(cfg, dict) and "hidden_size" in cfg:
-            value = cfg["hidden_size"]
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise StoreError(f"the model config's hidden_size must be a positive integer, not {value!r}")
-            return value
-    raise StoreError("the model config names no hidden_size")
 
 
 def measure_read_gbps(store: ExpertSource, *, max_bytes: int = 64 * 1024**2, max_records: int = 64) -> float:
@@ -98,7 +89,7 @@ class NodeService:
         """`store_path` is a store or shard, or with `bundle` an iOS bundle whose records are served (all,
         or with `shard` = {"index", "count", "replicas"} the experts that shard of the store holds)."""
         if not token:
-            raise StoreError("a node needs a cluster token")
+            raise UserError("a node needs a cluster token")
         self.token = token
         self.name = name
         self.node_id = uuid.uuid4().hex[:12]
@@ -110,7 +101,8 @@ class NodeService:
         try:
             self.manifest = self.store.manifest
             self.cache = ExpertCache(self.store, budget_bytes=ram_budget)
-            self.hidden_size = hidden_size(self.manifest.config)
+            self.hidden_size = max(s.input_dim for s in self.manifest.layers)  # what pack saw the banks take
+            self._input_dim = {s.layer: s.input_dim for s in self.manifest.layers}
             self.top_k = self.manifest.top_k
             self._held = {}
             for spec in self.manifest.layers:
@@ -154,10 +146,9 @@ class NodeService:
             experts = to_numpy(req.experts)
         except CodecError as e:
             raise self.invalid(str(e)) from None
-        if req.x.dtype not in FLOAT_DTYPES or x.ndim != 2 or x.shape[1] != self.hidden_size or x.shape[0] == 0:
-            raise self.invalid(
-                f"x must be a float tensor [M, {self.hidden_size}] with M > 0, got {req.x.dtype} {list(x.shape)}"
-            )
+        d = self._input_dim[req.layer]
+        if req.x.dtype not in FLOAT_DTYPES or x.ndim != 2 or x.shape[1] != d or x.shape[0] == 0:
+            raise self.invalid(f"x must be a float tensor [M, {d}] with M > 0, got {req.x.dtype} {list(x.shape)}")
         if not all_finite(req.x):
             raise self.invalid("x holds NaN or infinite values")
         for label, t, a in (("rows", req.rows, rows), ("experts", req.experts, experts)):
@@ -212,7 +203,7 @@ class NodeService:
         start = time.perf_counter()
         try:
             reply = self._mlx.submit(self._compute, req, rows, experts).result()
-        except StoreError as e:
+        except UserError as e:
             raise _store_failure(self.name, e) from None
         seconds = time.perf_counter() - start
         reply.compute_seconds = seconds
@@ -236,7 +227,7 @@ class NodeService:
         start = time.perf_counter()
         try:
             resident = self._mlx.submit(self._prefetch, req.layer, experts).result()
-        except StoreError as e:
+        except UserError as e:
             raise _store_failure(self.name, e) from None
         with self._lock:
             self._busy += time.perf_counter() - start
@@ -281,7 +272,7 @@ class NodeService:
         if getattr(self, "cache", None) is not None:
             try:
                 self._mlx.submit(self.cache.drain).result()  # reads in flight finish before the store closes
-            except StoreError as e:
+            except UserError as e:
                 log.warning("node %s: a read ahead failed while closing: %s", self.name, e)
         self._mlx.shutdown()  # releases the thread's MLX state: no abort at exit
         self.store.close()

@@ -20,9 +20,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from flashmesh.node.store_format import Manifest, StoreError, staged_directory, write_json_atomic
+from flashmesh.node.store_format import Manifest, staged_directory, write_json_atomic
 from flashmesh.node.store_reader import ExpertStore
 from flashmesh.node.store_writer import TOKENIZER_FILES
+from flashmesh.protos.errors import UserError
 
 
 def shard_experts(num_experts: int, *, count: int, index: int, replicas: int = 1) -> list[int]:
@@ -38,7 +39,7 @@ def _dense_bytes(store: Path, source: Manifest) -> int:
 @contextmanager
 def _staged_store(out: Path, force: bool, needs: int) -> Iterator[Path]:
     if out.exists() and not force:
-        raise StoreError(f"{out} already exists; remove it or pass --force")
+        raise UserError(f"{out} already exists; remove it or pass --force")
     with staged_directory(out, needs=needs) as tmp:
         (tmp / "experts").mkdir()
         yield tmp
@@ -47,12 +48,12 @@ def _staged_store(out: Path, force: bool, needs: int) -> Iterator[Path]:
 def write_shard(store: Path, out: Path, *, count: int, index: int, replicas: int = 1, force: bool = False) -> Manifest:
     """Copy (checksum-verified) the records shard `index` of `count` holds into a new store."""
     if count < 1 or not 0 <= index < count:
-        raise StoreError(f"--index must be in 0..{count - 1} for --count {count}")
+        raise UserError(f"--index must be in 0..{count - 1} for --count {count}")
     if not 1 <= replicas <= count:
-        raise StoreError(f"--replicas must be in 1..{count} for --count {count}")
+        raise UserError(f"--replicas must be in 1..{count} for --count {count}")
     source = Manifest.load(store)
     if source.shard is not None:
-        raise StoreError(f"{store} is itself a shard ({source.shard}); shard the full store")
+        raise UserError(f"{store} is itself a shard ({source.shard}); shard the full store")
     out = Path(out)
     held_records = sum(
         spec.record_size * sum(spec.holds(e) for e in shard_experts(spec.num_experts, count=count, index=index,
@@ -89,7 +90,7 @@ def write_dense(store: Path, out: Path, *, force: bool = False) -> Manifest:
             if (Path(store) / name).is_file():
                 shutil.copy2(Path(store) / name, tmp / name)
             elif name in source.dense_files:
-                raise StoreError(f"{store / name} is missing; the store is incomplete, re-run `flashmesh pack`")
+                raise UserError(f"{store / name} is missing; the store is incomplete, re-run `flashmesh pack`")
         manifest = source.to_json()
         for layer in manifest["layers"]:
             layer.update(experts=[], checksums=[])

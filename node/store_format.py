@@ -21,18 +21,15 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 import xxhash
+from flashmesh.protos.errors import UserError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: each layer names its bank's kind and top-k, read from the model by pack
 RECORD_ALIGN = 16 * 1024  # one aligned pread per expert; also the iOS page size
 TENSOR_ALIGN = 64  # tensors inside a record start on cache-line boundaries
 MANIFEST = "manifest.json"
 
 
-class StoreError(Exception):
-    """A problem with a store the user can fix; the message is one line with the fix."""
-
-
-class RecordError(StoreError):
+class RecordError(UserError):
     """One expert record cannot be used (checksum mismatch, short read): names its layer and expert."""
 
     def __init__(self, layer: int, expert: int, message: str) -> None:
@@ -58,7 +55,7 @@ def dtype_name(dtype: mx.Dtype) -> str:
     for name, (_, mxd) in _DTYPES.items():
         if mxd == dtype:
             return name
-    raise StoreError(f"expert tensors of dtype {dtype} are not supported by the store")
+    raise UserError(f"expert tensors of dtype {dtype} are not supported by the store")
 
 
 def raw_bytes(a: mx.array) -> memoryview:
@@ -112,6 +109,9 @@ class LayerSpec:
     experts: list[int]  # experts held by this store, in file order
     checksums: list[str]  # one per held expert, same order
     file: str = ""
+    top_k: int = 0  # experts the layer's router picks per token, seen by pack in the model's own forward pass
+    kind: str = "switch"  # "switch": one stacked-expert module; "list": a list of per-expert modules
+    input_dim: int = 0  # D of the hidden states x [N, D] the bank takes, seen by pack like top_k
 
     def __post_init__(self) -> None:
         self.file = self.file or f"experts/layer_{self.layer:03d}.bin"
@@ -129,7 +129,7 @@ class LayerSpec:
         try:
             return self._slot[expert] * self.record_size
         except KeyError:
-            raise StoreError(f"layer {self.layer} expert {expert} is not held by this store") from None
+            raise UserError(f"layer {self.layer} expert {expert} is not held by this store") from None
 
     def record_checksum(self, expert: int) -> str:
         return self.checksums[self._slot[expert]]
@@ -168,20 +168,14 @@ class Manifest:
 
     @property
     def top_k(self) -> int:
-        for key in ("num_experts_per_tok", "moe_topk", "top_k", "num_experts_per_token"):
-            for cfg in (self.config, self.config.get("text_config", {})):
-                if isinstance(cfg, dict) and key in cfg:
-                    value = cfg[key]
-                    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                        raise StoreError(f"the model config's {key} must be a positive integer, not {value!r}")
-                    return value
-        raise StoreError("the model config names no experts-per-token count")
+        """Most experts any MoE layer's router picks per token (recorded by pack from the model)."""
+        return max(s.top_k for s in self.layers)
 
     def layer(self, layer: int) -> LayerSpec:
         for spec in self.layers:
             if spec.layer == layer:
                 return spec
-        raise StoreError(f"layer {layer} is not a MoE layer of this model")
+        raise UserError(f"layer {layer} is not a MoE layer of this model")
 
     @property
     def expert_bytes_total(self) -> int:
@@ -211,14 +205,14 @@ class Manifest:
     def load(cls, directory: Path) -> Manifest:
         path = Path(directory) / MANIFEST
         if not path.is_file():
-            raise StoreError(f"{directory} is not a flashmesh store (no {MANIFEST}); create one with `flashmesh pack`")
+            raise UserError(f"{directory} is not a flashmesh store (no {MANIFEST}); create one with `flashmesh pack`")
         try:
             d = json.loads(path.read_text())
         except json.JSONDecodeError as e:
-            raise StoreError(f"{path} is not valid JSON ({e}); re-run `flashmesh pack`") from None
+            raise UserError(f"{path} is not valid JSON ({e}); re-run `flashmesh pack`") from None
         version = d.get("format_version") if isinstance(d, dict) else None
         if version != FORMAT_VERSION:
-            raise StoreError(
+            raise UserError(
                 f"{directory} has store format {version}, this flashmesh reads format "
                 f"{FORMAT_VERSION}; re-pack it with `flashmesh pack`"
             )
@@ -277,7 +271,7 @@ def fingerprint(config: dict, layers: list[LayerSpec], dense_checksums: list[str
     h = xxhash.xxh3_128()
     h.update(json.dumps(config, sort_keys=True).encode())
     for s in layers:
-        h.update(json.dumps([s.layer, s.module, [asdict(t) for t in s.tensors]]).encode())
+        h.update(json.dumps([s.layer, s.module, s.kind, s.top_k, [asdict(t) for t in s.tensors]]).encode())
         h.update("".join(s.checksums).encode())
     h.update("".join(dense_checksums).encode())
     return h.hexdigest()

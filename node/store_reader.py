@@ -23,16 +23,8 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 from flashmesh.node.experts import expert_templates
-from flashmesh.node.store_format import (
-    _DTYPES,
-    RECORD_ALIGN,
-    LayerSpec,
-    Manifest,
-    RecordError,
-    StoreError,
-    TensorSpec,
-    checksum,
-)
+from flashmesh.node.store_format import _DTYPES, RECORD_ALIGN, LayerSpec, Manifest, RecordError, TensorSpec, checksum
+from flashmesh.protos.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -130,12 +122,10 @@ class ExpertStore:
     def _open(self, spec: LayerSpec) -> int:
         path = self.path / spec.file
         if not path.is_file():
-            raise StoreError(f"{path} is missing; the store is incomplete, re-run `flashmesh pack`")
+            raise UserError(f"{path} is missing; the store is incomplete, re-run `flashmesh pack`")
         expected = len(spec.experts) * spec.record_size
         if path.stat().st_size < expected:
-            raise StoreError(
-                f"{path} is truncated ({path.stat().st_size} of {expected} bytes); re-run `flashmesh pack`"
-            )
+            raise UserError(f"{path} is truncated ({path.stat().st_size} of {expected} bytes); re-run `flashmesh pack`")
         if self.page_cache:
             return os.open(path, os.O_RDONLY)
         fd, bypassing = _open_bypassing_cache(path)

@@ -13,14 +13,15 @@ import shutil
 from pathlib import Path
 
 import mlx.core as mx
-from flashmesh.node.experts import find_expert_modules, layer_index, load_lazy, quantization_of
+import mlx.nn as nn
+from flashmesh.node.expert_banks import ExpertBank, find_expert_banks, submodule
+from flashmesh.node.experts import load_lazy, quantization_of
+from flashmesh.node.store_check import one_bank_per_layer, per_expert_table, verify_store
 from flashmesh.node.store_format import (
     RECORD_ALIGN,
     LayerSpec,
     Manifest,
-    StoreError,
     checksum,
-    dtype_name,
     file_checksum,
     fingerprint,
     layout_record,
@@ -28,7 +29,9 @@ from flashmesh.node.store_format import (
     staged_directory,
     write_json_atomic,
 )
+from flashmesh.protos.errors import UserError
 from mlx.utils import tree_flatten
+from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchLinear
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
 log = logging.getLogger(__name__)
@@ -53,10 +56,10 @@ def resolve_source(src: str) -> Path:
     path = Path(src).expanduser()
     if path.exists():
         if not path.is_dir():
-            raise StoreError(f"{src} is a file; point `flashmesh pack` at a model directory")
+            raise UserError(f"{src} is a file; point `flashmesh pack` at a model directory")
         return path
     if src.count("/") != 1 or src.startswith((".", "/")):
-        raise StoreError(f"{src} does not exist; give a model directory or a hub id like org/name")
+        raise UserError(f"{src} does not exist; give a model directory or a hub id like org/name")
     from huggingface_hub import snapshot_download
 
     try:
@@ -67,7 +70,7 @@ def resolve_source(src: str) -> Path:
         )
     except Exception as e:  # the hub raises many types; all mean "could not fetch"
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise StoreError(
+        raise UserError(
             f"{src} is not a local directory and could not be downloaded from the Hugging Face hub "
             f"({type(e).__name__}: {reason[:200]}); check the id and the network, or pass a local directory"
         ) from None
@@ -76,55 +79,69 @@ def resolve_source(src: str) -> Path:
 def pack(src: str, out: Path, *, force: bool = False, show_progress: bool = True) -> Manifest:
     out = Path(out)
     if out.exists() and not force:
-        raise StoreError(f"{out} already exists; remove it or pass --force")
+        raise UserError(f"{out} already exists; remove it or pass --force")
     source = resolve_source(src)
-    params, config, expert_paths = _lazy_source(source)
-    with staged_directory(out, needs=_store_bytes(params, expert_paths)) as tmp:
+    params, config, banks = _lazy_source(source)
+    with staged_directory(out, needs=_store_bytes(params, banks)) as tmp:
         (tmp / "experts").mkdir()
-        manifest = _write_store(params, config, expert_paths, source, tmp, show_progress)
+        manifest = _write_store(params, config, banks, source, tmp, show_progress)
+        try:
+            verify_store(tmp)  # a store that would not run is never renamed into place
+        except UserError as e:
+            raise UserError(f"cannot pack {source}: the store would not run: {e}; nothing was written") from None
     log.info("packed %s into %s (fingerprint %s)", source, out, manifest.fingerprint)
     return manifest
 
 
-def _store_bytes(params: dict[str, mx.array], expert_paths: list[str]) -> int:
+def _store_bytes(params: dict[str, mx.array], banks: list) -> int:
     """About the bytes of the store: every tensor, plus up to one alignment gap per expert record."""
-    records = 0
-    for path in expert_paths:
-        first = next((a for k, a in params.items() if k.startswith(f"{path}.")), None)
-        records += first.shape[0] if first is not None and first.ndim else 0  # [E, ...]
-    return sum(a.nbytes for a in params.values()) + records * RECORD_ALIGN
+    return sum(a.nbytes for a in params.values()) + sum(b.num_experts for b, _ in banks) * RECORD_ALIGN
 
 
-def _lazy_source(source: Path) -> tuple[dict[str, mx.array], dict, list[str]]:
-    """The source's parameters as lazy arrays (name -> array), its config, and the expert module paths.
+_LINEARS = (SwitchLinear, QuantizedSwitchLinear, nn.Linear, nn.QuantizedLinear)
+
+
+def _lazy_source(source: Path) -> tuple[dict[str, mx.array], dict, list[tuple[ExpertBank, dict]]]:
+    """The source's parameters as lazy arrays (name -> array), its config, and its expert banks with
+    each one's per-expert tensor table (name -> (dtype, shape)), by layer.
 
     Only the flat dict survives this function: no module tree keeps a reference to a tensor, so
     each one is freed as soon as it has been written.
     """
     model, config = load_lazy(source, strict=True)
-    experts = find_expert_modules(model)
-    if not experts:
-        raise StoreError(
+    banks = find_expert_banks(model)
+    if not banks:
+        raise UserError(
             f"{source} is a dense model ({config.get('model_type')}): it has no routed experts to "
             "stream; flashmesh runs Mixture-of-Experts models"
         )
+    one_bank_per_layer(banks)
+    tables = [
+        (b, per_expert_table(submodule(model, b.path), kind=b.kind, num_experts=b.num_experts, path=b.path))
+        for b in banks
+    ]
     # Quantization of each expert linear goes into config["quantization"] by path, where
     # mlx-lm's own loader looks first, so the node's template modules match the records.
     quantization = config.get("quantization")
     if quantization is not None:
+        prefixes = tuple(f"{b.path}." for b in banks)
         expert_quant = {
-            f"{path}.{name}": quantization_of(child)
-            for path, module in experts.items()
-            for name, child in module.children().items()
-            if hasattr(child, "num_experts")
+            path: quantization_of(m)
+            for path, m in model.named_modules()
+            if path.startswith(prefixes) and isinstance(m, _LINEARS)
         }
         config = {**config, "quantization": {**quantization, **expert_quant}}
         config.pop("quantization_config", None)
-    return dict(tree_flatten(model.parameters())), config, sorted(experts, key=layer_index)
+    return dict(tree_flatten(model.parameters())), config, tables
 
 
 def _write_store(
-    params: dict[str, mx.array], config: dict, by_layer: list[str], source: Path, tmp: Path, show_progress: bool
+    params: dict[str, mx.array],
+    config: dict,
+    by_layer: list[tuple[ExpertBank, dict]],
+    source: Path,
+    tmp: Path,
+    show_progress: bool,
 ) -> Manifest:
     columns = (
         TextColumn("{task.description}"),
@@ -135,8 +152,8 @@ def _write_store(
     layers: list[LayerSpec] = []
     with Progress(*columns, disable=not show_progress, transient=False) as progress:
         task = progress.add_task("packing expert layers", total=len(by_layer))
-        for path in by_layer:
-            layers.append(_write_layer(path, params, tmp))
+        for bank, table in by_layer:
+            layers.append(_write_layer(bank, table, params, tmp))
             progress.advance(task)
         dense_task = progress.add_task("writing dense weights", total=len(params))
         dense_files, dense_sums = _write_dense(params, tmp, lambda n: progress.advance(dense_task, n))
@@ -160,38 +177,56 @@ def _evaluated(name: str, a: mx.array) -> mx.array:
     try:
         mx.eval(a)
     except (RuntimeError, ValueError, OSError) as e:
-        raise StoreError(f"cannot read tensor {name} from the source ({e}); is a safetensors file truncated?") from None
+        raise UserError(f"cannot read tensor {name} from the source ({e}); is a safetensors file truncated?") from None
     return a
 
 
-def _write_layer(path: str, params: dict[str, mx.array], tmp: Path) -> LayerSpec:
-    prefix = f"{path}."
-    names = sorted(k for k in params if k.startswith(prefix))
-    num_experts = params[names[0]].shape[0]
+def _source_key(bank: ExpertBank, name: str, expert: int) -> str:
+    return f"{bank.path}.{expert}.{name}" if bank.kind == "list" else f"{bank.path}.{name}"
+
+
+def _expert_bytes(bank: ExpertBank, name: str, params: dict[str, mx.array]):
+    """(expert, bytes of its tensor `name`) for every expert; one source tensor in RAM at a time:
+    a switch bank's stacked [E, ...] tensor is sliced, a list bank's expert tensors are separate."""
+    if bank.kind == "list":
+        for e in range(bank.num_experts):
+            key = _source_key(bank, name, e)
+            yield e, raw_bytes(_evaluated(key, params.pop(key)))
+        return
+    key = _source_key(bank, name, 0)
+    data = raw_bytes(_evaluated(key, params.pop(key)))
+    size = len(data) // bank.num_experts
+    for e in range(bank.num_experts):
+        yield e, data[e * size : (e + 1) * size]
+
+
+def _write_layer(bank: ExpertBank, table: dict, params: dict[str, mx.array], tmp: Path) -> LayerSpec:
+    n = bank.num_experts
+    stacked = 1 if bank.kind == "list" else n  # experts per source tensor
     per_expert = {
-        k[len(prefix) :]: (dtype_name(params[k].dtype), params[k].shape[1:], params[k].nbytes // num_experts)
-        for k in names
+        name: (dtype, shape, params[_source_key(bank, name, 0)].nbytes // stacked)
+        for name, (dtype, shape) in table.items()
     }
     tensors, record_size = layout_record(per_expert)
     spec = LayerSpec(
-        layer=layer_index(path),
-        module=path,
-        num_experts=num_experts,
+        layer=bank.layer,
+        module=bank.path,
+        num_experts=n,
         record_size=record_size,
         tensors=tensors,
-        experts=list(range(num_experts)),
+        experts=list(range(n)),
         checksums=[],
+        top_k=bank.top_k,
+        kind=bank.kind,
+        input_dim=bank.input_dim,
     )
     fd = os.open(tmp / spec.file, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
-        os.ftruncate(fd, num_experts * record_size)
+        os.ftruncate(fd, n * record_size)
         for t in tensors:
-            # One stacked tensor [E, ...] in RAM at a time; each expert's slice goes to its record.
-            data = raw_bytes(_evaluated(prefix + t.name, params.pop(prefix + t.name)))
-            for e in range(num_experts):
-                os.pwrite(fd, data[e * t.nbytes : (e + 1) * t.nbytes], e * record_size + t.offset)
-            del data
-        spec.checksums = [checksum(os.pread(fd, record_size, e * record_size)) for e in range(num_experts)]
+            for e, data in _expert_bytes(bank, t.name, params):
+                os.pwrite(fd, data, e * record_size + t.offset)
+        spec.checksums = [checksum(os.pread(fd, record_size, e * record_size)) for e in range(n)]
         os.fsync(fd)
     finally:
         os.close(fd)

@@ -20,8 +20,8 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-from flashmesh.node.store_format import StoreError
 from flashmesh.protos import TLS_ENV
+from flashmesh.protos.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +39,7 @@ REISSUE = "reissue it where the cluster CA is: `flashmesh cluster add-node CLUST
 
 def check_name(name: str) -> str:
     if not _NAME.fullmatch(name) or len(name) > 253:
-        raise StoreError(
+        raise UserError(
             f"node name {name!r} cannot go into a certificate; use letters, digits, '-' and '.' (a host name)"
         )
     return name
@@ -79,7 +79,7 @@ def resolve(path: Path, *, role: str, name: str | None = None) -> Path:
     directory `coordinator/` (for a coordinator) or `nodes/NAME/` (for a node named NAME)."""
     path = Path(path).expanduser()
     if not path.exists():
-        raise StoreError(
+        raise UserError(
             f"{path} does not exist; create certificates with `flashmesh cluster init CLUSTER_DIR` and copy "
             f"CLUSTER_DIR/{NODES_DIR}/NAME to each node (CLUSTER_DIR/{COORDINATOR_DIR} to the coordinator)"
         )
@@ -89,9 +89,9 @@ def resolve(path: Path, *, role: str, name: str | None = None) -> Path:
         return path / COORDINATOR_DIR
     if role == NODE and (path / NODES_DIR).is_dir():
         if name is None:
-            raise StoreError(f"{path} is a cluster directory; pass --name NAME or --tls {path}/{NODES_DIR}/NAME")
+            raise UserError(f"{path} is a cluster directory; pass --name NAME or --tls {path}/{NODES_DIR}/NAME")
         if not (path / NODES_DIR / name).is_dir():
-            raise StoreError(
+            raise UserError(
                 f"{path} holds no certificate for node {name!r}; run `flashmesh cluster add-node {path} {name}`"
             )
         return path / NODES_DIR / name
@@ -102,12 +102,12 @@ def _read(path: Path) -> bytes:
     try:
         return path.read_bytes()
     except FileNotFoundError:
-        raise StoreError(
+        raise UserError(
             f"{path} is missing; copy the whole directory written by `flashmesh cluster init` / `add-node` "
             f"({CA_FILE}, {CERT_FILE}, {KEY_FILE})"
         ) from None
     except OSError as e:
-        raise StoreError(f"{path} cannot be read ({e.strerror}); check its permissions") from None
+        raise UserError(f"{path} cannot be read ({e.strerror}); check its permissions") from None
 
 
 def _certificate(path: Path) -> tuple[bytes, x509.Certificate]:
@@ -115,14 +115,14 @@ def _certificate(path: Path) -> tuple[bytes, x509.Certificate]:
     try:
         return pem, x509.load_pem_x509_certificate(pem)
     except ValueError:
-        raise StoreError(f"{path} is not a PEM certificate; {REISSUE}") from None
+        raise UserError(f"{path} is not a PEM certificate; {REISSUE}") from None
 
 
 def _check_dates(path: Path, cert: x509.Certificate, now: datetime, *, fix: str = REISSUE) -> None:
     if now > cert.not_valid_after_utc:
-        raise StoreError(f"{path} expired on {cert.not_valid_after_utc:%Y-%m-%d %H:%M} UTC; {fix}")
+        raise UserError(f"{path} expired on {cert.not_valid_after_utc:%Y-%m-%d %H:%M} UTC; {fix}")
     if now < cert.not_valid_before_utc:
-        raise StoreError(
+        raise UserError(
             f"{path} is valid only from {cert.not_valid_before_utc:%Y-%m-%d %H:%M} UTC; check this machine's clock"
         )
 
@@ -137,15 +137,15 @@ def load_identity(path: Path, *, role: str, name: str | None = None) -> TlsIdent
     try:
         key = serialization.load_pem_private_key(key_pem, password=None)
     except (ValueError, TypeError):
-        raise StoreError(f"{key_path} is not an unencrypted PEM private key; {REISSUE}") from None
+        raise UserError(f"{key_path} is not an unencrypted PEM private key; {REISSUE}") from None
     if key.public_key().public_bytes(
         serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
     ) != cert.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo):
-        raise StoreError(f"{key_path} is not the key of {directory / CERT_FILE}; copy both from the same directory")
+        raise UserError(f"{key_path} is not the key of {directory / CERT_FILE}; copy both from the same directory")
     try:
         cert.verify_directly_issued_by(ca)
     except (ValueError, TypeError, InvalidSignature):
-        raise StoreError(
+        raise UserError(
             f"{directory / CERT_FILE} was not issued by the cluster CA in {directory / CA_FILE}; {REISSUE}"
         ) from None
     now = datetime.now(UTC)
@@ -153,7 +153,7 @@ def load_identity(path: Path, *, role: str, name: str | None = None) -> TlsIdent
     _check_dates(directory / CERT_FILE, cert, now)
     found = role_of(cert)
     if found != role:
-        raise StoreError(
+        raise UserError(
             f"{directory / CERT_FILE} is a {found or 'foreign'} certificate, not a {role}'s; use "
             + (f"CLUSTER_DIR/{COORDINATOR_DIR}" if role == COORDINATOR else f"CLUSTER_DIR/{NODES_DIR}/NAME")
         )

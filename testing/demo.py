@@ -12,10 +12,11 @@ import secrets
 from pathlib import Path
 
 from flashmesh.coordinator.cli import add_generation_args, print_nodes, print_stats, run_cluster, run_store
-from flashmesh.node.cache import parse_bytes
-from flashmesh.node.store_format import MANIFEST, Manifest, StoreError
+from flashmesh.node.store_format import MANIFEST, Manifest
 from flashmesh.node.store_writer import pack
 from flashmesh.node.tls import COORDINATOR, load_identity
+from flashmesh.protos.errors import UserError
+from flashmesh.protos.sizes import parse_bytes
 from flashmesh.testing.local_nodes import ensure_shards, local_nodes
 from flashmesh.testing.synthetic import build_model
 
@@ -32,7 +33,7 @@ def prepare_demo(workdir: Path, *, arch: str = "qwen3_moe", show_progress: bool 
         try:
             build_model(source, arch, **DEMO_SHAPE)
         except ValueError as e:
-            raise StoreError(f"{e}; the demo builds qwen3_moe, mixtral, deepseek_v3, gpt_oss or qwen3_next") from None
+            raise UserError(f"{e}; the demo builds qwen3_moe, mixtral, deepseek_v3, gpt_oss or qwen3_next") from None
     if not (store / MANIFEST).is_file():
         pack(str(source), store, force=True, show_progress=show_progress)
     return store, source

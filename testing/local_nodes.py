@@ -16,9 +16,10 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from flashmesh.coordinator.discovery import NodeAddress, discover
-from flashmesh.node.bundle_source import is_bundle
-from flashmesh.node.store_format import MANIFEST, Manifest, StoreError
+from flashmesh.node.bundle_format import is_bundle
+from flashmesh.node.store_format import MANIFEST, Manifest
 from flashmesh.protos import TLS_ENV, TOKEN_ENV
+from flashmesh.protos.errors import UserError
 
 
 def ensure_shards(store: Path, workdir: Path, *, count: int, replicas: int = 1) -> list[Path]:
@@ -108,7 +109,7 @@ class LocalNodeProcesses:
         proc = self.procs[i]
         if proc is not None and proc.poll() is not None:
             tail = (self.logdir / f"{self.names[i]}.log").read_text(errors="replace").strip().splitlines()[-1:]
-            raise StoreError(f"local node {self.names[i]} exited with status {proc.returncode}: {' '.join(tail)}")
+            raise UserError(f"local node {self.names[i]} exited with status {proc.returncode}: {' '.join(tail)}")
 
     def find(self, *, timeout: float = 120.0, only: list[int] | None = None) -> list[NodeAddress]:
         """Wait until zeroconf (on `browse_on`) finds every started node (or those of `only`, as
@@ -122,7 +123,7 @@ class LocalNodeProcesses:
             for i in indices:
                 self._check_alive(i)
             if time.monotonic() > deadline:
-                raise StoreError(f"local nodes {sorted(wanted - set(found))} did not appear within {timeout:g} s")
+                raise UserError(f"local nodes {sorted(wanted - set(found))} did not appear within {timeout:g} s")
             for node in discover(
                 interfaces=[self.browse_on],
                 timeout=2.0,
@@ -152,9 +153,9 @@ class LocalNodeProcesses:
                     # a restarted node has a new id: what zeroconf said of the old one no longer holds
                     self.addresses[i] = dataclasses.replace(old, node_id=client.info(timeout=5.0).node_id)
                     return self.addresses[i]
-                except StoreError:
+                except UserError:
                     if time.monotonic() > deadline:
-                        raise StoreError(f"local node {self.names[i]} did not come back within {timeout:g} s") from None
+                        raise UserError(f"local node {self.names[i]} did not come back within {timeout:g} s") from None
                     time.sleep(0.2)
         finally:
             client.close()

@@ -8,7 +8,7 @@ through exactly the loading path a real model does.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -16,7 +16,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from flashmesh.node.experts import model_classes
 from flashmesh.node.store_format import staged_directory
-from mlx.utils import tree_flatten
+from mlx.utils import tree_flatten, tree_unflatten
 
 CORPUS = (
     "Mixture of experts models route every token to a few experts out of many. "
@@ -171,16 +171,29 @@ def build_tokenizer(directory: Path, *, vocab_size: int = 384) -> int:
 
 
 @contextmanager
-def writing_model(directory: Path, arch: str, *, seed: int = 0, **shape) -> Iterator[tuple[Path, dict, nn.Module]]:
-    """(temporary directory holding the tokenizer, config for `arch`, mlx-lm's model with a lazy random
-    init) for the block to write weights into; on success config.json is written and the directory
-    renamed to `directory`, so a half-written model never looks complete."""
+def writing_model(
+    directory: Path, arch: str, *, seed: int = 0, config: Callable[[int], dict] | None = None, **shape
+) -> Iterator[tuple[Path, dict, nn.Module]]:
+    """(temporary directory holding the tokenizer, config for `arch` (`config(vocab_size)` if given,
+    else the preset), mlx-lm's model with a lazy random init) for the block to write weights into; on
+    success config.json is written and the directory renamed to `directory`, so a half-written model
+    never looks complete."""
     with staged_directory(directory) as tmp:
-        config = preset(arch, vocab=build_tokenizer(tmp), **shape)
+        vocab = build_tokenizer(tmp)
+        config = preset(arch, vocab=vocab, **shape) if config is None else config(vocab)
         model_class, args_class = model_classes(config)
         mx.random.seed(seed)
         yield tmp, config, model_class(args_class.from_dict(config))
         (tmp / "config.json").write_text(json.dumps(config, indent=1))
+
+
+def _fill_zero_matrices(model: nn.Module) -> None:
+    filled = []
+    for name, w in tree_flatten(model.parameters()):
+        if name.endswith("weight") and w.ndim >= 2 and not mx.any(w).item():
+            scale = w.shape[-1] ** -0.5
+            filled.append((name, mx.random.uniform(-scale, scale, w.shape, dtype=w.dtype)))
+    model.update(tree_unflatten(filled))
 
 
 def build_model(
@@ -190,10 +203,16 @@ def build_model(
     quantize: dict | None = None,
     seed: int = 0,
     dtype: str = "float32",
+    config: Callable[[int], dict] | None = None,
+    fill_zeros: bool = False,
     **shape,
 ) -> Path:
-    """Write a random-weight model of `arch` to `directory` (atomically); return the directory."""
-    with writing_model(directory, arch, seed=seed, **shape) as (tmp, config, model):
+    """Write a random-weight model of `arch` to `directory` (atomically); return the directory.
+    fill_zeros: draw random values for weight matrices the architecture initialises to zeros
+    (routers left for the checkpoint to fill), so that tokens route to different experts."""
+    with writing_model(directory, arch, seed=seed, config=config, **shape) as (tmp, config, model):
+        if fill_zeros:
+            _fill_zero_matrices(model)
         model.set_dtype(getattr(mx, dtype))
         if quantize is not None:
             nn.quantize(

@@ -13,10 +13,11 @@ from flashmesh.node.cache import ExpertCache
 from flashmesh.node.compute import LocalExperts, expert_templates
 from flashmesh.node.service import INVALID, UNAUTHENTICATED, NodeService, RequestError
 from flashmesh.node.shard import shard_experts, write_dense, write_shard
-from flashmesh.node.store_format import LayerSpec, Manifest, StoreError, TensorSpec
+from flashmesh.node.store_format import LayerSpec, Manifest, TensorSpec
 from flashmesh.node.store_reader import ExpertStore
 from flashmesh.protos import flashmesh_pb2 as pb
 from flashmesh.protos.codec import encode, encode_numpy
+from flashmesh.protos.errors import UserError
 from flashmesh.testing.in_process import InProcessLink
 from mlx_lm import load
 
@@ -83,9 +84,9 @@ def test_ram_budget_counts_too():
 
 def test_unheld_experts_are_a_one_line_error():
     nodes = [_node("n0", shard_experts(8, count=3, index=0)), _node("n1", shard_experts(8, count=3, index=1))]
-    with pytest.raises(StoreError, match=r"held by no node.*layer 0 experts \[2, 5\]"):
+    with pytest.raises(UserError, match=r"held by no node.*layer 0 experts \[2, 5\]"):
         place(_layers(), nodes)
-    with pytest.raises(StoreError, match="no nodes"):
+    with pytest.raises(UserError, match="no nodes"):
         place(_layers(), [])
 
 
@@ -104,12 +105,12 @@ def test_shard_store_holds_its_subset(models, tmp_path):
                     assert shard.read_raw(spec.layer, e) == source.read_raw(spec.layer, e)
                 held |= {(spec.layer, e) for e in spec.experts}
     assert len(held) == sum(s.num_experts for s in full.layers)  # disjoint and complete
-    with pytest.raises(StoreError, match="shard"):
+    with pytest.raises(UserError, match="shard"):
         open_local(tmp_path / "s0", ram_budget=full.expert_bytes_total)
     dense = write_dense(store, tmp_path / "dense")
     assert all(s.experts == [] for s in dense.layers) and dense.fingerprint == full.fingerprint
     assert all(f.stat().st_size == 0 for f in (tmp_path / "dense" / "experts").iterdir())
-    with pytest.raises(StoreError, match="--index"):
+    with pytest.raises(UserError, match="--index"):
         write_shard(store, tmp_path / "bad", count=3, index=3)
 
 

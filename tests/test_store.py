@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import os
 
-from flashmesh.node.cache import parse_bytes
 from flashmesh.node.store_format import RECORD_ALIGN, TENSOR_ALIGN, Manifest, checksum, layout_record
 from flashmesh.node.store_reader import ExpertStore
+from flashmesh.protos.sizes import parse_bytes
 from hypothesis import given
 from hypothesis import strategies as st
 

@@ -34,7 +34,7 @@ from flashmesh.coordinator.api.worker import (
     TextEvent,
     WorkerClosed,
 )
-from flashmesh.node.store_format import StoreError
+from flashmesh.protos.errors import UserError
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException
 
@@ -303,6 +303,6 @@ async def _parse(request: Request, model: type[S]) -> S:
 def _generation_error(e: BaseException) -> ApiError:
     if isinstance(e, WorkerClosed):
         return ApiError(503, str(e), kind="server_error", code="shutting_down")
-    if isinstance(e, StoreError):  # a node or the store failed: the server cannot serve this now
+    if isinstance(e, UserError):  # a node or the store failed: the server cannot serve this now
         return ApiError(503, str(e), kind="server_error", code="experts_unavailable")
     return ApiError(500, f"generation failed: {e}", kind="server_error", code="generation_failed")

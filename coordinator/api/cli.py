@@ -9,8 +9,8 @@ import signal
 from pathlib import Path
 
 from flashmesh.coordinator.cluster_cli import add_discovery_args
-from flashmesh.node.cache import parse_bytes
-from flashmesh.node.store_format import StoreError
+from flashmesh.protos.errors import UserError
+from flashmesh.protos.sizes import parse_bytes
 from rich.console import Console
 
 log = logging.getLogger(__name__)
@@ -75,10 +75,10 @@ def cmd_serve(args) -> int:
 
     for name in ("max_queue", "max_tokens_limit", "prefill_step"):
         if getattr(args, name) < 1:
-            raise StoreError(f"--{name.replace('_', '-')} must be at least 1")
+            raise UserError(f"--{name.replace('_', '-')} must be at least 1")
     manifest = Manifest.load(args.store)  # a bad path fails here, before anything is started
     if not 0 <= args.port < 65536:
-        raise StoreError(f"--port {args.port} is not a TCP port; pass 0..65535")
+        raise UserError(f"--port {args.port} is not a TCP port; pass 0..65535")
     max_body = parse_bytes(args.max_body)
     sock = bind(args.host, args.port)
     # uvicorn shuts down gracefully on SIGTERM / SIGINT, then raises it again: exit 0 through the finally blocks.

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import uvicorn
-from flashmesh.node.store_format import StoreError
+from flashmesh.protos.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -19,7 +19,7 @@ def bind(host: str, port: int) -> socket.socket:
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except socket.gaierror as e:
-        raise StoreError(f"cannot resolve --host {host!r} ({e.strerror}); pass an address such as 127.0.0.1") from None
+        raise UserError(f"cannot resolve --host {host!r} ({e.strerror}); pass an address such as 127.0.0.1") from None
     family, _, _, _, address = infos[0]
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -29,7 +29,7 @@ def bind(host: str, port: int) -> socket.socket:
     except OSError as e:
         sock.close()
         hint = "pick another --port (or 0 for any free one)" if e.errno in (98, 48) else "check --host and --port"
-        raise StoreError(f"cannot listen on {host} port {port}: {e.strerror}; {hint}") from None
+        raise UserError(f"cannot listen on {host} port {port}: {e.strerror}; {hint}") from None
     sock.set_inheritable(True)
     return sock
 

@@ -21,7 +21,8 @@ from flashmesh.coordinator.engine import StreamingModel
 from flashmesh.coordinator.generate import GenerationStats
 from flashmesh.coordinator.remote import RemoteExperts
 from flashmesh.node.shutdown import release_thread_mlx_state
-from flashmesh.node.store_format import Manifest, StoreError
+from flashmesh.node.store_format import Manifest
+from flashmesh.protos.errors import UserError
 from mlx_lm.generate import stream_generate
 from mlx_lm.sample_utils import make_logits_processors, make_sampler
 from mlx_lm.tokenizer_utils import TokenizerWrapper
@@ -244,7 +245,7 @@ class GenerationWorker:
         if isinstance(backend, RemoteExperts):
             try:
                 backend.poll_health()
-            except StoreError as e:  # a probe's trouble shows again on the next request
+            except UserError as e:  # a probe's trouble shows again on the next request
                 log.warning("probing nodes: %s", e)
 
     def node_states(self) -> list[dict]:
