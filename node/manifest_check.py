@@ -105,7 +105,5 @@ def check_manifest(d, path) -> None:
         layers = _list(d.get("layers"), "layers")
         for i, layer in enumerate(layers):
             _layer(layer, f"layers[{i}]")
-        if len({layer["layer"] for layer in layers}) != len(layers):
-            raise _Bad("layers name the same layer twice")
     except _Bad as e:
         raise UserError(f"{path} is damaged: {e}; re-run `flashmesh pack` (or re-copy the store)") from None
