@@ -17,11 +17,9 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import random
 import signal
 import subprocess
-import sys
 import threading
 import time
 import urllib.request
@@ -34,6 +32,8 @@ from flashmesh.protos import TOKEN_ENV
 from flashmesh.protos.errors import UserError
 from flashmesh.testing import netns
 from flashmesh.testing.local_nodes import ensure_dense, ensure_shards, local_node_processes
+
+from bench.soak import start_serve
 
 log = logging.getLogger(__name__)
 
@@ -191,20 +191,10 @@ def _health(base: str) -> dict:
 
 
 def _start_serve(dense: Path, *, gateway: str, prefix: str, logfile: Path) -> tuple[subprocess.Popen, str]:
-    cmd = [sys.executable, "-m", "flashmesh.coordinator.cli", "serve", str(dense), "--cluster", "--port", "0"]
-    cmd += ["--interfaces", gateway, "--name-prefix", prefix, "--expect", "3", "--discover-timeout", "30"]
-    cmd += ["--model-name", "chaos", "--max-queue", "64"]
-    err = open(logfile, "wb")  # noqa: SIM115 - handed to the child, closed below
-    env = {**os.environ, "TRANSFORMERS_VERBOSITY": "error", TOKEN_ENV: TOKEN}
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True, env=env)
-    err.close()
-    line = proc.stdout.readline()
-    if not line.startswith("serving "):
-        proc.kill()
-        proc.wait()
-        tail = logfile.read_text(errors="replace").strip().splitlines()[-1:]
-        raise UserError(f"the server did not start: {' '.join(tail) or line.strip()}")
-    return proc, line.rsplit(" at ", 1)[1].strip().removesuffix("/v1")
+    args = [str(dense), "--cluster", "--port", "0", "--interfaces", gateway, "--name-prefix", prefix]
+    args += ["--expect", "3", "--discover-timeout", "30", "--model-name", "chaos", "--max-queue", "64"]
+    proc, base = start_serve(args, logfile=logfile, env={TOKEN_ENV: TOKEN})
+    return proc, base.removesuffix("/v1")
 
 
 def _phase(base: str, phase: str, *, clients: int, seconds: float, max_tokens: int, t0: float, out: list):

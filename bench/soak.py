@@ -43,22 +43,13 @@ class Outcome:
     error: str | None = None
 
 
-def _start_server(store: Path, *, ram_budget: int, max_queue: int, logfile: Path) -> tuple[subprocess.Popen, str]:
-    cmd = [
-        sys.executable,
-        "-m",
-        "flashmesh.coordinator.cli",
-        "serve",
-        str(store),
-        "--port",
-        "0",
-        "--model-name",
-        "soak",
-    ]
-    cmd += ["--ram-budget", str(ram_budget), "--max-queue", str(max_queue)]
+def start_serve(serve_args: list[str], *, logfile: Path, env: dict | None = None) -> tuple[subprocess.Popen, str]:
+    """`flashmesh serve SERVE_ARGS...` as a separate process; return it and its base URL (.../v1)
+    once it says it is serving (its stderr goes to `logfile`)."""
+    cmd = [sys.executable, "-m", "flashmesh.coordinator.cli", "serve", *serve_args]
     err = open(logfile, "wb")  # noqa: SIM115 - handed to the child, closed below
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True,
-                            env={**os.environ, "TRANSFORMERS_VERBOSITY": "error"})  # fmt: skip
+                            env={**os.environ, "TRANSFORMERS_VERBOSITY": "error", **(env or {})})  # fmt: skip
     err.close()
     line = proc.stdout.readline()
     if not line.startswith("serving "):
@@ -67,6 +58,11 @@ def _start_server(store: Path, *, ram_budget: int, max_queue: int, logfile: Path
         tail = logfile.read_text(errors="replace").strip().splitlines()[-1:]
         raise UserError(f"the server did not start: {' '.join(tail) or line.strip()}")
     return proc, line.rsplit(" at ", 1)[1].strip()
+
+
+def _start_server(store: Path, *, ram_budget: int, max_queue: int, logfile: Path) -> tuple[subprocess.Popen, str]:
+    args = [str(store), "--port", "0", "--model-name", "soak", "--ram-budget", str(ram_budget)]
+    return start_serve([*args, "--max-queue", str(max_queue)], logfile=logfile)
 
 
 def _client_loop(base_url: str, index: int, *, t0: float, deadline: float, max_tokens: int, out: list) -> None:
