@@ -23,6 +23,8 @@ from flashmesh.protos import TOKEN_ENV
 from flashmesh.protos.errors import UserError
 
 PROCESSES = ("node_serve", "serve", "demo")
+EXIT_TIMEOUT = 90.0  # seconds from the signal to the exit; longer counts as hung
+HUNG = -1000  # the status recorded for a process that did not exit in time
 TOKEN = "shutdown-token"
 
 
@@ -50,19 +52,37 @@ def _command(process: str, store: Path, workdir: Path) -> tuple[list[str], str]:
     return cli + ["demo", "--workdir", str(workdir), "--max-tokens", "4000", "--no-tls"], ""
 
 
-def _load(process: str, line: str, stop: threading.Event) -> None:
-    """Keep requests in flight until `stop` (errors are expected once the process stops)."""
+def _compute_request(store: Path):
+    """A Compute request for one held expert of the first MoE layer (one token of zeros)."""
+    import numpy as np
+    from flashmesh.protos import flashmesh_pb2 as pb
+    from flashmesh.protos.codec import encode_numpy
+
+    spec = Manifest.load(store).layers[0]
+    return pb.ComputeRequest(
+        layer=spec.layer,
+        x=encode_numpy(np.zeros((4, spec.input_dim), dtype=np.float32)),
+        rows=encode_numpy(np.arange(4, dtype=np.int32)),
+        experts=encode_numpy(np.array(spec.experts[:1] * 4, dtype=np.int32)),
+    )
+
+
+def _load(process: str, line: str, stop: threading.Event, store: Path) -> None:
+    """Keep requests in flight until `stop` (errors are expected once the process stops): expert
+    computes on a node, streamed completions on a server."""
     if process == "node_serve":
         from flashmesh.coordinator.client import NodeClient
         from flashmesh.coordinator.discovery import NodeAddress
 
         port = int(re.search(r"port (\d+)", line).group(1))
         client = NodeClient(NodeAddress("127.0.0.1", port), token=TOKEN)
+        request = _compute_request(store)
         try:
             while not stop.is_set():
                 try:
-                    client.stats(timeout=2.0)
-                    client.info(timeout=2.0)
+                    calls = [client.compute_async(request, timeout=5.0) for _ in range(4)]  # several in flight
+                    for call in calls:
+                        call.result()
                 except UserError:
                     time.sleep(0.01)
         finally:
@@ -83,7 +103,7 @@ def one_cycle(process: str, store: Path, workdir: Path, *, sig: signal.Signals, 
     cmd, ready = _command(process, store, workdir)
     if process == "demo":
         cmd += ["--nodes", "2" if load else "0"]
-    env = {**os.environ, TOKEN_ENV: TOKEN, "TRANSFORMERS_VERBOSITY": "error"}
+    env = {**os.environ, TOKEN_ENV: TOKEN, "TRANSFORMERS_VERBOSITY": "error", "PYTHONFAULTHANDLER": "1"}
     with tempfile.TemporaryFile() as err:
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True, env=env)
         stop, loader = threading.Event(), None
@@ -95,13 +115,18 @@ def one_cycle(process: str, store: Path, workdir: Path, *, sig: signal.Signals, 
                 _wait_for_handler(proc, signal.SIGTERM)
                 time.sleep(12.0 if load else 1.0)
             elif load:
-                loader = threading.Thread(target=_load, args=(process, line, stop), name="shutdown-load")
+                loader = threading.Thread(target=_load, args=(process, line, stop, store), name="shutdown-load")
                 loader.start()
                 time.sleep(1.0)
             sent = time.monotonic()
             proc.send_signal(sig)
             threading.Thread(target=proc.stdout.read, daemon=True).start()  # keep its stdout drained
-            status = proc.wait(timeout=60)
+            try:
+                status = proc.wait(timeout=EXIT_TIMEOUT)
+            except subprocess.TimeoutExpired:  # hung: its threads' stacks (faulthandler) go to the report
+                proc.send_signal(signal.SIGABRT)
+                proc.wait(timeout=30)
+                status = HUNG
             seconds = time.monotonic() - sent
         finally:
             stop.set()
@@ -111,7 +136,7 @@ def one_cycle(process: str, store: Path, workdir: Path, *, sig: signal.Signals, 
                 proc.kill()
                 proc.wait()
         err.seek(0)
-        tail = err.read().decode(errors="replace").strip().splitlines()[-3:]
+        tail = err.read().decode(errors="replace").strip().splitlines()[-(60 if status == HUNG else 3) :]
     return Cycle(process, sig.name, load, status, seconds, " | ".join(tail) if status else "")
 
 
@@ -146,11 +171,14 @@ def summarize(cycles: list[Cycle]) -> dict:
     rows = {}
     for c in cycles:
         key = f"{c.process}/{'load' if c.load else 'idle'}/{c.signal}"
-        row = rows.setdefault(key, {"cycles": 0, "exit_0": 0, "aborts": 0, "other": [], "max_seconds_to_exit": 0.0})
+        row = rows.setdefault(
+            key, {"cycles": 0, "exit_0": 0, "aborts": 0, "hung": 0, "other": [], "max_seconds_to_exit": 0.0}
+        )
         row["cycles"] += 1
         row["exit_0"] += c.status == 0
         row["aborts"] += c.status in (134, -6)
+        row["hung"] += c.status == HUNG
         row["max_seconds_to_exit"] = max(row["max_seconds_to_exit"], c.seconds_to_exit)
-        if c.status not in (0, 134, -6):
+        if c.status not in (0, 134, -6, HUNG):
             row["other"].append(f"{c.status}: {c.tail}")
     return rows
