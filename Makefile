@@ -3,7 +3,12 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint format clean
+# The Swift node (mobile_export/ios): built and tested by pytest (tests/test_swift_*.py) when a Swift
+# toolchain is here; the C libraries it links come from Debian's packages, installed when missing.
+SWIFT ?= $(shell command -v swift || ls /opt/swift/usr/bin/swift 2>/dev/null)
+SWIFT_DEBS := libgrpc-dev libxxhash-dev libopenblas-dev
+
+.PHONY: demo test lint format clean swift-deps
 
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
@@ -14,9 +19,25 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/flashmesh demo
 
-test: $(STAMP)
+test: $(STAMP) swift-deps
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
+
+swift-deps:
+ifeq ($(SWIFT),)
+	@echo "################################################################################"
+	@echo "## SKIPPED: no Swift toolchain (swift): the Swift node is neither built nor tested"
+	@echo "################################################################################"
+	@if [ -n "$$FLASHMESH_REQUIRE_SWIFT" ] && [ "$$FLASHMESH_REQUIRE_SWIFT" != 0 ]; then \
+		echo "FLASHMESH_REQUIRE_SWIFT is set: a missing Swift toolchain is an error"; exit 1; fi
+else
+	@if ! command -v dpkg >/dev/null; then \
+		echo "not Debian: the Swift node links gRPC, xxhash and BLAS from the system (docs/ios.md)"; exit 0; fi; \
+	missing=$$(for p in $(SWIFT_DEBS); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+		echo "installing $$missing for the Swift node"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; fi
+endif
 
 lint: $(STAMP)
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
@@ -25,4 +46,4 @@ format: $(STAMP)
 	$(BIN)/ruff format . && $(BIN)/ruff check --fix .
 
 clean:
-	rm -rf $(VENV) .flashmesh
+	rm -rf $(VENV) .flashmesh mobile_export/ios/.build

@@ -392,7 +392,7 @@ def cmd_shutdown(args: argparse.Namespace) -> int:
     store = _store_or_demo(args.store)
     with Progress(disable=args.json) as bar:
         task = bar.add_task("start/stop cycles", total=None)
-        cycles = run_cycles(store, DEMO_WORKDIR, cycles=args.cycles,
+        cycles = run_cycles(store, DEMO_WORKDIR, cycles=args.cycles, processes=tuple(args.processes.split(",")),
                             progress=lambda done, total: bar.update(task, completed=done, total=total))  # fmt: skip
     summary = summarize(cycles)
     path = write_result(args.name, {"store": str(store), "cycles_per_case": args.cycles, "summary": summary,
@@ -512,6 +512,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_shutdown)
     p.add_argument("store", type=Path, nargs="?", default=None, help="a packed store (default: the demo store)")
     p.add_argument("--cycles", type=int, default=50, help="start/stop cycles per process and idle/load")
+    p.add_argument("--processes", default="node_serve,serve,demo", help="which of node_serve, serve, demo")
     p.add_argument("--name", default="shutdown")
     p.add_argument("--json", action="store_true")
 

@@ -25,8 +25,13 @@ import numpy as np
 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-from flashmesh.coordinator.engine import open_cluster, open_local  # noqa: E402
-from flashmesh.coordinator.generate import encode_prompt, generate  # noqa: E402
+from flashmesh.coordinator.engine import open_model  # noqa: E402
+from flashmesh.coordinator.generate import (  # noqa: E402
+    SamplingParams,  # noqa: E402
+    encode_prompt,
+    generate,
+)
+from flashmesh.coordinator.options import ModelOptions  # noqa: E402
 from flashmesh.node.store_format import Manifest  # noqa: E402
 from flashmesh.testing.demo import DEMO_SHAPE, prepare_demo  # noqa: E402
 from flashmesh.testing.local_nodes import ensure_dense, ensure_shards, local_nodes  # noqa: E402
@@ -36,13 +41,13 @@ PROMPT = "The experts live on flash and"
 
 def _generate(streaming, max_tokens: int):
     prompt = encode_prompt(streaming.tokenizer, PROMPT, chat=False)
-    return generate(streaming.model, streaming.tokenizer, prompt, max_tokens=max_tokens)
+    return generate(streaming.model, streaming.tokenizer, prompt, SamplingParams(max_tokens=max_tokens))
 
 
 def _cluster_figures(backend, stats, moe_layers: int) -> dict:
     """Per generated token = per single-token forward pass (a decode step): its MoE layer calls
     have N == 1. The prefill's chunked calls are reported separately, amortised over the tokens."""
-    calls = backend.stats.calls
+    calls = backend.dispatch.calls
     decode = [c for c in calls if c.tokens == 1]
     steps = max(1, len(decode) // moe_layers)
     seconds = np.array([c.seconds for c in decode]) * 1e3
@@ -77,7 +82,7 @@ def main() -> None:
     dense = ensure_dense(store, args.workdir / "dense")
     budget = manifest.expert_bytes_total
 
-    local = open_local(store, ram_budget=budget)
+    local = open_model(ModelOptions(store=store, ram_budget=budget))
     try:
         _generate(local, args.max_tokens)  # warm-up: every expert read once
         repeats = [_generate(local, args.max_tokens) for _ in range(args.repeats)]
@@ -90,10 +95,10 @@ def main() -> None:
     for count in args.nodes:
         shards = ensure_shards(store, args.workdir, count=count)
         with local_nodes(shards, budgets=[budget] * count, token=token, logdir=args.workdir / "logs") as addresses:
-            streaming, _ = open_cluster(dense, addresses, token=token)
+            streaming = open_model(ModelOptions(store=dense, cluster=True, nodes=tuple(addresses), token=token))
             try:
                 _generate(streaming, args.max_tokens)  # warm-up
-                streaming.backend.reset_stats()
+                streaming.backend.reset_dispatch()
                 stats = _generate(streaming, args.max_tokens)  # the wire figures come from this one
                 figures = _cluster_figures(streaming.backend, stats, len(manifest.layers))
                 repeats = [stats] + [_generate(streaming, args.max_tokens) for _ in range(args.repeats - 1)]

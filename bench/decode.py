@@ -6,8 +6,9 @@ import logging
 from pathlib import Path
 
 from flashmesh.coordinator.dispatch import set_lookahead
-from flashmesh.coordinator.engine import open_local
-from flashmesh.coordinator.generate import encode_prompt, generate
+from flashmesh.coordinator.engine import open_model
+from flashmesh.coordinator.generate import SamplingParams, encode_prompt, generate
+from flashmesh.coordinator.options import ModelOptions
 
 log = logging.getLogger(__name__)
 
@@ -26,12 +27,14 @@ def streamed_decode(
     queue_depth: int = 8,
 ) -> dict:
     """Generate greedily with experts streamed from `store`; return tokens and engine statistics."""
-    streaming = open_local(store, ram_budget=ram_budget, page_cache=page_cache, queue_depth=queue_depth)
+    streaming = open_model(
+        ModelOptions(store=store, ram_budget=ram_budget, page_cache=page_cache, queue_depth=queue_depth)
+    )
     try:
         set_lookahead(streaming.model, enabled=lookahead)
         streaming.cache.policy = policy
         tokens = encode_prompt(streaming.tokenizer, prompt, chat=False)
-        result = generate(streaming.model, streaming.tokenizer, tokens, max_tokens=max_tokens)
+        result = generate(streaming.model, streaming.tokenizer, tokens, SamplingParams(max_tokens=max_tokens))
         stats = streaming.cache.close_stats()
         store_stats = streaming.store.stats
         n = max(1, len(result.tokens))

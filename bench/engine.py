@@ -10,8 +10,9 @@ import logging
 import time
 from pathlib import Path
 
-from flashmesh.coordinator.engine import open_local
-from flashmesh.coordinator.generate import encode_prompt, generate
+from flashmesh.coordinator.engine import open_model
+from flashmesh.coordinator.generate import SamplingParams, encode_prompt, generate
+from flashmesh.coordinator.options import ModelOptions
 from flashmesh.node.store_format import Manifest
 
 from bench.decode import PROMPT, streamed_decode
@@ -23,11 +24,11 @@ log = logging.getLogger(__name__)
 def routing_trace(store: Path, *, max_tokens: int, prompt: str = PROMPT) -> list[tuple[int, list[int]]]:
     """The (layer, experts) requests of one greedy generation with everything fitting."""
     manifest = Manifest.load(store)
-    streaming = open_local(store, ram_budget=manifest.expert_bytes_total)
+    streaming = open_model(ModelOptions(store=store, ram_budget=manifest.expert_bytes_total))
     try:
         trace = record_trace(streaming.cache)
         tokens = encode_prompt(streaming.tokenizer, prompt, chat=False)
-        generate(streaming.model, streaming.tokenizer, tokens, max_tokens=max_tokens)
+        generate(streaming.model, streaming.tokenizer, tokens, SamplingParams(max_tokens=max_tokens))
         return trace
     finally:
         streaming.close()
@@ -97,7 +98,7 @@ def mlx_lm_in_ram(source: Path, *, max_tokens: int, prompt: str = PROMPT) -> dic
 
     model, tokenizer = load(str(source))
     tokens = encode_prompt(tokenizer, prompt, chat=False)
-    result = generate(model, tokenizer, tokens, max_tokens=max_tokens)
+    result = generate(model, tokenizer, tokens, SamplingParams(max_tokens=max_tokens))
     return {"tokens": result.tokens, "decode_tokens_per_s": result.decode_tokens_per_s}
 
 
@@ -107,17 +108,17 @@ def everything_fits_overhead(store: Path, source: Path, *, max_tokens: int, roun
     from mlx_lm import load
 
     manifest = Manifest.load(store)
-    streaming = open_local(store, ram_budget=manifest.expert_bytes_total, preload=True)
+    streaming = open_model(ModelOptions(store=store, ram_budget=manifest.expert_bytes_total, preload=True))
     try:
         model, tokenizer = load(str(source))
         ours_in = encode_prompt(streaming.tokenizer, PROMPT, chat=False)
         ref_in = encode_prompt(tokenizer, PROMPT, chat=False)
-        generate(streaming.model, streaming.tokenizer, ours_in, max_tokens=max_tokens)
-        generate(model, tokenizer, ref_in, max_tokens=max_tokens)
+        generate(streaming.model, streaming.tokenizer, ours_in, SamplingParams(max_tokens=max_tokens))
+        generate(model, tokenizer, ref_in, SamplingParams(max_tokens=max_tokens))
         ratios, same = [], True
         for _ in range(rounds):
-            ours = generate(streaming.model, streaming.tokenizer, ours_in, max_tokens=max_tokens)
-            ref = generate(model, tokenizer, ref_in, max_tokens=max_tokens)
+            ours = generate(streaming.model, streaming.tokenizer, ours_in, SamplingParams(max_tokens=max_tokens))
+            ref = generate(model, tokenizer, ref_in, SamplingParams(max_tokens=max_tokens))
             ratios.append(ours.decode_tokens_per_s / ref.decode_tokens_per_s)
             same = same and ours.tokens == ref.tokens
         return {

@@ -30,14 +30,14 @@ from rich.progress import track
 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-from flashmesh.coordinator.engine import open_cluster, open_local  # noqa: E402
-from flashmesh.coordinator.failover import Hedge  # noqa: E402
-from flashmesh.coordinator.generate import encode_prompt, generate  # noqa: E402
+from flashmesh.coordinator.engine import open_model  # noqa: E402
+from flashmesh.coordinator.options import ModelOptions  # noqa: E402
 from flashmesh.coordinator.remote import DEFAULT_RPC_DEADLINE  # noqa: E402
 from flashmesh.node.store_format import Manifest  # noqa: E402
 from flashmesh.protos.errors import UserError  # noqa: E402
 from flashmesh.testing import netns  # noqa: E402
 from flashmesh.testing.demo import DEMO_SHAPE, prepare_demo  # noqa: E402
+from flashmesh.testing.faults import generate_with_faults  # noqa: E402
 from flashmesh.testing.local_nodes import ensure_dense, ensure_shards, local_node_processes  # noqa: E402
 
 from bench.cli import write_result  # noqa: E402
@@ -45,25 +45,6 @@ from bench.cli import write_result  # noqa: E402
 PROMPT = "The experts live on flash and"
 FAULTS = ("sigkill_between_calls", "sigkill_in_flight", "sigstop", "link_down")
 MODES = ("deadline_only", "hedged")
-
-
-def generate_with_faults(streaming, prompt: str, *, max_tokens: int, on_layer_call=None) -> list[int]:
-    """Greedy tokens; `on_layer_call(n)` runs before the n-th MoE layer call (to inject a fault there)."""
-    backend = streaming.backend
-    if on_layer_call is not None:
-        compute, calls = backend.compute, [0]
-
-        def hooked(layer, x, indices):
-            calls[0] += 1
-            on_layer_call(calls[0])
-            return compute(layer, x, indices)
-
-        backend.compute = hooked
-    try:
-        tokens = encode_prompt(streaming.tokenizer, prompt, chat=False)
-        return generate(streaming.model, streaming.tokenizer, tokens, max_tokens=max_tokens).tokens
-    finally:
-        backend.__dict__.pop("compute", None)
 
 
 def _generate(streaming, max_tokens: int, on_layer_call=None) -> list[int]:
@@ -116,17 +97,18 @@ class Fault:
 
 
 def _one(nodes, hosts, dense, *, fault: str, mode: str, reference: list[int], max_tokens: int, rpc_deadline: float):
-    hedge = Hedge(enabled=mode == "hedged")
-    streaming, connected = open_cluster(
-        dense, list(nodes.addresses), token=nodes.token, rpc_deadline=rpc_deadline, hedge=hedge
-    )
+    streaming = open_model(
+        ModelOptions(store=dense, cluster=True, nodes=tuple(nodes.addresses), token=nodes.token,
+                     rpc_deadline=rpc_deadline, hedge=mode == "hedged")
+    )  # fmt: skip
+    connected = streaming.nodes
     backend = streaming.backend
     moe_layers = len(streaming.manifest.layers)
     try:
         _generate(streaming, max_tokens)  # warm caches and the measured latencies
         _generate(streaming, max_tokens)
-        healthy = backend.stats
-        backend.reset_stats()
+        healthy = backend.dispatch
+        backend.reset_dispatch()
         placement = backend.placement
         victim_id = max(placement.node_ids, key=lambda n: len(placement.assigned(n)))
         target = next(n.address.target for n in connected if n.node_id == victim_id)
@@ -137,7 +119,7 @@ def _one(nodes, hosts, dense, *, fault: str, mode: str, reference: list[int], ma
             tokens = _generate(streaming, max_tokens, on_layer_call=lambda n: hurt.inject() if n == at else None)
         finally:
             hurt.repair()
-        stats = backend.stats
+        stats = backend.dispatch
         decode = [c.seconds for c in healthy.calls if c.tokens == 1]
         stall = max(stats.stall_seconds, default=0.0)
         return {
@@ -171,7 +153,7 @@ def main() -> None:
     faults = [f for f in args.faults.split(",") if f]
     store, _ = prepare_demo(args.workdir, show_progress=False)
     manifest = Manifest.load(store)
-    local = open_local(store, ram_budget=manifest.expert_bytes_total)
+    local = open_model(ModelOptions(store=store, ram_budget=manifest.expert_bytes_total))
     try:
         reference = _generate(local, args.max_tokens)
     finally:

@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from flashmesh.node.cache_stats import CacheStats
 from flashmesh.node.store_format import MANIFEST, Manifest
 from flashmesh.protos.errors import UserError
 
@@ -95,14 +96,14 @@ def _ratio(a: float, b: float) -> float:
 
 
 def _node_delta(after, before) -> dict:
-    hits, misses = after.hits - before.hits, after.misses - before.misses
+    used = CacheStats.from_proto(after).since(CacheStats.from_proto(before))
     return {
-        "hits": hits,
-        "misses": misses,
-        "hit_rate": hits / (hits + misses) if hits + misses else 0.0,
-        "bytes_read": after.bytes_read - before.bytes_read,
-        "io_seconds": after.io_seconds - before.io_seconds,
-        "compute_seconds": after.compute_seconds - before.compute_seconds,
+        "hits": used.hits,
+        "misses": used.misses,
+        "hit_rate": used.hit_rate,
+        "bytes_read": used.bytes_read,
+        "io_seconds": used.io_seconds,
+        "compute_seconds": used.compute_seconds,
         "busy_seconds": after.busy_seconds - before.busy_seconds,
         "ram_budget_bytes": after.ram_budget_bytes,
         "peak_cache_bytes": after.peak_cache_bytes,
@@ -123,11 +124,10 @@ def run_cluster_config(
     lookahead: bool = False,
 ) -> dict:
     """Start len(shards) capped nodes, generate once, return tok/s and each node's profile."""
-    from flashmesh.coordinator.engine import open_cluster
-    from flashmesh.coordinator.generate import encode_prompt
+    from flashmesh.coordinator.engine import open_model
+    from flashmesh.coordinator.generate import SamplingParams, encode_prompt, generate
+    from flashmesh.coordinator.options import ModelOptions
     from flashmesh.testing.local_nodes import local_nodes
-    from mlx_lm.generate import stream_generate
-    from mlx_lm.sample_utils import make_sampler
 
     count = len(shards)
     tag = f"flashmesh-scale-{os.getpid()}-{secrets.token_hex(2)}"
@@ -142,24 +142,29 @@ def run_cluster_config(
             logdir=logdir,
             before_exec=[g.join() for g in groups],
         ) as addresses:
-            streaming, nodes = open_cluster(dense, addresses, token=token, lookahead=lookahead)
+            streaming = open_model(
+                ModelOptions(store=dense, cluster=True, nodes=tuple(addresses), token=token, lookahead=lookahead)
+            )
+            nodes = streaming.nodes
             try:
                 before = {n.node_id: n.client.stats() for n in nodes}
                 prompt = encode_prompt(streaming.tokenizer, PROMPT, chat=False)
-                tokens, first_at, at_first, calls_at_first = [], None, None, 0
-                start = time.perf_counter()
-                for response in stream_generate(
-                    streaming.model, streaming.tokenizer, prompt, max_tokens=max_tokens, sampler=make_sampler(temp=0.0)
-                ):
-                    if first_at is None:  # prefill done: node figures from here on are decode only
+                first_at, at_first, calls_at_first = None, None, 0
+
+                def on_token(count: int) -> None:
+                    nonlocal first_at, at_first, calls_at_first
+                    if count == 1:  # prefill done: node figures from here on are decode only
                         first_at = time.perf_counter()
                         at_first = {n.node_id: n.client.stats() for n in nodes}
-                        calls_at_first = len(streaming.backend.stats.calls)
-                    tokens.append(int(response.token))
+                        calls_at_first = len(streaming.backend.dispatch.calls)
+
+                start = time.perf_counter()
+                params = SamplingParams(max_tokens=max_tokens)
+                tokens = generate(streaming.model, streaming.tokenizer, prompt, params, on_token=on_token).tokens
                 end = time.perf_counter()
                 after = {n.node_id: n.client.stats() for n in nodes}
                 # MoE layer calls made after the first token (split -> all replies in -> reassembled)
-                dispatch_s = sum(c.seconds for c in streaming.backend.stats.calls[calls_at_first:])
+                dispatch_s = sum(c.seconds for c in streaming.backend.dispatch.calls[calls_at_first:])
                 node_rows = [
                     {
                         "name": n.info.name,

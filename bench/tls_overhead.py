@@ -27,7 +27,8 @@ from pathlib import Path
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 from flashmesh.coordinator.certs import init_cluster  # noqa: E402
-from flashmesh.coordinator.engine import open_cluster  # noqa: E402
+from flashmesh.coordinator.engine import open_model  # noqa: E402
+from flashmesh.coordinator.options import ModelOptions  # noqa: E402
 from flashmesh.node.store_format import Manifest  # noqa: E402
 from flashmesh.node.tls import COORDINATOR, load_identity  # noqa: E402
 from flashmesh.testing.demo import DEMO_SHAPE, prepare_demo  # noqa: E402
@@ -105,14 +106,15 @@ def _latency(times: dict[str, list[float]]) -> dict:
 
 def _measure(dense: Path, shards, *, tls_dir: Path | None, budget: int, args, layers: int, logdir: Path) -> dict:
     token = secrets.token_urlsafe(18)
-    identity = None if tls_dir is None else load_identity(tls_dir, role=COORDINATOR)
     with local_nodes(shards, budgets=[budget] * len(shards), token=token, logdir=logdir, tls=tls_dir) as addresses:
         start = time.perf_counter()
-        streaming, _ = open_cluster(dense, addresses, token=token, tls=identity)
+        streaming = open_model(
+            ModelOptions(store=dense, cluster=True, nodes=tuple(addresses), token=token, tls=tls_dir)
+        )
         opened = time.perf_counter() - start
         try:
             _generate(streaming, args.max_tokens)  # warm-up
-            streaming.backend.reset_stats()
+            streaming.backend.reset_dispatch()
             stats = _generate(streaming, args.max_tokens)
             figures = _cluster_figures(streaming.backend, stats, layers)
             repeats = [stats] + [_generate(streaming, args.max_tokens) for _ in range(args.repeats - 1)]

@@ -15,11 +15,12 @@ import threading
 from importlib.metadata import entry_points
 from pathlib import Path
 
-from flashmesh.coordinator.cluster_cli import add_discovery_args
-from flashmesh.coordinator.options import default_budget
-from flashmesh.coordinator.remote import DEFAULT_RPC_DEADLINE
+from flashmesh.coordinator.generate import SamplingParams
+from flashmesh.coordinator.options import ModelOptions, add_model_args, model_options
+from flashmesh.coordinator.report import run_prompt
+from flashmesh.node.shutdown import interrupt
 from flashmesh.protos.errors import UserError
-from flashmesh.protos.sizes import format_bytes, parse_bytes
+from flashmesh.protos.sizes import format_bytes
 from rich.console import Console
 from rich.table import Table
 
@@ -34,24 +35,39 @@ COMMANDS = "flashmesh.commands"
 def add_generation_args(p: argparse.ArgumentParser, *, prompt_default: str | None) -> None:
     p.add_argument("--prompt", default=prompt_default, required=prompt_default is None)
     p.add_argument("--max-tokens", type=int, default=32)
-    p.add_argument(
-        "--ram-budget",
-        default=None,
-        help="bytes of expert weights kept in RAM, e.g. 2GB, 512MiB (default: every expert, at most half the RAM)",
-    )
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-p", type=float, default=0.0)
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
-    p.add_argument("--page-cache", action="store_true", help="let the OS page cache help (default: bypass it)")
     p.add_argument("--prefill-step", type=int, default=512, help="prompt tokens per prefill chunk")
-    p.add_argument("--preload", action="store_true", help="read every expert up front when the budget holds them all")
-    p.add_argument(
-        "--lookahead",
-        action="store_true",
-        help="predict the next layer's experts with its router and read them ahead (helps where flash, not "
-        "compute, is the limit; docs/benchmarks.md)",
-    )
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text and a table")
+
+
+def sampling_params(args: argparse.Namespace) -> SamplingParams:
+    return SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p)
+
+
+def run_args(args: argparse.Namespace, options: ModelOptions) -> dict:
+    """Generate as `run` and the demo do: text streamed to stdout unless --json; return the JSON."""
+    stream = None if args.json else (lambda text, _n: print(text, end="", flush=True))
+    try:
+        result = run_prompt(
+            options,
+            args.prompt,
+            sampling_params(args),
+            chat=args.chat,
+            prefill_step_size=args.prefill_step,
+            on_text=stream,
+        )
+    except (TypeError, ValueError, AssertionError) as e:  # mlx-lm's model rejecting what a damaged config built
+        log.debug("the forward pass failed", exc_info=True)
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(
+            f"the model in {options.store} cannot run ({first[:200]}); its config.json may be damaged, "
+            "re-run `flashmesh pack`"
+        ) from None
+    if stream is not None:
+        print(flush=True)
+    return result
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -67,17 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", help="generate with experts streamed from a store")
     p.set_defaults(func=cmd_run)
-    p.add_argument("store", type=Path, help="a store, or with --cluster its dense part (`flashmesh shard --dense`)")
+    add_model_args(p)
     add_generation_args(p, prompt_default=None)
-    p.add_argument("--cluster", action="store_true", help="compute the experts on nodes (zeroconf and/or --node)")
-    add_discovery_args(p)
-    p.add_argument(
-        "--rpc-deadline",
-        type=float,
-        default=DEFAULT_RPC_DEADLINE,
-        help="seconds a node gets for a layer's request before it counts as hung and its work moves to replicas; "
-        "grows with measured latency for large requests (default %(default)g)",
-    )
 
     for entry in sorted(entry_points(group=COMMANDS), key=lambda e: e.name):
         entry.load().register(sub)
@@ -106,82 +113,6 @@ def print_stats(stats: dict, *, title: str) -> None:
     for name, value in rows:
         table.add_row(name, value)
     err.print(table)
-
-
-def run_store(args, store: Path, *, extra: dict | None = None) -> dict:
-    from flashmesh.coordinator.engine import open_local
-    from flashmesh.coordinator.generate import add_cache_stats, encode_prompt, generate
-    from flashmesh.node.store_format import Manifest
-
-    manifest = Manifest.load(store)
-    budget = parse_bytes(args.ram_budget) if args.ram_budget else default_budget(manifest)
-    streaming = open_local(
-        store, ram_budget=budget, page_cache=args.page_cache, lookahead=args.lookahead, preload=args.preload
-    )
-    try:
-        prompt = encode_prompt(streaming.tokenizer, args.prompt, chat=args.chat)
-        stream = None if args.json else (lambda s: print(s, end="", flush=True))
-        stats = generate(
-            streaming.model,
-            streaming.tokenizer,
-            prompt,
-            max_tokens=args.max_tokens,
-            temperature=args.temperature,
-            top_p=args.top_p,
-            prefill_step_size=args.prefill_step,
-            on_text=stream,
-        )
-        if stream is not None:
-            print(flush=True)
-    except (TypeError, ValueError, AssertionError) as e:  # mlx-lm's model rejecting what a damaged config.json built
-        log.debug("the forward pass failed", exc_info=True)
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(
-            f"the model in {store} cannot run ({first[:200]}); its config.json may be damaged, re-run `flashmesh pack`"
-        ) from None
-    finally:
-        streaming.close()
-    add_cache_stats(
-        stats, streaming.cache.stats, ram_budget_bytes=budget, expert_bytes_total=manifest.expert_bytes_total
-    )
-    result = stats.to_json()
-    result["page_cache_bypassed"] = streaming.store.bypassing_cache
-    result.update(extra or {})
-    return result
-
-
-def run_cluster(
-    args, store: Path, *, addresses=None, token: str | None = None, tls=None, extra: dict | None = None
-) -> dict:
-    from flashmesh.coordinator.cluster_cli import coordinator_tls, find_nodes
-    from flashmesh.coordinator.cluster_run import resolve_token, run_on_cluster
-    from flashmesh.node.store_format import Manifest
-
-    manifest = Manifest.load(store)
-    token = token or resolve_token(args.token)
-    if addresses is None:  # `run`: nodes and TLS from the command line (the demo passes its own)
-        tls = coordinator_tls(args)
-        addresses = find_nodes(args, fingerprint=manifest.fingerprint)
-    stream = None if args.json else (lambda s: print(s, end="", flush=True))
-    result = run_on_cluster(
-        store,
-        addresses,
-        token=token,
-        prompt=args.prompt,
-        chat=args.chat,
-        max_tokens=args.max_tokens,
-        temperature=args.temperature,
-        top_p=args.top_p,
-        prefill_step_size=args.prefill_step,
-        lookahead=args.lookahead,
-        rpc_deadline=getattr(args, "rpc_deadline", DEFAULT_RPC_DEADLINE),
-        on_text=stream,
-        tls=tls,
-    )
-    if stream is not None:
-        print(flush=True)
-    result.update(extra or {})
-    return result
 
 
 def print_nodes(result: dict) -> None:
@@ -222,10 +153,7 @@ def cmd_pack(args) -> int:
 
 
 def cmd_run(args) -> int:
-    if args.cluster or args.node:
-        result = run_cluster(args, args.store)
-    else:
-        result = run_store(args, args.store)
+    result = run_args(args, model_options(args))
     if args.json:
         print(json.dumps(result))
     else:
@@ -248,11 +176,13 @@ def run_command(args: argparse.Namespace) -> int:
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )
-    # SIGTERM interrupts like Ctrl-C: finally blocks run (nothing half-written, local nodes stopped).
+    # SIGTERM and Ctrl-C stop the command (node.shutdown.interrupt: a generation between two tokens),
+    # then finally blocks run (nothing half-written, local nodes stopped).
     # Commands that are stopped rather than failed (demo, benchmarks) set `stopped_status` 0; `node
     # serve` and `serve` drain on both signals themselves and return 0.
     main_thread = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, _interrupt) if main_thread else None
+    signals = (signal.SIGTERM, signal.SIGINT)
+    previous = {sig: signal.signal(sig, interrupt) for sig in signals} if main_thread else {}
     try:
         return args.func(args)
     except UserError as e:
@@ -264,12 +194,8 @@ def run_command(args: argparse.Namespace) -> int:
         err.print("stopped" if status == 0 else "interrupted")
         return status
     finally:
-        if main_thread:
-            signal.signal(signal.SIGTERM, previous)
-
-
-def _interrupt(*_) -> None:
-    raise KeyboardInterrupt
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 if __name__ == "__main__":

@@ -8,22 +8,14 @@ import time
 
 import grpc
 from flashmesh.coordinator.discovery import NodeAddress
-from flashmesh.coordinator.failover import DATA_LOSS, DEADLINE, UNAVAILABLE, NodeError
+from flashmesh.coordinator.failover import NodeError
 from flashmesh.node.tls import TlsIdentity, handshake_hint
 from flashmesh.protos import DEFAULT_MAX_MESSAGE_BYTES, LOST_RECORDS_METADATA_KEY, TOKEN_METADATA_KEY
 from flashmesh.protos import flashmesh_pb2 as pb
 from flashmesh.protos import flashmesh_pb2_grpc as pb_grpc
 from flashmesh.protos.codec import parse_records
+from flashmesh.protos.errors import ErrorKind
 
-# gRPC status -> NodeError kind (coordinator.failover): the failures replicas can stand in for.
-_KINDS = {
-    grpc.StatusCode.UNAVAILABLE: UNAVAILABLE,
-    grpc.StatusCode.DEADLINE_EXCEEDED: DEADLINE,
-    grpc.StatusCode.DATA_LOSS: DATA_LOSS,
-    grpc.StatusCode.UNAUTHENTICATED: "unauthenticated",
-    grpc.StatusCode.INVALID_ARGUMENT: "invalid",
-    grpc.StatusCode.RESOURCE_EXHAUSTED: "exhausted",
-}
 # A connection cut mid-call (node killed) can surface as UNKNOWN / INTERNAL / CANCELLED with these words.
 _CUT = ("stream removed", "socket closed", "connection reset", "broken pipe", "goaway", "channel closed")
 # Reconnect soon after a node comes back (gRPC's default back-off grows to 120 s).
@@ -40,11 +32,11 @@ KEEPALIVE_OPTIONS = [
 
 
 def _error(e: grpc.RpcError, label: str, timeout: float, *, tls: bool = False) -> NodeError:
-    kind = _KINDS.get(e.code(), "other")
-    if kind == "other" and any(w in (e.details() or "").lower() for w in _CUT):
-        kind = UNAVAILABLE
+    kind = ErrorKind.__members__.get(e.code().name, ErrorKind.UNKNOWN)  # gRPC status -> the same-named kind
+    if kind in (ErrorKind.UNKNOWN, ErrorKind.INTERNAL) and any(w in (e.details() or "").lower() for w in _CUT):
+        kind = ErrorKind.UNAVAILABLE
     records: tuple = ()
-    if kind == DATA_LOSS:
+    if kind == ErrorKind.DATA_LOSS:
         for key, value in e.trailing_metadata() or ():
             if key == LOST_RECORDS_METADATA_KEY:
                 records = parse_records(value)

@@ -7,16 +7,28 @@ Used by `flashmesh run --cluster`, the demo and `flashmesh cluster ...`. Every f
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 
 from flashmesh.coordinator.client import NodeClient, NodeError
 from flashmesh.coordinator.discovery import NodeAddress
 from flashmesh.coordinator.placement import NodeCapacity
 from flashmesh.node.tls import TlsIdentity
-from flashmesh.protos import PROTOCOL_VERSION
+from flashmesh.protos import PROTOCOL_VERSION, TOKEN_ENV
 from flashmesh.protos import flashmesh_pb2 as pb
+from flashmesh.protos.errors import UserError
 
 log = logging.getLogger(__name__)
+
+
+def resolve_token(token: str | None) -> str:
+    """The cluster token given, else $FLASHMESH_TOKEN; a one-line error without one."""
+    token = token or os.environ.get(TOKEN_ENV)
+    if not token:
+        raise UserError(
+            f"the cluster needs its token: pass --token or set {TOKEN_ENV} (each node prints it when it starts)"
+        )
+    return token
 
 
 @dataclass
@@ -30,13 +42,7 @@ class ConnectedNode:
         return self.info.node_id
 
     def capacity(self) -> NodeCapacity:
-        return NodeCapacity(
-            node_id=self.info.node_id,
-            held={h.layer: frozenset(h.experts) for h in self.info.layers},
-            read_gbps=self.info.flash_read_gbps,
-            ram_budget_bytes=self.info.ram_budget_bytes,
-            name=self.info.name,
-        )
+        return NodeCapacity.of(self.info)
 
 
 def identity_problem(address: NodeAddress, info: pb.NodeInfo) -> str | None:
@@ -117,20 +123,25 @@ def connect(
     return list(nodes.values())
 
 
-def relinker(nodes: list[ConnectedNode], watcher, *, token: str, tls: TlsIdentity | None):
-    """RemoteExperts' `relink`: a new client for a node that `watcher` (coordinator.node_watch) saw
-    announce itself under the same name at another address; the old client is closed."""
-    by_id = {n.node_id: n for n in nodes}
+class Relinker:
+    """RemoteExperts' `relink` (coordinator.links.Relink): a new client for a node that `watcher`
+    (coordinator.node_watch.NodeWatcher, owned: closed with it) saw announce itself under the same
+    name at another address; the old client is closed."""
 
-    def relink(node_id: str) -> NodeClient | None:
-        node = by_id[node_id]
-        moved = watcher.latest(node.info.name) if node.info.name else None
+    def __init__(self, nodes: list[ConnectedNode], watcher, *, token: str, tls: TlsIdentity | None) -> None:
+        self.by_id = {n.node_id: n for n in nodes}
+        self.watcher, self.token, self.tls = watcher, token, tls
+
+    def __call__(self, node_id: str) -> NodeClient | None:
+        node = self.by_id[node_id]
+        moved = self.watcher.latest(node.info.name) if node.info.name else None
         if moved is None or moved.target == node.client.address.target:
             return None
         old, node.address = node.client, moved
-        node.client = NodeClient(moved, token=token, tls=tls)
+        node.client = NodeClient(moved, token=self.token, tls=self.tls)
         node.client.label = f"{node.info.name} ({moved.target})"
         old.close()
         return node.client
 
-    return relink
+    def close(self) -> None:
+        self.watcher.close()

@@ -11,7 +11,6 @@ import time
 from pathlib import Path
 
 from flashmesh.protos import TLS_ENV, TOKEN_ENV
-from flashmesh.protos.errors import UserError
 from rich.console import Console
 from rich.live import Live
 
@@ -57,35 +56,28 @@ def coordinator_tls(args):
     return None if not path else load_identity(Path(path), role=COORDINATOR)
 
 
-def find_nodes(args, *, fingerprint: str | None = None) -> list:
-    from flashmesh.coordinator.discovery import discover
+def find_nodes(args) -> list:
+    """The nodes `add_discovery_args`' options name or find."""
+    from flashmesh.coordinator.discovery import find_nodes
 
-    prefix = getattr(args, "name_prefix", "")
-    nodes = discover(
+    return find_nodes(
         static=args.node,
         interfaces=None if args.no_zeroconf else args.interfaces,
         timeout=args.discover_timeout,
         expect=args.expect,
-        accept=lambda n: n.name.startswith(prefix) and (fingerprint is None or n.fingerprint == fingerprint),
+        name_prefix=args.name_prefix,
     )
-    if not nodes:
-        where = "" if args.no_zeroconf else f" by zeroconf on {', '.join(args.interfaces)}"
-        raise UserError(f"no flashmesh nodes found{where}; start `flashmesh node serve` or pass --node HOST:PORT")
-    return nodes
 
 
-def node_watcher(args, *, fingerprint: str | None = None):
-    """A coordinator.node_watch.NodeWatcher on --interfaces for the nodes find_nodes would accept
-    (None with --no-zeroconf): a running coordinator finds restarted nodes at their new address."""
+def node_watcher(args):
+    """A NodeWatcher on --interfaces for the nodes `cluster top` would show (None with --no-zeroconf):
+    it finds nodes that restart elsewhere."""
     if args.no_zeroconf:
         return None
     from flashmesh.coordinator.node_watch import NodeWatcher
 
     prefix = getattr(args, "name_prefix", "")
-    return NodeWatcher(
-        interfaces=args.interfaces,
-        accept=lambda n: n.name.startswith(prefix) and (fingerprint is None or n.fingerprint == fingerprint),
-    )
+    return NodeWatcher(interfaces=args.interfaces, accept=lambda n: n.name.startswith(prefix))
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -166,7 +158,7 @@ def cmd_cluster_add_node(args) -> int:
 
 def _rows(args) -> list[dict]:
     from flashmesh.coordinator.client import NodeClient
-    from flashmesh.coordinator.cluster_run import resolve_token
+    from flashmesh.coordinator.cluster import resolve_token
     from flashmesh.coordinator.cluster_view import add_assignment, node_row
 
     token = resolve_token(args.token)
@@ -211,7 +203,7 @@ def cmd_cluster_inspect(args) -> int:
 
 def cmd_cluster_top(args) -> int:
     from flashmesh.coordinator.client import NodeClient
-    from flashmesh.coordinator.cluster_run import resolve_token
+    from flashmesh.coordinator.cluster import resolve_token
     from flashmesh.coordinator.cluster_view import add_assignment, node_row, nodes_table, public
 
     token = resolve_token(args.token)

@@ -8,6 +8,7 @@ from flashmesh.coordinator.client import NodeClient, NodeError
 from flashmesh.coordinator.cluster import identity_problem
 from flashmesh.coordinator.discovery import NodeAddress
 from flashmesh.coordinator.placement import LayerShape, NodeCapacity, place
+from flashmesh.node.cache_stats import CacheStats
 from flashmesh.protos import flashmesh_pb2 as pb
 from flashmesh.protos.errors import UserError
 from flashmesh.protos.sizes import format_bytes
@@ -37,7 +38,7 @@ def node_row(address: NodeAddress, client: NodeClient) -> dict:
     except NodeError as e:
         row["error"] = str(e)
         return row
-    lookups = stats.hits + stats.misses
+    cache = CacheStats.from_proto(stats)
     row.update(
         name=info.name,
         node_id=info.node_id,
@@ -49,9 +50,9 @@ def node_row(address: NodeAddress, client: NodeClient) -> dict:
         ram_budget_bytes=stats.ram_budget_bytes,
         cache_bytes=stats.cache_bytes,
         peak_cache_bytes=stats.peak_cache_bytes,
-        cache_hit_rate=stats.hits / lookups if lookups else 0.0,
+        cache_hit_rate=cache.hit_rate,
         expert_bytes_read=stats.bytes_read,
-        read_gbps=stats.bytes_read / stats.io_seconds / 1e9 if stats.io_seconds else 0.0,
+        read_gbps=cache.read_gbps,
         flash_read_gbps=info.flash_read_gbps,
         requests=stats.requests,
         prefetched=stats.prefetched,
@@ -74,12 +75,7 @@ def add_assignment(rows: list[dict]) -> None:
     for group in by_model.values():
         infos: list[pb.NodeInfo] = [r["_info"] for r in group]
         layers = [LayerShape(h.layer, h.num_experts, h.expert_bytes) for h in infos[0].layers]
-        capacities = [
-            NodeCapacity(
-                i.node_id, {h.layer: frozenset(h.experts) for h in i.layers}, i.flash_read_gbps, i.ram_budget_bytes
-            )
-            for i in infos
-        ]
+        capacities = [NodeCapacity.of(i) for i in infos]
         try:
             placement = place(layers, capacities)
         except UserError as e:

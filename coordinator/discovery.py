@@ -1,6 +1,6 @@
 """Finding nodes: zeroconf browse of `_flashmesh._tcp.local.` on the interfaces given, plus static
 HOST:PORT addresses for networks without mDNS. Returns addresses only; whether a node serves the
-right model is checked over the protocol (coordinator.client / coordinator.engine.open_cluster).
+right model is checked over the protocol (coordinator.client / coordinator.engine.open_model).
 """
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from flashmesh.node.advertise import check_interfaces
@@ -128,14 +128,14 @@ def browse(
 
 def discover(
     *,
-    static: list[str] | None = None,
+    static: Sequence[NodeAddress | str] | None = None,
     interfaces: list[str] | None = None,
     timeout: float = 3.0,
     expect: int | None = None,
     accept: Callable[[NodeAddress], bool] | None = None,
 ) -> list[NodeAddress]:
     """Static addresses first, then zeroconf on `interfaces` (none given: no multicast at all)."""
-    nodes = [parse_address(a) for a in static or []]
+    nodes = [a if isinstance(a, NodeAddress) else parse_address(a) for a in static or []]
     if interfaces:
         check_interfaces(interfaces)
         want = None if expect is None else max(0, expect - len(nodes))
@@ -146,4 +146,28 @@ def discover(
                 for n in browse(interfaces=interfaces, timeout=timeout, expect=want, accept=accept)
                 if (n.host, n.port) not in seen
             ]
+    return nodes
+
+
+def find_nodes(
+    *,
+    static: Sequence[NodeAddress | str] = (),
+    interfaces: Sequence[str] | None,
+    timeout: float = 3.0,
+    expect: int | None = None,
+    name_prefix: str = "",
+    fingerprint: str | None = None,
+) -> list[NodeAddress]:
+    """`discover`, keeping zeroconf nodes named `name_prefix`... that serve `fingerprint`; at least one
+    node or a one-line error."""
+    nodes = discover(
+        static=static,
+        interfaces=list(interfaces) if interfaces else None,
+        timeout=timeout,
+        expect=expect,
+        accept=lambda n: n.name.startswith(name_prefix) and (fingerprint is None or n.fingerprint == fingerprint),
+    )
+    if not nodes:
+        where = f" by zeroconf on {', '.join(interfaces)}" if interfaces else ""
+        raise UserError(f"no flashmesh nodes found{where}; start `flashmesh node serve` or pass --node HOST:PORT")
     return nodes

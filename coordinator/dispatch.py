@@ -16,18 +16,30 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 from flashmesh.coordinator.list_dispatch import expert_lists, install_list_dispatch
+from flashmesh.node.cache_stats import ExpertStats
 from flashmesh.node.expert_banks import set_submodule, submodule
 from flashmesh.node.experts import bank_template
 from flashmesh.node.store_format import LayerSpec
 
 
 class ExpertBackend(Protocol):
+    """Where the routed experts of a built model are computed: node.compute.LocalExperts in this
+    process, coordinator.remote.RemoteExperts on nodes. Chosen in one place (coordinator.engine)."""
+
     def compute(self, layer: int, x: mx.array, indices: mx.array) -> mx.array:
         """x [N, D], indices [N, k] -> per-pair expert outputs [N, k, D]."""
         ...
 
-    def prefetch(self, layer: int, experts: list[int]) -> None:
-        """A hint that `experts` of `layer` will be needed soon; may be ignored."""
+    def hint(self, layer: int, experts: list[int]) -> None:
+        """The router lookahead's guess at `layer`'s experts, to read ahead of its compute."""
+        ...
+
+    def stats(self) -> ExpertStats:
+        """A snapshot of the caches' counters (take one before and one after a window)."""
+        ...
+
+    def close(self) -> None:
+        """Finish reads in flight and let go of connections; compute is not called after."""
         ...
 
 
@@ -60,9 +72,8 @@ class ExpertDispatch(nn.Module):
     def __call__(self, x: mx.array, indices: mx.array) -> mx.array:
         lead, k, d = indices.shape[:-1], indices.shape[-1], x.shape[-1]
         flat = x.reshape(-1, d)  # [N, D]
-        hint = getattr(self.backend, "hint", None)
-        if self.lookahead is not None and hint is not None:
-            hint(self.lookahead.layer, self.lookahead.predict(flat, k))
+        if self.lookahead is not None:
+            self.backend.hint(self.lookahead.layer, self.lookahead.predict(flat, k))
         y = self.backend.compute(self.layer, flat, indices.reshape(-1, k))  # [N, k, D]
         return y.reshape(*lead, k, d)
 
@@ -94,7 +105,7 @@ def bind_backend(model: nn.Module, backend: ExpertBackend, *, lookahead: bool = 
     """Point every dispatch of `model` at `backend`; return how many there are.
 
     lookahead: each dispatch predicts the next MoE layer's experts with that layer's router and
-    hints them to the backend (used by backends that have `hint`, i.e. the in-process one). Off by
+    hints them to the backend (in-process: read ahead; nodes: the hint rides on the requests). Off by
     default: measured a net loss (0.72-0.79x decode tok/s) on the CPU-bound reference VM, where it
     covers ~57% of misses but reads 0.6-1.2 wasted experts per useful one (docs/benchmarks.md).
     Turn it on with set_lookahead(model, enabled=True) where flash, not compute, is the limit."""

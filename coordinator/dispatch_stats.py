@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from flashmesh.protos.errors import ErrorKind
+
 
 @dataclass
 class NodeTraffic:
@@ -32,7 +34,7 @@ class LayerCall:
 class Failover:
     layer: int
     node: str  # label
-    kind: str  # unavailable, deadline, data_loss
+    kind: ErrorKind  # one of FAILOVER_KINDS
     reason: str
     pairs: int  # (token, expert) pairs moved to other nodes
     detect_seconds: float  # send -> failure seen (a deadline, or a refused connection)

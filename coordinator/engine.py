@@ -1,48 +1,60 @@
 """Building a streaming model from a store: mlx-lm's class, dense weights only, experts dispatched.
 
-`open_local` is the embedded default: the experts are computed in this process from the store's
-flash records through the expert cache. The distributed path swaps the backend, nothing else.
+`open_model` is the one way in. The embedded default computes the experts in this process from the
+store's flash records through the expert cache; the distributed path swaps the backend, nothing else.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import mlx.core as mx
 import mlx.nn as nn
 from flashmesh.coordinator.dispatch import ExpertBackend, bind_backend, install_dispatch
+from flashmesh.coordinator.options import ModelOptions, default_budget
 from flashmesh.node.cache import ExpertCache
 from flashmesh.node.compute import LocalExperts
 from flashmesh.node.experts import load_lazy
 from flashmesh.node.store_check import dense_keys, dense_mismatch
 from flashmesh.node.store_format import Manifest
 from flashmesh.node.store_reader import ExpertStore
-from flashmesh.node.tls import TlsIdentity
 from flashmesh.protos.errors import UserError
 from mlx.utils import tree_flatten
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 from mlx_lm.utils import load_tokenizer
+
+if TYPE_CHECKING:  # the cluster side is imported only when a cluster is opened
+    from flashmesh.coordinator.cluster import ConnectedNode
+    from flashmesh.coordinator.remote import RemoteExperts
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class StreamingModel:
+    """An open model (`open_model`): mlx-lm's model with its experts behind `backend`. The fields
+    after `options` say where the experts run: `cache`/`store` in this process, `nodes`/`remote` on
+    nodes (the connected nodes and the backend, for the figures only a cluster has)."""
+
     model: nn.Module
     tokenizer: TokenizerWrapper
     manifest: Manifest
     backend: ExpertBackend
-    cache: ExpertCache | None = None  # the local cache, when experts run in this process
+    options: ModelOptions
+    cache: ExpertCache | None = None
     store: ExpertStore | None = None
+    nodes: list[ConnectedNode] = field(default_factory=list)
+    remote: RemoteExperts | None = None
 
     def close(self) -> None:
-        close_backend = getattr(self.backend, "close", None)
-        if close_backend is not None:
-            close_backend()
-        if self.store is not None:
-            self.store.close()
+        try:
+            self.backend.close()
+        finally:
+            if self.store is not None:
+                self.store.close()
 
 
 def load_dense_model(store_path: Path) -> tuple[nn.Module, Manifest, dict[int, nn.Module]]:
@@ -79,79 +91,84 @@ def load_store_tokenizer(store_path: Path, manifest: Manifest) -> TokenizerWrapp
         ) from None
 
 
-def open_local(
-    store_path: Path,
-    *,
-    ram_budget: int,
-    page_cache: bool = False,
-    verify: bool = True,
-    queue_depth: int = 8,
-    lookahead: bool = False,
-    preload: bool = False,
-) -> StreamingModel:
-    """The embedded default: dense part in RAM, experts streamed from this store in-process."""
-    store_path = Path(store_path)
+def open_model(options: ModelOptions) -> StreamingModel:
+    """The one way to open a model: mlx-lm's class with the store's dense weights, its routed experts
+    dispatched to this process (the embedded default) or, with `options.cluster`, to the nodes."""
+    options.check()
+    if options.cluster:
+        return _open_on_nodes(options)
+    return _open_here(options)
+
+
+def _open_here(options: ModelOptions) -> StreamingModel:
+    store_path = Path(options.store)
     model, manifest, templates = load_dense_model(store_path)
     if manifest.shard is not None:
         raise UserError(
             f"{store_path} is a shard ({manifest.shard}); run the full store, or serve shards "
             "as nodes and run with --cluster"
         )
-    store = ExpertStore(store_path, page_cache=page_cache, verify=verify, queue_depth=queue_depth)
+    budget = default_budget(manifest) if options.ram_budget is None else options.ram_budget
+    store = ExpertStore(
+        store_path, page_cache=options.page_cache, verify=options.verify, queue_depth=options.queue_depth
+    )
     try:
-        cache = ExpertCache(store, budget_bytes=ram_budget)
+        cache = ExpertCache(store, budget_bytes=budget)
     except UserError:
         store.close()
         raise
     backend = LocalExperts(cache, templates)
-    attach(model, backend, lookahead=lookahead)
-    if preload:
+    attach(model, backend, lookahead=options.lookahead)
+    if options.preload:
         cache.preload()
     tokenizer = load_store_tokenizer(store_path, manifest)
-    return StreamingModel(model, tokenizer, manifest, backend, cache=cache, store=store)
+    return StreamingModel(model, tokenizer, manifest, backend, options, cache=cache, store=store)
 
 
-def open_cluster(
-    store_path: Path,
-    addresses: list,
-    *,
-    token: str,
-    timeout: float = 10.0,
-    lookahead: bool = False,
-    tls: TlsIdentity | None = None,
-    rpc_deadline: float | None = None,
-    probe_backoff: float = 0.5,
-    watcher=None,
-    hedge=None,
-) -> tuple[StreamingModel, list]:
-    """Dense part in RAM (a full store or a `flashmesh shard --dense` one), experts on the nodes at
-    `addresses` (coordinator.discovery.NodeAddress), over mutual TLS with `tls`; return the model
-    and the connected nodes. `rpc_deadline`: least seconds a node gets per request before its work
-    fails over (None: default). `watcher` (coordinator.node_watch.NodeWatcher, owned by the caller):
-    a node that announces itself at a new address is reconnected there. `hedge`: a
-    coordinator.failover.Hedge (None: the default policy)."""
-    from flashmesh.coordinator.cluster import connect, relinker
+def _open_on_nodes(options: ModelOptions) -> StreamingModel:
+    """Dense part here (a full store or a `flashmesh shard --dense` one), experts on the nodes, over
+    mutual TLS when `options.tls` names the coordinator's identity."""
+    from flashmesh.coordinator.cluster import Relinker, connect, resolve_token
+    from flashmesh.coordinator.discovery import find_nodes
+    from flashmesh.coordinator.failover import Hedge
+    from flashmesh.coordinator.node_watch import watch_nodes
     from flashmesh.coordinator.placement import place
-    from flashmesh.coordinator.remote import DEFAULT_RPC_DEADLINE, RemoteExperts
+    from flashmesh.coordinator.remote import RemoteExperts
+    from flashmesh.node.tls import COORDINATOR, load_identity
 
-    store_path = Path(store_path)
+    store_path = Path(options.store)
+    token = resolve_token(options.token)
+    tls = None if options.tls is None else load_identity(Path(options.tls), role=COORDINATOR)
     model, manifest, _ = load_dense_model(store_path)
-    nodes = connect(addresses, token=token, fingerprint=manifest.fingerprint, timeout=timeout, tls=tls)
+    addresses = find_nodes(
+        static=options.nodes,
+        interfaces=options.zeroconf,
+        timeout=options.discover_timeout,
+        expect=options.expect,
+        name_prefix=options.name_prefix,
+        fingerprint=manifest.fingerprint,
+    )
+    nodes = connect(addresses, token=token, fingerprint=manifest.fingerprint, timeout=options.connect_timeout, tls=tls)
+    relink = None
     try:
+        if options.watch and options.zeroconf:  # a node that restarts elsewhere announces itself: reconnect there
+            relink = Relinker(nodes, watch_nodes(options, manifest.fingerprint), token=token, tls=tls)
         placement = place(manifest.layers, [n.capacity() for n in nodes])
         backend = RemoteExperts(
             {n.node_id: n.client for n in nodes},
             placement,
-            rpc_deadline=DEFAULT_RPC_DEADLINE if rpc_deadline is None else rpc_deadline,
-            probe_backoff=probe_backoff,
+            rpc_deadline=options.rpc_deadline,
+            probe_backoff=options.probe_backoff,
             fingerprint=manifest.fingerprint,
-            relink=None if watcher is None else relinker(nodes, watcher, token=token, tls=tls),
-            hedge=hedge,
+            relink=relink,
+            hedge=None if options.hedge else Hedge(enabled=False),
         )
-        attach(model, backend, lookahead=lookahead)
+        attach(model, backend, lookahead=options.lookahead)
         tokenizer = load_store_tokenizer(store_path, manifest)
     except BaseException:
+        if relink is not None:
+            relink.close()
         for n in nodes:
             n.client.close()
         raise
-    return StreamingModel(model, tokenizer, manifest, backend), nodes
+    return StreamingModel(model, tokenizer, manifest, backend, options, nodes=nodes, remote=backend)

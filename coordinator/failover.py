@@ -19,21 +19,17 @@ from dataclasses import dataclass, field
 
 import numpy as np
 from flashmesh.coordinator.placement import Placement
-from flashmesh.protos.errors import UserError
+from flashmesh.protos.errors import ErrorKind, UserError
 
 Key = tuple[int, int]  # (layer, expert)
-
-# Kinds of NodeError. The first three are failures the coordinator works around with replicas; the
-# others are a wrong request or setup, where trying another node would not help.
-UNAVAILABLE, DEADLINE, DATA_LOSS = "unavailable", "deadline", "data_loss"
-FAILOVER_KINDS = frozenset({UNAVAILABLE, DEADLINE, DATA_LOSS})
 
 
 class NodeError(UserError):
     """A node could not be used: unreachable, refused the token, wrong model, failed a request.
-    `kind` says which (see FAILOVER_KINDS); `records` the (layer, expert) records it found damaged."""
+    `kind` says which (protos.errors: FAILOVER_KINDS a replica can stand in for); `records` the
+    (layer, expert) records it found damaged."""
 
-    def __init__(self, message: str, *, kind: str = "other", records: Iterable[Key] = ()) -> None:
+    def __init__(self, message: str, *, kind: ErrorKind = ErrorKind.UNKNOWN, records: Iterable[Key] = ()) -> None:
         super().__init__(message)
         self.kind = kind
         self.records = tuple(records)

@@ -1,16 +1,48 @@
-"""Generation with mlx-lm's own stream_generate, samplers and tokenizer wrapper, plus statistics."""
+"""The one generation loop: mlx-lm's stream_generate, samplers, logits processors and tokenizer
+wrapper, with stop sequences, cancellation and per-token callbacks, for `run`, the demo, `serve`
+and the benchmarks.
+
+What one sequence needs (its settings, stop matching, streamed text, cancel check, timings) is a
+`Generation`, fed one token at a time; `generate` drives one Generation with stream_generate. A
+batched step (mlx-lm's BatchGenerator over the same dispatch) drives many, one per sequence.
+"""
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 
+import mlx.core as mx
 import mlx.nn as nn
-from flashmesh.node.cache import CacheStats
+from flashmesh.node.shutdown import stop_points
 from mlx_lm.generate import stream_generate
-from mlx_lm.sample_utils import make_sampler
+from mlx_lm.sample_utils import make_logits_processors, make_sampler
 from mlx_lm.tokenizer_utils import TokenizerWrapper
+
+OnText = Callable[[str, int], None]  # (new text, tokens generated so far)
+
+
+@dataclass(frozen=True, kw_only=True)
+class SamplingParams:
+    max_tokens: int
+    temperature: float = 0.0  # 0: greedy
+    top_p: float = 1.0  # 0 or 1: off
+    stop: tuple[str, ...] = ()  # text that ends the generation (not included in it)
+    seed: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()
+
+    def sampler(self):
+        return make_sampler(temp=self.temperature, top_p=self.top_p)
+
+    def logits_processors(self) -> list:
+        return make_logits_processors(
+            logit_bias=dict(self.logit_bias) or None,
+            presence_penalty=self.presence_penalty or None,
+            frequency_penalty=self.frequency_penalty or None,
+        )
 
 
 @dataclass
@@ -20,81 +52,145 @@ class GenerationStats:
     prompt_tokens: int
     ttft_s: float  # prompt in -> first token out (prefill)
     decode_tokens_per_s: float  # tokens after the first, per second
-    cache_hit_rate: float = 0.0
-    expert_bytes_read: int = 0
-    read_gbps: float = 0.0  # bytes read / seconds waiting on reads
-    io_seconds: float = 0.0
-    compute_seconds: float = 0.0  # seconds in expert compute
-    ram_budget_bytes: int = 0
-    expert_bytes_total: int = 0
-    peak_cache_bytes: int = 0
-    bytes_read_per_token: float = 0.0
-    finish_reason: str | None = None
-    extra: dict = field(default_factory=dict)
-
-    def to_json(self) -> dict:
-        d = asdict(self)
-        d.update(d.pop("extra"))
-        return d
+    finish_reason: str | None = None  # "stop", "length" or "cancelled"
 
 
-def encode_prompt(tokenizer: TokenizerWrapper, prompt: str, *, chat: bool) -> list[int]:
-    if chat and tokenizer.chat_template is not None:
-        return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)
-    return tokenizer.encode(prompt)
+class StopMatcher:
+    """Cuts generated text at the first stop sequence and holds back any tail that could be the
+    start of one, so streamed text never shows part of a stop sequence."""
+
+    def __init__(self, stops: tuple[str, ...]) -> None:
+        self.stops = tuple(s for s in stops if s)
+        self.text = ""
+        self.emitted = 0
+
+    def feed(self, piece: str) -> tuple[str, bool]:
+        """Add `piece`; return (text safe to emit now, whether a stop sequence was reached)."""
+        self.text += piece
+        starts = [i for s in self.stops if (i := self.text.find(s, self.emitted)) >= 0]
+        if starts:
+            self.text = self.text[: min(starts)]
+            return self._emit(len(self.text)), True
+        hold = 0
+        for s in self.stops:
+            for k in range(min(len(s) - 1, len(self.text) - self.emitted), hold, -1):
+                if self.text.endswith(s[:k]):
+                    hold = k
+                    break
+        return self._emit(len(self.text) - hold), False
+
+    def flush(self) -> str:
+        return self._emit(len(self.text))
+
+    def _emit(self, upto: int) -> str:
+        out = self.text[self.emitted : upto]
+        self.emitted = max(self.emitted, upto)
+        return out
+
+
+class Generation:
+    """One sequence being generated. `add` takes each token with its new text and says whether the
+    sequence has ended (a stop sequence, the model's end, max_tokens, or `cancelled()`); `finish`
+    returns its statistics. Timings run from construction."""
+
+    def __init__(
+        self,
+        prompt_tokens: list[int],
+        params: SamplingParams,
+        *,
+        on_text: OnText | None = None,
+        on_token: Callable[[int], None] | None = None,
+        cancelled: Callable[[], bool] | None = None,
+    ) -> None:
+        self.prompt_tokens = prompt_tokens
+        self.params = params
+        self.on_text = on_text
+        self.on_token = on_token
+        self.cancelled = cancelled or (lambda: False)
+        self.tokens: list[int] = []
+        self.finish_reason: str | None = "cancelled" if self.cancelled() else None
+        self._matcher = StopMatcher(params.stop)
+        self._start = time.perf_counter()
+        self._first_at: float | None = None
+
+    @property
+    def ended(self) -> bool:
+        return self.finish_reason is not None
+
+    def add(self, token: int, text: str, finish_reason: str | None = None) -> bool:
+        """One generated token; True once the sequence has ended (feed it no more)."""
+        self._first_at = self._first_at or time.perf_counter()
+        self.tokens.append(int(token))
+        if self.on_token is not None:
+            self.on_token(len(self.tokens))
+        piece, stopped = self._matcher.feed(text)
+        self._say(piece)
+        if stopped:
+            self.finish_reason = "stop"
+        elif finish_reason is not None:
+            self.finish_reason = finish_reason
+        elif self.cancelled():
+            self.finish_reason = "cancelled"
+        return self.ended
+
+    def finish(self) -> GenerationStats:
+        if self.finish_reason != "cancelled":
+            self._say(self._matcher.flush())  # text held back for a stop sequence that never came
+        end = time.perf_counter()
+        first_at = self._first_at or end
+        decode = len(self.tokens) - 1
+        return GenerationStats(
+            tokens=self.tokens,
+            text=self._matcher.text,
+            prompt_tokens=len(self.prompt_tokens),
+            ttft_s=first_at - self._start,
+            decode_tokens_per_s=decode / (end - first_at) if decode > 0 and end > first_at else 0.0,
+            finish_reason=self.finish_reason,
+        )
+
+    def _say(self, text: str) -> None:
+        if text and self.on_text is not None:
+            self.on_text(text, len(self.tokens))
 
 
 def generate(
     model: nn.Module,
     tokenizer: TokenizerWrapper,
     prompt_tokens: list[int],
+    params: SamplingParams,
     *,
-    max_tokens: int,
-    temperature: float = 0.0,
-    top_p: float = 0.0,
     prefill_step_size: int = 512,
-    on_text: Callable[[str], None] | None = None,
+    on_text: OnText | None = None,
+    on_token: Callable[[int], None] | None = None,
+    cancelled: Callable[[], bool] | None = None,
 ) -> GenerationStats:
-    """Generate; greedy unless temperature > 0. Timings cover only this call."""
-    sampler = make_sampler(temp=temperature, top_p=top_p)
-    tokens: list[int] = []
-    text: list[str] = []
-    start = time.perf_counter()
-    first_at = None
-    finish = None
-    for response in stream_generate(
-        model, tokenizer, prompt_tokens, max_tokens=max_tokens, sampler=sampler, prefill_step_size=prefill_step_size
-    ):
-        if first_at is None:
-            first_at = time.perf_counter()
-        tokens.append(int(response.token))
-        text.append(response.text)
-        finish = response.finish_reason
-        if on_text is not None and response.text:
-            on_text(response.text)
-    end = time.perf_counter()
-    first_at = first_at or end
-    decode = len(tokens) - 1
-    return GenerationStats(
-        tokens=tokens,
-        text="".join(text),
-        prompt_tokens=len(prompt_tokens),
-        ttft_s=first_at - start,
-        decode_tokens_per_s=decode / (end - first_at) if decode > 0 and end > first_at else 0.0,
-        finish_reason=finish,
-    )
+    """Generate one sequence (greedy unless temperature > 0). `on_text` gets text as it can be shown,
+    `on_token` the count after each token; `cancelled` is asked after each. Timings cover this call."""
+    with stop_points() as stopped:  # SIGTERM / Ctrl-C in `run` or the demo end it between two tokens
+        return _generate(model, tokenizer, prompt_tokens, params, prefill_step_size, on_text, on_token,
+                         lambda: stopped() or (cancelled is not None and cancelled()))  # fmt: skip
 
 
-def add_cache_stats(
-    stats: GenerationStats, cache: CacheStats, *, ram_budget_bytes: int, expert_bytes_total: int
-) -> GenerationStats:
-    stats.cache_hit_rate = cache.hit_rate
-    stats.expert_bytes_read = cache.bytes_read
-    stats.read_gbps = cache.read_gbps
-    stats.io_seconds = cache.io_seconds
-    stats.compute_seconds = cache.compute_seconds
-    stats.peak_cache_bytes = cache.peak_bytes
-    stats.ram_budget_bytes = ram_budget_bytes
-    stats.expert_bytes_total = expert_bytes_total
-    stats.bytes_read_per_token = cache.bytes_read / max(1, len(stats.tokens))
-    return stats
+def _generate(model, tokenizer, prompt_tokens, params, prefill_step_size, on_text, on_token, cancelled):
+    generation = Generation(prompt_tokens, params, on_text=on_text, on_token=on_token, cancelled=cancelled)
+    if params.seed is not None:
+        mx.random.seed(params.seed)
+    if not generation.ended:
+        for response in stream_generate(
+            model,
+            tokenizer,
+            prompt_tokens,
+            max_tokens=params.max_tokens,
+            sampler=params.sampler(),
+            logits_processors=params.logits_processors() or None,
+            prefill_step_size=prefill_step_size,
+        ):
+            if generation.add(response.token, response.text, response.finish_reason):
+                break
+    return generation.finish()
+
+
+def encode_prompt(tokenizer: TokenizerWrapper, prompt: str, *, chat: bool) -> list[int]:
+    if chat and tokenizer.chat_template is not None:
+        return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)
+    return tokenizer.encode(prompt)

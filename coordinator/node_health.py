@@ -9,8 +9,8 @@ import time
 from collections.abc import Callable
 
 import numpy as np
-from flashmesh.coordinator.failover import DATA_LOSS, ExpertsLost, Membership, NodeError, format_lost
-from flashmesh.protos.errors import UserError
+from flashmesh.coordinator.failover import ExpertsLost, Membership, NodeError, format_lost
+from flashmesh.protos.errors import ErrorKind, UserError
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +73,7 @@ class NodeHealth:
         """A request to `node_id` failed in a way a replica can stand in for: mark the node down,
         or, for damaged records the request needed, only those records."""
         asked = {(layer, int(e)) for e in experts}
-        if error.kind == DATA_LOSS and asked & set(error.records):
+        if error.kind == ErrorKind.DATA_LOSS and asked & set(error.records):
             self.membership.mark_bad(node_id, error.records)
             log.warning("%s; using a replica for those records", error)
         else:

@@ -84,3 +84,13 @@ class NodeWatcher(ServiceListener):
         self._browser.cancel()
         self._thread.join()
         self._zc.close()
+
+
+def watch_nodes(options, fingerprint: str | None = None) -> NodeWatcher:
+    """A NodeWatcher on `options.zeroconf` (coordinator.options.ModelOptions) for the nodes its
+    discovery accepts: name prefix and model fingerprint."""
+    prefix = options.name_prefix
+    return NodeWatcher(
+        interfaces=list(options.zeroconf),
+        accept=lambda n: n.name.startswith(prefix) and (fingerprint is None or n.fingerprint == fingerprint),
+    )

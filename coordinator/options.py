@@ -1,14 +1,130 @@
-"""How a model is opened: the options every command shares."""
+"""How a model is opened: one set of options for `run`, `run --cluster`, `serve`, the demo and the
+benchmarks, read from the command line in one place (`add_model_args` / `model_options`)."""
 
 from __future__ import annotations
 
+import argparse
 import os
+from dataclasses import dataclass
+from pathlib import Path
 
+from flashmesh.coordinator.cluster_cli import add_discovery_args
+from flashmesh.coordinator.discovery import NodeAddress
+from flashmesh.coordinator.remote import DEFAULT_RPC_DEADLINE
 from flashmesh.node.store_format import Manifest
+from flashmesh.protos import TLS_ENV
+from flashmesh.protos.errors import UserError
+from flashmesh.protos.sizes import parse_bytes
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelOptions:
+    """Where the experts run and how: in this process from the store, or with `cluster` on nodes
+    (given in `nodes` and/or found by zeroconf on the `zeroconf` interfaces), when `store` needs only
+    the dense part (`flashmesh shard --dense`)."""
+
+    store: Path
+    lookahead: bool = False  # the next layer's router predicts its experts; they are read ahead
+    # --- experts in this process
+    ram_budget: int | None = None  # bytes of experts cached; None: every expert, at most half the RAM
+    page_cache: bool = False  # let the OS page cache help (default: bypass it)
+    preload: bool = False  # read every expert up front when the budget holds them all
+    verify: bool = True  # check every record's checksum
+    queue_depth: int = 8  # reads in flight
+    # --- experts on nodes
+    cluster: bool = False
+    nodes: tuple[NodeAddress | str, ...] = ()  # static addresses (HOST:PORT, NAME@HOST:PORT)
+    zeroconf: tuple[str, ...] | None = None  # IPv4 interfaces to browse on; None: no multicast
+    discover_timeout: float = 3.0
+    expect: int | None = None  # stop browsing once this many nodes are found
+    name_prefix: str = ""  # only zeroconf nodes whose name starts with it
+    token: str | None = None  # the cluster token; None: $FLASHMESH_TOKEN
+    tls: Path | None = None  # the coordinator's identity (CLUSTER_DIR or its coordinator/); None: plaintext
+    rpc_deadline: float = DEFAULT_RPC_DEADLINE  # least seconds a node gets per request before failover
+    probe_backoff: float = 0.5  # first wait before probing a node that went down
+    connect_timeout: float = 10.0  # seconds a node gets to answer Info when connecting
+    hedge: bool = True  # a request late against its node's own p99 goes to a replica too (coordinator.failover)
+    watch: bool = False  # keep browsing zeroconf: a node that restarts elsewhere is reconnected (serve)
+
+    def check(self) -> None:
+        """Refuse options that would be silently ignored where the experts run."""
+        if self.cluster:
+            local = [f for f, on in (("--ram-budget", self.ram_budget is not None), ("--page-cache", self.page_cache),
+                                     ("--preload", self.preload)) if on]  # fmt: skip
+            if local:
+                raise UserError(
+                    f"{', '.join(local)} set the cache of experts computed here; with --cluster each node "
+                    "has its own: pass them to `flashmesh node serve`"
+                )
+        elif self.tls is not None or self.nodes or self.zeroconf is not None:
+            raise UserError("--tls and --node are for experts computed on nodes; add --cluster")
+
+
+def physical_memory_bytes() -> int:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 def default_budget(manifest: Manifest) -> int:
     """Without --ram-budget: every expert, but at most half of this machine's RAM (the slabs are
     allocated up front, so a budget above what the machine has would fail at start)."""
-    physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    return min(manifest.expert_bytes_total, max(manifest.min_budget_bytes, physical // 2))
+    return min(manifest.expert_bytes_total, max(manifest.min_budget_bytes, physical_memory_bytes() // 2))
+
+
+def add_cache_args(p: argparse.ArgumentParser) -> None:
+    """The options of experts computed in this process, and lookahead."""
+    p.add_argument(
+        "--ram-budget",
+        default=None,
+        help="bytes of expert weights kept in RAM, e.g. 2GB, 512MiB (default: every expert, at most half the RAM)",
+    )
+    p.add_argument("--page-cache", action="store_true", help="let the OS page cache help (default: bypass it)")
+    p.add_argument("--preload", action="store_true", help="read every expert up front when the budget holds them all")
+    p.add_argument(
+        "--lookahead",
+        action="store_true",
+        help="predict the next layer's experts with its router and read them ahead (helps where flash, not "
+        "compute, is the limit; docs/benchmarks.md)",
+    )
+
+
+def add_rpc_deadline_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--rpc-deadline",
+        type=float,
+        default=DEFAULT_RPC_DEADLINE,
+        help="seconds a node gets for a layer's request before it counts as hung and its work moves to replicas; "
+        "grows with measured latency for large requests (default %(default)g)",
+    )
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    """Everything `model_options` reads: `run` and `serve` take exactly these."""
+    p.add_argument("store", type=Path, help="a store, or with --cluster its dense part (`flashmesh shard --dense`)")
+    add_cache_args(p)
+    p.add_argument("--cluster", action="store_true", help="compute the experts on nodes (zeroconf and/or --node)")
+    add_discovery_args(p)
+    add_rpc_deadline_arg(p)
+
+
+def model_options(args: argparse.Namespace) -> ModelOptions:
+    """The options `add_model_args` added, as given on the command line (with $FLASHMESH_TLS)."""
+    cluster = args.cluster or bool(args.node)
+    tls = args.tls or (os.environ.get(TLS_ENV) if cluster else None)
+    options = ModelOptions(
+        store=args.store,
+        lookahead=args.lookahead,
+        ram_budget=parse_bytes(args.ram_budget) if args.ram_budget else None,
+        page_cache=args.page_cache,
+        preload=args.preload,
+        cluster=cluster,
+        nodes=tuple(args.node),
+        zeroconf=tuple(args.interfaces) if cluster and not args.no_zeroconf else None,
+        discover_timeout=args.discover_timeout,
+        expect=args.expect,
+        name_prefix=args.name_prefix,
+        token=args.token,
+        tls=Path(tls) if tls else None,
+        rpc_deadline=args.rpc_deadline,
+    )
+    options.check()
+    return options

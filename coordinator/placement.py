@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
+from flashmesh.protos import flashmesh_pb2 as pb
 from flashmesh.protos.errors import UserError
 
 Key = tuple[int, int]  # (layer, expert)
@@ -46,6 +47,17 @@ class NodeCapacity:
     read_gbps: float
     ram_budget_bytes: int
     name: str = ""
+
+    @classmethod
+    def of(cls, info: pb.NodeInfo) -> NodeCapacity:
+        """What a node's Info reply says it can take."""
+        return cls(
+            node_id=info.node_id,
+            held={h.layer: frozenset(h.experts) for h in info.layers},
+            read_gbps=info.flash_read_gbps,
+            ram_budget_bytes=info.ram_budget_bytes,
+            name=info.name,
+        )
 
 
 @dataclass

@@ -22,29 +22,25 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import mlx.core as mx
 import numpy as np
 from flashmesh.coordinator.dispatch_stats import DispatchStats, Failover, HedgeEvent, LayerCall, NodeTraffic
-from flashmesh.coordinator.failover import (
-    FAILOVER_KINDS,
-    Deadline,
-    Hedge,
-    Membership,
-    NodeError,
-)
-from flashmesh.coordinator.links import NodeLink, PendingReply
+from flashmesh.coordinator.failover import Deadline, Hedge, Membership, NodeError
+from flashmesh.coordinator.links import NodeLink, PendingReply, Relink
 from flashmesh.coordinator.node_health import NodeHealth
 from flashmesh.coordinator.placement import Placement
+from flashmesh.node.cache_stats import CacheStats, ExpertStats
 from flashmesh.protos import flashmesh_pb2 as pb
 from flashmesh.protos.codec import CodecError, decode, encode, encode_numpy
-from flashmesh.protos.errors import UserError
+from flashmesh.protos.errors import FAILOVER_KINDS, UserError
 
 log = logging.getLogger(__name__)
 
 DEFAULT_RPC_DEADLINE = 3.0  # seconds: the least time a node gets for a request before it counts as hung
+STATS_TIMEOUT = 10.0  # seconds a node gets to answer a Stats call
 
 
 @dataclass(eq=False)
@@ -77,25 +73,28 @@ class RemoteExperts:
         probe_backoff: float = 0.5,
         max_probe_backoff: float = 2.0,
         fingerprint: str | None = None,
-        relink: Callable[[str], NodeLink | None] | None = None,
+        relink: Relink | None = None,
     ) -> None:
         """`hedge`: when to ask a replica too (None: Hedge()'s defaults; Hedge(enabled=False): never).
-        `relink(node_id)`: a link to the node at a new address when discovery saw it move (else None)."""
+        `relink(node_id)`: a link to the node at a new address when discovery saw it move (else None);
+        closed with this backend."""
         missing = [n for n in placement.node_ids if n not in links]
         if missing:
             raise UserError(f"placement names nodes without a connection: {missing}")
         self.links = dict(links)
         self.placement = placement
         self.fingerprint = fingerprint
+        self.relink = relink
         self.deadline = Deadline(floor=rpc_deadline)
         self.hedge = Hedge() if hedge is None else hedge
         self.membership = Membership(placement, probe_backoff=probe_backoff, max_probe_backoff=max_probe_backoff)
         self.health = NodeHealth(
             self.links, self.membership, fingerprint=fingerprint, relink=relink, probe_deadline=probe_deadline,
-            on_recovered=lambda label: self.stats.recoveries.append(label),
+            on_recovered=lambda label: self.dispatch.recoveries.append(label),
         )  # fmt: skip
         self._next: tuple[int, np.ndarray] | None = None  # router lookahead: (layer, experts)
-        self.stats = DispatchStats(nodes={n: NodeTraffic() for n in placement.node_ids})
+        self.dispatch = DispatchStats(nodes={n: NodeTraffic() for n in placement.node_ids})
+        self._node_stats: dict[str, pb.NodeStats] = {}  # each node's last Stats reply
 
     def hint(self, layer: int, experts: list[int]) -> None:
         """The router lookahead's guess at `layer`'s experts; it rides on the next compute's
@@ -171,7 +170,7 @@ class RemoteExperts:
         y_all = outputs[0] if len(outputs) == 1 else mx.concatenate(outputs)  # [N*k, D] in `order`
         out = y_all[mx.array(np.argsort(np.concatenate(order)))].reshape(n, k, -1)  # [N, k, D]
         mx.eval(out)
-        self.stats.calls.append(LayerCall(n, sent, wire, time.perf_counter() - start, rounds, hedges))
+        self.dispatch.calls.append(LayerCall(n, sent, wire, time.perf_counter() - start, rounds, hedges))
         return out
 
     @staticmethod
@@ -189,8 +188,8 @@ class RemoteExperts:
                 raise
             self.health.fail(a.node_id, e, layer, flat[a.pairs])
             label = self.links[a.node_id].label
-            self.stats.failovers.append(Failover(layer, label, e.kind, str(e), a.pairs.size, a.call.seconds))
-            self.stats.nodes[a.node_id].failures += 1
+            self.dispatch.failovers.append(Failover(layer, label, e.kind, str(e), a.pairs.size, a.call.seconds))
+            self.dispatch.nodes[a.node_id].failures += 1
             return None
 
     def _hedge(self, layer, x: mx.array, flat: np.ndarray, a: _Attempt, done: np.ndarray, k: int, wake) -> list:
@@ -203,8 +202,8 @@ class RemoteExperts:
         if not ok.any():
             return []  # no replica: the request's deadline is the last resort
         label, waited = self.links[a.node_id].label, time.perf_counter() - a.sent_at
-        self.stats.nodes[a.node_id].hedged += 1
-        self.stats.hedges.append(HedgeEvent(layer, label, waited, int(ok.sum())))
+        self.dispatch.nodes[a.node_id].hedged += 1
+        self.dispatch.hedges.append(HedgeEvent(layer, label, waited, int(ok.sum())))
         log.info("node %s is late on layer %d (%.0f ms); asking replicas too", label, layer, waited * 1e3)
         return self._send_slots(layer, x, flat, want[ok], slots[ok], k, wake, hedge=True)
 
@@ -213,7 +212,7 @@ class RemoteExperts:
         if a.is_hedge:
             return
         label, waited = self.links[a.node_id].label, time.perf_counter() - a.sent_at
-        self.stats.nodes[a.node_id].outrun += 1
+        self.dispatch.nodes[a.node_id].outrun += 1
         reason = f"node {label}: no answer within {waited * 1e3:.0f} ms (hedged to replicas, which answered)"
         self.membership.mark_down(a.node_id, reason, slow=True)
         log.warning("%s; marked down until a probe answers", reason)
@@ -247,7 +246,7 @@ class RemoteExperts:
         return in_flight
 
     def _decode(self, a: _Attempt, reply, layer: int, d: int) -> mx.array:
-        traffic, seconds = self.stats.nodes[a.node_id], a.call.seconds
+        traffic, seconds = self.dispatch.nodes[a.node_id], a.call.seconds
         traffic.requests += 1
         traffic.pairs += a.pairs.size
         traffic.bytes_sent += a.sent
@@ -266,8 +265,25 @@ class RemoteExperts:
             )
         return y
 
-    def reset_stats(self) -> None:
-        self.stats = DispatchStats(nodes={n: NodeTraffic() for n in self.placement.node_ids})
+    def reset_dispatch(self) -> None:
+        """Start the wire figures afresh (a server does after each request, or its lists would grow)."""
+        self.dispatch = DispatchStats(nodes={n: NodeTraffic() for n in self.placement.node_ids})
+
+    def stats(self) -> ExpertStats:
+        """Each node's cache counters (its Stats RPC); a node that is down or does not answer keeps
+        the figures it last reported, so a window over a failover still adds up."""
+        for node_id, link in self.links.items():
+            if not self.membership.states[node_id].up and node_id in self._node_stats:
+                continue
+            try:
+                self._node_stats[node_id] = link.stats(timeout=STATS_TIMEOUT)
+            except UserError as e:
+                log.warning("no statistics from %s: %s", link.label, e)
+                self._node_stats.setdefault(node_id, pb.NodeStats())
+        return ExpertStats(
+            {n: CacheStats.from_proto(s) for n, s in self._node_stats.items()},
+            {n: s.ram_budget_bytes for n, s in self._node_stats.items()},
+        )
 
     def prefetch(self, layer: int, experts: list[int]) -> None:
         """Ask each node computing `experts` now to read its share into its cache (waits for all).
@@ -287,11 +303,10 @@ class RemoteExperts:
 
     def close(self) -> None:
         for state in self.membership.states.values():
-            cancel = getattr(state.probe, "cancel", None)
-            if cancel is not None:
-                cancel()
+            if state.probe is not None:
+                state.probe.cancel()
             state.probe = None
+        if self.relink is not None:
+            self.relink.close()
         for link in self.links.values():
-            close = getattr(link, "close", None)
-            if close is not None:
-                close()
+            link.close()

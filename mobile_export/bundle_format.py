@@ -14,25 +14,18 @@ from pathlib import Path
 import numpy as np
 from flashmesh.node.bundle_format import PROJ, layer_specs, load_manifest
 from flashmesh.node.store_format import RECORD_ALIGN, LayerSpec, checksum
+from flashmesh.protos.codec import DTYPES
 from flashmesh.protos.errors import UserError
 
 MIN_IOS = {"iOS18": "18.0", "iOS26": "26.0"}
 PACKAGE_LIMIT_BYTES = 1_000_000_000  # each .mlpackage stays under 1 GB
-
-NP_DTYPES = {
-    "float16": np.dtype(np.float16),
-    "float32": np.dtype(np.float32),
-    "uint32": np.dtype(np.uint32),
-    "int8": np.dtype(np.int8),
-    "int32": np.dtype(np.int32),
-}
 
 
 def tensors_from_record(buf, spec: LayerSpec) -> dict[str, np.ndarray]:
     """Views (no copy) of one record's tensors; `buf` is the record's bytes."""
     out = {}
     for t in spec.tensors:
-        dtype = NP_DTYPES[t.dtype]
+        dtype = DTYPES[t.dtype][0]  # little-endian numpy dtypes, as the records hold them
         count = int(np.prod(t.shape)) if t.shape else 1
         out[t.name] = np.frombuffer(buf, dtype=dtype, count=count, offset=t.offset).reshape(t.shape)
     return out

@@ -26,10 +26,10 @@ from __future__ import annotations
 import logging
 import time
 from collections import OrderedDict
-from dataclasses import dataclass
 
 import mlx.core as mx
 import numpy as np
+from flashmesh.node.cache_stats import CacheStats
 from flashmesh.node.slab import Slab, signature
 from flashmesh.node.store_format import Manifest
 from flashmesh.node.store_reader import ExpertStore, PendingRead
@@ -39,40 +39,6 @@ from flashmesh.protos.sizes import format_bytes
 log = logging.getLogger(__name__)
 
 Key = tuple[int, int]  # (layer, expert)
-
-
-@dataclass
-class CacheStats:
-    hits: int = 0
-    misses: int = 0
-    evictions: int = 0
-    bytes_read: int = 0  # bytes fetched from flash (whole records)
-    io_seconds: float = 0.0
-    compute_seconds: float = 0.0
-    peak_bytes: int = 0
-    prefetched: int = 0  # experts read ahead of need
-    prefetch_used: int = 0  # of those, asked for by acquire (each one a miss avoided)
-    prefetch_wasted: int = 0  # of those, evicted or dropped before anyone asked for them
-    prefetch_wait_seconds: float = 0.0  # time acquire waited on reads already in flight
-
-    @property
-    def prefetch_coverage(self) -> float:
-        """Share of would-be misses that prefetch turned into hits."""
-        total = self.prefetch_used + self.misses
-        return self.prefetch_used / total if total else 0.0
-
-    @property
-    def wasted_per_useful(self) -> float:
-        return self.prefetch_wasted / self.prefetch_used if self.prefetch_used else 0.0
-
-    @property
-    def hit_rate(self) -> float:
-        total = self.hits + self.misses
-        return self.hits / total if total else 0.0
-
-    @property
-    def read_gbps(self) -> float:
-        return self.bytes_read / self.io_seconds / 1e9 if self.io_seconds else 0.0
 
 
 POLICIES = ("auto", "lru", "lfu", "cyclic")

@@ -8,12 +8,14 @@ ids are renumbered to the experts' slots, so the arithmetic is mlx-lm's and noth
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 from flashmesh.node.cache import ExpertCache
+from flashmesh.node.cache_stats import LOCAL, ExpertStats
 from flashmesh.node.experts import expert_templates
 from mlx.utils import tree_unflatten
 
@@ -23,7 +25,8 @@ _EMPTY = mx.zeros((0,))
 
 
 class LocalExperts:
-    """The in-process expert backend: cache + store + mlx-lm's expert modules as kernels."""
+    """The in-process expert backend (coordinator.dispatch.ExpertBackend, and the compute of a node):
+    cache + store + mlx-lm's expert modules as kernels."""
 
     def __init__(self, cache: ExpertCache, templates: dict[int, nn.Module]) -> None:
         self.cache = cache
@@ -66,6 +69,14 @@ class LocalExperts:
     def prefetch(self, layer: int, experts: list[int]) -> None:
         """Start reading `experts` of `layer` into the cache (as many as fit); does not wait."""
         self.cache.prefetch(layer, sorted(set(experts)))
+
+    def stats(self) -> ExpertStats:
+        return ExpertStats({LOCAL: dataclasses.replace(self.cache.stats)}, {LOCAL: self.cache.budget_bytes})
+
+    def close(self) -> None:
+        """Land the reads in flight (read-ahead), so the store can be closed after."""
+        self._hint = None
+        self.cache.drain()
 
     def hint(self, layer: int, experts: list[int]) -> None:
         """Predicted experts of an upcoming layer: read them as soon as the next compute() has pinned

@@ -13,22 +13,20 @@ import logging
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
-from flashmesh.node.service import DATA_LOSS, INTERNAL, INVALID, UNAUTHENTICATED, NodeService, RequestError
+from flashmesh.node.service import NodeService, RequestError
 from flashmesh.node.tls import TlsIdentity
 from flashmesh.protos import LOST_RECORDS_METADATA_KEY, TOKEN_METADATA_KEY
 from flashmesh.protos import flashmesh_pb2 as pb
 from flashmesh.protos import flashmesh_pb2_grpc as pb_grpc
 from flashmesh.protos.codec import format_records
+from flashmesh.protos.errors import ErrorKind
 from google.protobuf.message import DecodeError
 
 log = logging.getLogger(__name__)
 
-_CODES = {
-    INVALID: grpc.StatusCode.INVALID_ARGUMENT,
-    UNAUTHENTICATED: grpc.StatusCode.UNAUTHENTICATED,
-    INTERNAL: grpc.StatusCode.INTERNAL,
-    DATA_LOSS: grpc.StatusCode.DATA_LOSS,
-}
+
+def _code(kind: ErrorKind) -> grpc.StatusCode:
+    return grpc.StatusCode[kind.name]  # ErrorKind names its members after gRPC's status codes
 
 
 def _token(context: grpc.ServicerContext) -> str | None:
@@ -50,7 +48,7 @@ class NodeServicer(pb_grpc.NodeServicer):
             log.info("refused request: %s", e)
             if e.records:  # which records are damaged, for the coordinator's failover
                 context.set_trailing_metadata(((LOST_RECORDS_METADATA_KEY, format_records(e.records)),))
-            context.abort(_CODES[e.status], str(e))
+            context.abort(_code(e.kind), str(e))
 
     def Info(self, request, context):
         return self._serve(context, self.service.info)
@@ -80,7 +78,7 @@ def _parsed(method, request_class, service: NodeService):
             except DecodeError as e:
                 raise service.invalid(f"the request is not a valid {request_class.__name__} message ({e})") from None
         except RequestError as e:
-            context.abort(_CODES[e.status], str(e))
+            context.abort(_code(e.kind), str(e))
         return method(request, context)
 
     return handle

@@ -28,28 +28,26 @@ from flashmesh.node.store_format import RecordError
 from flashmesh.protos import DEFAULT_MAX_MESSAGE_BYTES, PROTOCOL_VERSION
 from flashmesh.protos import flashmesh_pb2 as pb
 from flashmesh.protos.codec import FLOAT_DTYPES, CodecError, all_finite, decode, encode, to_numpy
-from flashmesh.protos.errors import UserError
+from flashmesh.protos.errors import ErrorKind, UserError
 
 log = logging.getLogger(__name__)
 
-INVALID, UNAUTHENTICATED, INTERNAL = "invalid_argument", "unauthenticated", "internal"
-DATA_LOSS = "data_loss"  # a record on this node's flash failed its checksum (or was cut short)
-
 
 class RequestError(Exception):
-    """A request the node refuses or cannot serve; `status` names the gRPC status code, `records`
-    the (layer, expert) records found damaged (DATA_LOSS), so a coordinator can use a replica."""
+    """A request the node refuses or cannot serve; `kind` (protos.errors.ErrorKind) becomes the gRPC
+    status code, `records` the (layer, expert) records found damaged (DATA_LOSS), so a coordinator
+    can use a replica."""
 
-    def __init__(self, status: str, message: str, *, records: tuple[tuple[int, int], ...] = ()) -> None:
+    def __init__(self, kind: ErrorKind, message: str, *, records: tuple[tuple[int, int], ...] = ()) -> None:
         super().__init__(message)
-        self.status = status
+        self.kind = kind
         self.records = records
 
 
 def _store_failure(name: str, e: UserError) -> RequestError:
     if isinstance(e, RecordError):
-        return RequestError(DATA_LOSS, f"node {name}: {e}", records=e.records)
-    return RequestError(INTERNAL, f"node {name}: {e}")
+        return RequestError(ErrorKind.DATA_LOSS, f"node {name}: {e}", records=e.records)
+    return RequestError(ErrorKind.INTERNAL, f"node {name}: {e}")
 
 
 def measure_read_gbps(store: ExpertSource, *, max_bytes: int = 64 * 1024**2, max_records: int = 64) -> float:
@@ -124,11 +122,11 @@ class NodeService:
     def check_token(self, given: str | None) -> None:
         if not given or not hmac.compare_digest(given.encode(), self.token.encode()):
             self._count(rejected=1)
-            raise RequestError(UNAUTHENTICATED, "missing or wrong cluster token")
+            raise RequestError(ErrorKind.UNAUTHENTICATED, "missing or wrong cluster token")
 
     def invalid(self, message: str) -> RequestError:
         self._count(rejected=1)
-        return RequestError(INVALID, message)
+        return RequestError(ErrorKind.INVALID_ARGUMENT, message)
 
     def _check_layer(self, layer: int) -> np.ndarray:
         if layer not in self._held:
@@ -244,15 +242,7 @@ class NodeService:
         with self._lock:
             counters, busy = dict(self._counters), self._busy
         return pb.NodeStats(
-            hits=s.hits,
-            misses=s.misses,
-            evictions=s.evictions,
-            bytes_read=s.bytes_read,
-            io_seconds=s.io_seconds,
-            compute_seconds=s.compute_seconds,
-            peak_cache_bytes=s.peak_bytes,
-            prefetched=s.prefetched,
-            prefetch_used=s.prefetch_used,
+            **s.proto_fields(),
             cache_bytes=self.cache.bytes,
             ram_budget_bytes=self.cache.budget_bytes,
             busy_seconds=busy,

@@ -1,5 +1,11 @@
 """Stopping cleanly: the one MLX thread of a process, and SIGTERM / SIGINT as a request to drain.
 
+One-shot commands (run, demo, the benchmarks) stop at safe points: `interrupt` (their SIGTERM and
+SIGINT handler) raises KeyboardInterrupt, except inside `stop_points()` blocks -- a generation --
+where it only records the request, and the block stops between two tokens. An exception raised by
+a signal handler lands wherever the main thread is: inside gRPC's channel machinery it can leave a
+channel that never closes, inside a destructor it is swallowed and the work goes on.
+
 Why threads that used MLX must release their MLX state before they end: MLX's Python binding keeps
 a random key per thread (a C++ `thread_local` holding a Python list). Its destructor runs as the OS
 thread exits -- after `Thread.join()` has already returned -- and takes the GIL. When the main
@@ -55,3 +61,28 @@ def stop_on_signals(signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGINT)) 
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+_stop_requested = threading.Event()
+_cooperating = 0  # stop_points() blocks open on any thread
+
+
+def interrupt(_signum=None, _frame=None) -> None:
+    """The SIGTERM / SIGINT handler of one-shot commands (see the module docstring)."""
+    _stop_requested.set()  # kept even if the interrupt below is swallowed: the next stop point sees it
+    if not _cooperating:
+        raise KeyboardInterrupt
+
+
+@contextmanager
+def stop_points() -> Iterator[Callable[[], bool]]:
+    """A block that asks the yielded `stopped()` at safe points instead of being interrupted; a stop
+    requested during it raises KeyboardInterrupt when it ends."""
+    global _cooperating
+    _cooperating += 1
+    try:
+        yield _stop_requested.is_set
+    finally:
+        _cooperating -= 1
+    if _stop_requested.is_set():
+        raise KeyboardInterrupt

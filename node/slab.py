@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import mlx.core as mx
 import numpy as np
-from flashmesh.node.store_format import _DTYPES, LayerSpec
+from flashmesh.node.store_format import LayerSpec
+from flashmesh.protos.codec import DTYPES
 
 Signature = tuple[tuple[str, tuple[int, ...], str], ...]
 
@@ -28,7 +29,7 @@ class Slab:
         self.payload_bytes = spec.payload_bytes
         self.slots = slots
         self.experts = experts  # of every layer sharing this slab: slots >= experts means nothing is evicted
-        self.arrays = {t.name: mx.zeros((slots, *t.shape), dtype=_DTYPES[t.dtype][1]) for t in spec.tensors}
+        self.arrays = {t.name: mx.zeros((slots, *t.shape), dtype=DTYPES[t.dtype][1]) for t in spec.tensors}
         mx.eval(list(self.arrays.values()))
         # byte views of the same memory: records are copied in through these, MLX computes on `arrays`
         self._bytes = {

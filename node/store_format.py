@@ -21,6 +21,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 import xxhash
+from flashmesh.protos import codec
 from flashmesh.protos.errors import UserError
 
 FORMAT_VERSION = 2  # 2: each layer names its bank's kind and top-k, read from the model by pack
@@ -39,23 +40,12 @@ class RecordError(UserError):
         self.records: tuple[tuple[int, int], ...] = ((layer, expert),)  # every record of the read that failed
 
 
-# mx dtype name -> (numpy dtype used to carry the bytes, mx dtype)
-_DTYPES: dict[str, tuple[np.dtype, mx.Dtype]] = {
-    "float32": (np.dtype(np.float32), mx.float32),
-    "float16": (np.dtype(np.float16), mx.float16),
-    "bfloat16": (np.dtype(np.uint16), mx.bfloat16),  # numpy has no bf16: carry as uint16
-    "uint32": (np.dtype(np.uint32), mx.uint32),
-    "uint8": (np.dtype(np.uint8), mx.uint8),
-    "int8": (np.dtype(np.int8), mx.int8),
-    "int32": (np.dtype(np.int32), mx.int32),
-}
-
-
 def dtype_name(dtype: mx.Dtype) -> str:
-    for name, (_, mxd) in _DTYPES.items():
-        if mxd == dtype:
-            return name
-    raise UserError(f"expert tensors of dtype {dtype} are not supported by the store")
+    """The store's name of an expert tensor's dtype (the wire's, protos.codec.DTYPES)."""
+    try:
+        return codec.dtype_name(dtype)
+    except codec.CodecError:
+        raise UserError(f"expert tensors of dtype {dtype} are not supported by the store") from None
 
 
 def raw_bytes(a: mx.array) -> memoryview:
@@ -67,7 +57,7 @@ def raw_bytes(a: mx.array) -> memoryview:
 
 def from_buffer(buf, spec: TensorSpec, base: int = 0) -> mx.array:
     """Copy one tensor out of a record buffer into a new mx array."""
-    np_dtype, mx_dtype = _DTYPES[spec.dtype]
+    np_dtype, mx_dtype = codec.DTYPES[spec.dtype]
     count = int(np.prod(spec.shape)) if spec.shape else 1
     arr = np.frombuffer(buf, dtype=np_dtype, count=count, offset=base + spec.offset)
     out = mx.array(arr.reshape(spec.shape))

@@ -23,7 +23,8 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 from flashmesh.node.experts import expert_templates
-from flashmesh.node.store_format import _DTYPES, RECORD_ALIGN, LayerSpec, Manifest, RecordError, TensorSpec, checksum
+from flashmesh.node.store_format import RECORD_ALIGN, LayerSpec, Manifest, RecordError, TensorSpec, checksum
+from flashmesh.protos.codec import DTYPES
 from flashmesh.protos.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -42,7 +43,7 @@ class ReadStats:
 def _tensor_view(raw: mx.array, skew: int, t: TensorSpec) -> mx.array:
     """One tensor of a record as a view of the record's MLX buffer (no copy)."""
     start = skew + t.offset
-    return raw[start : start + t.nbytes].view(_DTYPES[t.dtype][1]).reshape(t.shape)
+    return raw[start : start + t.nbytes].view(DTYPES[t.dtype][1]).reshape(t.shape)
 
 
 class PendingRead:
@@ -161,26 +162,33 @@ class ExpertStore:
         view = memoryview(buf)[: spec.record_size]
         try:
             got = os.preadv(self._fds[layer], [view], spec.record_offset(expert))
-        except OSError as e:
+        except OSError as e:  # EIO, a file gone from under us: this record is lost
             self._release(buf)
-            raise RecordError(
-                layer, expert, f"cannot read {self.path / spec.file} ({e.strerror}); {self.remedy}"
-            ) from None
+            raise self._unreadable(spec, expert, e) from None
+        problem = self._problem(spec, expert, got, view)
+        if problem is not None:
+            self._release(buf)
+            raise problem
+        return buf
+
+    def _problem(self, spec: LayerSpec, expert: int, got: int, data) -> RecordError | None:
+        """Why `got` bytes read into `data` are not `expert`'s record (short read, checksum); None if they are."""
         if got != spec.record_size:
-            self._release(buf)
-            raise RecordError(
-                layer,
+            return RecordError(
+                spec.layer,
                 expert,
                 f"short read ({got} of {spec.record_size} bytes); the store file is truncated, re-run `flashmesh pack`",
             )
-        if self.verify and checksum(view) != spec.record_checksum(expert):
-            self._release(buf)
-            raise RecordError(
-                layer,
+        if self.verify and checksum(data) != spec.record_checksum(expert):
+            return RecordError(
+                spec.layer,
                 expert,
                 f"record checksum mismatch in {self.path / spec.file}; the flash copy is corrupt, {self.remedy}",
             )
-        return buf
+        return None
+
+    def _unreadable(self, spec: LayerSpec, expert: int, e: OSError) -> RecordError:
+        return RecordError(spec.layer, expert, f"cannot read {self.path / spec.file} ({e.strerror}); {self.remedy}")
 
     def _read_chunk(self, layer: int, expert: int, view: memoryview, offset: int) -> int:
         """Reader thread: one aligned pread into (a slice of) MLX-owned memory; nothing else."""
@@ -226,33 +234,17 @@ class ExpertStore:
                 got = sum(f.result() for f in futures)
             except OSError as exc:  # EIO, a file gone from under us: this record is lost, the rest may not be
                 failed.append((pending.layer, e))
-                error = error or RecordError(
-                    pending.layer, e, f"cannot read {self.path / spec.file} ({exc.strerror}); {self.remedy}"
-                )
+                error = error or self._unreadable(spec, e, exc)
                 continue
             except Exception as exc:  # collect, finish the other reads, then raise the first
                 error = error or exc
                 continue
-            if got != size:
-                failed.append((pending.layer, e))
-                error = error or RecordError(
-                    pending.layer,
-                    e,
-                    f"short read ({got} of {size} bytes); the store file is truncated, re-run `flashmesh pack`",
-                )
-                continue
             raw = pending.raws[e]
-            if self.verify:
-                host = memoryview(np.array(raw, copy=False))[skew : skew + size]
-                if checksum(host) != spec.record_checksum(e):
-                    failed.append((pending.layer, e))
-                    error = error or RecordError(
-                        pending.layer,
-                        e,
-                        f"record checksum mismatch in {self.path / spec.file}; "
-                        f"the flash copy is corrupt, {self.remedy}",
-                    )
-                    continue
+            problem = self._problem(spec, e, got, memoryview(np.array(raw, copy=False))[skew : skew + size])
+            if problem is not None:
+                failed.append((pending.layer, e))
+                error = error or problem
+                continue
             out[e] = self._arrays(raw, skew, spec)
         mx.eval([a for arrays in out.values() for a in arrays.values()])
         elapsed = time.perf_counter() - pending.started

@@ -1,4 +1,5 @@
-"""The node protocol: flashmesh.proto, its generated modules, the array codec and shared constants."""
+"""The node protocol: flashmesh.proto, its generated modules, the array codec and shared constants;
+and what every part shares: the user error and the node error kinds (errors.py), byte sizes (sizes.py)."""
 
 PROTOCOL_VERSION = 1
 SERVICE_TYPE = "_flashmesh._tcp.local."

@@ -15,8 +15,9 @@ from pathlib import Path
 import mlx.core as mx
 import mlx_lm.models
 import numpy as np
-from flashmesh.coordinator.engine import open_local
-from flashmesh.coordinator.generate import generate
+from flashmesh.coordinator.engine import open_model
+from flashmesh.coordinator.generate import SamplingParams, generate
+from flashmesh.coordinator.options import ModelOptions
 from flashmesh.node.store_format import Manifest
 from flashmesh.node.store_writer import pack
 from flashmesh.testing.arch_configs import NOT_CHECKED, REFUSED, TINY_CONFIGS, tiny_config
@@ -81,7 +82,7 @@ class Run:
 
 
 def _run(model, tokenizer, prompt: list[int]) -> Run:
-    tokens = generate(model, tokenizer, prompt, max_tokens=MAX_TOKENS).tokens
+    tokens = generate(model, tokenizer, prompt, SamplingParams(max_tokens=MAX_TOKENS)).tokens
     logits = model(mx.array(prompt)[None])[0, -1].astype(mx.float32)
     return Run(tokens, np.array(logits))
 
@@ -102,7 +103,7 @@ def budget_bytes(manifest: Manifest, which: str) -> int:
 def streamed(packed: Packed, prompt: list[int], which: str) -> Run:
     """flashmesh's run from the store at budget `which`; checks the cache kept to it and streamed."""
     budget = budget_bytes(Manifest.load(packed.store), which)
-    streaming = open_local(packed.store, ram_budget=budget)
+    streaming = open_model(ModelOptions(store=packed.store, ram_budget=budget))
     try:
         run = _run(streaming.model, streaming.tokenizer, prompt)
         stats = streaming.cache.stats

@@ -11,10 +11,10 @@ import json
 import secrets
 from pathlib import Path
 
-from flashmesh.coordinator.cli import add_generation_args, print_nodes, print_stats, run_cluster, run_store
+from flashmesh.coordinator.cli import add_generation_args, print_nodes, print_stats, run_args
+from flashmesh.coordinator.options import ModelOptions, add_cache_args, add_rpc_deadline_arg
 from flashmesh.node.store_format import MANIFEST, Manifest
 from flashmesh.node.store_writer import pack
-from flashmesh.node.tls import COORDINATOR, load_identity
 from flashmesh.protos.errors import UserError
 from flashmesh.protos.sizes import parse_bytes
 from flashmesh.testing.local_nodes import ensure_shards, local_nodes
@@ -53,12 +53,13 @@ def demo_cluster_dir(workdir: Path) -> Path:
 
 def reference_tokens(source: Path, prompt: str, *, max_tokens: int, chat: bool, prefill_step_size: int) -> list[int]:
     """Greedy tokens from mlx-lm's own load + stream_generate on the unpacked model."""
-    from flashmesh.coordinator.generate import encode_prompt, generate
+    from flashmesh.coordinator.generate import SamplingParams, encode_prompt, generate
     from mlx_lm import load
 
     model, tokenizer = load(str(source))
     tokens = encode_prompt(tokenizer, prompt, chat=chat)
-    return generate(model, tokenizer, tokens, max_tokens=max_tokens, prefill_step_size=prefill_step_size).tokens
+    params = SamplingParams(max_tokens=max_tokens)
+    return generate(model, tokenizer, tokens, params, prefill_step_size=prefill_step_size).tokens
 
 
 def describe(store: Path) -> dict:
@@ -74,29 +75,42 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--nodes", type=int, default=3, help="local node processes, each with its own shard (0: all in-process)"
     )
     p.add_argument("--no-tls", action="store_true", help="plaintext to the nodes (default: mutual TLS)")
+    add_cache_args(p)
+    add_rpc_deadline_arg(p)
     add_generation_args(p, prompt_default="The experts live on flash and")
 
 
 def cmd_demo(args) -> int:
     store, source = prepare_demo(args.workdir, arch=args.arch, show_progress=not args.json)
     manifest = Manifest.load(store)
-    if args.ram_budget is None:
-        # A quarter of the experts fit: most tokens stream something from flash.
-        args.ram_budget = str(max(manifest.expert_bytes_total // 4, manifest.min_budget_bytes))
+    # A quarter of the experts fit by default: most tokens stream something from flash.
+    budget = parse_bytes(args.ram_budget) if args.ram_budget else manifest.expert_bytes_total // 4
+    budget = max(budget, manifest.min_budget_bytes)
+    extra = {"store": str(store)}
     if args.nodes > 0:
+        if args.preload:
+            raise UserError("--preload reads the experts of this process; use it with --nodes 0")
         shards = ensure_shards(store, args.workdir, count=args.nodes)
-        # The budget is shared: each node keeps its part of it (at least one layer's top-k).
-        budget = max(parse_bytes(args.ram_budget) // args.nodes, manifest.min_budget_bytes)
         token = secrets.token_urlsafe(18)
         cluster_dir = None if args.no_tls else demo_cluster_dir(args.workdir)
-        tls = None if cluster_dir is None else load_identity(cluster_dir, role=COORDINATOR)
         with local_nodes(
-            shards, budgets=[budget] * args.nodes, token=token, logdir=args.workdir / "logs", tls=cluster_dir
+            shards,
+            budgets=[max(budget // args.nodes, manifest.min_budget_bytes)] * args.nodes,  # the budget is shared
+            token=token,
+            logdir=args.workdir / "logs",
+            tls=cluster_dir,
+            node_args=[["--page-cache"] if args.page_cache else []] * args.nodes,
         ) as nodes:
-            extra = {"store": str(store), "tls": tls is not None}
-            result = run_cluster(args, store, addresses=nodes, token=token, tls=tls, extra=extra)
+            options = ModelOptions(
+                store=store, cluster=True, nodes=tuple(nodes), token=token, tls=cluster_dir,
+                lookahead=args.lookahead, rpc_deadline=args.rpc_deadline,
+            )  # fmt: skip
+            result = {**run_args(args, options), **extra, "tls": cluster_dir is not None}
     else:
-        result = run_store(args, store, extra={"store": str(store)})
+        options = ModelOptions(
+            store=store, ram_budget=budget, page_cache=args.page_cache, preload=args.preload, lookahead=args.lookahead
+        )
+        result = {**run_args(args, options), **extra}
     if args.temperature == 0:
         reference = reference_tokens(
             source, args.prompt, max_tokens=args.max_tokens, chat=args.chat, prefill_step_size=args.prefill_step

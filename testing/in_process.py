@@ -5,12 +5,10 @@ from __future__ import annotations
 import time
 from concurrent.futures import Future
 
-from flashmesh.coordinator.failover import DATA_LOSS, NodeError
+from flashmesh.coordinator.failover import NodeError
 from flashmesh.coordinator.remote import PendingReply
 from flashmesh.node.service import RequestError
 from flashmesh.protos import flashmesh_pb2 as pb
-
-_REQUEST_KINDS = {"data_loss": DATA_LOSS, "unauthenticated": "unauthenticated", "invalid_argument": "invalid"}
 
 
 class InProcessLink:
@@ -27,8 +25,7 @@ class InProcessLink:
         try:
             future.set_result(method(*args))
         except RequestError as e:
-            kind = _REQUEST_KINDS.get(e.status, "other")
-            future.set_exception(NodeError(f"node {self.label}: {e}", kind=kind, records=e.records))
+            future.set_exception(NodeError(f"node {self.label}: {e}", kind=e.kind, records=e.records))
         except Exception as e:  # noqa: BLE001 - handed to the caller through result()
             future.set_exception(e)
         future.seconds = time.perf_counter() - start
@@ -42,3 +39,9 @@ class InProcessLink:
 
     def prefetch(self, request: pb.PrefetchRequest, *, timeout: float | None = None) -> pb.PrefetchReply:
         return self._call(self.service.prefetch, request).result()
+
+    def stats(self, *, timeout: float | None = None) -> pb.NodeStats:
+        return self._call(self.service.stats).result()
+
+    def close(self) -> None:
+        """Nothing to let go of: the service belongs to whoever made it."""

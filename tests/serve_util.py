@@ -14,7 +14,8 @@ from flashmesh.coordinator.api.app import ServeOptions, create_app
 from flashmesh.coordinator.api.metrics import ServerMetrics
 from flashmesh.coordinator.api.server import serving_in_thread
 from flashmesh.coordinator.api.worker import GenerationWorker
-from flashmesh.coordinator.engine import open_local
+from flashmesh.coordinator.engine import open_model
+from flashmesh.coordinator.options import ModelOptions
 from flashmesh.node.store_format import Manifest
 
 MODEL = "tiny-moe"
@@ -49,12 +50,12 @@ class Served:
 
 
 @contextmanager
-def served(store: Path, *, open_model=None, max_queue: int = 4, **options) -> Iterator[Served]:
-    """Serve `store` with its experts in-process, or as `open_model` (returning (model, nodes)) opens it."""
+def served(store: Path, *, opener=None, max_queue: int = 4, **options) -> Iterator[Served]:
+    """Serve `store` with its experts in-process, or as `opener` (returning the open model) opens it."""
     budget = Manifest.load(store).expert_bytes_total
     metrics = ServerMetrics()
-    open_model = open_model or (lambda: (open_local(store, ram_budget=budget), []))
-    worker = GenerationWorker(open_model, max_queue=max_queue, metrics=metrics)
+    opener = opener or (lambda: open_model(ModelOptions(store=store, ram_budget=budget)))
+    worker = GenerationWorker(opener, max_queue=max_queue, metrics=metrics)
     worker.start()
     try:
         app = create_app(worker, ServeOptions(model_id=MODEL, **options), metrics=metrics)

@@ -16,8 +16,8 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from flashmesh.coordinator.engine import attach, load_dense_model, load_store_tokenizer
-from flashmesh.coordinator.generate import generate
-from flashmesh.coordinator.placement import place
+from flashmesh.coordinator.generate import SamplingParams, generate
+from flashmesh.coordinator.placement import NodeCapacity, place
 from flashmesh.coordinator.remote import RemoteExperts
 from flashmesh.node import store_writer
 from flashmesh.node.experts import model_classes
@@ -37,7 +37,7 @@ from flashmesh.testing.arch_check import (
 from flashmesh.testing.arch_configs import NOT_CHECKED, REFUSED, TINY_CONFIGS, tiny_config
 from flashmesh.testing.in_process import InProcessLink
 
-from .test_placement import _capacity, _services
+from .conftest import shard_services
 
 ARCHS = sorted(set(TINY_CONFIGS) - set(REFUSED) - set(NOT_CHECKED))
 TOP_K = {"llama4": 1}  # what each tiny config asks for, under whatever key its architecture reads
@@ -146,16 +146,16 @@ def test_refused_for_the_stated_reason():
 def test_remote_nodes_match_mlx_lm(packs, tmp_path, arch):
     """The same banks served by three shard nodes (in process, over the node protocol's messages)."""
     packed = packs(arch)
-    services = _services(packed.store, tmp_path)
+    services = shard_services(packed.store, tmp_path)
     try:
         manifest = Manifest.load(packed.store)
         write_dense(packed.store, tmp_path / "dense")
         model, _, _ = load_dense_model(tmp_path / "dense")
         links = {s.node_id: InProcessLink(s, s.name) for s in services}
-        attach(model, RemoteExperts(links, place(manifest.layers, [_capacity(s) for s in services])))
+        attach(model, RemoteExperts(links, place(manifest.layers, [NodeCapacity.of(s.info()) for s in services])))
         tokenizer = load_store_tokenizer(tmp_path / "dense", manifest)
         prompt, ref = reference(packed)
-        assert generate(model, tokenizer, prompt, max_tokens=len(ref.tokens)).tokens == ref.tokens
+        assert generate(model, tokenizer, prompt, SamplingParams(max_tokens=len(ref.tokens))).tokens == ref.tokens
     finally:
         for s in services:
             s.close()

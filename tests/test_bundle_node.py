@@ -22,23 +22,24 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from flashmesh.coordinator.cli import main
-from flashmesh.coordinator.cluster_run import run_on_cluster
-from flashmesh.coordinator.engine import open_cluster, open_local
-from flashmesh.coordinator.generate import encode_prompt, generate
+from flashmesh.coordinator.engine import open_model
+from flashmesh.coordinator.generate import SamplingParams, encode_prompt, generate
+from flashmesh.coordinator.options import ModelOptions
+from flashmesh.coordinator.report import run_prompt
 from flashmesh.mobile_export.bundle_format import unpack_affine
 from flashmesh.mobile_export.exporter import export_ios
 from flashmesh.mobile_export.records import INT8_OFFSET
 from flashmesh.node.bundle_source import BundleExpertSource, pack_affine
-from flashmesh.node.service import DATA_LOSS, NodeService, RequestError
+from flashmesh.node.service import NodeService, RequestError
 from flashmesh.node.shard import write_dense
 from flashmesh.node.store_format import Manifest
 from flashmesh.protos import flashmesh_pb2 as pb
 from flashmesh.protos.codec import encode_numpy, to_numpy
+from flashmesh.protos.errors import ErrorKind
 from flashmesh.testing.local_nodes import local_nodes
 
-from .test_errors import assert_one_line_error
+from .conftest import PROMPT, assert_one_line_error
 
-PROMPT = "The quick brown fox jumps over the lazy dog. Mixture of experts"
 TOKEN = "test-bundle-token"
 FP16_WEIGHTS_RTOL = 5e-3  # see the module docstring
 
@@ -63,12 +64,15 @@ def test_bundle_nodes_serve_a_cluster_like_store_nodes(bundles, tmp_path):
         # each bundle records the fingerprint of the store it was exported from
         assert all(a.fingerprint == manifest.fingerprint for a in addresses)
 
-        result = run_on_cluster(dense, addresses, token=TOKEN, prompt=PROMPT, chat=False, max_tokens=10)
-        local = open_local(store, ram_budget=manifest.expert_bytes_total)
-        remote, _ = open_cluster(dense, addresses, token=TOKEN)
+        options = ModelOptions(store=dense, cluster=True, nodes=tuple(addresses), token=TOKEN)
+        result = run_prompt(options, PROMPT, SamplingParams(max_tokens=10))
+        local = open_model(ModelOptions(store=store, ram_budget=manifest.expert_bytes_total))
+        remote = open_model(ModelOptions(store=dense, cluster=True, nodes=tuple(addresses), token=TOKEN))
         try:
             prompt = encode_prompt(local.tokenizer, PROMPT, chat=False)
-            assert result["tokens"] == generate(local.model, local.tokenizer, prompt, max_tokens=10).tokens
+            assert (
+                result["tokens"] == generate(local.model, local.tokenizer, prompt, SamplingParams(max_tokens=10)).tokens
+            )
             x = mx.array(local.tokenizer.encode(PROMPT))[None]
             want, got = np.array(local.model(x)), np.array(remote.model(x))
         finally:
@@ -145,7 +149,7 @@ def test_tampered_bundle_record_is_an_error_naming_the_expert(bundles, tmp_path)
         with pytest.raises(RequestError) as e:
             _compute(service, spec.layer, [3])
         # DATA_LOSS (not INTERNAL): the coordinator moves this record to a replica
-        assert e.value.status == DATA_LOSS and f"layer {spec.layer} expert 3" in str(e.value)
+        assert e.value.kind == ErrorKind.DATA_LOSS and f"layer {spec.layer} expert 3" in str(e.value)
         assert "checksum" in str(e.value) and "re-export the bundle" in str(e.value)
     finally:
         service.close()

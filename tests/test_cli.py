@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
+
+from .conftest import flashmesh
 
 RUN_KEYS = {
     "tokens",
@@ -18,18 +17,6 @@ RUN_KEYS = {
     "expert_bytes_total",
     "peak_cache_bytes",
 }
-
-
-def flashmesh(*args, cwd=None) -> subprocess.CompletedProcess:
-    env = {**os.environ, "TRANSFORMERS_VERBOSITY": "error"}
-    return subprocess.run(
-        [sys.executable, "-m", "flashmesh.coordinator.cli", *map(str, args)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        cwd=cwd,
-        env=env,
-    )
 
 
 def test_demo_json(tmp_path):

@@ -15,9 +15,10 @@ import numpy as np
 import pytest
 from flashmesh.coordinator.cli import main
 from flashmesh.coordinator.client import NodeClient, NodeError
-from flashmesh.coordinator.cluster_run import run_on_cluster
-from flashmesh.coordinator.engine import open_cluster, open_local
-from flashmesh.coordinator.generate import encode_prompt, generate
+from flashmesh.coordinator.engine import open_model
+from flashmesh.coordinator.generate import SamplingParams
+from flashmesh.coordinator.options import ModelOptions
+from flashmesh.coordinator.report import run_prompt
 from flashmesh.node.shard import write_dense
 from flashmesh.node.store_format import Manifest
 from flashmesh.protos import TOKEN_METADATA_KEY
@@ -26,9 +27,8 @@ from flashmesh.protos import flashmesh_pb2_grpc as pb_grpc
 from flashmesh.protos.codec import encode, encode_numpy
 from flashmesh.testing.local_nodes import ensure_shards, local_nodes
 
-from .test_errors import assert_one_line_error
+from .conftest import PROMPT, assert_one_line_error, local_tokens, run_cli
 
-PROMPT = "The quick brown fox jumps over the lazy dog. Mixture of experts"
 TOKEN = f"test-cluster-token-{os.getpid()}"  # nodes of other test runs on 127.0.0.1 refuse it
 
 
@@ -49,15 +49,6 @@ def cluster(request, models, tmp_path_factory):
         yield Cluster(store, dense, addresses, shards)
 
 
-def _local_tokens(store, max_tokens=10):
-    streaming = open_local(store, ram_budget=Manifest.load(store).expert_bytes_total)
-    try:
-        prompt = encode_prompt(streaming.tokenizer, PROMPT, chat=False)
-        return generate(streaming.model, streaming.tokenizer, prompt, max_tokens=max_tokens).tokens
-    finally:
-        streaming.close()
-
-
 def test_three_disjoint_nodes_match_the_local_run(cluster):
     held = [set() for _ in cluster.shards]
     for i, shard in enumerate(cluster.shards):
@@ -69,11 +60,12 @@ def test_three_disjoint_nodes_match_the_local_run(cluster):
         assert a.source == "zeroconf" and a.host == "127.0.0.1"
         assert a.fingerprint == fingerprint and a.protocol_version == 1 and a.node_id
 
-    result = run_on_cluster(cluster.dense, cluster.addresses, token=TOKEN, prompt=PROMPT, chat=False, max_tokens=10)
-    assert result["tokens"] == _local_tokens(cluster.store)
+    options = ModelOptions(store=cluster.dense, cluster=True, nodes=tuple(cluster.addresses), token=TOKEN)
+    result = run_prompt(options, PROMPT, SamplingParams(max_tokens=10))
+    assert result["tokens"] == local_tokens(cluster.store)
     # Logits too, not only the argmax: the remote path is the local arithmetic moved, bit for bit.
-    remote, nodes = open_cluster(cluster.dense, cluster.addresses, token=TOKEN)
-    local = open_local(cluster.store, ram_budget=Manifest.load(cluster.store).expert_bytes_total)
+    remote = open_model(ModelOptions(store=cluster.dense, cluster=True, nodes=tuple(cluster.addresses), token=TOKEN))
+    local = open_model(ModelOptions(store=cluster.store, ram_budget=Manifest.load(cluster.store).expert_bytes_total))
     try:
         prompt = mx.array(local.tokenizer.encode(PROMPT))[None]
         np.testing.assert_array_equal(np.array(remote.model(prompt)), np.array(local.model(prompt)))
@@ -109,7 +101,7 @@ def test_run_cli_on_the_cluster(cluster):
     )
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout)
-    assert result["tokens"] == _local_tokens(cluster.store)
+    assert result["tokens"] == local_tokens(cluster.store)
     assert {n["address"] for n in result["nodes"]} == {a.target for a in cluster.addresses}
 
 
@@ -176,27 +168,22 @@ def test_token_and_validation_over_grpc(cluster):
 @ONLY_QWEN
 def test_coordinator_errors_are_one_line(cluster, models, capsys, monkeypatch):
     target = cluster.addresses[0].target
-    code, err = _cli(capsys, "run", cluster.dense, "--node", target, "--no-zeroconf", "--token", "wrong",
+    code, _, err = run_cli(capsys, "run", cluster.dense, "--node", target, "--no-zeroconf", "--token", "wrong",
                      "--prompt", "hi")  # fmt: skip
     assert_one_line_error(code, err, target, "token")
     _, other = models.get("mixtral")
-    code, err = _cli(capsys, "run", other, "--node", target, "--no-zeroconf", "--token", TOKEN, "--prompt", "hi")
+    code, _, err = run_cli(capsys, "run", other, "--node", target, "--no-zeroconf", "--token", TOKEN, "--prompt", "hi")
     assert_one_line_error(code, err, target, "serves model", "not this store's")
-    code, err = _cli(capsys, "run", cluster.dense, "--node", target, "--no-zeroconf", "--token", TOKEN,
+    code, _, err = run_cli(capsys, "run", cluster.dense, "--node", target, "--no-zeroconf", "--token", TOKEN,
                      "--prompt", "hi")  # fmt: skip
     assert_one_line_error(code, err, "held by no node")  # one node of three does not cover the model
     monkeypatch.setenv("FLASHMESH_TOKEN", TOKEN)
-    code, err = _cli(capsys, "run", cluster.dense, "--cluster", "--expect", "3", *_ours(cluster), "--prompt", "hi",
-                     "--max-tokens", "2")  # fmt: skip
+    code, _, err = run_cli(capsys, "run", cluster.dense, "--cluster", "--expect", "3", *_ours(cluster),
+                           "--prompt", "hi", "--max-tokens", "2")  # fmt: skip
     assert code == 0, err  # zeroconf finds the three nodes, the token comes from the environment
     monkeypatch.delenv("FLASHMESH_TOKEN")
-    code, err = _cli(capsys, "run", cluster.dense, "--cluster", "--prompt", "hi")
+    code, _, err = run_cli(capsys, "run", cluster.dense, "--cluster", "--prompt", "hi")
     assert_one_line_error(code, err, "--token", "FLASHMESH_TOKEN")
-
-
-def _cli(capsys, *args):
-    code = main([str(a) for a in args])
-    return code, capsys.readouterr().err
 
 
 def test_unreachable_node_and_cleanup(models, tmp_path, capsys):
@@ -211,7 +198,9 @@ def test_unreachable_node_and_cleanup(models, tmp_path, capsys):
     with pytest.raises(NodeError, match=rf"{address.target}.*unreachable"):
         client.health()
     client.close()
-    code, err = _cli(capsys, "run", store, "--node", address.target, "--no-zeroconf", "--token", TOKEN, "--prompt", "x")
+    code, _, err = run_cli(
+        capsys, "run", store, "--node", address.target, "--no-zeroconf", "--token", TOKEN, "--prompt", "x"
+    )
     assert_one_line_error(code, err, address.target, "unreachable")
 
 

@@ -12,46 +12,15 @@ from __future__ import annotations
 import mlx.core as mx
 import numpy as np
 import pytest
-from flashmesh.coordinator.engine import open_local
-from flashmesh.coordinator.generate import generate
+from flashmesh.coordinator.engine import open_model
+from flashmesh.coordinator.generate import SamplingParams, generate
+from flashmesh.coordinator.options import ModelOptions
 from flashmesh.node.store_format import Manifest
 from mlx_lm import load
 
-from .conftest import ARCHS
+from .conftest import ARCHS, PROMPT, check_equivalence
 
-PROMPT = "The quick brown fox jumps over the lazy dog. Mixture of experts"
 BUDGETS = ["all", "quarter", "minimum"]
-
-
-def _budget(manifest: Manifest, which: str) -> int:
-    return {
-        "all": manifest.expert_bytes_total,
-        "quarter": max(manifest.expert_bytes_total // 4, manifest.min_budget_bytes),
-        "minimum": manifest.min_budget_bytes,
-    }[which]
-
-
-def check_equivalence(src, store, budget_name: str, *, max_tokens: int = 12) -> None:
-    ref_model, tokenizer = load(str(src))
-    prompt = tokenizer.encode(PROMPT)
-    reference = generate(ref_model, tokenizer, prompt, max_tokens=max_tokens)
-    manifest = Manifest.load(store)
-    budget = _budget(manifest, budget_name)
-    streaming = open_local(store, ram_budget=budget)
-    try:
-        ours = generate(streaming.model, streaming.tokenizer, prompt, max_tokens=max_tokens)
-        assert ours.tokens == reference.tokens
-        ref_logits = ref_model(mx.array(prompt)[None])[0, -1].astype(mx.float32)
-        our_logits = streaming.model(mx.array(prompt)[None])[0, -1].astype(mx.float32)
-        atol = 0.0 if budget_name != "minimum" else 1e-4
-        np.testing.assert_allclose(np.array(our_logits), np.array(ref_logits), rtol=0, atol=atol)
-        stats = streaming.cache.stats
-        assert stats.peak_bytes <= budget
-        assert stats.misses > 0
-        if budget_name == "minimum":
-            assert stats.evictions > 0
-    finally:
-        streaming.close()
 
 
 @pytest.mark.parametrize("budget", BUDGETS)
@@ -75,10 +44,15 @@ def test_page_cache_mode_matches(models):
     src, store = models.get("qwen3_moe")
     ref_model, tokenizer = load(str(src))
     prompt = tokenizer.encode(PROMPT)
-    reference = generate(ref_model, tokenizer, prompt, max_tokens=8)
-    streaming = open_local(store, ram_budget=Manifest.load(store).min_budget_bytes * 2, page_cache=True)
+    reference = generate(ref_model, tokenizer, prompt, SamplingParams(max_tokens=8))
+    streaming = open_model(
+        ModelOptions(store=store, ram_budget=Manifest.load(store).min_budget_bytes * 2, page_cache=True)
+    )
     try:
-        assert generate(streaming.model, streaming.tokenizer, prompt, max_tokens=8).tokens == reference.tokens
+        assert (
+            generate(streaming.model, streaming.tokenizer, prompt, SamplingParams(max_tokens=8)).tokens
+            == reference.tokens
+        )
     finally:
         streaming.close()
 
@@ -88,10 +62,12 @@ def test_long_prefill_in_waves(models):
     src, store = models.get("qwen3_moe")
     ref_model, tokenizer = load(str(src))
     prompt = tokenizer.encode(PROMPT * 6)
-    reference = generate(ref_model, tokenizer, prompt, max_tokens=6, prefill_step_size=32)
-    streaming = open_local(store, ram_budget=Manifest.load(store).min_budget_bytes)
+    reference = generate(ref_model, tokenizer, prompt, SamplingParams(max_tokens=6), prefill_step_size=32)
+    streaming = open_model(ModelOptions(store=store, ram_budget=Manifest.load(store).min_budget_bytes))
     try:
-        ours = generate(streaming.model, streaming.tokenizer, prompt, max_tokens=6, prefill_step_size=32)
+        ours = generate(
+            streaming.model, streaming.tokenizer, prompt, SamplingParams(max_tokens=6), prefill_step_size=32
+        )
         assert ours.tokens == reference.tokens
         assert streaming.cache.stats.peak_bytes <= streaming.cache.budget_bytes
     finally:
@@ -105,14 +81,14 @@ def test_preloaded_lazy_path_matches(models, arch):
     src, store = models.get(arch)
     ref_model, tokenizer = load(str(src))
     prompt = tokenizer.encode(PROMPT)
-    reference = generate(ref_model, tokenizer, prompt, max_tokens=8)
+    reference = generate(ref_model, tokenizer, prompt, SamplingParams(max_tokens=8))
     manifest = Manifest.load(store)
-    streaming = open_local(store, ram_budget=manifest.expert_bytes_total, preload=True)
+    streaming = open_model(ModelOptions(store=store, ram_budget=manifest.expert_bytes_total, preload=True))
     try:
         read_at_load = streaming.cache.stats.bytes_read
         assert read_at_load == sum(len(s.experts) * s.record_size for s in manifest.layers)
         assert all(streaming.cache.resident_slots(s.layer) is not None for s in manifest.layers)
-        ours = generate(streaming.model, streaming.tokenizer, prompt, max_tokens=8)
+        ours = generate(streaming.model, streaming.tokenizer, prompt, SamplingParams(max_tokens=8))
         assert ours.tokens == reference.tokens
         ref_logits = ref_model(mx.array(prompt)[None])[0, -1]
         our_logits = streaming.model(mx.array(prompt)[None])[0, -1]

@@ -11,25 +11,10 @@ import sys
 from pathlib import Path
 
 import pytest
-from flashmesh.coordinator.cli import main
 from flashmesh.node.store_format import MANIFEST, Manifest
 from flashmesh.testing.synthetic import build_model
 
-
-def run_cli(capsys, *args) -> tuple[int, str]:
-    code = main([str(a) for a in args])
-    captured = capsys.readouterr()
-    return code, captured.err
-
-
-def assert_one_line_error(code: int, err: str, *needles: str) -> None:
-    assert code == 2
-    lines = [line for line in err.strip().splitlines() if line.strip()]
-    assert len(lines) == 1, err
-    assert lines[0].startswith("error:")
-    assert "Traceback" not in err
-    for needle in needles:
-        assert needle in lines[0], lines[0]
+from .conftest import assert_one_line_error, run_cli
 
 
 def no_partial_dirs(parent: Path) -> bool:
@@ -60,7 +45,7 @@ def test_dense_model_is_refused(tmp_path, capsys):
     model = llama.Model(llama.ModelArgs.from_dict(config))
     mx.save_safetensors(str(src / "model.safetensors"), dict(tree_flatten(model.parameters())))
     (src / "config.json").write_text(_json.dumps(config))
-    code, err = run_cli(capsys, "pack", src, tmp_path / "out")
+    code, _, err = run_cli(capsys, "pack", src, tmp_path / "out")
     assert_one_line_error(code, err, "dense model", "Mixture-of-Experts")
     assert not (tmp_path / "out").exists() and no_partial_dirs(tmp_path)
 
@@ -68,7 +53,7 @@ def test_dense_model_is_refused(tmp_path, capsys):
 def test_missing_safetensors(tmp_path, capsys):
     src = build_model(tmp_path / "m", "qwen3_moe")
     (src / "model.safetensors").unlink()
-    code, err = run_cli(capsys, "pack", src, tmp_path / "out")
+    code, _, err = run_cli(capsys, "pack", src, tmp_path / "out")
     assert_one_line_error(code, err, "safetensors")
     assert not (tmp_path / "out").exists() and no_partial_dirs(tmp_path)
 
@@ -78,7 +63,7 @@ def test_truncated_safetensors(tmp_path, capsys):
     path = src / "model.safetensors"
     data = path.read_bytes()
     path.write_bytes(data[: len(data) * 2 // 3])
-    code, err = run_cli(capsys, "pack", src, tmp_path / "out")
+    code, _, err = run_cli(capsys, "pack", src, tmp_path / "out")
     assert_one_line_error(code, err)
     assert not (tmp_path / "out").exists() and no_partial_dirs(tmp_path)
 
@@ -88,19 +73,19 @@ def test_unknown_model_type(tmp_path, capsys):
     config = json.loads((src / "config.json").read_text())
     config["model_type"] = "not_a_real_arch"
     (src / "config.json").write_text(json.dumps(config))
-    code, err = run_cli(capsys, "pack", src, tmp_path / "out")
+    code, _, err = run_cli(capsys, "pack", src, tmp_path / "out")
     assert_one_line_error(code, err, "not_a_real_arch", "mlx-lm")
 
 
 def test_missing_source_directory(tmp_path, capsys):
-    code, err = run_cli(capsys, "pack", tmp_path / "nope", tmp_path / "out")
+    code, _, err = run_cli(capsys, "pack", tmp_path / "nope", tmp_path / "out")
     assert_one_line_error(code, err, "does not exist")
 
 
 def test_existing_output_needs_force(models, tmp_path, capsys):
     src, _ = models.get("qwen3_moe")
     (tmp_path / "out").mkdir()
-    code, err = run_cli(capsys, "pack", src, tmp_path / "out")
+    code, _, err = run_cli(capsys, "pack", src, tmp_path / "out")
     assert_one_line_error(code, err, "--force")
 
 
@@ -139,20 +124,20 @@ def test_corrupt_record_names_layer_and_expert(models, tmp_path, capsys):
         f.seek(-1, os.SEEK_CUR)
         f.write(bytes([byte[0] ^ 0xFF]))
     # Budget for everything; a prompt long enough that every expert of layer 1 is routed to.
-    code, err = run_cli(capsys, "run", store, "--prompt", "The quick brown fox " * 20, "--max-tokens", "2", "--json")
+    code, _, err = run_cli(capsys, "run", store, "--prompt", "The quick brown fox " * 20, "--max-tokens", "2", "--json")
     assert_one_line_error(code, err, f"layer {spec.layer} expert 5", "checksum")
 
 
 def test_budget_below_minimum_gives_the_minimum(models, capsys):
     _, store = models.get("qwen3_moe")
     minimum = Manifest.load(store).min_budget_bytes
-    code, err = run_cli(capsys, "run", store, "--prompt", "hi", "--ram-budget", str(minimum - 1))
+    code, _, err = run_cli(capsys, "run", store, "--prompt", "hi", "--ram-budget", str(minimum - 1))
     assert_one_line_error(code, err, "minimum", f"--ram-budget {minimum}")
 
 
 def test_unreadable_budget(models, capsys):
     _, store = models.get("qwen3_moe")
-    code, err = run_cli(capsys, "run", store, "--prompt", "hi", "--ram-budget", "lots")
+    code, _, err = run_cli(capsys, "run", store, "--prompt", "hi", "--ram-budget", "lots")
     assert_one_line_error(code, err, "2GB")
 
 
@@ -162,12 +147,12 @@ def test_other_format_version(models, tmp_path, capsys):
     manifest = json.loads((store / MANIFEST).read_text())
     manifest["format_version"] = 999
     (store / MANIFEST).write_text(json.dumps(manifest))
-    code, err = run_cli(capsys, "run", store, "--prompt", "hi")
+    code, _, err = run_cli(capsys, "run", store, "--prompt", "hi")
     assert_one_line_error(code, err, "format 999", "re-pack")
 
 
 def test_not_a_store(tmp_path, capsys):
-    code, err = run_cli(capsys, "run", tmp_path, "--prompt", "hi")
+    code, _, err = run_cli(capsys, "run", tmp_path, "--prompt", "hi")
     assert_one_line_error(code, err, "flashmesh pack")
 
 
@@ -177,7 +162,7 @@ def test_truncated_expert_file(models, tmp_path, capsys):
     spec = Manifest.load(store).layers[0]
     with open(store / spec.file, "r+b") as f:
         f.truncate(spec.record_size * 3)
-    code, err = run_cli(capsys, "run", store, "--prompt", "hi")
+    code, _, err = run_cli(capsys, "run", store, "--prompt", "hi")
     assert_one_line_error(code, err, "truncated")
 
 

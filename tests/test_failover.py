@@ -4,32 +4,31 @@ a node that answers again is used again."""
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from concurrent.futures import Future
 
 import mlx.core as mx
 import numpy as np
 import pytest
-from flashmesh.coordinator.engine import attach, load_dense_model, load_store_tokenizer, open_local
+from flashmesh.coordinator.engine import attach, load_dense_model, load_store_tokenizer
 from flashmesh.coordinator.failover import (
-    DATA_LOSS,
-    DEADLINE,
-    UNAVAILABLE,
     Deadline,
     ExpertsLost,
     Membership,
     NodeError,
     format_ranges,
 )
-from flashmesh.coordinator.generate import generate
+from flashmesh.coordinator.generate import SamplingParams, generate
 from flashmesh.coordinator.placement import NodeCapacity, place
 from flashmesh.coordinator.remote import RemoteExperts
 from flashmesh.node.service import NodeService
 from flashmesh.node.shard import shard_experts, write_dense, write_shard
 from flashmesh.node.store_format import LayerSpec, Manifest, TensorSpec
+from flashmesh.protos.errors import ErrorKind
 from flashmesh.testing.in_process import InProcessLink
 
-PROMPT = "The quick brown fox jumps over the lazy dog. Mixture of experts"
+from .conftest import PROMPT, local_tokens
 
 
 class FaultyLink:
@@ -63,8 +62,7 @@ class FaultyLink:
 
 
 def _capacity(s: NodeService) -> NodeCapacity:
-    info = s.info()
-    return NodeCapacity(info.node_id, {h.layer: frozenset(h.experts) for h in info.layers}, 1.0, info.ram_budget_bytes)
+    return dataclasses.replace(NodeCapacity.of(s.info()), read_gbps=1.0, name="")  # placement splits evenly
 
 
 class Rig:
@@ -92,7 +90,9 @@ class Rig:
         self.tokenizer = load_store_tokenizer(tmp_path / "dense", m)
 
     def generate(self, max_tokens=8):
-        return generate(self.model, self.tokenizer, self.tokenizer.encode(PROMPT), max_tokens=max_tokens).tokens
+        return generate(
+            self.model, self.tokenizer, self.tokenizer.encode(PROMPT), SamplingParams(max_tokens=max_tokens)
+        ).tokens
 
     def close(self):
         for s in self.services:
@@ -113,39 +113,29 @@ def rig_factory(models, tmp_path):
         r.close()
 
 
-def _local_tokens(store, max_tokens=8):
-    streaming = open_local(store, ram_budget=Manifest.load(store).expert_bytes_total)
-    try:
-        return generate(
-            streaming.model, streaming.tokenizer, streaming.tokenizer.encode(PROMPT), max_tokens=max_tokens
-        ).tokens
-    finally:
-        streaming.close()
-
-
-@pytest.mark.parametrize("kind", [UNAVAILABLE, DEADLINE])
+@pytest.mark.parametrize("kind", [ErrorKind.UNAVAILABLE, ErrorKind.DEADLINE_EXCEEDED])
 def test_node_lost_mid_generation_fails_over_with_identical_tokens(rig_factory, kind):
     rig = rig_factory()
-    reference = _local_tokens(rig.store)
+    reference = local_tokens(rig.store, max_tokens=8)
     rig.links[1].fail, rig.links[1].fail_after = kind, 12  # dies after the prefill, mid-decode
     assert rig.generate() == reference
     assert rig.backend.membership.down() == [rig.services[1].node_id]
-    failovers = rig.backend.stats.failovers
+    failovers = rig.backend.dispatch.failovers
     assert failovers and all(f.node == "n1" and f.kind == kind for f in failovers)
     assert len(failovers) == 1  # marked down once; afterwards its experts go straight to replicas
-    assert [c.rounds for c in rig.backend.stats.calls].count(2) == 1
+    assert [c.rounds for c in rig.backend.dispatch.calls].count(2) == 1
     # it comes back: after the back-off a probe on the dispatch path finds it, and it gets work again
     rig.links[1].fail = None
     time.sleep(0.1)
     before = rig.services[1].stats().requests
     assert rig.generate() == reference
-    assert rig.backend.membership.down() == [] and rig.backend.stats.recoveries == ["n1"]
+    assert rig.backend.membership.down() == [] and rig.backend.dispatch.recoveries == ["n1"]
     assert rig.services[1].stats().requests > before
 
 
 def test_damaged_record_is_served_by_the_other_replica(rig_factory):
     rig = rig_factory()
-    reference = _local_tokens(rig.store)
+    reference = local_tokens(rig.store, max_tokens=8)
     # damage every record of layer 0 on node 0's flash: the checksum catches it on read
     spec = Manifest.load(rig.services[0].store.path).layers[0]
     path = rig.services[0].store.path / spec.file
@@ -154,8 +144,10 @@ def test_damaged_record_is_served_by_the_other_replica(rig_factory):
         data[spec.record_offset(spec.experts[i]) + 100] ^= 0xFF
     path.write_bytes(bytes(data))
     assert rig.generate() == reference
-    failovers = rig.backend.stats.failovers
-    assert failovers and all(f.kind == DATA_LOSS and f.node == "n0" and f.layer == spec.layer for f in failovers)
+    failovers = rig.backend.dispatch.failovers
+    assert failovers and all(
+        f.kind == ErrorKind.DATA_LOSS and f.node == "n0" and f.layer == spec.layer for f in failovers
+    )
     assert "checksum mismatch" in failovers[0].reason and f"layer {spec.layer} expert" in failovers[0].reason
     state = rig.backend.membership.states[rig.services[0].node_id]
     assert state.up and state.bad and all(layer == spec.layer for layer, _ in state.bad)
@@ -165,8 +157,8 @@ def test_damaged_record_is_served_by_the_other_replica(rig_factory):
 
 def test_without_replicas_the_request_fails_naming_lost_experts(rig_factory):
     rig = rig_factory(replicas=1)
-    reference = _local_tokens(rig.store)
-    rig.links[2].fail = UNAVAILABLE
+    reference = local_tokens(rig.store, max_tokens=8)
+    rig.links[2].fail = ErrorKind.UNAVAILABLE
     with pytest.raises(ExpertsLost) as e:
         rig.generate()
     message = str(e.value)
@@ -232,7 +224,7 @@ def _held(service: NodeService) -> dict[int, frozenset[int]]:
 
 def test_a_prefetch_to_a_lost_node_is_only_a_hint(rig_factory):
     rig = rig_factory()
-    rig.links[1].fail = UNAVAILABLE
+    rig.links[1].fail = ErrorKind.UNAVAILABLE
     layer = rig.manifest.layers[0].layer
     rig.backend.prefetch(layer, list(range(16)))  # does not raise
     assert rig.backend.membership.down() == [rig.services[1].node_id]

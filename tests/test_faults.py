@@ -15,20 +15,20 @@ import time
 import numpy as np
 import pytest
 from flashmesh.coordinator.cli import main
-from flashmesh.coordinator.engine import open_cluster, open_local
-from flashmesh.coordinator.failover import DATA_LOSS, DEADLINE, UNAVAILABLE, ExpertsLost, Hedge
-from flashmesh.coordinator.generate import generate
+from flashmesh.coordinator.engine import open_model
+from flashmesh.coordinator.failover import ExpertsLost
+from flashmesh.coordinator.generate import SamplingParams, generate
+from flashmesh.coordinator.options import ModelOptions
 from flashmesh.node.shard import write_dense
 from flashmesh.node.store_format import Manifest
+from flashmesh.protos.errors import ErrorKind
+from flashmesh.testing.faults import generate_with_faults
 from flashmesh.testing.local_nodes import ensure_shards, local_node_processes
 
-from bench.failover import generate_with_faults
-
-from .test_errors import assert_one_line_error
+from .conftest import PROMPT, assert_one_line_error
 
 log = logging.getLogger(__name__)
 
-PROMPT = "The quick brown fox jumps over the lazy dog. Mixture of experts"
 TOKEN = "test-faults-token"
 MAX_TOKENS = 8
 RPC_DEADLINE = 2.0  # seconds: short, so a hung node is found quickly, yet far above a healthy call here
@@ -39,7 +39,7 @@ STALL_BOUND = 15.0  # seconds: generous for a 2-core VM shared with other work; 
 def reference(models):
     """Tokens of the single-machine run, and the (layer, expert) pairs it used."""
     _, store = models.get("qwen3_moe")
-    streaming = open_local(store, ram_budget=Manifest.load(store).expert_bytes_total)
+    streaming = open_model(ModelOptions(store=store, ram_budget=Manifest.load(store).expert_bytes_total))
     used: set[tuple[int, int]] = set()
     compute = streaming.backend.compute
 
@@ -50,7 +50,10 @@ def reference(models):
     streaming.backend.compute = recording
     try:
         tokens = generate(
-            streaming.model, streaming.tokenizer, streaming.tokenizer.encode(PROMPT), max_tokens=MAX_TOKENS
+            streaming.model,
+            streaming.tokenizer,
+            streaming.tokenizer.encode(PROMPT),
+            SamplingParams(max_tokens=MAX_TOKENS),
         ).tokens
     finally:
         streaming.close()
@@ -69,11 +72,18 @@ class Cluster:
     def __init__(self, nodes, dense, shards):
         self.nodes, self.dense, self.shards = nodes, dense, shards
 
-    def open(self, *, hedge: Hedge | None = None):
-        return open_cluster(
-            self.dense, list(self.nodes.addresses), token=TOKEN, rpc_deadline=RPC_DEADLINE, probe_backoff=0.2,
-            hedge=hedge,
-        )  # fmt: skip
+    def open(self, *, hedge: bool = True):
+        return open_model(
+            ModelOptions(
+                store=self.dense,
+                cluster=True,
+                nodes=tuple(self.nodes.addresses),
+                token=TOKEN,
+                rpc_deadline=RPC_DEADLINE,
+                probe_backoff=0.2,
+                hedge=hedge,
+            )
+        )
 
     def busiest(self, streaming, connected) -> tuple[int, str]:
         """(process index, node id) of the node assigned the most experts: the one to hurt."""
@@ -107,7 +117,7 @@ MID_DECODE = 8 + 2 * 8 + 3  # prefill (8 MoE layers), two decode steps, then mid
 
 
 def _report(what, backend):
-    stats = backend.stats
+    stats = backend.dispatch
     normal = [c.seconds for c in stats.calls if c.rounds == 1]
     log.warning(
         "%s: failovers %s, stall max %.3f s, layer call median %.4f s",
@@ -120,7 +130,8 @@ def _report(what, backend):
 
 def test_damaged_record_on_one_replica_is_served_by_the_other(replicated, reference):
     store, tokens, used = reference
-    streaming, nodes = replicated.open()
+    streaming = replicated.open()
+    nodes = streaming.nodes
     backend = streaming.backend
     try:
         # a record the prompt needs, on the node that would serve it first; nothing has read it yet
@@ -141,12 +152,12 @@ def test_damaged_record_on_one_replica_is_served_by_the_other(replicated, refere
             with open(path, "r+b") as f:
                 f.seek(offset)
                 f.write(bytes([original]))
-        failovers = [f for f in backend.stats.failovers if f.kind == DATA_LOSS]
+        failovers = [f for f in backend.dispatch.failovers if f.kind == ErrorKind.DATA_LOSS]
         assert [f.layer for f in failovers] == [layer]
         assert f"layer {layer} expert {expert}: record checksum mismatch" in failovers[0].reason
         state = backend.membership.states[primary]
         assert state.up and state.bad == {(layer, expert)}  # only that record moved; the node serves the rest
-        assert backend.stats.nodes[primary].requests > 0
+        assert backend.dispatch.nodes[primary].requests > 0
     finally:
         streaming.close()
 
@@ -154,10 +165,13 @@ def test_damaged_record_on_one_replica_is_served_by_the_other(replicated, refere
 def test_coordinator_restart_with_nodes_left_running(replicated, reference):
     _, tokens, _ = reference
     for _ in range(2):
-        streaming, nodes = replicated.open()
+        streaming = replicated.open()
+        nodes = streaming.nodes
         try:
             assert len(nodes) == 3 and _generate(streaming) == tokens
-            assert not [f for f in streaming.backend.stats.failovers if f.kind != DEADLINE]  # none lost
+            assert not [
+                f for f in streaming.backend.dispatch.failovers if f.kind != ErrorKind.DEADLINE_EXCEEDED
+            ]  # none lost
         finally:
             streaming.close()
 
@@ -177,7 +191,8 @@ def test_run_cli_takes_an_rpc_deadline(replicated, reference, capsys):
 def test_sigstop_is_found_by_the_deadline_and_fails_over(replicated, reference):
     """The last resort, hedging off (tests/test_hedging.py and tests/test_chaos.py hedge)."""
     _, tokens, _ = reference
-    streaming, connected = replicated.open(hedge=Hedge(enabled=False))
+    streaming = replicated.open(hedge=False)
+    connected = streaming.nodes
     backend = streaming.backend
     index, victim_id = replicated.busiest(streaming, connected)
     victim, label = replicated.nodes.procs[index], backend.links[victim_id].label
@@ -194,14 +209,14 @@ def test_sigstop_is_found_by_the_deadline_and_fails_over(replicated, reference):
         finally:
             os.kill(victim.pid, signal.SIGCONT)
         _report("SIGSTOP", backend)
-        failovers = [f for f in backend.stats.failovers if f.node == label]  # (a loaded VM may add others)
-        assert [f.kind for f in failovers] == [DEADLINE]
+        failovers = [f for f in backend.dispatch.failovers if f.node == label]  # (a loaded VM may add others)
+        assert [f.kind for f in failovers] == [ErrorKind.DEADLINE_EXCEEDED]
         assert RPC_DEADLINE * 0.9 <= failovers[0].detect_seconds < STALL_BOUND
-        assert max(backend.stats.stall_seconds) < STALL_BOUND and elapsed < 2 * STALL_BOUND
+        assert max(backend.dispatch.stall_seconds) < STALL_BOUND and elapsed < 2 * STALL_BOUND
         # running again: a probe on the dispatch path finds it, and it is used again
         time.sleep(0.5)
         assert _generate(streaming) == tokens
-        assert backend.membership.down() == [] and backend.stats.recoveries
+        assert backend.membership.down() == [] and backend.dispatch.recoveries
     finally:
         streaming.close()
 
@@ -211,7 +226,8 @@ def test_sigkill_mid_generation_with_replicas(replicated, reference, when):
     """Killed between two layer calls (the next connect is refused), or while a request is in flight
     (stopped first so the request waits in it, then killed: the connection is reset under the call)."""
     _, tokens, _ = reference
-    streaming, connected = replicated.open()
+    streaming = replicated.open()
+    connected = streaming.nodes
     backend = streaming.backend
     index, victim_id = replicated.busiest(streaming, connected)
     victim, label = replicated.nodes.procs[index], backend.links[victim_id].label
@@ -231,16 +247,16 @@ def test_sigkill_mid_generation_with_replicas(replicated, reference, when):
             timer.join()
         victim.wait()
         _report(f"SIGKILL {when}", backend)
-        failovers = [f for f in backend.stats.failovers if f.node == label]
-        assert [f.kind for f in failovers] == [UNAVAILABLE]
-        assert max(backend.stats.stall_seconds) < STALL_BOUND
+        failovers = [f for f in backend.dispatch.failovers if f.node == label]
+        assert [f.kind for f in failovers] == [ErrorKind.UNAVAILABLE]
+        assert max(backend.dispatch.stall_seconds) < STALL_BOUND
         assert backend.membership.down() == [victim_id]
         assert _generate(streaming) == tokens  # keeps working on two nodes
         # the node is started again at its address: the cluster takes it back by itself
         replicated.nodes.restart(index)
         time.sleep(0.5)
         assert _generate(streaming) == tokens
-        assert backend.membership.down() == [] and backend.stats.recoveries
+        assert backend.membership.down() == [] and backend.dispatch.recoveries
     finally:
         streaming.close()
 
@@ -253,7 +269,7 @@ def test_sigkill_without_replicas_names_lost_experts_then_recovers(reference, tm
     shards, processes = _nodes(store, work, count=2, replicas=1)
     with processes as nodes:
         cluster = Cluster(nodes, dense, shards)
-        streaming, _ = cluster.open()
+        streaming = cluster.open()
         try:
 
             def kill(n):

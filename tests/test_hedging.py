@@ -10,9 +10,11 @@ import time
 from concurrent.futures import Future
 
 import pytest
-from flashmesh.coordinator.failover import DEADLINE, ExpertsLost, Hedge, NodeError
+from flashmesh.coordinator.failover import ExpertsLost, Hedge, NodeError
+from flashmesh.protos.errors import ErrorKind
 
-from .test_failover import Rig, _local_tokens
+from .conftest import local_tokens
+from .test_failover import Rig
 
 RPC_DEADLINE = 5.0  # seconds: far above what a hedge may take here
 
@@ -29,7 +31,9 @@ class HangingLink:
     def _hung(self, timeout: float | None) -> Future:
         future: Future = Future()
         future.seconds = timeout or 0.0
-        error = NodeError(f"node {self.label}: did not answer within {timeout} s (test)", kind=DEADLINE)
+        error = NodeError(
+            f"node {self.label}: did not answer within {timeout} s (test)", kind=ErrorKind.DEADLINE_EXCEEDED
+        )
 
         def expire() -> None:
             if future.set_running_or_notify_cancel():
@@ -49,6 +53,9 @@ class HangingLink:
 
     def prefetch(self, request, *, timeout=None):
         return self.link.prefetch(request, timeout=timeout)
+
+    def stats(self, *, timeout=None):
+        return self.link.stats(timeout=timeout)
 
     def close(self) -> None:
         for timer in self._timers:
@@ -84,9 +91,9 @@ def rig_of(models, tmp_path):
 
 def test_a_node_that_stops_answering_costs_a_hedge_not_the_deadline(rig_of):
     rig = rig_of()
-    reference = _local_tokens(rig.store)
+    reference = local_tokens(rig.store, max_tokens=8)
     assert rig.generate() == reference  # warm: every node's latency measured
-    rig.backend.reset_stats()
+    rig.backend.reset_dispatch()
     victim = rig.services[1].node_id
     calls = [0]
     compute = rig.backend.compute
@@ -104,7 +111,7 @@ def test_a_node_that_stops_answering_costs_a_hedge_not_the_deadline(rig_of):
         elapsed = time.monotonic() - start
     finally:
         rig.backend.__dict__.pop("compute")
-    stats = rig.backend.stats
+    stats = rig.backend.dispatch
     assert [h.node for h in stats.hedges if h.node == "n1"] and stats.nodes[victim].outrun >= 1
     assert rig.hanging[1].cancelled >= 1  # the hung request lost the race and was cancelled
     assert rig.backend.membership.down() == [victim]  # and its node is routed around until it answers
@@ -128,7 +135,7 @@ def test_without_a_replica_the_deadline_is_the_last_resort(rig_of):
         rig.generate(max_tokens=2)
     assert time.monotonic() - start >= 0.9  # waited for the deadline: nowhere to hedge to
     assert "n2" in str(e.value) and "did not answer" in str(e.value)
-    assert not rig.backend.stats.hedges  # and no extra request was sent
+    assert not rig.backend.dispatch.hedges  # and no extra request was sent
 
 
 def test_hedge_delay_follows_each_nodes_own_latency():

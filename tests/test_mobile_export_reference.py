@@ -1,5 +1,5 @@
 """The bundle's saved Core ML programs, run op by op in NumPy with the bundle's expert records, give
-the logits and greedy tokens of the MLX streamed run (open_local) of the same store.
+the logits and greedy tokens of the MLX streamed run (open_model) of the same store.
 
 Tolerance: the bundle computes in fp16 (unit roundoff 2**-11 ~ 4.9e-4) where the MLX run is fp32.
 Each of the few dozen fp16 roundings per layer adds a relative error of that order; over 3 layers
@@ -14,7 +14,8 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 import pytest
-from flashmesh.coordinator.engine import open_local
+from flashmesh.coordinator.engine import open_model
+from flashmesh.coordinator.options import ModelOptions
 from flashmesh.mobile_export.exporter import export_ios
 from flashmesh.mobile_export.reference import ReferenceRunner
 from flashmesh.node.store_format import Manifest
@@ -42,7 +43,7 @@ def _routed_model(root: Path, arch: str) -> Path:
 
 
 def _mlx_greedy(store: Path) -> tuple[list[int], list[int], list[np.ndarray]]:
-    sm = open_local(store, ram_budget=Manifest.load(store).expert_bytes_total)
+    sm = open_model(ModelOptions(store=store, ram_budget=Manifest.load(store).expert_bytes_total))
     try:
         prompt = sm.tokenizer.encode(PROMPT)
         cache = make_prompt_cache(sm.model)

@@ -5,23 +5,24 @@ from __future__ import annotations
 import mlx.core as mx
 import numpy as np
 import pytest
-from flashmesh.coordinator.engine import attach, load_dense_model, load_store_tokenizer, open_local
-from flashmesh.coordinator.generate import generate
+from flashmesh.coordinator.engine import attach, load_dense_model, load_store_tokenizer, open_model
+from flashmesh.coordinator.generate import SamplingParams, generate
+from flashmesh.coordinator.options import ModelOptions
 from flashmesh.coordinator.placement import NodeCapacity, place
 from flashmesh.coordinator.remote import RemoteExperts
 from flashmesh.node.cache import ExpertCache
 from flashmesh.node.compute import LocalExperts, expert_templates
-from flashmesh.node.service import INVALID, UNAUTHENTICATED, NodeService, RequestError
+from flashmesh.node.service import NodeService, RequestError
 from flashmesh.node.shard import shard_experts, write_dense, write_shard
 from flashmesh.node.store_format import LayerSpec, Manifest, TensorSpec
 from flashmesh.node.store_reader import ExpertStore
 from flashmesh.protos import flashmesh_pb2 as pb
 from flashmesh.protos.codec import encode, encode_numpy
-from flashmesh.protos.errors import UserError
+from flashmesh.protos.errors import ErrorKind, UserError
 from flashmesh.testing.in_process import InProcessLink
 from mlx_lm import load
 
-PROMPT = "The quick brown fox jumps over the lazy dog. Mixture of experts"
+from .conftest import PROMPT, shard_services
 
 
 def _layers(n_layers=2, n_experts=8, nbytes=1000) -> list[LayerSpec]:
@@ -106,7 +107,7 @@ def test_shard_store_holds_its_subset(models, tmp_path):
                 held |= {(spec.layer, e) for e in spec.experts}
     assert len(held) == sum(s.num_experts for s in full.layers)  # disjoint and complete
     with pytest.raises(UserError, match="shard"):
-        open_local(tmp_path / "s0", ram_budget=full.expert_bytes_total)
+        open_model(ModelOptions(store=tmp_path / "s0", ram_budget=full.expert_bytes_total))
     dense = write_dense(store, tmp_path / "dense")
     assert all(s.experts == [] for s in dense.layers) and dense.fingerprint == full.fingerprint
     assert all(f.stat().st_size == 0 for f in (tmp_path / "dense" / "experts").iterdir())
@@ -114,57 +115,33 @@ def test_shard_store_holds_its_subset(models, tmp_path):
         write_shard(store, tmp_path / "bad", count=3, index=3)
 
 
-def _services(store, tmp_path, *, count=3, budget_factor=2, token="secret"):
-    m = Manifest.load(store)
-    services = []
-    for i in range(count):
-        write_shard(store, tmp_path / f"s{i}", count=count, index=i)
-        services.append(
-            NodeService(
-                tmp_path / f"s{i}",
-                ram_budget=m.min_budget_bytes * budget_factor,
-                token=token,
-                name=f"n{i}",
-                flash_gbps=1.0,
-            )
-        )
-    return services
-
-
-def _capacity(s: NodeService) -> NodeCapacity:
-    info = s.info()
-    return NodeCapacity(
-        info.node_id, {h.layer: frozenset(h.experts) for h in info.layers}, info.flash_read_gbps, info.ram_budget_bytes
-    )
-
-
 @pytest.mark.parametrize("arch", ["qwen3_moe", "deepseek_v3"])
 def test_remote_dispatch_in_process_is_bit_exact(models, tmp_path, arch):
     src, store = models.get(arch)
-    services = _services(store, tmp_path)
+    services = shard_services(store, tmp_path)
     try:
         manifest = Manifest.load(store)
         write_dense(store, tmp_path / "dense")
         model, _, _ = load_dense_model(tmp_path / "dense")
         backend = RemoteExperts(
             {s.node_id: InProcessLink(s, s.name) for s in services},
-            place(manifest.layers, [_capacity(s) for s in services]),
+            place(manifest.layers, [NodeCapacity.of(s.info()) for s in services]),
         )
         attach(model, backend, lookahead=True)
         tokenizer = load_store_tokenizer(tmp_path / "dense", manifest)
         prompt = tokenizer.encode(PROMPT)
         ref_model, _ = load(str(src))
         assert (
-            generate(model, tokenizer, prompt, max_tokens=8).tokens
-            == generate(ref_model, tokenizer, prompt, max_tokens=8).tokens
+            generate(model, tokenizer, prompt, SamplingParams(max_tokens=8)).tokens
+            == generate(ref_model, tokenizer, prompt, SamplingParams(max_tokens=8)).tokens
         )
         ours = model(mx.array(prompt)[None])[0, -1]
         ref = ref_model(mx.array(prompt)[None])[0, -1]
         np.testing.assert_allclose(np.array(ours), np.array(ref), rtol=0, atol=1e-5)
         # one request per node per MoE layer call, never one per expert
-        per_call = backend.stats.requests / backend.stats.layer_calls
+        per_call = backend.dispatch.requests / backend.dispatch.layer_calls
         assert 1 < per_call <= 3
-        assert sum(s.stats().requests for s in services) == backend.stats.requests
+        assert sum(s.stats().requests for s in services) == backend.dispatch.requests
         # the router lookahead's hints rode along: the nodes read ahead, and some of it was used
         assert sum(s.stats().prefetched for s in services) > 0
         assert sum(s.stats().prefetch_used for s in services) > 0
@@ -175,7 +152,7 @@ def test_remote_dispatch_in_process_is_bit_exact(models, tmp_path, arch):
 
 def test_one_layer_matches_local_experts_exactly(models, tmp_path):
     _, store = models.get("qwen3_moe")
-    services = _services(store, tmp_path)
+    services = shard_services(store, tmp_path)
     manifest = Manifest.load(store)
     local_store = ExpertStore(store)
     try:
@@ -183,7 +160,8 @@ def test_one_layer_matches_local_experts_exactly(models, tmp_path):
             ExpertCache(local_store, budget_bytes=manifest.expert_bytes_total), expert_templates(store)
         )
         remote = RemoteExperts(
-            {s.node_id: InProcessLink(s) for s in services}, place(manifest.layers, [_capacity(s) for s in services])
+            {s.node_id: InProcessLink(s) for s in services},
+            place(manifest.layers, [NodeCapacity.of(s.info()) for s in services]),
         )
         layer = manifest.layers[0].layer
         x = mx.random.normal((5, 64))  # [N, D]
@@ -199,13 +177,13 @@ def test_one_layer_matches_local_experts_exactly(models, tmp_path):
 
 def test_node_validates_requests(models, tmp_path):
     _, store = models.get("qwen3_moe")
-    (service,) = _services(store, tmp_path, count=1)
+    (service,) = shard_services(store, tmp_path, count=1)
     write_shard(store, tmp_path / "half", count=2, index=0)
     half = NodeService(tmp_path / "half", ram_budget=10**8, token="t", name="half", flash_gbps=1.0)
     try:
         with pytest.raises(RequestError) as e:
             service.check_token("wrong")
-        assert e.value.status == UNAUTHENTICATED
+        assert e.value.kind == ErrorKind.UNAUTHENTICATED
         service.check_token("secret")
         x = encode(mx.zeros((2, 64)))
         good = dict(
@@ -234,7 +212,7 @@ def test_node_validates_requests(models, tmp_path):
         for change, needle in bad:
             with pytest.raises(RequestError, match=needle) as e:
                 half.compute(pb.ComputeRequest(**{**good, **change}))
-            assert e.value.status == INVALID
+            assert e.value.kind == ErrorKind.INVALID_ARGUMENT
         half.max_message_bytes = 100
         with pytest.raises(RequestError, match="exceeds this node's limit"):
             half.compute(pb.ComputeRequest(**good))

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import pytest
 from flashmesh.coordinator.dispatch import set_lookahead
-from flashmesh.coordinator.engine import open_local
-from flashmesh.coordinator.generate import generate
+from flashmesh.coordinator.engine import open_model
+from flashmesh.coordinator.generate import SamplingParams, generate
+from flashmesh.coordinator.options import ModelOptions
 from flashmesh.node.store_format import Manifest
 from mlx_lm import load
 
-PROMPT = "The quick brown fox jumps over the lazy dog. Mixture of experts"
+from .conftest import PROMPT
 
 
 @pytest.mark.parametrize("policy", ["auto", "lru", "lfu", "cyclic"])
@@ -19,17 +20,20 @@ def test_lookahead_and_policy_match_mlx_lm(models, arch, policy, which):
     src, store = models.get(arch)
     ref_model, tokenizer = load(str(src))
     prompt = tokenizer.encode(PROMPT)
-    reference = generate(ref_model, tokenizer, prompt, max_tokens=10)
+    reference = generate(ref_model, tokenizer, prompt, SamplingParams(max_tokens=10))
     manifest = Manifest.load(store)
     budget = {
         "quarter": max(manifest.expert_bytes_total // 4, manifest.min_budget_bytes),
         "minimum": manifest.min_budget_bytes,
     }[which]
-    streaming = open_local(store, ram_budget=budget)
+    streaming = open_model(ModelOptions(store=store, ram_budget=budget))
     try:
         assert set_lookahead(streaming.model, enabled=True) > 0
         streaming.cache.policy = policy
-        assert generate(streaming.model, streaming.tokenizer, prompt, max_tokens=10).tokens == reference.tokens
+        assert (
+            generate(streaming.model, streaming.tokenizer, prompt, SamplingParams(max_tokens=10)).tokens
+            == reference.tokens
+        )
         stats = streaming.cache.close_stats()
         assert stats.peak_bytes <= budget  # in-flight prefetched records count against the budget
         if which == "quarter":
@@ -43,7 +47,7 @@ def test_prefetch_is_asynchronous_and_budgeted(models):
     _, store = models.get("qwen3_moe")
     manifest = Manifest.load(store)
     spec = manifest.layers[0]
-    streaming = open_local(store, ram_budget=manifest.min_budget_bytes)
+    streaming = open_model(ModelOptions(store=store, ram_budget=manifest.min_budget_bytes))
     try:
         cache = streaming.cache
         submitted = cache.prefetch(spec.layer, list(range(spec.num_experts)))

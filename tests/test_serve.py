@@ -13,17 +13,17 @@ import time
 
 import openai
 import pytest
-from flashmesh.coordinator.api.worker import DoneEvent, ErrorEvent, QueueFull, SamplingParams, StopMatcher, TextEvent
+from flashmesh.coordinator.api.worker import DoneEvent, ErrorEvent, QueueFull, TextEvent
 from flashmesh.coordinator.cli import main
-from flashmesh.coordinator.generate import encode_prompt, generate
+from flashmesh.coordinator.generate import SamplingParams, StopMatcher, encode_prompt, generate
+from flashmesh.coordinator.options import ModelOptions
 from flashmesh.node.store_format import Manifest
 from mlx_lm import load
 from prometheus_client.parser import text_string_to_metric_families
 
+from .conftest import PROMPT, assert_one_line_error
 from .serve_util import MODEL, served
-from .test_errors import assert_one_line_error
 
-PROMPT = "The quick brown fox jumps over the lazy dog. Mixture of experts"
 OTHER = "Streaming experts from flash, one token at a time"
 
 
@@ -45,7 +45,7 @@ def reference(tiny):
 
     def run(prompt: str, *, max_tokens: int, chat: bool = False):
         tokens = encode_prompt(tokenizer, prompt, chat=chat)
-        return tokens, generate(model, tokenizer, tokens, max_tokens=max_tokens)
+        return tokens, generate(model, tokenizer, tokens, SamplingParams(max_tokens=max_tokens))
 
     return run
 
@@ -295,15 +295,15 @@ def test_metrics_parse_and_count(client, server):
 
 def test_cluster_mode_matches_and_reports_node_latency(tiny, reference, tmp_path):
     """Experts on a node process on loopback: same text as mlx-lm, per-node dispatch latency in /metrics."""
-    from flashmesh.coordinator.engine import open_cluster
+    from flashmesh.coordinator.engine import open_model
     from flashmesh.testing.local_nodes import local_nodes
 
     store = tiny[1]
     budget = Manifest.load(store).expert_bytes_total
     with local_nodes([store], budgets=[budget], token="serve-test", logdir=tmp_path) as addresses:
-        opener = lambda: open_cluster(store, addresses, token="serve-test")  # noqa: E731
-        with served(store, open_model=opener) as s:
-            assert len(s.worker.nodes) == 1
+        opener = lambda: open_model(ModelOptions(store=store, cluster=True, nodes=tuple(addresses), token="serve-test"))  # noqa: E731
+        with served(store, opener=opener) as s:
+            assert len(s.worker.streaming.nodes) == 1
             _, ref = reference(PROMPT, max_tokens=8)
             status, _, body = s.post(
                 "/v1/completions", {"model": MODEL, "prompt": PROMPT, "max_tokens": 8, "temperature": 0}

@@ -11,7 +11,7 @@ import sys
 import mlx.core as mx
 from flashmesh.node.store_format import Manifest
 
-from .test_equivalence import check_equivalence
+from .conftest import check_equivalence
 
 
 def _unstack_experts_hf_style(src, dst) -> None:

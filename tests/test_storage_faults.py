@@ -13,13 +13,13 @@ import time
 from pathlib import Path
 
 import pytest
-from flashmesh.coordinator.engine import open_cluster
-from flashmesh.coordinator.failover import DATA_LOSS
+from flashmesh.coordinator.engine import open_model
+from flashmesh.coordinator.options import ModelOptions
 from flashmesh.node.shard import write_dense
 from flashmesh.node.store_format import Manifest
+from flashmesh.protos.errors import ErrorKind
+from flashmesh.testing.faults import generate_with_faults
 from flashmesh.testing.local_nodes import ensure_shards, local_node_processes
-
-from bench.failover import generate_with_faults
 
 from .test_errors import assert_one_line_error, run_cli
 
@@ -107,7 +107,10 @@ def test_a_store_file_that_fails_to_read_is_data_loss_served_by_replicas(models,
     budget = Manifest.load(store).expert_bytes_total
     with local_node_processes([disk_shard, *shards[1:]], budgets=[budget] * 3, token="eio", logdir=tmp_path / "logs",
                               flash_gbps=1.0) as nodes:  # fmt: skip
-        streaming, connected = open_cluster(dense, list(nodes.addresses), token="eio", rpc_deadline=5.0)
+        streaming = open_model(
+            ModelOptions(store=dense, cluster=True, nodes=tuple(nodes.addresses), token="eio", rpc_deadline=5.0)
+        )
+        connected = streaming.nodes
         try:
             # the disk under the node fails from the victim file on: its reads (O_DIRECT) get EIO
             os.truncate(image, start)
@@ -115,20 +118,18 @@ def test_a_store_file_that_fails_to_read_is_data_loss_served_by_replicas(models,
             tokens = generate_with_faults(streaming, prompt, max_tokens=6)
             sick = next(n.node_id for n in connected if n.address.target == nodes.addresses[0].target)
             backend = streaming.backend
-            lost = [f for f in backend.stats.failovers if f.kind == DATA_LOSS]
+            lost = [f for f in backend.dispatch.failovers if f.kind == ErrorKind.DATA_LOSS]
             assert lost and all("Input/output error" in f.reason and f"layer {victim.layer}" in f.reason for f in lost)
             state = backend.membership.states[sick]
             assert state.up and state.bad and {layer for layer, _ in state.bad} == {victim.layer}
-            assert backend.stats.nodes[sick].requests > 0  # still serving the layers it can read
+            assert backend.dispatch.nodes[sick].requests > 0  # still serving the layers it can read
         finally:
             streaming.close()
     assert tokens == _healthy_tokens(store, prompt)
 
 
 def _healthy_tokens(store: Path, prompt: str) -> list[int]:
-    from flashmesh.coordinator.engine import open_local
-
-    local = open_local(store, ram_budget=Manifest.load(store).expert_bytes_total)
+    local = open_model(ModelOptions(store=store, ram_budget=Manifest.load(store).expert_bytes_total))
     try:
         return generate_with_faults(local, prompt, max_tokens=6)
     finally:

@@ -72,10 +72,11 @@ def test_parse_bytes():
 
 
 def test_prefetch_warms_the_cache(models):
-    from flashmesh.coordinator.engine import open_local
+    from flashmesh.coordinator.engine import open_model
+    from flashmesh.coordinator.options import ModelOptions
 
     _, store = models.get("qwen3_moe")
-    streaming = open_local(store, ram_budget=Manifest.load(store).expert_bytes_total)
+    streaming = open_model(ModelOptions(store=store, ram_budget=Manifest.load(store).expert_bytes_total))
     try:
         layer = streaming.manifest.layers[0].layer
         streaming.backend.prefetch(layer, [3, 1, 3])

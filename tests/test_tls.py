@@ -16,11 +16,12 @@ import grpc
 import pytest
 from cryptography import x509
 from flashmesh.coordinator.certs import init_cluster, issue
-from flashmesh.coordinator.cli import main
 from flashmesh.coordinator.client import NodeClient, NodeError
 from flashmesh.coordinator.cluster import connect
-from flashmesh.coordinator.cluster_run import run_on_cluster
 from flashmesh.coordinator.discovery import discover
+from flashmesh.coordinator.generate import SamplingParams
+from flashmesh.coordinator.options import ModelOptions
+from flashmesh.coordinator.report import run_prompt
 from flashmesh.node.advertise import Advertiser
 from flashmesh.node.store_format import Manifest
 from flashmesh.node.tls import COORDINATOR, NODE, load_identity
@@ -29,9 +30,7 @@ from flashmesh.protos import flashmesh_pb2 as pb
 from flashmesh.protos import flashmesh_pb2_grpc as pb_grpc
 from flashmesh.testing.local_nodes import ensure_shards, local_nodes
 
-from .test_cli import flashmesh
-from .test_cluster import PROMPT, _local_tokens
-from .test_errors import assert_one_line_error
+from .conftest import PROMPT, assert_one_line_error, flashmesh, local_tokens, run_cli
 
 TOKEN = f"tls-test-token-{os.getpid()}"
 MAX_TOKENS = 8
@@ -57,27 +56,20 @@ def tls_cluster(models, tmp_path_factory):
         )
 
 
-def _cli(capsys, *args) -> tuple[int, str, str]:
-    code = main([str(a) for a in args])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
 def test_tls_run_matches_the_local_run(tls_cluster, capsys):
     c = tls_cluster
-    expected = _local_tokens(c.store, max_tokens=MAX_TOKENS)
-    result = run_on_cluster(
-        c.store, c.addresses, token=TOKEN, prompt=PROMPT, chat=False, max_tokens=MAX_TOKENS, tls=c.identity
-    )
+    expected = local_tokens(c.store, max_tokens=MAX_TOKENS)
+    options = ModelOptions(store=c.store, cluster=True, nodes=tuple(c.addresses), token=TOKEN, tls=c.work / "cluster")
+    result = run_prompt(options, PROMPT, SamplingParams(max_tokens=MAX_TOKENS))
     assert result["tokens"] == expected
     assert all(n["requests"] > 0 for n in result["nodes"])
     # The CLI with static NAME@HOST:PORT: the certificate is checked against NAME, not 127.0.0.1.
     static = [x for a in c.addresses for x in ("--node", f"{a.name}@{a.target}")]
-    code, out, err = _cli(capsys, "run", c.store, *static, "--no-zeroconf", "--tls", c.work / "cluster",
+    code, out, err = run_cli(capsys, "run", c.store, *static, "--no-zeroconf", "--tls", c.work / "cluster",
                           "--token", TOKEN, "--prompt", PROMPT, "--max-tokens", MAX_TOKENS, "--json")  # fmt: skip
     assert code == 0, err
     assert json.loads(out)["tokens"] == expected
-    code, out, err = _cli(capsys, "cluster", "ls", "--json", *static, "--no-zeroconf", "--tls", c.work / "cluster",
+    code, out, err = run_cli(capsys, "cluster", "ls", "--json", *static, "--no-zeroconf", "--tls", c.work / "cluster",
                           "--token", TOKEN)  # fmt: skip
     rows = json.loads(out)
     assert code == 0 and not [r for r in rows if "error" in r], rows
@@ -207,7 +199,7 @@ def test_without_tls_the_token_and_identity_gate_every_node(tls_cluster, caplog)
 
 def test_cluster_init_and_add_node(tmp_path, capsys):
     root = tmp_path / "cluster"
-    code, _, err = _cli(capsys, "cluster", "init", root, "--nodes", "studio,mini", "--san", "192.168.1.20",
+    code, _, err = run_cli(capsys, "cluster", "init", root, "--nodes", "studio,mini", "--san", "192.168.1.20",
                         "--san", "studio.lan")  # fmt: skip
     assert code == 0, err
     assert stat.S_IMODE((root / "ca").stat().st_mode) == 0o700
@@ -223,18 +215,18 @@ def test_cluster_init_and_add_node(tmp_path, capsys):
     assert {"127.0.0.1", "192.168.1.20"} <= {str(ip) for ip in sans.get_values_for_type(x509.IPAddress)}
     assert node.name == "studio" and load_identity(root, role=COORDINATOR).name == "coordinator"
 
-    code, _, err = _cli(capsys, "cluster", "init", root)
+    code, _, err = run_cli(capsys, "cluster", "init", root)
     assert_one_line_error(code, err, "already holds a cluster CA", "add-node", "--force")
-    assert _cli(capsys, "cluster", "add-node", root, "air")[0] == 0
+    assert run_cli(capsys, "cluster", "add-node", root, "air")[0] == 0
     assert load_identity(root / "nodes" / "air", role=NODE).name == "air"
-    code, _, err = _cli(capsys, "cluster", "add-node", root, "air")
+    code, _, err = run_cli(capsys, "cluster", "add-node", root, "air")
     assert_one_line_error(code, err, "air", "--force")
     before = (root / "nodes" / "air" / "tls.crt").read_bytes()
-    assert _cli(capsys, "cluster", "add-node", root, "air", "--force")[0] == 0
+    assert run_cli(capsys, "cluster", "add-node", root, "air", "--force")[0] == 0
     assert (root / "nodes" / "air" / "tls.crt").read_bytes() != before
-    code, _, err = _cli(capsys, "cluster", "add-node", root, "my node")
+    code, _, err = run_cli(capsys, "cluster", "add-node", root, "my node")
     assert_one_line_error(code, err, "my node", "letters, digits")
-    code, _, err = _cli(capsys, "cluster", "add-node", tmp_path / "elsewhere", "air")
+    code, _, err = run_cli(capsys, "cluster", "add-node", tmp_path / "elsewhere", "air")
     assert_one_line_error(code, err, "ca.key is missing")
     leftovers = [p for p in root.rglob("*") if p.name.startswith((".partial-", ".old-"))]
     assert not leftovers
@@ -251,10 +243,10 @@ def test_certificate_mistakes_are_one_line(tmp_path, capsys):
         return target
 
     def serve(tls, *extra):
-        return _cli(capsys, "node", "serve", tmp_path / "no-store", "--ram-budget", "1MB", "--tls", tls, *extra)
+        return run_cli(capsys, "node", "serve", tmp_path / "no-store", "--ram-budget", "1MB", "--tls", tls, *extra)
 
     def ls(tls):
-        return _cli(capsys, "cluster", "ls", "--tls", tls, "--token", "t", "--node", "127.0.0.1:9", "--no-zeroconf")
+        return run_cli(capsys, "cluster", "ls", "--tls", tls, "--token", "t", "--node", "127.0.0.1:9", "--no-zeroconf")
 
     code, _, err = ls(tmp_path / "nowhere")
     assert_one_line_error(code, err, "nowhere", "does not exist", "cluster init")
@@ -281,3 +273,34 @@ def test_certificate_mistakes_are_one_line(tmp_path, capsys):
     assert_one_line_error(code, err, "--name n2", "n1", "add-node")
     code, _, err = serve(root, "--name", "n9")
     assert_one_line_error(code, err, "no certificate for node 'n9'", "add-node")
+
+
+@pytest.mark.parametrize("command", ["run", "serve"])
+def test_run_and_serve_open_the_cluster_with_tls_and_the_deadline(tls_cluster, monkeypatch, command):
+    """The options `serve --cluster --tls DIR --rpc-deadline S` reads open the cluster over TLS with
+    that deadline, exactly as `run`'s do (serve once accepted --tls and then connected in plaintext)."""
+    from flashmesh.coordinator.cli import build_parser
+    from flashmesh.coordinator.engine import open_model
+    from flashmesh.coordinator.generate import encode_prompt, generate
+    from flashmesh.coordinator.options import model_options
+
+    monkeypatch.delenv("FLASHMESH_TLS", raising=False)
+    c = tls_cluster
+    static = [x for a in c.addresses for x in ("--node", f"{a.name}@{a.target}")]
+
+    def options(*flags):
+        extra = ["--prompt", PROMPT] if command == "run" else []
+        argv = [command, str(c.store), *static, "--no-zeroconf", "--token", TOKEN, *flags, *extra]
+        return model_options(build_parser().parse_args(argv))
+
+    streaming = open_model(options("--tls", str(c.work / "cluster"), "--rpc-deadline", "7.5"))  # TLS-only nodes
+    try:
+        assert streaming.remote.deadline.floor == 7.5 and len(streaming.nodes) == 2
+        assert all(n.client.tls for n in streaming.nodes)
+        prompt = encode_prompt(streaming.tokenizer, PROMPT, chat=False)
+        tokens = generate(streaming.model, streaming.tokenizer, prompt, SamplingParams(max_tokens=MAX_TOKENS)).tokens
+        assert tokens == local_tokens(c.store, max_tokens=MAX_TOKENS)
+    finally:
+        streaming.close()
+    with pytest.raises(NodeError, match="--tls"):  # without --tls these nodes refuse the connection
+        open_model(options()).close()

@@ -30,10 +30,10 @@ from flashmesh.coordinator.api.worker import (
     GenerationWorker,
     Job,
     QueueFull,
-    SamplingParams,
     TextEvent,
     WorkerClosed,
 )
+from flashmesh.coordinator.generate import SamplingParams
 from flashmesh.protos.errors import UserError
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException

@@ -16,15 +16,12 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import mlx.core as mx
 from flashmesh.coordinator.engine import StreamingModel
-from flashmesh.coordinator.generate import GenerationStats
-from flashmesh.coordinator.remote import RemoteExperts
+from flashmesh.coordinator.generate import GenerationStats, SamplingParams, generate
+from flashmesh.node.cache_stats import ExpertStats
 from flashmesh.node.shutdown import release_thread_mlx_state
 from flashmesh.node.store_format import Manifest
 from flashmesh.protos.errors import UserError
-from mlx_lm.generate import stream_generate
-from mlx_lm.sample_utils import make_logits_processors, make_sampler
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
 log = logging.getLogger(__name__)
@@ -39,18 +36,6 @@ class QueueFull(Exception):
 
 class WorkerClosed(Exception):
     pass
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    max_tokens: int
-    temperature: float = 0.0  # 0: greedy
-    top_p: float = 1.0
-    stop: tuple[str, ...] = ()
-    seed: int | None = None
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    logit_bias: tuple[tuple[int, float], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -89,48 +74,15 @@ class Job:
         return self._cancelled.is_set()
 
 
-class StopMatcher:
-    """Cuts generated text at the first stop sequence and holds back any tail that could be the
-    start of one, so streamed text never shows part of a stop sequence."""
-
-    def __init__(self, stops: tuple[str, ...]) -> None:
-        self.stops = tuple(s for s in stops if s)
-        self.text = ""
-        self.emitted = 0
-
-    def feed(self, piece: str) -> tuple[str, bool]:
-        """Add `piece`; return (text safe to emit now, whether a stop sequence was reached)."""
-        self.text += piece
-        starts = [i for s in self.stops if (i := self.text.find(s, self.emitted)) >= 0]
-        if starts:
-            self.text = self.text[: min(starts)]
-            return self._emit(len(self.text)), True
-        hold = 0
-        for s in self.stops:
-            for k in range(min(len(s) - 1, len(self.text) - self.emitted), hold, -1):
-                if self.text.endswith(s[:k]):
-                    hold = k
-                    break
-        return self._emit(len(self.text) - hold), False
-
-    def flush(self) -> str:
-        return self._emit(len(self.text))
-
-    def _emit(self, upto: int) -> str:
-        out = self.text[self.emitted : upto]
-        self.emitted = max(self.emitted, upto)
-        return out
-
-
 class GenerationWorker:
     """Opens the model on its own thread and serves jobs from a bounded queue, one at a time.
 
-    `open_model` runs on the worker thread (all MLX work stays there) and returns the model and the
-    cluster nodes it uses (empty when the experts run in this process)."""
+    `open_model` runs on the worker thread (all MLX work stays there): `lambda: open_model(options)`
+    (coordinator.engine), the same options `flashmesh run` takes."""
 
     def __init__(
         self,
-        open_model: Callable[[], tuple[StreamingModel, list]],
+        open_model: Callable[[], StreamingModel],
         *,
         max_queue: int = 16,
         prefill_step_size: int = 512,
@@ -151,7 +103,6 @@ class GenerationWorker:
         self._running: Job | None = None
         self._seconds_per_job = 1.0  # moving average, for Retry-After
         self.streaming: StreamingModel | None = None
-        self.nodes: list = []
         self.started_at = time.time()
 
     # --- lifecycle -------------------------------------------------------------------------------
@@ -213,7 +164,7 @@ class GenerationWorker:
     # --- the thread ------------------------------------------------------------------------------
     def _run(self) -> None:
         try:
-            self.streaming, self.nodes = self._open_model()
+            self.streaming = self._open_model()
         except BaseException as e:  # noqa: BLE001 - handed to start()'s caller
             self._open_error = e
             self._finish()
@@ -241,20 +192,20 @@ class GenerationWorker:
 
     def _idle(self) -> None:
         """Between requests: probe cluster nodes that are down, so an idle server takes them back."""
-        backend = self.streaming.backend
-        if isinstance(backend, RemoteExperts):
+        remote = self.streaming.remote
+        if remote is not None:
             try:
-                backend.poll_health()
+                remote.poll_health()
             except UserError as e:  # a probe's trouble shows again on the next request
                 log.warning("probing nodes: %s", e)
 
     def node_states(self) -> list[dict]:
         """Each cluster node's label and whether it is in use (a snapshot; empty in-process)."""
-        backend = self.streaming.backend if self.streaming is not None else None
-        if not isinstance(backend, RemoteExperts):
+        remote = self.streaming.remote if self.streaming is not None else None
+        if remote is None:
             return []
-        states = backend.membership.states
-        return [{"node": backend.links[n].label, "up": states[n].up, "reason": states[n].reason} for n in states]
+        states = remote.membership.states
+        return [{"node": remote.links[n].label, "up": states[n].up, "reason": states[n].reason} for n in states]
 
     def _finish(self) -> None:
         release_thread_mlx_state()  # else the thread's end can race interpreter exit (node.shutdown)
@@ -270,9 +221,17 @@ class GenerationWorker:
 
     def _serve(self, job: Job) -> None:
         started = time.monotonic()
-        before = self._counters()
+        before = self.streaming.backend.stats()
         try:
-            stats = self._generate(job)
+            stats = generate(
+                self.streaming.model,
+                self.streaming.tokenizer,
+                job.prompt_tokens,
+                job.params,
+                prefill_step_size=self.prefill_step_size,
+                on_text=lambda text, tokens: self._send(job, TextEvent(text, tokens)),
+                cancelled=lambda: job.cancelled,
+            )
         except Exception as e:  # noqa: BLE001 - reported to the job's client, the worker goes on
             log.warning("job %s failed: %s", job.id, e)
             if self.metrics is not None:
@@ -280,95 +239,23 @@ class GenerationWorker:
             self._send(job, ErrorEvent(e))
             return
         finally:
-            self._record_counters(before)
+            self._observe_experts(before)
             seconds = time.monotonic() - started
             self._seconds_per_job = 0.8 * self._seconds_per_job + 0.2 * seconds
         if self.metrics is not None:
             self.metrics.observe_generation(stats, queue_seconds=started - job.submitted_at)
         self._send(job, DoneEvent(stats))
 
-    def _generate(self, job: Job) -> GenerationStats:
-        p = job.params
-        streaming = self.streaming
-        if p.seed is not None:
-            mx.random.seed(p.seed)
-        sampler = make_sampler(temp=p.temperature, top_p=p.top_p if p.top_p < 1.0 else 0.0)
-        processors = make_logits_processors(
-            logit_bias=dict(p.logit_bias) or None,
-            presence_penalty=p.presence_penalty or None,
-            frequency_penalty=p.frequency_penalty or None,
-        )
-        matcher = StopMatcher(p.stop)
-        tokens: list[int] = []
-        start = time.perf_counter()
-        first_at = None
-        finish = "cancelled" if job.cancelled else None
-        if finish is None:
-            for response in stream_generate(
-                streaming.model,
-                streaming.tokenizer,
-                job.prompt_tokens,
-                max_tokens=p.max_tokens,
-                sampler=sampler,
-                logits_processors=processors or None,
-                prefill_step_size=self.prefill_step_size,
-            ):
-                first_at = first_at or time.perf_counter()
-                tokens.append(int(response.token))
-                text, stopped = matcher.feed(response.text)
-                if text:
-                    self._send(job, TextEvent(text, len(tokens)))
-                if stopped:
-                    finish = "stop"
-                    break
-                if response.finish_reason is not None:
-                    finish = response.finish_reason
-                    break
-                if job.cancelled:
-                    finish = "cancelled"
-                    break
-        if finish != "cancelled":
-            rest = matcher.flush()  # text held back for a stop sequence that never came
-            if rest:
-                self._send(job, TextEvent(rest, len(tokens)))
-        end = time.perf_counter()
-        first_at = first_at or end
-        decode = len(tokens) - 1
-        return GenerationStats(
-            tokens=tokens,
-            text=matcher.text,
-            prompt_tokens=len(job.prompt_tokens),
-            ttft_s=first_at - start,
-            decode_tokens_per_s=decode / (end - first_at) if decode > 0 and end > first_at else 0.0,
-            finish_reason=finish,
-        )
-
-    # --- expert statistics for /metrics ----------------------------------------------------------
-    def _counters(self) -> tuple[int, int, int]:
-        """(hits, misses, bytes read) of the expert caches so far: the local one or the nodes'."""
-        if self.streaming is not None and self.streaming.cache is not None:
-            s = self.streaming.cache.stats
-            return s.hits, s.misses, s.bytes_read
-        hits = misses = read = 0
-        for n in self.nodes:
-            try:
-                s = n.client.stats()
-            except Exception as e:  # noqa: BLE001 - figures only; a node's failure shows in generation
-                log.debug("stats from %s failed: %s", getattr(n, "node_id", n), e)
-                continue
-            hits, misses, read = hits + s.hits, misses + s.misses, read + s.bytes_read
-        return hits, misses, read
-
-    def _record_counters(self, before: tuple[int, int, int]) -> None:
+    def _observe_experts(self, before: ExpertStats) -> None:
+        """The job's expert figures for /metrics: cache deltas (the local cache or the nodes'), and on
+        nodes each node's latencies and the layer dispatch times."""
         if self.metrics is None:
             return
-        after = self._counters()
-        self.metrics.observe_cache(*(max(0, a - b) for a, b in zip(after, before, strict=True)))
-        backend = self.streaming.backend if self.streaming is not None else None
-        stats = getattr(backend, "stats", None)
-        if stats is not None and hasattr(backend, "reset_stats"):
-            labels = {n: backend.links[n].label for n in stats.nodes} if hasattr(backend, "links") else {}
-            for node_id, traffic in stats.nodes.items():
-                self.metrics.observe_node_latency(labels.get(node_id, node_id), traffic.latencies)
-            self.metrics.observe_layer_dispatch([c.seconds for c in stats.calls])
-            backend.reset_stats()  # the per-call lists would otherwise grow for the server's life
+        used = self.streaming.backend.stats().since(before).total
+        self.metrics.observe_cache(used.hits, used.misses, used.bytes_read)
+        remote = self.streaming.remote
+        if remote is not None:
+            for node_id, traffic in remote.dispatch.nodes.items():
+                self.metrics.observe_node_latency(remote.links[node_id].label, traffic.latencies)
+            self.metrics.observe_layer_dispatch(remote.dispatch.layer_seconds)
+            remote.reset_dispatch()  # the per-call lists would otherwise grow for the server's life

@@ -1,0 +1,83 @@
+import FlashmeshNode
+
+/// `flashmesh-node`'s command line (the options of `flashmesh node serve --bundle`).
+struct Arguments {
+    static let usage = """
+        usage: flashmesh-node --bundle DIR --ram-budget B [--host ADDR] [--port P] [--token T]
+                              [--count N --index I [--replicas R]] [--page-cache] [--name NAME]
+                              [--max-message B] [--flash-gbps G]
+        Serves the experts of an iPhone bundle (`flashmesh export-ios`) over the flashmesh node protocol.
+          --bundle DIR      the bundle
+          --ram-budget B    bytes of expert weights kept in RAM, e.g. 8GB
+          --host ADDR       address to listen on (default 127.0.0.1)
+          --port P          TCP port (default: any free port)
+          --token T         the cluster token (default: $FLASHMESH_TOKEN; else one is generated)
+          --count N --index I [--replicas R]
+                            serve the experts `flashmesh shard --count N --index I` would hold
+          --page-cache      let the OS page cache help (default: bypass it)
+          --name NAME       node name (default: the host name)
+          --max-message B   largest request accepted (default 256MiB)
+          --flash-gbps G    report this read bandwidth instead of measuring
+        """
+
+    var bundle: String?
+    var host = "127.0.0.1"
+    var port = 0
+    var token: String?
+    var ramBudget: Int?
+    var count: Int?
+    var index: Int?
+    var replicas = 1
+    var pageCache = false
+    var name: String?
+    var maxMessage = NodeMetadata.defaultMaxMessageBytes
+    var flashGBps: Double?
+    var parentPid: Int32?
+    var help = false
+
+    static func parse(_ argv: [String]) throws(UserError) -> Arguments {
+        var args = Arguments()
+        var rest = argv[...]
+        func value(_ flag: String) throws(UserError) -> String {
+            guard let v = rest.popFirst() else { throw UserError("\(flag) needs a value") }
+            return v
+        }
+        func number<T: LosslessStringConvertible>(_ flag: String, _ type: T.Type) throws(UserError) -> T {
+            let text = try value(flag)
+            guard let n = T(text) else { throw UserError("\(flag) takes a number, not '\(text)'") }
+            return n
+        }
+        while let flag = rest.popFirst() {
+            switch flag {
+            case "--bundle": args.bundle = try value(flag)
+            case "--host": args.host = try value(flag)
+            case "--port": args.port = try number(flag, Int.self)
+            case "--token": args.token = try value(flag)
+            case "--ram-budget": args.ramBudget = try ByteSize.parse(try value(flag))
+            case "--count": args.count = try number(flag, Int.self)
+            case "--index": args.index = try number(flag, Int.self)
+            case "--replicas": args.replicas = try number(flag, Int.self)
+            case "--page-cache": args.pageCache = true
+            case "--name": args.name = try value(flag)
+            case "--max-message": args.maxMessage = try ByteSize.parse(try value(flag))
+            case "--flash-gbps": args.flashGBps = try number(flag, Double.self)
+            case "--parent-pid": args.parentPid = try number(flag, Int32.self)  // exit when this process goes
+            case "-h", "--help": args.help = true
+            default: throw UserError("unknown option \(flag); see flashmesh-node --help")
+            }
+        }
+        if args.help { return args }
+        guard args.bundle != nil else { throw UserError("give the bundle to serve: --bundle OUT.flashmesh-ios") }
+        guard args.ramBudget != nil else { throw UserError("give the RAM budget: --ram-budget 8GB") }
+        guard (0...65535).contains(args.port) else { throw UserError("--port must be in 0..65535, got \(args.port)") }
+        guard (args.count == nil) == (args.index == nil) else {
+            throw UserError("--count and --index go together")
+        }
+        return args
+    }
+
+    func shard() throws(UserError) -> Shard? {
+        guard let count, let index else { return nil }
+        return try Shard(count: count, index: index, replicas: replicas)
+    }
+}
