@@ -8,7 +8,8 @@ import math
 from dataclasses import fields
 from pathlib import PurePosixPath
 
-from flashmesh.node.store_format import _DTYPES, RECORD_ALIGN, LayerSpec, TensorSpec
+from flashmesh.node.store_format import RECORD_ALIGN, LayerSpec, TensorSpec
+from flashmesh.protos.codec import DTYPES
 from flashmesh.protos.errors import UserError
 
 
@@ -51,11 +52,11 @@ def _keys(d, where: str, cls) -> None:
 def _tensor(t, where: str, record_size: int) -> None:
     _keys(t, where, TensorSpec)
     _str(t.get("name"), f"{where}.name")
-    if t.get("dtype") not in _DTYPES:
-        raise _Bad(f"{where}.dtype must be one of {sorted(_DTYPES)}, not {t.get('dtype')!r}")
+    if t.get("dtype") not in DTYPES:
+        raise _Bad(f"{where}.dtype must be one of {sorted(DTYPES)}, not {t.get('dtype')!r}")
     shape = [_int(s, f"{where}.shape", low=1) for s in _list(t.get("shape"), f"{where}.shape")]
     offset, nbytes = _int(t.get("offset"), f"{where}.offset"), _int(t.get("nbytes"), f"{where}.nbytes", low=1)
-    if nbytes != math.prod(shape) * _DTYPES[t["dtype"]][0].itemsize:
+    if nbytes != math.prod(shape) * DTYPES[t["dtype"]][0].itemsize:
         raise _Bad(f"{where}.nbytes {nbytes} does not match its dtype and shape")
     if offset + nbytes > record_size:
         raise _Bad(f"{where} ends past its record ({offset} + {nbytes} > {record_size} bytes)")

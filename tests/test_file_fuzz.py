@@ -15,7 +15,7 @@ from flashmesh.coordinator.cli import main
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from .test_errors import assert_one_line_error
+from .conftest import assert_one_line_error
 
 VALUES = st.one_of(
     st.none(),

@@ -21,7 +21,7 @@ from flashmesh.protos.errors import ErrorKind
 from flashmesh.testing.faults import generate_with_faults
 from flashmesh.testing.local_nodes import ensure_shards, local_node_processes
 
-from .test_errors import assert_one_line_error, run_cli
+from .conftest import assert_one_line_error, run_cli
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs or a loop device needs root")
 
@@ -48,7 +48,7 @@ def test_a_full_disk_is_one_line_naming_the_place_and_the_bytes(models, small_di
         "dense": ["shard", store, out, "--dense"],
         "export-ios": ["export-ios", store, out, "--context", "64", "--prefill", "8"],
     }[command]
-    code, err = run_cli(capsys, *args)
+    code, _, err = run_cli(capsys, *args)
     assert_one_line_error(code, err, f"not enough space in {small_disk}")
     assert str(out) in err and re.search(r"it needs (about|more than the) [\d.]+ ?[KMG]?i?B", err), err
     assert list(small_disk.iterdir()) == []  # nothing half-written, no temporary left
