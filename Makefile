@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 SWIFT ?= $(shell command -v swift || ls /opt/swift/usr/bin/swift 2>/dev/null)
 SWIFT_DEBS := libgrpc-dev libxxhash-dev libopenblas-dev
 
-.PHONY: demo test lint format clean swift-deps
+.PHONY: demo test lint format clean swift-deps ios-app
 
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
@@ -38,6 +38,10 @@ else
 		echo "installing $$missing for the Swift node"; \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; fi
 endif
+
+# The iOS app (macOS with Xcode only): `brew install xcodegen xxhash && make ios-app` (docs/ios.md).
+ios-app:
+	cd mobile_export/ios/App && xcodegen generate && open FlashmeshNode.xcodeproj
 
 lint: $(STAMP)
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

@@ -304,6 +304,30 @@ def cmd_decode(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plan_validate(args: argparse.Namespace) -> int:
+    from bench.plan_validate import run_plan_validate
+
+    result = run_plan_validate(args.workdir, tokens=args.tokens, rounds=args.rounds)
+    path = write_result(args.name, result)
+    m = result["machine"]
+    print(
+        f"this machine: compute {m['compute_gbps']:.2f} GB/s, flash {m['flash_gbps']:.2f} GB/s, "
+        f"link {m['link_ms']:.2f} ms"
+    )
+    print(
+        f"{'model':<24} {'budget':>6} {'mode':<8} {'measured':>9} {'predicted':>9} {'error':>7} {'hit':>6} "
+        f"{'plan hit':>8}"
+    )
+    for r in result["rows"]:
+        print(
+            f"{r['model']:<24} {r['budget_fraction']:>6.0%} {r['mode']:<8} {r['measured_tokens_per_s']:>9.2f} "
+            f"{r['predicted_tokens_per_s']:>9.2f} {r['error']:>+7.0%} {r['measured_hit_rate']:>6.1%} "
+            f"{r['predicted_hit_rate']:>8.1%}"
+        )
+    print(f"wrote {path}")
+    return 0
+
+
 def cmd_soak(args: argparse.Namespace) -> int:
     from flashmesh.protos.sizes import format_bytes, parse_bytes
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
@@ -515,6 +539,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--processes", default="node_serve,serve,demo", help="which of node_serve, serve, demo")
     p.add_argument("--name", default="shutdown")
     p.add_argument("--json", action="store_true")
+
+    p = bsub.add_parser("plan-validate", help="flashmesh plan's predictions vs measured decode, two models x 3 budgets")
+    p.set_defaults(func=cmd_plan_validate)
+    p.add_argument("--workdir", type=Path, default=Path("/work/data/ux/plan"), help="where the models are built")
+    p.add_argument("--tokens", type=int, default=24)
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--name", default="plan-validate")
 
     p = bsub.add_parser("sweep", help="tok/s and hit rate vs RAM budget, with mlx-lm in RAM as reference")
     p.set_defaults(func=cmd_sweep)

@@ -16,8 +16,9 @@ from importlib.metadata import entry_points
 from pathlib import Path
 
 from flashmesh.coordinator.generate import SamplingParams
-from flashmesh.coordinator.options import ModelOptions, add_model_args, model_options
+from flashmesh.coordinator.options import ModelOptions, add_model_args, model_options, resolve_store
 from flashmesh.coordinator.report import run_prompt
+from flashmesh.coordinator.tables import fitted_table
 from flashmesh.node.shutdown import interrupt
 from flashmesh.protos.errors import UserError
 from flashmesh.protos.sizes import format_bytes
@@ -91,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def print_stats(stats: dict, *, title: str) -> None:
+def print_stats(stats: dict, *, title: str, console: Console = err) -> None:
     table = Table(title=title, show_header=False)
     rows = [
         ("time to first token", f"{stats['ttft_s']:.3f} s"),
@@ -112,30 +113,26 @@ def print_stats(stats: dict, *, title: str) -> None:
             rows.append((label, str(stats[key]).lower()))
     for name, value in rows:
         table.add_row(name, value)
-    err.print(table)
+    console.print(table)
 
 
-def print_nodes(result: dict) -> None:
+def print_nodes(result: dict, *, console: Console = err) -> None:
     if "nodes" not in result:
         return
-    table = Table(title="nodes")
-    for c in ("node", "address", "held / assigned", "RAM budget", "peak cache", "hit rate", "read", "RPCs", "RPC ms"):
-        table.add_column(c, justify="left" if c in ("node", "address") else "right")
-    for n in result["nodes"]:
-        table.add_row(
-            n["name"],
-            n["address"],
-            f"{n['experts_held']} / {n['experts_assigned']}",
-            format_bytes(n["ram_budget_bytes"]),
-            format_bytes(n["peak_cache_bytes"]),
-            f"{n['cache_hit_rate']:.1%}",
-            format_bytes(n["expert_bytes_read"]),
-            str(n["requests"]),
-            f"{n['rpc_ms_mean']:.2f} (p99 {n['rpc_ms_p99']:.2f})",
-        )
-    err.print(table)
+    headers = ["node", "address", "held / assigned", "RAM budget", "peak cache", "hit rate", "read", "RPCs",
+               "RPC ms", "p99 ms"]  # fmt: skip
+    rows = [
+        [n["name"], n["address"], f"{n['experts_held']} / {n['experts_assigned']}", format_bytes(n["ram_budget_bytes"]),
+         format_bytes(n["peak_cache_bytes"]), f"{n['cache_hit_rate']:.1%}", format_bytes(n["expert_bytes_read"]),
+         str(n["requests"]), f"{n['rpc_ms_mean']:.2f}", f"{n['rpc_ms_p99']:.2f}"]
+        for n in result["nodes"]
+    ]  # fmt: skip
+    console.print(
+        fitted_table(headers, rows, keep={"node", "address", "held / assigned", "hit rate"}, stack=("node", "address"),
+                     drop_order=["peak cache", "RPCs", "p99 ms", "RAM budget"], title="nodes", console=console)
+    )  # fmt: skip
     d = result["dispatch"]
-    err.print(
+    console.print(
         f"{d['rpc_requests_per_token']:.1f} RPCs and {format_bytes(d['wire_bytes_per_token'])} on the wire per "
         f"token; MoE layer dispatch {d['layer_dispatch_ms_mean']:.2f} ms mean, {d['layer_dispatch_ms_p99']:.2f} ms p99"
     )
@@ -153,6 +150,7 @@ def cmd_pack(args) -> int:
 
 
 def cmd_run(args) -> int:
+    resolve_store(args, show_progress=sys.stderr.isatty() and not args.json)
     result = run_args(args, model_options(args))
     if args.json:
         print(json.dumps(result))

@@ -7,12 +7,12 @@ Used by `flashmesh run --cluster`, the demo and `flashmesh cluster ...`. Every f
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
 
 from flashmesh.coordinator.client import NodeClient, NodeError
 from flashmesh.coordinator.discovery import NodeAddress
 from flashmesh.coordinator.placement import NodeCapacity
+from flashmesh.node.cluster_config import token_setting
 from flashmesh.node.tls import TlsIdentity
 from flashmesh.protos import PROTOCOL_VERSION, TOKEN_ENV
 from flashmesh.protos import flashmesh_pb2 as pb
@@ -22,11 +22,13 @@ log = logging.getLogger(__name__)
 
 
 def resolve_token(token: str | None) -> str:
-    """The cluster token given, else $FLASHMESH_TOKEN; a one-line error without one."""
-    token = token or os.environ.get(TOKEN_ENV)
+    """The cluster token given, else $FLASHMESH_TOKEN, else the config's (`flashmesh cluster init`);
+    a one-line error without one."""
+    token = token_setting(token)
     if not token:
         raise UserError(
-            f"the cluster needs its token: pass --token or set {TOKEN_ENV} (each node prints it when it starts)"
+            f"the cluster needs its token: pass --token or set {TOKEN_ENV} (each node prints it when it starts), "
+            "or set the cluster up once with `flashmesh cluster init`"
         )
     return token
 

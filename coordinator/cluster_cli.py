@@ -1,21 +1,23 @@
-"""`flashmesh cluster ls | inspect | top | init | add-node`, and the discovery options of coordinator commands."""
+"""`flashmesh cluster ls | inspect | top` (init, add-node and join: setup_cli.py), and the discovery options of
+coordinator commands."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import logging
-import os
 import sys
 import time
 from pathlib import Path
 
+from flashmesh.coordinator.tables import stdout_console
+from flashmesh.node.cluster_config import interfaces_setting, tls_setting
 from flashmesh.protos import TLS_ENV, TOKEN_ENV
 from rich.console import Console
 from rich.live import Live
 
 log = logging.getLogger(__name__)
-out = Console(width=None if sys.stdout.isatty() else 160)  # tables stay readable when piped
+out = stdout_console()
 err = Console(stderr=True)
 
 
@@ -25,9 +27,10 @@ def add_discovery_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--interfaces",
         nargs="+",
-        default=["127.0.0.1"],
+        default=None,
         metavar="ADDR",
-        help="IPv4 addresses of the interfaces zeroconf browses on (default 127.0.0.1; e.g. your LAN address)",
+        help="IPv4 addresses of the interfaces zeroconf browses on, or auto (default: the config of `flashmesh "
+        "cluster init`, else 127.0.0.1)",
     )
     p.add_argument("--no-zeroconf", action="store_true", help="use only --node addresses; send no multicast")
     p.add_argument("--discover-timeout", type=float, default=3.0, help="seconds to browse for nodes")
@@ -38,22 +41,23 @@ def add_discovery_args(p: argparse.ArgumentParser) -> None:
         metavar="PREFIX",
         help="use only zeroconf nodes whose name starts with PREFIX (several clusters on one network)",
     )
-    p.add_argument("--token", default=None, help=f"the cluster token (default: ${TOKEN_ENV})")
+    p.add_argument("--token", default=None, help=f"the cluster token (default: ${TOKEN_ENV}, else the config)")
     p.add_argument(
         "--tls",
         type=Path,
         default=None,
         metavar="DIR",
-        help=f"mutual TLS with this coordinator identity: CLUSTER_DIR or CLUSTER_DIR/coordinator (default: ${TLS_ENV})",
+        help="mutual TLS with this coordinator identity: CLUSTER_DIR or CLUSTER_DIR/coordinator "
+        f"(default: ${TLS_ENV}, else the config)",
     )
 
 
 def coordinator_tls(args):
-    """The coordinator's TLS identity from --tls or $FLASHMESH_TLS; None: plaintext."""
+    """The coordinator's TLS identity: --tls, $FLASHMESH_TLS or the config; None: plaintext."""
     from flashmesh.node.tls import COORDINATOR, load_identity
 
-    path = args.tls or os.environ.get(TLS_ENV)
-    return None if not path else load_identity(Path(path), role=COORDINATOR)
+    path = tls_setting(args.tls)
+    return None if path is None else load_identity(path, role=COORDINATOR)
 
 
 def find_nodes(args) -> list:
@@ -62,7 +66,7 @@ def find_nodes(args) -> list:
 
     return find_nodes(
         static=args.node,
-        interfaces=None if args.no_zeroconf else args.interfaces,
+        interfaces=None if args.no_zeroconf else interfaces_setting(args.interfaces),
         timeout=args.discover_timeout,
         expect=args.expect,
         name_prefix=args.name_prefix,
@@ -76,8 +80,8 @@ def node_watcher(args):
         return None
     from flashmesh.coordinator.node_watch import NodeWatcher
 
-    prefix = getattr(args, "name_prefix", "")
-    return NodeWatcher(interfaces=args.interfaces, accept=lambda n: n.name.startswith(prefix))
+    prefix = args.name_prefix
+    return NodeWatcher(interfaces=interfaces_setting(args.interfaces), accept=lambda n: n.name.startswith(prefix))
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -95,65 +99,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         if name == "top":
             c.add_argument("--interval", type=float, default=1.0, help="seconds between refreshes")
             c.add_argument("--iterations", type=int, default=0, help="stop after this many refreshes (0: never)")
-    c = cluster_sub.add_parser("init", help="create a cluster CA and certificates for mutual TLS")
-    c.set_defaults(func=cmd_cluster_init)
-    c.add_argument("dir", type=Path, help="the cluster directory (its ca/ subdirectory never leaves this machine)")
-    c.add_argument("--nodes", default="", help="comma-separated node names to issue certificates for")
-    c.add_argument("--coordinator", default="coordinator", help="the coordinator certificate's name")
-    _add_issue_args(c)
-    c = cluster_sub.add_parser("add-node", help="issue one more node certificate from the cluster CA")
-    c.set_defaults(func=cmd_cluster_add_node)
-    c.add_argument("dir", type=Path, help="the cluster directory made by `flashmesh cluster init`")
-    c.add_argument("name", help="the node's name (its `node serve --name`)")
-    _add_issue_args(c)
+    from flashmesh.coordinator.setup_cli import register_setup
 
-
-def _add_issue_args(c: argparse.ArgumentParser) -> None:
-    from flashmesh.coordinator.certs import DEFAULT_DAYS
-
-    c.add_argument(
-        "--san",
-        action="append",
-        default=[],
-        metavar="HOST_OR_IP",
-        help="another host name or IP address the node is reached at (repeatable; for --node HOST:PORT)",
-    )
-    c.add_argument("--days", type=int, default=DEFAULT_DAYS, help=f"certificate lifetime (default {DEFAULT_DAYS})")
-    c.add_argument("--force", action="store_true", help="replace what exists")
-
-
-def cmd_cluster_init(args) -> int:
-    from flashmesh.coordinator.certs import init_cluster
-
-    nodes = [n.strip() for n in args.nodes.split(",") if n.strip()]
-    written = init_cluster(
-        args.dir, nodes=nodes, coordinator=args.coordinator, sans=args.san, days=args.days, force=args.force
-    )
-
-    def say(text: str) -> None:
-        err.print(text, markup=False, highlight=False, soft_wrap=True)
-
-    say(f"cluster CA: {args.dir / 'ca'} (keep it on this machine; nodes never need it)")
-    for path in written:
-        say(f"  {path}  -> copy to {'the coordinator' if path.name == 'coordinator' else 'node ' + path.name}")
-    say(
-        "on each node: flashmesh node serve SHARD --tls NAME_DIR ...; on the coordinator: --tls "
-        f"{args.dir} (or its coordinator/ copied there); more nodes: flashmesh cluster add-node {args.dir} NAME"
-    )
-    return 0
-
-
-def cmd_cluster_add_node(args) -> int:
-    from flashmesh.coordinator.certs import issue
-
-    path = issue(args.dir, args.name, sans=args.san, days=args.days, force=args.force)
-    err.print(
-        f"{path}  -> copy to node {args.name}; there: flashmesh node serve SHARD --tls {path.name} ...",
-        markup=False,
-        highlight=False,
-        soft_wrap=True,
-    )
-    return 0
+    register_setup(cluster_sub)
 
 
 def _rows(args) -> list[dict]:
@@ -181,7 +129,7 @@ def cmd_cluster_ls(args) -> int:
     if args.json:
         print(json.dumps([public(r) for r in rows]))
     else:
-        out.print(nodes_table(rows, title=f"flashmesh cluster: {len(rows)} nodes"))
+        out.print(nodes_table(rows, title=f"flashmesh cluster: {len(rows)} nodes", console=out))
     return 0
 
 
@@ -192,7 +140,7 @@ def cmd_cluster_inspect(args) -> int:
     if args.json:
         print(json.dumps([public(r) for r in rows]))
         return 0
-    out.print(nodes_table(rows, title=f"flashmesh cluster: {len(rows)} nodes"))
+    out.print(nodes_table(rows, title=f"flashmesh cluster: {len(rows)} nodes", console=out))
     for row in rows:
         if "error" not in row:
             out.print(layers_table(row))
@@ -235,7 +183,9 @@ def cmd_cluster_top(args) -> int:
                     print(json.dumps([{**public(r), "requests_per_s": rates.get(r.get("node_id"), (0, 0))[0]}
                                       for r in rows]), flush=True)  # fmt: skip
                 else:
-                    live.update(nodes_table(rows, title="flashmesh cluster top", rates=rates), refresh=True)
+                    live.update(
+                        nodes_table(rows, title="flashmesh cluster top", rates=rates, console=out), refresh=True
+                    )
                 count += 1
                 if args.iterations == 0 or count < args.iterations:
                     time.sleep(args.interval)

@@ -8,10 +8,12 @@ from flashmesh.coordinator.client import NodeClient, NodeError
 from flashmesh.coordinator.cluster import identity_problem
 from flashmesh.coordinator.discovery import NodeAddress
 from flashmesh.coordinator.placement import LayerShape, NodeCapacity, place
+from flashmesh.coordinator.tables import fitted_table
 from flashmesh.node.cache_stats import CacheStats
 from flashmesh.protos import flashmesh_pb2 as pb
 from flashmesh.protos.errors import UserError
 from flashmesh.protos.sizes import format_bytes
+from rich.console import Console
 from rich.table import Table
 
 
@@ -97,51 +99,36 @@ def public(row: dict) -> dict:
     return {k: v for k, v in row.items() if not k.startswith("_")}
 
 
-def nodes_table(rows: list[dict], *, title: str, rates: dict | None = None) -> Table:
-    table = Table(title=title)
-    columns = [
-        "name",
-        "address",
-        "model",
-        "ver",
-        "experts held / assigned",
-        "RAM budget",
-        "hit rate",
-        "bytes read",
-        "read GB/s",
-        "flash GB/s",
-        "requests",
-        "RPC ms",
-    ]
+def nodes_table(rows: list[dict], *, title: str, rates: dict | None = None, console: Console | None = None) -> Table:
+    headers = ["name", "address", "model", "ver", "experts held / assigned", "RAM budget", "hit rate", "bytes read",
+               "read GB/s", "flash GB/s", "requests", "RPC ms"]  # fmt: skip
     if rates is not None:
-        columns += ["req/s", "read MB/s"]
-    for c in columns:
-        table.add_column(c, justify="left" if c in ("name", "address", "model") else "right")
+        headers += ["req/s", "read MB/s"]
+    cells = []
     for row in rows:
         if "error" in row:
-            table.add_row(row["name"] or "?", row["address"], "[red]unreachable[/red]", *[""] * (len(columns) - 3))
+            cells.append([row["name"] or "?", row["address"], "", "", "unreachable", *[""] * (len(headers) - 5)])
             continue
         assigned = "-" if row.get("experts_assigned") is None else str(row["experts_assigned"])
-        cells = [
-            row["name"],
-            row["address"],
-            f"{row['model_type']} {row['fingerprint'][:12]}",
-            str(row["protocol_version"]),
-            f"{row['experts_held']} / {assigned}",
-            format_bytes(row["ram_budget_bytes"]),
-            f"{row['cache_hit_rate']:.1%}",
-            format_bytes(row["expert_bytes_read"]),
-            f"{row['read_gbps']:.2f}",
-            f"{row['flash_read_gbps']:.2f}",
-            str(row["requests"]),
-            f"{row['rpc_latency_ms']:.2f}",
-        ]
+        cells.append(
+            [row["name"], row["address"], f"{row['model_type']} {row['fingerprint'][:12]}",
+             str(row["protocol_version"]), f"{row['experts_held']} / {assigned}", format_bytes(row["ram_budget_bytes"]),
+             f"{row['cache_hit_rate']:.1%}", format_bytes(row["expert_bytes_read"]), f"{row['read_gbps']:.2f}",
+             f"{row['flash_read_gbps']:.2f}", str(row["requests"]), f"{row['rpc_latency_ms']:.2f}"]
+        )  # fmt: skip
         if rates is not None:
             r = rates.get(row.get("node_id"), (0.0, 0.0))
-            cells += [f"{r[0]:.1f}", f"{r[1] / 1e6:.1f}"]
-        table.add_row(*cells)
-    if any("error" in row for row in rows):
-        table.caption = "\n".join(row["error"] for row in rows if "error" in row)
+            cells[-1] += [f"{r[0]:.1f}", f"{r[1] / 1e6:.1f}"]
+    models = sorted({f"{r['model_type']} {r['fingerprint'][:12]}" for r in rows if "error" not in r})
+    errors = "\n".join(row["error"] for row in rows if "error" in row) or None
+    table = fitted_table(
+        headers, cells, keep={"name", "address", "experts held / assigned", "hit rate"}, stack=("name", "address"),
+        drop_order=["ver", "model", "flash GB/s", "bytes read", "requests", "RAM budget", "read MB/s"],
+        title=title, console=console, caption=errors,
+    )  # fmt: skip
+    if not any(c.header == "model" for c in table.columns) and models:
+        table.title = f"{title} (model {', '.join(models)})"
+    if errors:
         table.caption_style = "red"
     return table
 

@@ -11,8 +11,8 @@ from pathlib import Path
 from flashmesh.coordinator.cluster_cli import add_discovery_args
 from flashmesh.coordinator.discovery import NodeAddress
 from flashmesh.coordinator.remote import DEFAULT_RPC_DEADLINE
+from flashmesh.node.cluster_config import interfaces_setting, tls_setting
 from flashmesh.node.store_format import Manifest
-from flashmesh.protos import TLS_ENV
 from flashmesh.protos.errors import UserError
 from flashmesh.protos.sizes import parse_bytes
 
@@ -97,9 +97,21 @@ def add_rpc_deadline_arg(p: argparse.ArgumentParser) -> None:
     )
 
 
+def resolve_store(args: argparse.Namespace, *, show_progress: bool) -> None:
+    """args.store: a store as given, or the cached store of a model directory or hub id (packed now on
+    first use: model_cache.resolve_model)."""
+    from flashmesh.coordinator.model_cache import resolve_model
+
+    args.store = resolve_model(args.store, show_progress=show_progress)
+
+
 def add_model_args(p: argparse.ArgumentParser) -> None:
     """Everything `model_options` reads: `run` and `serve` take exactly these."""
-    p.add_argument("store", type=Path, help="a store, or with --cluster its dense part (`flashmesh shard --dense`)")
+    p.add_argument(
+        "store",
+        help="a store (with --cluster: or its dense part, `flashmesh shard --dense`), or a model directory or hub "
+        "id, packed into the cache on first use (`flashmesh models`)",
+    )
     add_cache_args(p)
     p.add_argument("--cluster", action="store_true", help="compute the experts on nodes (zeroconf and/or --node)")
     add_discovery_args(p)
@@ -107,18 +119,21 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def model_options(args: argparse.Namespace) -> ModelOptions:
-    """The options `add_model_args` added, as given on the command line (with $FLASHMESH_TLS)."""
+    """The options `add_model_args` added, as given on the command line, else the environment, else the
+    cluster config (`flashmesh cluster init`). STORE as given: `resolve_store` makes a store of a model
+    directory or hub id."""
     cluster = args.cluster or bool(args.node)
-    tls = args.tls or (os.environ.get(TLS_ENV) if cluster else None)
+    tls = tls_setting(args.tls) if cluster else args.tls
+    zeroconf = tuple(interfaces_setting(args.interfaces)) if cluster and not args.no_zeroconf else None
     options = ModelOptions(
-        store=args.store,
+        store=Path(args.store),
         lookahead=args.lookahead,
         ram_budget=parse_bytes(args.ram_budget) if args.ram_budget else None,
         page_cache=args.page_cache,
         preload=args.preload,
         cluster=cluster,
         nodes=tuple(args.node),
-        zeroconf=tuple(args.interfaces) if cluster and not args.no_zeroconf else None,
+        zeroconf=zeroconf,
         discover_timeout=args.discover_timeout,
         expect=args.expect,
         name_prefix=args.name_prefix,

@@ -29,27 +29,30 @@ def instance_name(name: str, node_id: str) -> str:
     return f"{safe}-{node_id[:8]}"
 
 
+def txt_properties(*, name: str, node_id: str, fingerprint: str, port: int) -> dict[str, str]:
+    """The TXT record (the Swift node's `Advertisement` writes the same, tested byte for byte)."""
+    return {"id": node_id, "name": name, "fp": fingerprint, "proto": str(PROTOCOL_VERSION), "port": str(port)}
+
+
+def service_info(*, name: str, node_id: str, fingerprint: str, port: int, interfaces: list[str]) -> ServiceInfo:
+    label = instance_name(name, node_id)
+    return ServiceInfo(
+        SERVICE_TYPE,
+        f"{label}.{SERVICE_TYPE}",
+        addresses=[socket.inet_aton(a) for a in interfaces],
+        port=port,
+        properties=txt_properties(name=name, node_id=node_id, fingerprint=fingerprint, port=port),
+        server=f"{label}.local.",
+    )
+
+
 class Advertiser:
     """Registers the node's service on `interfaces` (IPv4 addresses) until close()."""
 
     def __init__(self, *, name: str, node_id: str, fingerprint: str, port: int, interfaces: list[str]) -> None:
         if not interfaces:
             raise ValueError("advertise on at least one interface address")
-        label = instance_name(name, node_id)
-        self.info = ServiceInfo(
-            SERVICE_TYPE,
-            f"{label}.{SERVICE_TYPE}",
-            addresses=[socket.inet_aton(a) for a in interfaces],
-            port=port,
-            properties={
-                "id": node_id,
-                "name": name,
-                "fp": fingerprint,
-                "proto": str(PROTOCOL_VERSION),
-                "port": str(port),
-            },
-            server=f"{label}.local.",
-        )
+        self.info = service_info(name=name, node_id=node_id, fingerprint=fingerprint, port=port, interfaces=interfaces)
         self.zeroconf = Zeroconf(interfaces=list(interfaces), ip_version=IPVersion.V4Only)
         try:
             self.zeroconf.register_service(self.info)

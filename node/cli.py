@@ -11,6 +11,7 @@ import socket
 from pathlib import Path
 
 from flashmesh.node.advertise import check_interfaces
+from flashmesh.node.cluster_config import interfaces_setting, name_setting, tls_setting, token_setting
 from flashmesh.protos import DEFAULT_MAX_MESSAGE_BYTES, TLS_ENV, TOKEN_ENV
 from flashmesh.protos.errors import UserError
 from flashmesh.protos.sizes import parse_bytes
@@ -34,21 +35,28 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--count", type=int, default=None, help="with --bundle: serve one shard of COUNT ...")
     s.add_argument("--index", type=int, default=None, help="... the experts `flashmesh shard --index I` would hold")
     s.add_argument("--replicas", type=int, default=1, help="with --bundle --count: machines holding each expert")
-    s.add_argument("--ram-budget", required=True, help="bytes of expert weights kept in RAM, e.g. 8GB")
-    s.add_argument("--port", type=int, default=0, help="TCP port (default: any free port)")
-    s.add_argument("--name", default=None, help="node name (default: the host name)")
     s.add_argument(
-        "--interfaces", nargs="+", default=["127.0.0.1"], metavar="ADDR",
-        help="IPv4 addresses to listen and advertise on (default 127.0.0.1 only)",
+        "--ram-budget", default=None,
+        help="bytes of expert weights kept in RAM, e.g. 8GB (default: every expert held, at most half the RAM)",
     )  # fmt: skip
-    s.add_argument("--token", default=None, help=f"the cluster token (default: ${TOKEN_ENV}; else one is generated)")
+    s.add_argument("--port", type=int, default=0, help="TCP port (default: any free port)")
+    s.add_argument("--name", default=None, help="node name (default: the config's, else the host name)")
+    s.add_argument(
+        "--interfaces", nargs="+", default=None, metavar="ADDR",
+        help="IPv4 addresses to listen and advertise on, or auto (default: the config of `flashmesh cluster join`, "
+        "else 127.0.0.1 only)",
+    )  # fmt: skip
+    s.add_argument(
+        "--token", default=None, help=f"the cluster token (default: ${TOKEN_ENV}, else the config; else one is made up)"
+    )
     s.add_argument("--no-advertise", action="store_true", help="do not advertise by zeroconf (static --node only)")
     s.add_argument(
         "--tls",
         type=Path,
         default=None,
         metavar="DIR",
-        help=f"serve only mutual TLS with this node identity: CLUSTER_DIR/nodes/NAME (default: ${TLS_ENV})",
+        help=f"serve only mutual TLS with this node identity: CLUSTER_DIR/nodes/NAME (default: ${TLS_ENV}, else the "
+        "config)",
     )
     s.add_argument("--page-cache", action="store_true", help="let the OS page cache help (default: bypass it)")
     s.add_argument("--flash-gbps", type=float, default=None, help="report this read bandwidth instead of measuring")
@@ -67,13 +75,13 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _node_tls(args):
-    """The node's TLS identity (--tls or $FLASHMESH_TLS); its certificate names the node."""
+    """The node's TLS identity (--tls, $FLASHMESH_TLS or the config); its certificate names the node."""
     from flashmesh.node.tls import CERT_FILE, NODE, load_identity
 
-    path = args.tls or os.environ.get(TLS_ENV)
-    if not path:
+    path = tls_setting(args.tls)
+    if path is None:
         return None
-    tls = load_identity(Path(path), role=NODE, name=args.name)
+    tls = load_identity(path, role=NODE, name=args.name or socket.gethostname())
     if args.name and args.name != tls.name:
         raise UserError(
             f"--name {args.name} but {tls.path / CERT_FILE} is node {tls.name}'s certificate; "
@@ -82,10 +90,26 @@ def _node_tls(args):
     return tls
 
 
+def _budget(args) -> int:
+    """--ram-budget, else every expert this store holds, at most half of this machine's RAM."""
+    from flashmesh.node.store_format import Manifest
+
+    if args.ram_budget is not None:
+        return parse_bytes(args.ram_budget)
+    if args.bundle is not None:
+        raise UserError("with --bundle, give --ram-budget (e.g. 8GB): bytes of expert weights kept in RAM")
+    manifest = Manifest.load(args.store)
+    held = sum(len(s.experts) * s.payload_bytes for s in manifest.layers)
+    physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return min(held, max(manifest.min_budget_bytes, physical // 2))
+
+
 def cmd_node_serve(args) -> int:
     from flashmesh.node.shutdown import stop_on_signals
 
-    check_interfaces(args.interfaces)
+    args.name = name_setting(args.name)
+    interfaces = interfaces_setting(args.interfaces)
+    check_interfaces(interfaces)
     tls = _node_tls(args)
     if (args.store is None) == (args.bundle is None):
         raise UserError("give a STORE to serve, or --bundle OUT.flashmesh-ios (one of the two)")
@@ -94,15 +118,19 @@ def cmd_node_serve(args) -> int:
         if args.bundle is None or args.count is None or args.index is None:
             raise UserError("--count and --index go together and with --bundle; shard a store with `flashmesh shard`")
         shard = {"count": args.count, "index": args.index, "replicas": args.replicas}
-    token = args.token or os.environ.get(TOKEN_ENV)
+    token = token_setting(args.token)
     generated = not token
     token = token or secrets.token_urlsafe(18)
     # SIGTERM / SIGINT from here on (even while the store opens) stop the node after draining: exit 0.
     with stop_on_signals() as stop, contextlib.ExitStack() as cleanup:
-        return _serve_node(args, stop, cleanup, tls=tls, shard=shard, token=token, generated=generated)
+        return _serve_node(
+            args, stop, cleanup, interfaces=interfaces, tls=tls, shard=shard, token=token, generated=generated
+        )
 
 
-def _serve_node(args, stop, cleanup: contextlib.ExitStack, *, tls, shard, token: str, generated: bool) -> int:
+def _serve_node(
+    args, stop, cleanup: contextlib.ExitStack, *, interfaces: list[str], tls, shard, token: str, generated: bool
+) -> int:
     from flashmesh.node.advertise import Advertiser
     from flashmesh.node.server import start_server
     from flashmesh.node.service import NodeService
@@ -111,7 +139,7 @@ def _serve_node(args, stop, cleanup: contextlib.ExitStack, *, tls, shard, token:
         args.bundle or args.store,
         bundle=args.bundle is not None,
         shard=shard,
-        ram_budget=parse_bytes(args.ram_budget),
+        ram_budget=_budget(args),
         token=token,
         name=args.name or (tls.name if tls else socket.gethostname()),
         page_cache=args.page_cache,
@@ -122,15 +150,15 @@ def _serve_node(args, stop, cleanup: contextlib.ExitStack, *, tls, shard, token:
     if stop.is_set():  # stopped while the store opened
         return 0
     try:
-        server, port = start_server(service, addresses=args.interfaces, port=args.port, tls=tls)
+        server, port = start_server(service, addresses=interfaces, port=args.port, tls=tls)
     except (OSError, RuntimeError) as e:
-        raise UserError(f"cannot listen on {', '.join(args.interfaces)} port {args.port}: {e}") from None
+        raise UserError(f"cannot listen on {', '.join(interfaces)} port {args.port}: {e}") from None
     cleanup.callback(lambda: server.stop(grace=DRAIN_SECONDS).wait())  # requests in flight finish
     info = service.info()
     if not args.no_advertise:
         advertiser = Advertiser(
             name=service.name, node_id=service.node_id, fingerprint=info.fingerprint, port=port,
-            interfaces=args.interfaces,
+            interfaces=interfaces,
         )  # fmt: skip
         cleanup.callback(advertiser.close)  # first: coordinators stop sending here
     held = sum(len(h.experts) for h in info.layers)
@@ -138,7 +166,7 @@ def _serve_node(args, stop, cleanup: contextlib.ExitStack, *, tls, shard, token:
     print(
         f"node {service.name} ({service.node_id}) serving {held} of {total} experts of model "
         f"{info.fingerprint[:16]} from {f'bundle {args.bundle}' if args.bundle else args.store} "
-        f"on {', '.join(args.interfaces)} port {port}",
+        f"on {', '.join(interfaces)} port {port}",
         flush=True,
     )
     if tls is not None:

@@ -62,17 +62,20 @@ def resolve_source(src: str) -> Path:
         raise UserError(f"{src} does not exist; give a model directory or a hub id like org/name")
     from huggingface_hub import snapshot_download
 
+    patterns = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken"]
+    return from_hub(src, lambda: snapshot_download(src, allow_patterns=patterns), what="", fix="a local directory")
+
+
+def from_hub(model_id: str, fetch, *, what: str, fix: str) -> Path:
+    """fetch() (a huggingface_hub download of `what` of `model_id`) as a Path; any failure is one line."""
     try:
-        return Path(
-            snapshot_download(
-                src, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken"]
-            )
-        )
+        return Path(fetch())
     except Exception as e:  # the hub raises many types; all mean "could not fetch"
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(
-            f"{src} is not a local directory and could not be downloaded from the Hugging Face hub "
-            f"({type(e).__name__}: {reason[:200]}); check the id and the network, or pass a local directory"
+            f"{model_id} is not a local {'path' if what else 'directory'} and {what or 'it'} could not be downloaded "
+            f"from the Hugging Face hub ({type(e).__name__}: {reason[:200]}); check the id and the network, or pass "
+            f"{fix}"
         ) from None
 
 

@@ -21,6 +21,7 @@ import numpy as np
 import xxhash
 from flashmesh.mobile_export.bundle_format import stack_kernel_inputs, tensors_from_record
 from flashmesh.mobile_export.exporter import export_ios
+from flashmesh.node.advertise import instance_name, service_info
 from flashmesh.node.bundle_format import load_manifest, save_manifest
 from flashmesh.node.bundle_source import BundleExpertSource
 from flashmesh.node.cache import ExpertCache
@@ -234,6 +235,20 @@ def _sizes() -> dict:
     return {"format": [[n, format_bytes(n)] for n in counts], "parse": [[t, parse_bytes(t)] for t in texts]}
 
 
+def _advertisements() -> list[dict]:
+    """The zeroconf advertisement `flashmesh node serve` registers, for names a phone or Mac may have."""
+    names = ["iPhone", "Jürgen's iPhone 15 Pro", "mac-mini.local", "", "ノード 1", "x" * 60, "a_b c/d"]
+    cases = []
+    for i, name in enumerate(names):
+        node_id, fp, port = f"{i:x}" * 12, f"{i + 7:x}" * 64, 50051 + i
+        info = service_info(name=name, node_id=node_id, fingerprint=fp, port=port, interfaces=["127.0.0.1"])
+        cases.append(
+            {"name": name, "node_id": node_id, "fingerprint": fp, "port": port, "txt_hex": info.text.hex(),
+             "instance": instance_name(name, node_id), "service": info.name}
+        )  # fmt: skip
+    return cases
+
+
 def write_vectors(out: Path, *, bundles: dict[str, Path] | None = None) -> Path:
     """Write the vectors to `out` (atomically), from `bundles` (name -> bundle, the names of BUNDLES; the
     tests pass the ones they exported already) or from bundles exported here. The vectors hold copies
@@ -260,6 +275,7 @@ def write_vectors(out: Path, *, bundles: dict[str, Path] | None = None) -> Path:
             "pairs": [p for b in bundles.values() for p in _pairs(b, tmp)],
             "messages": message_vectors(),
             "cache": _cache_traces(bundles["qwen3_moe-fp16"]),
+            "advertisements": _advertisements(),
         }
         (tmp / "index.json").write_text(json.dumps(index, indent=1))
     return out

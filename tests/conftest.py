@@ -3,9 +3,12 @@ helpers several test files share (running the CLI, the one-line error check, the
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import mlx.core as mx
@@ -13,6 +16,11 @@ import numpy as np
 import pytest
 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+# The suite never reads or writes the user's own cluster config or model cache (subprocesses inherit these).
+_ISOLATED = tempfile.mkdtemp(prefix="flashmesh-tests-")
+os.environ["FLASHMESH_CONFIG_DIR"] = os.path.join(_ISOLATED, "config")
+os.environ["FLASHMESH_CACHE_DIR"] = os.path.join(_ISOLATED, "cache")
+atexit.register(shutil.rmtree, _ISOLATED, ignore_errors=True)
 
 from flashmesh.coordinator.cli import main  # noqa: E402
 from flashmesh.coordinator.engine import open_model  # noqa: E402
@@ -74,9 +82,9 @@ def bundles(models, tmp_path_factory):
     return root, out
 
 
-def flashmesh(*args, cwd=None) -> subprocess.CompletedProcess:
-    """The console script as a user runs it, in its own process."""
-    env = {**os.environ, "TRANSFORMERS_VERBOSITY": "error"}
+def flashmesh(*args, cwd=None, env=None) -> subprocess.CompletedProcess:
+    """The console script as a user runs it, in its own process (`env`: more environment)."""
+    env = {**os.environ, "TRANSFORMERS_VERBOSITY": "error", **(env or {})}
     return subprocess.run(
         [sys.executable, "-m", "flashmesh.coordinator.cli", *map(str, args)],
         capture_output=True,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 from .conftest import flashmesh
 
@@ -34,6 +35,14 @@ def test_demo_json(tmp_path):
     assert again.returncode == 0, again.stderr
     assert json.loads(again.stdout)["tokens"] == result["tokens"]
     assert json.loads(again.stdout)["tls"] is False
+    # The text tables at 80 columns: every node's name and address whole.
+    text = flashmesh("demo", "--workdir", tmp_path / "demo", "--max-tokens", "4", env={"COLUMNS": "80"})
+    assert text.returncode == 0, text.stderr
+    lines = text.stderr.splitlines()
+    assert max(len(line) for line in lines) <= 80 and "…" not in text.stderr, text.stderr
+    names = re.findall(r"local\d+x[0-9a-f]{4}-\d", text.stderr)
+    addresses = re.findall(r"127\.0\.0\.1:\d{4,5}", text.stderr)
+    assert len(set(names)) == 3 and len(set(addresses)) == 3, text.stderr
 
 
 def test_pack_then_run(models, tmp_path):

@@ -126,6 +126,24 @@ def test_cluster_ls_inspect_top(cluster, capsys):
     assert len(frames) == 2 and len(frames[1]) == 3
 
 
+@ONLY_QWEN
+def test_cluster_tables_fit_80_columns(cluster, monkeypatch):
+    import io
+
+    from flashmesh.coordinator import cluster_cli
+    from rich.console import Console
+
+    static = [x for a in cluster.addresses for x in ("--node", a.target)]
+    for command in (["ls"], ["inspect"], ["top", "--iterations", "1"]):
+        console = Console(width=80, file=io.StringIO(), record=True)
+        monkeypatch.setattr(cluster_cli, "out", console)
+        assert main(["cluster", *command, "--token", TOKEN, "--no-zeroconf", *static]) == 0
+        text = console.export_text()
+        assert max(len(line) for line in text.splitlines()) <= 80 and "…" not in text, text
+        for a in cluster.addresses:
+            assert a.target in text and a.name in text, text
+
+
 def _stub(address):
     channel = grpc.insecure_channel(address.target)
     return channel, pb_grpc.NodeStub(channel)

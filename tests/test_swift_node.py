@@ -285,6 +285,8 @@ def test_swift_node_exits_zero_on_sigterm_and_refuses_bad_input_in_one_line(swif
         (["--bundle", str(bundle), "--ram-budget", "lots"], "cannot read 'lots' as a size"),
         (["--bundle", str(bundle), "--ram-budget", "1GB", "--count", "2", "--index", "2"], "index"),
         (["--bundle", str(bundle), "--ram-budget", "1GB", "--frobnicate"], "unknown option"),
+        (["--bundle", str(bundle), "--ram-budget", "1GB", "--compute", "npu"], "auto, cpu or gpu"),
+        (["--bundle", str(bundle), "--ram-budget", "1GB", "--compute", "gpu"], "no Metal GPU here"),  # Linux
     ):
         done = subprocess.run([str(swift_binary), *args, "--token", TOKEN], capture_output=True, text=True, timeout=30)
         assert done.returncode == 2, (args, done.stderr)

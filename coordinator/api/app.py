@@ -20,6 +20,7 @@ from typing import TypeVar
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from flashmesh.coordinator.api.dashboard import add_dashboard
 from flashmesh.coordinator.api.metrics import ServerMetrics
 from flashmesh.coordinator.api.middleware import BodyLimit, RequestMetrics
 from flashmesh.coordinator.api.openai_format import Reply, error_body, sse
@@ -282,6 +283,7 @@ def create_app(worker: GenerationWorker, options: ServeOptions, *, metrics: Serv
         prompt = await _tokenize(_encode_chat, messages)
         return await _run(request, body, prompt, body.token_limit, chat=True)
 
+    add_dashboard(app, worker, metrics, model_id=options.model_id)
     app.add_middleware(BodyLimit, max_bytes=options.max_body_bytes)
     app.add_middleware(RequestMetrics, metrics=metrics)  # added last: outermost, so it sees 413s too
     return app

@@ -6,10 +6,11 @@ import argparse
 import dataclasses
 import logging
 import signal
-from pathlib import Path
+import sys
 
 from flashmesh.coordinator.engine import open_model
-from flashmesh.coordinator.options import add_model_args, model_options
+from flashmesh.coordinator.model_cache import model_name
+from flashmesh.coordinator.options import add_model_args, model_options, resolve_store
 from flashmesh.protos.errors import UserError
 from flashmesh.protos.sizes import parse_bytes
 from rich.console import Console
@@ -45,8 +46,10 @@ def cmd_serve(args) -> int:
     for name in ("max_queue", "max_tokens_limit", "prefill_step"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1")
-    Manifest.load(args.store)  # a bad path fails here, before anything is started
+    given = args.store
+    resolve_store(args, show_progress=sys.stderr.isatty())  # packs a model directory on first use
     options = dataclasses.replace(model_options(args), watch=True)  # nodes that restart elsewhere are found
+    Manifest.load(options.store)  # a bad path fails here, before anything is started
     if not 0 <= args.port < 65536:
         raise UserError(f"--port {args.port} is not a TCP port; pass 0..65535")
     max_body = parse_bytes(args.max_body)
@@ -60,7 +63,7 @@ def cmd_serve(args) -> int:
         ).start()
         try:
             serving = ServeOptions(
-                model_id=args.model_name or Path(args.store).resolve().name,
+                model_id=args.model_name or model_name(given),
                 max_tokens_limit=args.max_tokens_limit,
                 max_body_bytes=max_body,
             )
@@ -69,6 +72,7 @@ def cmd_serve(args) -> int:
             nodes = worker.streaming.nodes
             where = f"{len(nodes)} nodes" if nodes else "experts in-process"
             print(f"serving {serving.model_id} ({where}) at http://{host}:{port}/v1", flush=True)
+            print(f"dashboard: http://{host}:{port}/", flush=True)
             make_server(app).run(sockets=[sock])
         finally:
             worker.close()

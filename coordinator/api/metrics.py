@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+from collections import deque
 from collections.abc import Callable, Iterable
 
 from flashmesh.coordinator.generate import GenerationStats
@@ -11,7 +13,8 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 DISPATCH_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1, 5)
 # Paths reported as themselves; anything else is "other", so a scan of odd URLs cannot grow the label set.
-KNOWN_PATHS = ("/v1/models", "/v1/completions", "/v1/chat/completions", "/metrics", "/health")
+KNOWN_PATHS = ("/v1/models", "/v1/completions", "/v1/chat/completions", "/metrics", "/health", "/", "/dashboard.json")
+HISTORY = 1000  # generations and per-node request latencies the dashboard remembers
 
 
 class ServerMetrics:
@@ -56,6 +59,9 @@ class ServerMetrics:
             buckets=DISPATCH_BUCKETS, registry=r,
         )  # fmt: skip
         self._hits = self._lookups = 0
+        # For the dashboard: the last generations (wall time, decode tok/s, tokens) and recent per-node latencies.
+        self.generations_recent: deque[tuple[float, float, int]] = deque(maxlen=HISTORY)
+        self.node_latency_recent: dict[str, deque[float]] = {}
 
     def watch_queue(self, depth: Callable[[], int]) -> None:
         self.queue_depth.set_function(depth)
@@ -74,6 +80,7 @@ class ServerMetrics:
             self.decode_tps.set(stats.decode_tokens_per_s)
         if stats.tokens:
             self.ttft.observe(stats.ttft_s)
+            self.generations_recent.append((time.time(), stats.decode_tokens_per_s, len(stats.tokens)))
         self.queue_wait.observe(max(0.0, queue_seconds))
 
     def observe_failure(self) -> None:
@@ -90,8 +97,10 @@ class ServerMetrics:
 
     def observe_node_latency(self, node: str, seconds: Iterable[float]) -> None:
         h = self.node_dispatch.labels(node=node)
+        recent = self.node_latency_recent.setdefault(node, deque(maxlen=HISTORY))
         for s in seconds:
             h.observe(s)
+            recent.append(s)
 
     def observe_layer_dispatch(self, seconds: Iterable[float]) -> None:
         for s in seconds:

@@ -1,4 +1,8 @@
+// The iOS app compiles this file and the shim itself, with gRPC's C core from grpc's Swift package
+// (App/project.yml); there the shim comes through the app's bridging header, not a module.
+#if canImport(CGRPCShim)
 import CGRPCShim
+#endif
 import FlashmeshNode
 import Foundation
 

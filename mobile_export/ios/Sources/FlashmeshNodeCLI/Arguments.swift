@@ -1,11 +1,12 @@
 import FlashmeshNode
+import FlashmeshPlatform
 
 /// `flashmesh-node`'s command line (the options of `flashmesh node serve --bundle`).
 struct Arguments {
     static let usage = """
         usage: flashmesh-node --bundle DIR --ram-budget B [--host ADDR] [--port P] [--token T]
                               [--count N --index I [--replicas R]] [--page-cache] [--name NAME]
-                              [--max-message B] [--flash-gbps G]
+                              [--max-message B] [--flash-gbps G] [--compute auto|cpu|gpu] [--no-advertise]
         Serves the experts of an iPhone bundle (`flashmesh export-ios`) over the flashmesh node protocol.
           --bundle DIR      the bundle
           --ram-budget B    bytes of expert weights kept in RAM, e.g. 8GB
@@ -18,6 +19,10 @@ struct Arguments {
           --name NAME       node name (default: the host name)
           --max-message B   largest request accepted (default 256MiB)
           --flash-gbps G    report this read bandwidth instead of measuring
+          --compute C       experts on the GPU (Metal, Apple platforms) or CPU; auto: the GPU where
+                            there is one, checked against the CPU on first use (default auto)
+          --no-advertise    do not advertise by Bonjour (macOS advertises on the interface of --host;
+                            Linux never advertises: give the coordinator --node HOST:PORT)
         """
 
     var bundle: String?
@@ -32,6 +37,8 @@ struct Arguments {
     var name: String?
     var maxMessage = NodeMetadata.defaultMaxMessageBytes
     var flashGBps: Double?
+    var compute = ComputePreference.auto
+    var advertise = true
     var parentPid: Int32?
     var help = false
 
@@ -61,6 +68,13 @@ struct Arguments {
             case "--name": args.name = try value(flag)
             case "--max-message": args.maxMessage = try ByteSize.parse(try value(flag))
             case "--flash-gbps": args.flashGBps = try number(flag, Double.self)
+            case "--compute":
+                let text = try value(flag)
+                guard let choice = ComputePreference(rawValue: text) else {
+                    throw UserError("--compute takes auto, cpu or gpu, not '\(text)'")
+                }
+                args.compute = choice
+            case "--no-advertise": args.advertise = false
             case "--parent-pid": args.parentPid = try number(flag, Int32.self)  // exit when this process goes
             case "-h", "--help": args.help = true
             default: throw UserError("unknown option \(flag); see flashmesh-node --help")

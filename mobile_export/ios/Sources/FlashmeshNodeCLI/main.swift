@@ -1,6 +1,7 @@
 // flashmesh-node: serves an iPhone bundle's experts over gRPC, as `flashmesh node serve --bundle` does.
 import FlashmeshGRPC
 import FlashmeshNode
+import FlashmeshPlatform
 import Foundation
 
 #if canImport(Glibc)
@@ -14,13 +15,13 @@ func serve(_ args: Arguments) throws(UserError) -> Int32 {
     let bundle = try ExpertBundle.open(args.bundle ?? "", shard: try args.shard())
     let environment = ProcessInfo.processInfo.environment
     let given = args.token ?? environment["FLASHMESH_TOKEN"].flatMap { $0.isEmpty ? nil : $0 }
-    let token = given ?? generatedToken()
+    let token = given ?? ClusterToken.generate()
     var options = NodeService.Options(
         ramBudget: args.ramBudget ?? 0, token: token, name: args.name ?? ProcessInfo.processInfo.hostName)
     options.pageCache = args.pageCache
     options.maxMessageBytes = args.maxMessage
     options.flashGBps = args.flashGBps
-    let service = try NodeService(bundle: bundle, options: options)
+    let service = try NodeService(bundle: bundle, options: options, compute: try ExpertComputeChoice.make(args.compute))
     let transport = GRPCCoreTransport()
     let rpc = NodeRPC(node: service)
     let port: Int
@@ -38,8 +39,23 @@ func serve(_ args: Arguments) throws(UserError) -> Int32 {
     say(
         "node \(options.name) (\(service.nodeId)) serving \(held) of \(total) experts of model "
             + "\(info.fingerprint.prefix(16)) from bundle \(bundle.path) on \(args.host) port \(port)")
+    let advertiser = args.advertise ? NodePlatform.advertiser() : nil
+    if let advertiser {
+        do throws(UserError) {
+            guard let scope = AdvertiseScope.matching(host: args.host) else {
+                throw UserError("no interface holds \(args.host); give an address of this machine, 0.0.0.0 or 127.0.0.1")
+            }
+            let ad = Advertisement(name: options.name, nodeId: service.nodeId, fingerprint: info.fingerprint, port: port)
+            try advertiser.advertise(ad, scope: scope)
+        } catch {
+            transport.stop(grace: 0)
+            service.close()
+            throw error
+        }
+    }
     if given == nil { say("cluster token: \(token)  (give it to the coordinator: --token or FLASHMESH_TOKEN)") }
     waitForStop(parentPid: args.parentPid)
+    advertiser?.withdraw()
     transport.stop(grace: 1.0)
     service.close()
     return 0
@@ -62,12 +78,6 @@ func waitForStop(parentPid: Int32?) {
         }
     }
     sources.forEach { $0.cancel() }
-}
-
-func generatedToken() -> String {
-    let alphabet = Array("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_")
-    var generator = SystemRandomNumberGenerator()
-    return String((0..<24).map { _ in alphabet[Int(generator.next() % UInt64(alphabet.count))] })
 }
 
 /// One line on standard output, written at once (the tests read the start line from a pipe).

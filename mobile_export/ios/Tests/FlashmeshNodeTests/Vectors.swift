@@ -51,6 +51,10 @@ struct Vectors: Decodable {
         let steps: [Step]
     }
 
+    struct AdvertisementVector: Decodable {
+        let name: String, node_id: String, fingerprint: String, port: Int, txt_hex: String, instance: String
+    }
+
     let xxh3: [XXH3]
     let sizes: Sizes
     let manifests: [Manifest]
@@ -59,6 +63,7 @@ struct Vectors: Decodable {
     let pairs: [Pairs]
     let messages: Messages
     let cache: [Trace]
+    let advertisements: [AdvertisementVector]
 
     static let directory: URL = {
         if let dir = ProcessInfo.processInfo.environment["FLASHMESH_SWIFT_VECTORS"], !dir.isEmpty {

@@ -1,10 +1,10 @@
 import CXXHash
 
 /// XXH3-64, the checksum `flashmesh pack` and `export-ios` write for every record and manifest section
-/// (Python's `xxhash.xxh3_64_hexdigest`), from the system's libxxhash.
+/// (Python's `xxhash.xxh3_64_hexdigest`), from xxhash's header (compiled inline).
 public enum Checksum {
     public static func xxh3(_ bytes: UnsafeRawBufferPointer) -> UInt64 {
-        XXH3_64bits(bytes.baseAddress, bytes.count)
+        fm_xxh3_64(bytes.baseAddress, bytes.count)
     }
 
     /// 16 lower-case hex digits, as Python's `hexdigest()`.

@@ -10,6 +10,7 @@ public struct BundleManifest: Decodable, Sendable {
     public var config: ModelConfig
     public var quantization: Quantization
     public var layers: [RecordLayout]
+    public var bytesPerToken: BytesPerToken?
 
     enum CodingKeys: String, CodingKey {
         case bundleFormat = "bundle_format"
@@ -17,6 +18,20 @@ public struct BundleManifest: Decodable, Sendable {
         case target
         case storeFingerprint = "store_fingerprint"
         case config, quantization, layers
+        case bytesPerToken = "bytes_per_token"
+    }
+}
+
+/// Flash bytes a decoded token reads with every expert missing the cache (docs/ios.md).
+public struct BytesPerToken: Decodable, Sendable {
+    /// Weight bytes of the top-k experts of every MoE layer.
+    public var payload: Int
+    /// Whole aligned records: what is read from flash.
+    public var records: Int
+
+    enum CodingKeys: String, CodingKey {
+        case payload = "this_bundle_payload"
+        case records = "this_bundle_records"
     }
 }
 

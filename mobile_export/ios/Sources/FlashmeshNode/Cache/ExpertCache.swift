@@ -54,6 +54,9 @@ public final class ExpertCache: @unchecked Sendable {
 
     public func slab(_ layer: Int) -> Slab? { slabs[layer] }
 
+    /// All the memory experts are held in (every slab's regions).
+    public var memoryRegions: [UnsafeRawBufferPointer] { distinctSlabs.flatMap(\.regions) }
+
     /// Resident, or read ahead and in flight.
     public func contains(_ key: Key) -> Bool {
         entries[key] != nil || pending.contains { $0.layer == key.layer && $0.read.experts.contains(key.expert) }

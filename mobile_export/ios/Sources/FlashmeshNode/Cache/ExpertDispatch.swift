@@ -50,23 +50,29 @@ public final class ExpertDispatch: @unchecked Sendable {
         let inWave = Set(wave)
         var pairsOf: [Int: [Int]] = [:]
         for (p, e) in experts.enumerated() where inWave.contains(e) { pairsOf[e, default: []].append(p) }
+        // The wave's rows grouped by expert: xs [n, H], one batched call, ys scattered back to y.
+        var calls: [ExpertCall] = []
+        var order: [Int] = []  // pair index of each row of xs
         for expert in wave {
             guard let pairs = pairsOf[expert], let slot = slots[expert] else { continue }
-            var xs = [Float](repeating: 0, count: pairs.count * hidden)  // [n, H] rows of this expert's pairs
-            for (j, p) in pairs.enumerated() {
-                xs.replaceSubrange(j * hidden..<(j + 1) * hidden, with: x[rows[p] * hidden..<(rows[p] + 1) * hidden])
-            }
-            var ys = [Float](repeating: 0, count: pairs.count * hidden)
             let weights = ExpertDispatch.weights(slab, slot: slot, plan: plan, bundle: cache.bundle)
-            xs.withUnsafeBufferPointer { xp in
-                ys.withUnsafeMutableBufferPointer { yp in
-                    guard let xb = xp.baseAddress, let yb = yp.baseAddress else { return }
-                    compute.swiglu(weights, x: xb, rows: pairs.count, y: yb)
-                }
+            calls.append(ExpertCall(weights: weights, firstRow: order.count, rows: pairs.count))
+            order += pairs
+        }
+        guard !calls.isEmpty else { return }
+        var xs = [Float](repeating: 0, count: order.count * hidden)
+        for (j, p) in order.enumerated() {
+            xs.replaceSubrange(j * hidden..<(j + 1) * hidden, with: x[rows[p] * hidden..<(rows[p] + 1) * hidden])
+        }
+        var ys = [Float](repeating: 0, count: order.count * hidden)
+        xs.withUnsafeBufferPointer { xp in
+            ys.withUnsafeMutableBufferPointer { yp in
+                guard let xb = xp.baseAddress, let yb = yp.baseAddress else { return }
+                compute.swiglu(calls, x: xb, y: yb)
             }
-            for (j, p) in pairs.enumerated() {
-                y.replaceSubrange(p * hidden..<(p + 1) * hidden, with: ys[j * hidden..<(j + 1) * hidden])
-            }
+        }
+        for (j, p) in order.enumerated() {
+            y.replaceSubrange(p * hidden..<(p + 1) * hidden, with: ys[j * hidden..<(j + 1) * hidden])
         }
         cache.addComputeSeconds(monotonicSeconds() - start)
     }

@@ -29,6 +29,11 @@ public final class Slab: @unchecked Sendable {
 
     public var freeSlots: Int { free.count }
 
+    /// The slab's memory, one 16 KiB-aligned region per tensor (what a GPU backend maps).
+    public var regions: [UnsafeRawBufferPointer] {
+        buffers.map { UnsafeRawBufferPointer(start: $0.pointer, count: $0.capacity) }
+    }
+
     func take() -> Int { free.removeLast() }
 
     func giveBack(_ slot: Int) { free.append(slot) }

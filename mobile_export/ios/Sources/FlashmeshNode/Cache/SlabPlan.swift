@@ -1,3 +1,12 @@
+extension ExpertCache {
+    /// The smallest budget a cache of `bundle` accepts: the top-k experts of one layer of each shape.
+    public static func minimumBudget(_ bundle: ExpertBundle) -> Int {
+        var seen: Set<[RAMTensor]> = []
+        let perShape = bundle.layers.filter { seen.insert($0.signature).inserted }.reduce(0) { $0 + bundle.topK * $1.payloadBytes }
+        return max(bundle.minimumBudget, perShape)
+    }
+}
+
 extension Slab {
     /// One slab per expert shape, its slots the budget's share (by expert bytes), at most one per
     /// expert (node/cache.py `_make_slabs`); the slabs by layer, and each slab once.

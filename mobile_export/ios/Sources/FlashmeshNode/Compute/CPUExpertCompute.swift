@@ -8,6 +8,22 @@ public final class CPUExpertCompute: ExpertCompute, @unchecked Sendable {
 
     public init() {}
 
+    #if canImport(Accelerate)
+    public var name: String { "cpu (Accelerate)" }
+    #else
+    public var name: String { "cpu (OpenBLAS)" }
+    #endif
+
+    public func prepare(memory: [UnsafeRawBufferPointer]) {}
+
+    public func swiglu(_ calls: [ExpertCall], x: UnsafePointer<Float>, y: UnsafeMutablePointer<Float>) {
+        for call in calls {
+            let h = call.weights.hidden
+            swiglu(call.weights, x: x + call.firstRow * h, rows: call.rows, y: y + call.firstRow * h)
+        }
+    }
+
+    /// One expert: x [rows, H] -> y [rows, H].
     public func swiglu(_ weights: ExpertWeights, x: UnsafePointer<Float>, rows: Int, y: UnsafeMutablePointer<Float>) {
         lock.lock()
         defer { lock.unlock() }

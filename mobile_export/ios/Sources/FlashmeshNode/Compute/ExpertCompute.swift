@@ -37,9 +37,31 @@ public struct ExpertWeights: Sendable {
     public var intermediate: Int { gate.rows }
 }
 
-/// Expert FFN compute: the boundary a GPU backend (Metal, the bundle's Core ML kernel) implements too.
+/// One expert's part of a batched call: its weights and the rows of x and y it owns.
+public struct ExpertCall: Sendable {
+    public let weights: ExpertWeights
+    /// The expert's rows are x[firstRow ..< firstRow + rows] and the same rows of y.
+    public let firstRow: Int
+    public let rows: Int
+
+    public init(weights: ExpertWeights, firstRow: Int, rows: Int) {
+        self.weights = weights
+        self.firstRow = firstRow
+        self.rows = rows
+    }
+}
+
+/// Expert FFN compute: the CPU (`CPUExpertCompute`) or a GPU (FlashmeshPlatform's Metal backend);
+/// the choice is made in one place, FlashmeshPlatform's `ExpertComputeChoice`.
 public protocol ExpertCompute: Sendable {
-    /// y[r] = down(silu(gate(x[r])) * up(x[r])) for `rows` rows of x [rows, H] -> y [rows, H], fp32.
-    /// Called from one thread at a time.
-    func swiglu(_ weights: ExpertWeights, x: UnsafePointer<Float>, rows: Int, y: UnsafeMutablePointer<Float>)
+    /// What the node runs on, for people ("cpu (OpenBLAS)", "gpu (Metal, Apple A17 Pro GPU)").
+    var name: String { get }
+
+    /// The memory every weight pointer will point into (the cache's slabs, 16 KiB aligned, allocated
+    /// once), given before the first call: a GPU backend maps it without copying; the CPU ignores it.
+    func prepare(memory: [UnsafeRawBufferPointer]) throws(UserError)
+
+    /// For each call c: y[r] = down(silu(gate(x[r])) * up(x[r])) for its rows r; x and y are
+    /// [total rows, H] fp32. Called from one thread at a time.
+    func swiglu(_ calls: [ExpertCall], x: UnsafePointer<Float>, y: UnsafeMutablePointer<Float>)
 }

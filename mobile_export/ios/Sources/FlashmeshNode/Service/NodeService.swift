@@ -46,6 +46,7 @@ public final class NodeService: @unchecked Sendable {
         reader = try RecordReader(bundle: bundle, pageCache: options.pageCache, verify: options.verify)
         do {
             let cache = try ExpertCache(bundle: bundle, reader: reader, budgetBytes: options.ramBudget, policy: options.policy)
+            try compute.prepare(memory: cache.memoryRegions)
             dispatch = ExpertDispatch(cache: cache, compute: compute)
         } catch {
             reader.close()
@@ -55,6 +56,9 @@ public final class NodeService: @unchecked Sendable {
     }
 
     var cache: ExpertCache { dispatch.cache }
+
+    /// What computes the experts (`ExpertCompute.name`).
+    public var computeName: String { dispatch.compute.name }
 
     // MARK: - checks (any thread)
 

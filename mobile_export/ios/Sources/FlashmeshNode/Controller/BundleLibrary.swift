@@ -1,0 +1,12 @@
+import Foundation
+
+/// The bundles in a folder (the app's Documents, where Finder file sharing and the Files app put them).
+public enum BundleLibrary {
+    /// Paths of the folder's subfolders that hold a manifest.json, by name.
+    public static func bundles(in folder: String) -> [String] {
+        let names = (try? FileManager.default.contentsOfDirectory(atPath: folder)) ?? []
+        return names.sorted().map { folder + "/" + $0 }.filter {
+            FileManager.default.fileExists(atPath: $0 + "/manifest.json")
+        }
+    }
+}
