@@ -22,7 +22,6 @@ import argparse
 import os
 import signal
 import threading
-import time
 from pathlib import Path
 
 import numpy as np
@@ -37,7 +36,7 @@ from flashmesh.node.store_format import Manifest  # noqa: E402
 from flashmesh.protos.errors import UserError  # noqa: E402
 from flashmesh.testing import netns  # noqa: E402
 from flashmesh.testing.demo import DEMO_SHAPE, prepare_demo  # noqa: E402
-from flashmesh.testing.faults import generate_with_faults  # noqa: E402
+from flashmesh.testing.faults import generate_with_faults, wait_taken_back  # noqa: E402
 from flashmesh.testing.local_nodes import ensure_dense, ensure_shards, local_node_processes  # noqa: E402
 
 from bench.cli import write_result  # noqa: E402
@@ -49,18 +48,6 @@ MODES = ("deadline_only", "hedged")
 
 def _generate(streaming, max_tokens: int, on_layer_call=None) -> list[int]:
     return generate_with_faults(streaming, PROMPT, max_tokens=max_tokens, on_layer_call=on_layer_call)
-
-
-def wait_taken_back(backend, *, timeout: float = 30.0) -> float | None:
-    """Seconds until every node is up again in `backend` (probing as an idle server does); None: not
-    within `timeout`."""
-    start = time.monotonic()
-    while time.monotonic() - start < timeout:
-        backend.poll_health()
-        if not backend.membership.down():
-            return time.monotonic() - start
-        time.sleep(0.05)
-    return None
 
 
 class Fault:

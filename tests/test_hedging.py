@@ -12,6 +12,7 @@ from concurrent.futures import Future
 import pytest
 from flashmesh.coordinator.failover import ExpertsLost, Hedge, NodeError
 from flashmesh.protos.errors import ErrorKind
+from flashmesh.testing.faults import wait_taken_back
 
 from .conftest import local_tokens
 from .test_failover import Rig
@@ -119,7 +120,7 @@ def test_a_node_that_stops_answering_costs_a_hedge_not_the_deadline(rig_of):
     assert not [f for f in stats.failovers if f.node == "n1"]  # nothing had to wait for the deadline
     # it answers again: a probe finds it and it gets work again
     rig.hanging[1].hang = False
-    time.sleep(0.5)  # the probe sent while it hung has expired
+    assert wait_taken_back(rig.backend, timeout=10.0) is not None  # probed as an idle server does
     before = rig.services[1].stats().requests
     assert rig.generate() == reference
     assert rig.backend.membership.down() == [] and "n1" in stats.recoveries
