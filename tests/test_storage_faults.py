@@ -1,7 +1,9 @@
-"""Storage faults (root: tmpfs and loop devices made here): a full disk under pack, shard and
-export-ios is one line naming the place and the bytes needed, with nothing left behind; a store
-file that fails to read (EIO) under a running node is DATA_LOSS for its records only, and the
-coordinator serves them from replicas while the node keeps serving the rest."""
+"""Storage faults: a full disk under pack, shard and export-ios (a tmpfs made here, root) is one
+line naming the place and the bytes needed, with nothing left behind; a store file that fails to
+read (EIO on a loop device, root) or is cut short under a running node is DATA_LOSS for its records
+only, and the coordinator serves them from replicas while the node keeps serving the rest; a file
+deleted under a running node changes nothing until the node restarts, which then refuses in one
+line."""
 
 from __future__ import annotations
 
@@ -23,12 +25,18 @@ from flashmesh.testing.local_nodes import ensure_shards, local_node_processes
 
 from .conftest import assert_one_line_error, run_cli
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs or a loop device needs root")
+PROMPT = "The quick brown fox jumps over the lazy dog. Mixture of experts"
+
+
+def _need_root() -> None:
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs or a loop device needs root")
 
 
 @pytest.fixture
 def small_disk(tmp_path):
     """A 96 KiB tmpfs: too small for any store of the test models."""
+    _need_root()
     mount = tmp_path / "small"
     mount.mkdir()
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=96k", "fmr-small", str(mount)], check=True)
@@ -63,6 +71,7 @@ def _physical_extents(path: Path) -> list[tuple[int, int]]:
 @pytest.fixture
 def loop_disk(tmp_path):
     """An ext4 filesystem on a loop device over `disk.img`; yields (mount point, image path)."""
+    _need_root()
     if shutil.which("losetup") is None or shutil.which("filefrag") is None:
         pytest.skip("needs losetup and filefrag (util-linux, e2fsprogs)")
     image, mount = tmp_path / "disk.img", tmp_path / "disk"
@@ -114,8 +123,7 @@ def test_a_store_file_that_fails_to_read_is_data_loss_served_by_replicas(models,
         try:
             # the disk under the node fails from the victim file on: its reads (O_DIRECT) get EIO
             os.truncate(image, start)
-            prompt = "The quick brown fox jumps over the lazy dog. Mixture of experts"
-            tokens = generate_with_faults(streaming, prompt, max_tokens=6)
+            tokens = generate_with_faults(streaming, PROMPT, max_tokens=6)
             sick = next(n.node_id for n in connected if n.address.target == nodes.addresses[0].target)
             backend = streaming.backend
             lost = [f for f in backend.dispatch.failovers if f.kind == ErrorKind.DATA_LOSS]
@@ -125,7 +133,44 @@ def test_a_store_file_that_fails_to_read_is_data_loss_served_by_replicas(models,
             assert backend.dispatch.nodes[sick].requests > 0  # still serving the layers it can read
         finally:
             streaming.close()
-    assert tokens == _healthy_tokens(store, prompt)
+    assert tokens == _healthy_tokens(store, PROMPT)
+
+
+def test_a_store_file_cut_short_or_deleted_under_a_running_node(models, tmp_path, capsys):
+    _, store = models.get("qwen3_moe")
+    shards = ensure_shards(store, tmp_path, count=3, replicas=2)
+    sick_shard = tmp_path / "sick"
+    shutil.copytree(shards[0], sick_shard)
+    layers = Manifest.load(sick_shard).layers
+    cut, gone = layers[-1], layers[0]
+    dense = tmp_path / "dense"
+    write_dense(store, dense)
+    budget = Manifest.load(store).expert_bytes_total
+    with local_node_processes([sick_shard, *shards[1:]], budgets=[budget] * 3, token="cut", logdir=tmp_path / "logs",
+                              flash_gbps=1.0) as nodes:  # fmt: skip
+        streaming = open_model(
+            ModelOptions(store=dense, cluster=True, nodes=tuple(nodes.addresses), token="cut", rpc_deadline=5.0)
+        )
+        connected = streaming.nodes
+        try:
+            # before anything was read: the last layer's file keeps only its first record, the first
+            # layer's file is deleted (the node holds it open)
+            os.truncate(sick_shard / cut.file, cut.record_offset(cut.experts[1]))
+            (sick_shard / gone.file).unlink()
+            tokens = generate_with_faults(streaming, PROMPT, max_tokens=6)
+            sick = next(n.node_id for n in connected if n.address.target == nodes.addresses[0].target)
+            backend = streaming.backend
+            lost = [f for f in backend.dispatch.failovers if f.kind == ErrorKind.DATA_LOSS]
+            assert lost and all("short read" in f.reason and f.layer == cut.layer for f in lost), lost
+            state = backend.membership.states[sick]
+            assert state.up and state.bad and {layer for layer, _ in state.bad} == {cut.layer}
+            assert (cut.layer, cut.experts[0]) not in state.bad  # the record still there is served
+            assert backend.dispatch.nodes[sick].requests > 0
+        finally:
+            streaming.close()
+    assert tokens == _healthy_tokens(store, PROMPT)
+    code, _, err = run_cli(capsys, "node", "serve", sick_shard, "--no-advertise", "--port", "0")
+    assert_one_line_error(code, err, str(sick_shard / gone.file), "is missing")
 
 
 def _healthy_tokens(store: Path, prompt: str) -> list[int]:
