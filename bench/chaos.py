@@ -248,8 +248,8 @@ def run_chaos(
             faults = Faults(nodes, hosts, shards, every=fault_every, hold=fault_seconds, kinds=kinds)
             threads, until = _phase(base, "chaos", clients=clients, seconds=seconds, max_tokens=max_tokens, t0=t0,
                                     out=outcomes)  # fmt: skip
-            stop = threading.Event()
-            injector = threading.Thread(target=faults.run, args=(time.monotonic(), until, stop), name="chaos-faults")
+            stop, chaos_t0 = threading.Event(), time.monotonic()
+            injector = threading.Thread(target=faults.run, args=(chaos_t0, until, stop), name="chaos-faults")
             injector.start()
             rss = [(time.monotonic() - t0, rss_start)]
             try:
@@ -273,7 +273,8 @@ def run_chaos(
                 proc.kill()
                 returncode = proc.wait()
     return _summary(outcomes, reference, faults, health, back_s, rss, rss_start, rss_end, returncode,
-                    clients=clients, seconds=seconds, calm_seconds=calm_seconds, max_tokens=max_tokens)  # fmt: skip
+                    clients=clients, seconds=seconds, calm_seconds=calm_seconds, max_tokens=max_tokens,
+                    fault_every=fault_every, fault_seconds=fault_seconds, chaos_started_s=chaos_t0 - t0)  # fmt: skip
 
 
 def _wait_all_up(base: str, *, timeout: float = 30.0) -> tuple[float | None, dict]:
@@ -329,4 +330,5 @@ def _summary(outcomes, reference, faults, health, back_s, rss, rss_start, rss_en
         "rss_growth_bytes": rss_end - rss_start,
         "rss_samples": [[round(t, 1), int(b)] for t, b in rss],
         "server_exit_code": returncode,
+        "requests": [[round(o.started, 3), round(o.seconds, 4), o.ok] for o in outcomes],  # both phases
     }

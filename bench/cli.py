@@ -399,11 +399,14 @@ def cmd_chaos(args: argparse.Namespace) -> int:
         )  # fmt: skip
     result["store"] = str(store)
     path = write_result(name, result)
+    from bench.reliability_plots import plot_chaos
+
+    plot = plot_chaos(result, path.with_suffix(".png"))
     if args.json:
-        print(json.dumps({k: v for k, v in result.items() if k != "rss_samples"}))
+        print(json.dumps({k: v for k, v in result.items() if k not in ("rss_samples", "requests")}))
     else:
         print(chaos_table(result))
-        print(f"written to {path}")
+        print(f"written to {path} and {plot}")
     ok = result["failed"] == 0 and result["greedy_differs"] == 0 and result["nodes_in_use_at_end"] == result["nodes"]
     return 0 if ok and result["server_exit_code"] == 0 else 1
 

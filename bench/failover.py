@@ -19,6 +19,7 @@ costs when nothing is wrong.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
 import threading
@@ -40,6 +41,7 @@ from flashmesh.testing.faults import generate_with_faults, wait_taken_back  # no
 from flashmesh.testing.local_nodes import ensure_dense, ensure_shards, local_node_processes  # noqa: E402
 
 from bench.cli import write_result  # noqa: E402
+from bench.reliability_plots import plot_failover  # noqa: E402
 
 PROMPT = "The experts live on flash and"
 FAULTS = ("sigkill_between_calls", "sigkill_in_flight", "sigstop", "link_down")
@@ -171,7 +173,7 @@ def main() -> None:
             f"taken back {s['taken_back']}/{s['runs']} (median {s['taken_back_s_median']:.2f} s)  "
             f"hedge share when healthy {s['healthy_hedge_share']:.4f}"
         )
-    print(f"wrote {path}")
+    print(f"wrote {path} and {plot_failover(json.loads(path.read_text()), path.with_suffix('.png'))}")
 
 
 def _summary(mine: list[dict]) -> dict:
