@@ -111,28 +111,12 @@ def test_a_store_file_that_fails_to_read_is_data_loss_served_by_replicas(models,
     start = min(a for a, _ in _physical_extents(disk_shard / victim.file))
     if any(b >= start for _, b in others):
         pytest.skip("ext4 placed the victim file before another one; cannot fail it alone by truncation")
-    dense = tmp_path / "dense"
-    write_dense(store, dense)
-    budget = Manifest.load(store).expert_bytes_total
-    with local_node_processes([disk_shard, *shards[1:]], budgets=[budget] * 3, token="eio", logdir=tmp_path / "logs",
-                              flash_gbps=1.0) as nodes:  # fmt: skip
-        streaming = open_model(
-            ModelOptions(store=dense, cluster=True, nodes=tuple(nodes.addresses), token="eio", rpc_deadline=5.0)
-        )
-        connected = streaming.nodes
-        try:
-            # the disk under the node fails from the victim file on: its reads (O_DIRECT) get EIO
-            os.truncate(image, start)
-            tokens = generate_with_faults(streaming, PROMPT, max_tokens=6)
-            sick = next(n.node_id for n in connected if n.address.target == nodes.addresses[0].target)
-            backend = streaming.backend
-            lost = [f for f in backend.dispatch.failovers if f.kind == ErrorKind.DATA_LOSS]
-            assert lost and all("Input/output error" in f.reason and f"layer {victim.layer}" in f.reason for f in lost)
-            state = backend.membership.states[sick]
-            assert state.up and state.bad and {layer for layer, _ in state.bad} == {victim.layer}
-            assert backend.dispatch.nodes[sick].requests > 0  # still serving the layers it can read
-        finally:
-            streaming.close()
+    # the disk under the node fails from the victim file on: its reads (O_DIRECT) get EIO
+    tokens, lost, state, requests = _generate_damaged(store, tmp_path, disk_shard, shards,
+                                                      damage=lambda: os.truncate(image, start))  # fmt: skip
+    assert lost and all("Input/output error" in f.reason and f"layer {victim.layer}" in f.reason for f in lost)
+    assert state.up and state.bad and {layer for layer, _ in state.bad} == {victim.layer}
+    assert requests > 0  # still serving the layers it can read
     assert tokens == _healthy_tokens(store, PROMPT)
 
 
@@ -143,34 +127,42 @@ def test_a_store_file_cut_short_or_deleted_under_a_running_node(models, tmp_path
     shutil.copytree(shards[0], sick_shard)
     layers = Manifest.load(sick_shard).layers
     cut, gone = layers[-1], layers[0]
-    dense = tmp_path / "dense"
-    write_dense(store, dense)
-    budget = Manifest.load(store).expert_bytes_total
-    with local_node_processes([sick_shard, *shards[1:]], budgets=[budget] * 3, token="cut", logdir=tmp_path / "logs",
-                              flash_gbps=1.0) as nodes:  # fmt: skip
-        streaming = open_model(
-            ModelOptions(store=dense, cluster=True, nodes=tuple(nodes.addresses), token="cut", rpc_deadline=5.0)
-        )
-        connected = streaming.nodes
-        try:
-            # before anything was read: the last layer's file keeps only its first record, the first
-            # layer's file is deleted (the node holds it open)
-            os.truncate(sick_shard / cut.file, cut.record_offset(cut.experts[1]))
-            (sick_shard / gone.file).unlink()
-            tokens = generate_with_faults(streaming, PROMPT, max_tokens=6)
-            sick = next(n.node_id for n in connected if n.address.target == nodes.addresses[0].target)
-            backend = streaming.backend
-            lost = [f for f in backend.dispatch.failovers if f.kind == ErrorKind.DATA_LOSS]
-            assert lost and all("short read" in f.reason and f.layer == cut.layer for f in lost), lost
-            state = backend.membership.states[sick]
-            assert state.up and state.bad and {layer for layer, _ in state.bad} == {cut.layer}
-            assert (cut.layer, cut.experts[0]) not in state.bad  # the record still there is served
-            assert backend.dispatch.nodes[sick].requests > 0
-        finally:
-            streaming.close()
+
+    def damage():  # before anything was read; the node holds the deleted file open
+        os.truncate(sick_shard / cut.file, cut.record_offset(cut.experts[1]))  # only its first record is left
+        (sick_shard / gone.file).unlink()
+
+    tokens, lost, state, requests = _generate_damaged(store, tmp_path, sick_shard, shards, damage=damage)
+    assert lost and all("short read" in f.reason and f.layer == cut.layer for f in lost), lost
+    assert state.up and state.bad and {layer for layer, _ in state.bad} == {cut.layer}
+    assert (cut.layer, cut.experts[0]) not in state.bad  # the record still there is served
+    assert requests > 0
     assert tokens == _healthy_tokens(store, PROMPT)
     code, _, err = run_cli(capsys, "node", "serve", sick_shard, "--no-advertise", "--port", "0")
     assert_one_line_error(code, err, str(sick_shard / gone.file), "is missing")
+
+
+def _generate_damaged(store: Path, tmp_path: Path, sick_shard: Path, shards: list[Path], *, damage):
+    """Three node processes (replicas 2), the first serving `sick_shard`; `damage()` runs once they
+    are up, before anything is read; then a generation. Returns (tokens, the DATA_LOSS failovers,
+    the first node's membership state, the requests it was sent)."""
+    dense = tmp_path / "dense"
+    write_dense(store, dense)
+    budget = Manifest.load(store).expert_bytes_total
+    with local_node_processes([sick_shard, *shards[1:]], budgets=[budget] * 3, token="disk", logdir=tmp_path / "logs",
+                              flash_gbps=1.0) as nodes:  # fmt: skip
+        streaming = open_model(
+            ModelOptions(store=dense, cluster=True, nodes=tuple(nodes.addresses), token="disk", rpc_deadline=5.0)
+        )
+        try:
+            damage()
+            tokens = generate_with_faults(streaming, PROMPT, max_tokens=6)
+            sick = next(n.node_id for n in streaming.nodes if n.address.target == nodes.addresses[0].target)
+            backend = streaming.backend
+            lost = [f for f in backend.dispatch.failovers if f.kind == ErrorKind.DATA_LOSS]
+            return tokens, lost, backend.membership.states[sick], backend.dispatch.nodes[sick].requests
+        finally:
+            streaming.close()
 
 
 def _healthy_tokens(store: Path, prompt: str) -> list[int]:
