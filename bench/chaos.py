@@ -98,9 +98,11 @@ def _request(base: str, kind: str, prompt: str, max_tokens: int) -> str:
 KINDS = ("completion", "completion-stream", "chat", "chat-stream")
 
 
-def _client(base: str, index: int, *, phase: str, t0: float, until: float, max_tokens: int, out: list) -> None:
+def _client(
+    base: str, index: int, *, phase: str, t0: float, until: float, max_tokens: int, out: list, stop: threading.Event
+) -> None:
     rng = random.Random(f"{phase}-{index}")
-    while time.monotonic() < until:
+    while time.monotonic() < until and not stop.is_set():
         key = (rng.choice(KINDS), rng.randrange(len(PROMPTS)))
         start = time.monotonic()
         try:
@@ -197,10 +199,11 @@ def _start_serve(dense: Path, *, gateway: str, prefix: str, logfile: Path) -> tu
     return proc, base.removesuffix("/v1")
 
 
-def _phase(base: str, phase: str, *, clients: int, seconds: float, max_tokens: int, t0: float, out: list):
+def _phase(base: str, phase: str, *, clients: int, seconds: float, max_tokens: int, t0: float, out: list,
+           stop: threading.Event):  # fmt: skip
     until = time.monotonic() + seconds
-    threads = [threading.Thread(target=_client, args=(base, i), name=f"chaos-client-{i}",
-                                kwargs={"phase": phase, "t0": t0, "until": until, "max_tokens": max_tokens, "out": out})
+    threads = [threading.Thread(target=_client, args=(base, i), name=f"chaos-client-{i}", kwargs={"phase": phase,
+                                "t0": t0, "until": until, "max_tokens": max_tokens, "out": out, "stop": stop})
                for i in range(clients)]  # fmt: skip
     for t in threads:
         t.start()
@@ -235,20 +238,21 @@ def run_chaos(
     ) as nodes:  # fmt: skip
         prefix = nodes.names[0].rsplit("-", 1)[0]
         proc, base = _start_serve(dense, gateway=hosts.gateway, prefix=prefix, logfile=workdir / "logs" / "serve.log")
+        stop = threading.Event()  # set: clients and faults end early (this benchmark was stopped)
         try:
             # the fault-free output of every greedy (chat or not, prompt) pair, one request at a time
             reference = {(chat, i): _request(base, "chat" if chat else "completion", prompt, max_tokens)
                          for chat in (False, True) for i, prompt in enumerate(PROMPTS)}  # fmt: skip
             t0 = time.monotonic()
             threads, _ = _phase(base, "calm", clients=clients, seconds=calm_seconds, max_tokens=max_tokens, t0=t0,
-                                out=outcomes)  # fmt: skip
+                                out=outcomes, stop=stop)  # fmt: skip
             for t in threads:
                 t.join()
             rss_start = _rss_bytes(proc.pid)
             faults = Faults(nodes, hosts, shards, every=fault_every, hold=fault_seconds, kinds=kinds)
             threads, until = _phase(base, "chaos", clients=clients, seconds=seconds, max_tokens=max_tokens, t0=t0,
-                                    out=outcomes)  # fmt: skip
-            stop, chaos_t0 = threading.Event(), time.monotonic()
+                                    out=outcomes, stop=stop)  # fmt: skip
+            chaos_t0 = time.monotonic()
             injector = threading.Thread(target=faults.run, args=(chaos_t0, until, stop), name="chaos-faults")
             injector.start()
             rss = [(time.monotonic() - t0, rss_start)]
@@ -266,6 +270,7 @@ def run_chaos(
             back_s, health = _wait_all_up(base)
             rss_end = _rss_bytes(proc.pid)
         finally:
+            stop.set()
             proc.send_signal(signal.SIGTERM)
             try:
                 returncode = proc.wait(60)

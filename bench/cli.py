@@ -428,10 +428,11 @@ def cmd_shutdown(args: argparse.Namespace) -> int:
         print(json.dumps(summary))
     else:
         for key, row in summary.items():
-            print(f"{key:28s} {row['exit_0']}/{row['cycles']} exit 0, {row['aborts']} aborts, "
-                  f"slowest exit {row['max_seconds_to_exit']:.2f} s {row['other'][:2] or ''}")  # fmt: skip
+            print(f"{key:28s} {row['exit_0']}/{row['cycles']} exit 0, {row['aborts']} aborts, {row['hung']} hung, "
+                  f"{row['orphans']} orphans, slowest exit {row['max_seconds_to_exit']:.2f} s "
+                  f"{row['other'][:2] or ''}")  # fmt: skip
         print(f"written to {path}")
-    return 0 if all(r["exit_0"] == r["cycles"] for r in summary.values()) else 1
+    return 0 if all(r["exit_0"] == r["cycles"] and not r["orphans"] for r in summary.values()) else 1
 
 
 def chaos_table(r: dict) -> str:
@@ -539,7 +540,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_shutdown)
     p.add_argument("store", type=Path, nargs="?", default=None, help="a packed store (default: the demo store)")
     p.add_argument("--cycles", type=int, default=50, help="start/stop cycles per process and idle/load")
-    p.add_argument("--processes", default="node_serve,serve,demo", help="which of node_serve, serve, demo")
+    p.add_argument("--processes", default="node_serve,serve,demo,bench", help="which of node_serve, serve, demo, bench")
     p.add_argument("--name", default="shutdown")
     p.add_argument("--json", action="store_true")
 

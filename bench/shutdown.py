@@ -1,6 +1,7 @@
-"""Start/stop cycles: `node serve`, `serve` and `demo` stopped by SIGTERM or SIGINT, idle and under
-load, each must exit 0 (no abort, no traceback). The test suite runs a few cycles of each
-(tests/test_shutdown.py); `python -m bench shutdown --cycles 50` runs the full count.
+"""Start/stop cycles: `node serve`, `serve`, `demo` and a benchmark (`bench soak`, which runs a
+`serve` process and clients) stopped by SIGTERM or SIGINT, idle and under load; each must exit 0
+(no abort, no traceback, no hang) and leave none of its child processes running. The test suite
+runs a few cycles (tests/test_shutdown.py); `python -m bench shutdown --cycles 50` the full count.
 """
 
 from __future__ import annotations
@@ -18,11 +19,13 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+import psutil
 from flashmesh.node.store_format import Manifest
 from flashmesh.protos import TOKEN_ENV
 from flashmesh.protos.errors import UserError
 
-PROCESSES = ("node_serve", "serve", "demo")
+PROCESSES = ("node_serve", "serve", "demo", "bench")
+REPO = Path(__file__).resolve().parents[1]  # `python -m bench` runs from here
 EXIT_TIMEOUT = 90.0  # seconds from the signal to the exit; longer counts as hung
 HUNG = -1000  # the status recorded for a process that did not exit in time
 TOKEN = "shutdown-token"
@@ -36,6 +39,7 @@ class Cycle:
     status: int
     seconds_to_exit: float
     tail: str  # the last lines of its output when the status is not 0
+    orphans: int = 0  # its child processes still running after it exited (killed then)
 
 
 def _command(process: str, store: Path, workdir: Path) -> tuple[list[str], str]:
@@ -48,6 +52,8 @@ def _command(process: str, store: Path, workdir: Path) -> tuple[list[str], str]:
         )
     if process == "serve":
         return cli + ["serve", str(store), "--port", "0", "--model-name", "m"], "serving"
+    if process == "bench":  # starting its server (idle), or with its clients running (load); never finishes
+        return [sys.executable, "-m", "bench", "soak", str(store), "--clients", "2", "--minutes", "30", "--json"], ""
     # the demo: in-process while it loads (idle), with two node processes while it generates (load)
     return cli + ["demo", "--workdir", str(workdir), "--max-tokens", "4000", "--no-tls"], ""
 
@@ -105,19 +111,22 @@ def one_cycle(process: str, store: Path, workdir: Path, *, sig: signal.Signals, 
         cmd += ["--nodes", "2" if load else "0"]
     env = {**os.environ, TOKEN_ENV: TOKEN, "TRANSFORMERS_VERBOSITY": "error", "PYTHONFAULTHANDLER": "1"}
     with tempfile.TemporaryFile() as err:
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True, env=env)
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True, env=env, cwd=REPO)
         stop, loader = threading.Event(), None
         try:
             line = proc.stdout.readline() if ready else ""
             while ready and line and ready not in line:
                 line = proc.stdout.readline()
-            if not ready:  # the demo: once it handles SIGTERM, while it loads (idle) or generates (load)
+            if not ready:  # demo, bench: once it handles SIGTERM, while it loads (idle) or works (load)
                 _wait_for_handler(proc, signal.SIGTERM)
-                time.sleep(12.0 if load else 1.0)
+                if process == "bench" and load:
+                    _wait_for_clients(proc)
+                time.sleep((2.0 if process == "bench" else 12.0) if load else 1.0)
             elif load:
                 loader = threading.Thread(target=_load, args=(process, line, stop, store), name="shutdown-load")
                 loader.start()
                 time.sleep(1.0)
+            children = _children(proc.pid)
             sent = time.monotonic()
             proc.send_signal(sig)
             threading.Thread(target=proc.stdout.read, daemon=True).start()  # keep its stdout drained
@@ -128,6 +137,9 @@ def one_cycle(process: str, store: Path, workdir: Path, *, sig: signal.Signals, 
                 proc.wait(timeout=30)
                 status = HUNG
             seconds = time.monotonic() - sent
+            _, alive = psutil.wait_procs(children, timeout=5.0)  # a child may take a moment after its parent
+            for child in alive:
+                child.kill()
         finally:
             stop.set()
             if loader is not None:
@@ -137,7 +149,28 @@ def one_cycle(process: str, store: Path, workdir: Path, *, sig: signal.Signals, 
                 proc.wait()
         err.seek(0)
         tail = err.read().decode(errors="replace").strip().splitlines()[-(60 if status == HUNG else 3) :]
-    return Cycle(process, sig.name, load, status, seconds, " | ".join(tail) if status else "")
+    return Cycle(process, sig.name, load, status, seconds, " | ".join(tail) if status else "", len(alive))
+
+
+def _children(pid: int) -> list[psutil.Process]:
+    try:
+        return psutil.Process(pid).children(recursive=True)
+    except psutil.NoSuchProcess:  # it ended by itself: its status says how
+        return []
+
+
+def _wait_for_clients(proc: subprocess.Popen, *, timeout: float = 120.0) -> None:
+    """Until a child of `proc` (the benchmark's server) has a client connected."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        for child in _children(proc.pid):
+            try:
+                if any(c.status == psutil.CONN_ESTABLISHED for c in child.net_connections(kind="tcp")):
+                    return
+            except psutil.NoSuchProcess:
+                continue
+        time.sleep(0.2)
+    raise UserError(f"process {proc.pid} had no client connected to its server within {timeout:g} s")
 
 
 def _wait_for_handler(proc: subprocess.Popen, sig: signal.Signals, *, timeout: float = 120.0) -> None:
@@ -172,12 +205,14 @@ def summarize(cycles: list[Cycle]) -> dict:
     for c in cycles:
         key = f"{c.process}/{'load' if c.load else 'idle'}/{c.signal}"
         row = rows.setdefault(
-            key, {"cycles": 0, "exit_0": 0, "aborts": 0, "hung": 0, "other": [], "max_seconds_to_exit": 0.0}
+            key,
+            {"cycles": 0, "exit_0": 0, "aborts": 0, "hung": 0, "orphans": 0, "other": [], "max_seconds_to_exit": 0.0},
         )
         row["cycles"] += 1
         row["exit_0"] += c.status == 0
         row["aborts"] += c.status in (134, -6)
         row["hung"] += c.status == HUNG
+        row["orphans"] += c.orphans
         row["max_seconds_to_exit"] = max(row["max_seconds_to_exit"], c.seconds_to_exit)
         if c.status not in (0, 134, -6, HUNG):
             row["other"].append(f"{c.status}: {c.tail}")
