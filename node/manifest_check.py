@@ -52,7 +52,7 @@ def _keys(d, where: str, cls) -> None:
 def _tensor(t, where: str, record_size: int) -> None:
     _keys(t, where, TensorSpec)
     _str(t.get("name"), f"{where}.name")
-    if t.get("dtype") not in DTYPES:
+    if not isinstance(t.get("dtype"), str) or t["dtype"] not in DTYPES:
         raise _Bad(f"{where}.dtype must be one of {sorted(DTYPES)}, not {t.get('dtype')!r}")
     shape = [_int(s, f"{where}.shape", low=1) for s in _list(t.get("shape"), f"{where}.shape")]
     offset, nbytes = _int(t.get("offset"), f"{where}.offset"), _int(t.get("nbytes"), f"{where}.nbytes", low=1)

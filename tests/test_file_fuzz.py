@@ -147,3 +147,41 @@ def test_bundle_manifest_fuzz_through_verify_and_node_serve(files, capsys):
         _check(code, err, f"node serve --bundle, manifest {what}")
 
     check()
+
+
+def _edit_json(path: Path, edit) -> None:
+    doc = json.loads(path.read_text())
+    edit(doc)
+    path.write_text(json.dumps(doc))
+
+
+# What the longer random search (FLASHMESH_FUZZ_EXAMPLES=100) found once, kept as fixed cases.
+FOUND_IN_STORES = {
+    "a tensor dtype that is a list": lambda m: m["layers"][0]["tensors"][1].update(dtype=[]),
+}
+FOUND_IN_BUNDLES = {
+    "config removed": lambda m: m.pop("config"),
+    "store_fingerprint removed": lambda m: m.pop("store_fingerprint"),
+    "protocol_version removed": lambda m: m.pop("protocol_version"),
+    "section_checksums a list": lambda m: m.update(section_checksums=[]),
+}
+
+
+@pytest.mark.parametrize("what", sorted(FOUND_IN_STORES))
+def test_store_manifest_damage_found_by_the_fuzz(files, capsys, what):
+    store = _copy(files["store"], files["work"])
+    _edit_json(store / "manifest.json", FOUND_IN_STORES[what])
+    code, err = _run(capsys, "node", "serve", store, "--ram-budget", "1GB", "--no-advertise", "--flash-gbps", "1",
+                     "--token", "t", "--parent-pid", "1")  # fmt: skip
+    assert_one_line_error(code, err, "manifest.json is damaged")
+
+
+@pytest.mark.parametrize("what", sorted(FOUND_IN_BUNDLES))
+def test_bundle_manifest_damage_found_by_the_fuzz(files, capsys, what):
+    bundle = _copy(files["bundle"], files["work"])
+    _edit_json(bundle / "manifest.json", FOUND_IN_BUNDLES[what])
+    code, err = _run(capsys, "node", "serve", "--bundle", bundle, "--ram-budget", "1GB", "--no-advertise",
+                     "--flash-gbps", "1", "--token", "t", "--parent-pid", "1")  # fmt: skip
+    assert_one_line_error(code, err, "was edited; re-export the bundle")
+    code, err = _run(capsys, "verify-bundle", bundle)
+    assert code != 0 and "was edited" in err and "Traceback" not in err, err
