@@ -182,6 +182,9 @@ class GenerationWorker:
                 self._running = job
                 try:
                     self._serve(job)
+                except Exception as e:  # a bug after the generation (its figures): fail this job, keep serving
+                    log.exception("job %s: failed after its generation", job.id)
+                    self._send(job, ErrorEvent(e))
                 finally:
                     self._running = None
         finally:
