@@ -45,6 +45,7 @@ PROMPTS = [
     "List three reasons to stream weights from flash:",
 ]
 TOKEN = "bench-chaos-token"
+REQUEST_SECONDS = 120  # a request not answered by then counts as failed
 
 
 def _rss_bytes(pid: int) -> int:
@@ -78,12 +79,15 @@ def _request(base: str, kind: str, prompt: str, max_tokens: int) -> str:
         data=json.dumps(body).encode(),
         headers={"Content-Type": "application/json"},
     )
-    with urllib.request.urlopen(req, timeout=120) as r:
+    started = time.monotonic()
+    with urllib.request.urlopen(req, timeout=REQUEST_SECONDS) as r:
         if not stream:
             choice = json.loads(r.read())["choices"][0]
             return choice["message"]["content"] if chat else choice["text"]
         text = []
         for line in r:
+            if time.monotonic() - started > REQUEST_SECONDS:  # a stream kept open with nothing coming: a failure
+                raise UserError(f"no complete answer within {REQUEST_SECONDS} s")
             line = line.decode().strip()
             if not line.startswith("data: ") or line == "data: [DONE]":
                 continue
