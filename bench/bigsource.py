@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 import mlx.core as mx
@@ -29,12 +30,15 @@ def build_big_source(
     dtype: str = "float32",
     seed: int = 0,
     show_progress: bool = True,
+    replace: Callable[[dict], dict[str, mx.array]] | None = None,
     **shape,
 ) -> dict:
-    """Write the model to `directory` (atomically), one safetensors file per decoder layer; return facts."""
+    """Write the model to `directory` (atomically), one safetensors file per decoder layer; return facts.
+    replace: config -> tensors (by parameter name) written instead of the random init's."""
     total = 0
     with writing_model(directory, arch, seed=seed, **shape) as (tmp, config, model):
         params = dict(tree_flatten(model.parameters()))  # lazy: nothing drawn yet
+        replacements = replace(config) if replace is not None else {}
         del model  # only `params` holds the weights now, so each group is freed once written
         groups: dict[str, list[str]] = {}
         for name in params:
@@ -43,7 +47,7 @@ def build_big_source(
         with Progress(disable=not show_progress) as progress:
             task = progress.add_task("writing source layers", total=len(groups))
             for i, (_, names) in enumerate(sorted(groups.items())):
-                chunk = {n: params.pop(n).astype(getattr(mx, dtype)) for n in names}
+                chunk = {n: replacements.get(n, params.pop(n)).astype(getattr(mx, dtype)) for n in names}
                 mx.eval(chunk)
                 total += sum(a.nbytes for a in chunk.values())
                 mx.save_safetensors(str(tmp / f"model-{i:05d}.safetensors"), chunk, metadata={"format": "mlx"})

@@ -560,6 +560,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lookahead", action="store_true", help="router lookahead on at every budget")
     p.add_argument("--name", default=None)
     p.add_argument("--json", action="store_true")
+
+    from bench import routing_bench
+
+    routing_bench.register(bsub)
     return parser
 
 

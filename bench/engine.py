@@ -69,9 +69,7 @@ def run_prefetch_bench(store: Path, *, ram_budget: int, max_tokens: int, repeats
     fractions = (0.5, 0.9, 1.0, 1.25, 2.0, 4.0)  # of one token's experts
     policy_hits = {
         f"{f:g}": {
-            p: round(
-                simulate(trace, capacity=max(manifest.top_k, int(per_token * f)), policy=p, per_token=per_token), 4
-            )
+            p: round(simulate(trace, capacity=max(manifest.top_k, int(per_token * f)), policy=p), 4)
             for p in ("auto", "lru", "lfu", "cyclic")
         }
         for f in fractions

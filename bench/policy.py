@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
-from flashmesh.node.cache import POLICIES
+from flashmesh.node.cache import POLICIES, effective_policy
 
 Trace = list[tuple[int, list[int]]]  # one (layer, experts) per acquire, in order
 
@@ -23,13 +23,11 @@ def record_trace(cache) -> Trace:
     return trace
 
 
-def simulate(trace: Trace, *, capacity: int, policy: str, per_token: int = 0, decay: float = 0.999) -> float:
-    """Hit rate of `policy` holding `capacity` experts (all layers' experts cost the same).
-    per_token: experts one token uses (top-k x MoE layers), for "auto"."""
+def simulate(trace: Trace, *, capacity: int, policy: str, decay: float = 0.999) -> float:
+    """Hit rate of `policy` (node/cache.py's) holding `capacity` experts (all layers' experts cost the same)."""
     if policy not in POLICIES:
         raise ValueError(policy)
-    if policy == "auto":
-        policy = "cyclic" if capacity < per_token else "lru"
+    policy = effective_policy(policy)
     capacity = max(capacity, max((len(e) for _, e in trace), default=1))  # one request must fit
     positions = {layer: i for i, layer in enumerate(sorted({layer for layer, _ in trace}))}
     n = len(positions)

@@ -106,8 +106,8 @@ def bind_backend(model: nn.Module, backend: ExpertBackend, *, lookahead: bool = 
 
     lookahead: each dispatch predicts the next MoE layer's experts with that layer's router and
     hints them to the backend (in-process: read ahead; nodes: the hint rides on the requests). Off by
-    default: measured a net loss (0.72-0.79x decode tok/s) on the CPU-bound reference VM, where it
-    covers ~57% of misses but reads 0.6-1.2 wasted experts per useful one (docs/benchmarks.md).
+    default: on the model trained on English it covers ~72% of misses with ~0.2 wasted reads per
+    useful one, yet decode on the CPU-bound reference VM ran at 0.55-0.78x (docs/benchmarks.md).
     Turn it on with set_lookahead(model, enabled=True) where flash, not compute, is the limit."""
     dispatches = [m for m in model.modules() if isinstance(m, ExpertDispatch)]
     lists = expert_lists(model)

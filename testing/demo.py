@@ -1,7 +1,9 @@
-"""`flashmesh demo`: a small MoE model built locally, packed, and run streamed.
+"""`flashmesh demo`: a small MoE model, packed and run streamed.
 
-The source model and its store are cached under the work directory, keyed by architecture and
-shape, so a second run skips building and packing.
+By default the model is the one shipped in testing/tiny_moe (trained here on English text, see
+testing/trained.py); `--arch` builds a random-weight one instead. The source model and its store are
+cached under the work directory, keyed by the shipped weights' checksum (or architecture and shape),
+so a second run skips unpacking and packing.
 """
 
 from __future__ import annotations
@@ -17,23 +19,36 @@ from flashmesh.node.store_format import MANIFEST, Manifest
 from flashmesh.node.store_writer import pack
 from flashmesh.protos.errors import UserError
 from flashmesh.protos.sizes import parse_bytes
+from flashmesh.testing import trained
 from flashmesh.testing.local_nodes import ensure_shards, local_nodes
 from flashmesh.testing.synthetic import build_model
 
-# Big enough that a quarter of the experts is a real cache (8 layers x 32 experts, top-4).
-DEMO_SHAPE = {"hidden": 128, "layers": 8, "experts": 32, "top_k": 4, "expert_hidden": 128}
+# The shipped model trained on English text (testing/trained.py): 8 layers x 32 experts, top-4, so
+# a quarter of the experts is a real cache. Other architectures get random weights of this shape.
+DEMO_SHAPE = trained.TRAINED_SHAPE
+TRAINED = "trained"  # --arch value of the shipped qwen3_moe
 
 
-def prepare_demo(workdir: Path, *, arch: str = "qwen3_moe", show_progress: bool = True) -> tuple[Path, Path]:
-    """Build (once) and pack (once) the demo model; return (store, source model directory)."""
+def prepare_demo(workdir: Path, *, arch: str = TRAINED, show_progress: bool = True) -> tuple[Path, Path]:
+    """Unpack (the trained model) or build (random weights) the demo model once, pack it once;
+    return (store, source model directory)."""
     workdir = Path(workdir)
-    key = f"{arch}-" + "-".join(f"{k}{v}" for k, v in DEMO_SHAPE.items())
+    if arch == TRAINED:
+        key = f"trained-qwen3_moe-{trained.digest()}"  # a new shipped model gets a new directory
+    else:
+        key = f"{arch}-" + "-".join(f"{k}{v}" for k, v in DEMO_SHAPE.items())
     source, store = workdir / f"{key}-model", workdir / f"{key}-store"
     if not (source / "config.json").is_file():
         try:
-            build_model(source, arch, **DEMO_SHAPE)
+            if arch == TRAINED:
+                trained.materialize(source)
+            else:
+                build_model(source, arch, **DEMO_SHAPE)
         except ValueError as e:
-            raise UserError(f"{e}; the demo builds qwen3_moe, mixtral, deepseek_v3, gpt_oss or qwen3_next") from None
+            raise UserError(
+                f"{e}; the demo runs {TRAINED} (qwen3_moe trained on English) or random-weight qwen3_moe, "
+                "mixtral, deepseek_v3, gpt_oss or qwen3_next"
+            ) from None
     if not (store / MANIFEST).is_file():
         pack(str(source), store, force=True, show_progress=show_progress)
     return store, source
@@ -70,14 +85,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="build a small MoE model locally, pack it and run it streamed")
     p.set_defaults(func=cmd_demo, stopped_status=0)  # SIGTERM / Ctrl-C stop the demo: exit 0
     p.add_argument("--workdir", type=Path, default=Path(".flashmesh/demo"))
-    p.add_argument("--arch", default="qwen3_moe")
+    p.add_argument(
+        "--arch",
+        default=TRAINED,
+        help=f"{TRAINED} (shipped, trained on English) or an mlx-lm MoE architecture (random weights)",
+    )
     p.add_argument(
         "--nodes", type=int, default=3, help="local node processes, each with its own shard (0: all in-process)"
     )
     p.add_argument("--no-tls", action="store_true", help="plaintext to the nodes (default: mutual TLS)")
     add_cache_args(p)
     add_rpc_deadline_arg(p)
-    add_generation_args(p, prompt_default="The experts live on flash and")
+    add_generation_args(p, prompt_default="The Python interpreter")
 
 
 def cmd_demo(args) -> int:

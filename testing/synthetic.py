@@ -8,7 +8,7 @@ through exactly the loading path a real model does.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -147,8 +147,9 @@ def preset(
     raise ValueError(f"no synthetic preset for {arch}")
 
 
-def build_tokenizer(directory: Path, *, vocab_size: int = 384) -> int:
-    """Train a small byte-level BPE tokenizer locally; return its vocabulary size."""
+def build_tokenizer(directory: Path, *, vocab_size: int = 384, texts: Iterable[str] | None = None) -> int:
+    """Train a byte-level BPE tokenizer locally on `texts` (default: a few built-in sentences);
+    return its vocabulary size."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -161,7 +162,7 @@ def build_tokenizer(directory: Path, *, vocab_size: int = 384) -> int:
         show_progress=False,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
-    tok.train_from_iterator([CORPUS] * 4, trainer=trainer)
+    tok.train_from_iterator([CORPUS] * 4 if texts is None else texts, trainer=trainer)
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok, eos_token="<|im_end|>", bos_token=None, pad_token="<|endoftext|>", unk_token=None
     )

@@ -109,14 +109,15 @@ def test_lfu_keeps_what_is_used_often(store):
     assert all((layer, e) in cache for e in often) and not any((layer, e) in cache for e in once)
 
 
-def test_auto_is_cyclic_below_one_tokens_experts_and_lru_above(store):
+def test_auto_is_lfu_at_every_budget(store):
+    """The default: LFU with aging, chosen on realistic routing traces (docs/benchmarks.md)."""
     m = store.manifest
     per_token = m.top_k * len(m.layers)
     small = ExpertCache(store, budget_bytes=m.min_budget_bytes)
-    assert small.policy == "auto" and small.effective_policy == "cyclic"  # the documented default
+    assert small.policy == "auto" and small.effective_policy == "lfu"  # the documented default
     big = ExpertCache(store, budget_bytes=per_token * m.layers[0].payload_bytes)
-    assert big.effective_policy == "lru"
-    assert ExpertCache(store, budget_bytes=m.min_budget_bytes, policy="lfu").effective_policy == "lfu"
+    assert big.effective_policy == "lfu"
+    assert ExpertCache(store, budget_bytes=m.min_budget_bytes, policy="lru").effective_policy == "lru"
 
 
 def test_statistics_over_a_window_and_across_nodes():

@@ -26,6 +26,8 @@ def test_demo_json(tmp_path):
     result = json.loads(proc.stdout)  # stdout is exactly one JSON object
     assert RUN_KEYS | {"tokens_match_reference", "store"} <= set(result)
     assert result["tokens_match_reference"] is True
+    # the shipped model trained on English: readable words, no replacement characters
+    assert "\ufffd" not in result["text"] and sum(c.isalpha() for c in result["text"]) > len(result["text"]) / 2
     assert result["tls"] is True  # the demo's nodes and coordinator speak mutual TLS
     assert result["ram_budget_bytes"] < result["expert_bytes_total"]
     assert 0 < result["peak_cache_bytes"] <= result["ram_budget_bytes"]

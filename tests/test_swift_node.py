@@ -143,7 +143,7 @@ def test_swift_node_cluster_equals_the_local_run(swift_binary, cases, tmp_path, 
 
 def test_swift_node_under_a_small_budget_with_lookahead(swift_binary, cases, tmp_path, capsys):
     """Two layers' top-k experts of budget: the prompt's chunk is computed in waves, experts are evicted
-    (cyclic, the default below one token's experts) and the router lookahead's hints are read ahead."""
+    (LFU with aging, the default) and the router lookahead's hints are read ahead."""
     store, bundle, dense = cases["qwen3_moe-fp16"]
     want_tokens, _ = _local(store)
     nodes = _nodes([bundle], ["swift"], swift_binary, tmp_path)

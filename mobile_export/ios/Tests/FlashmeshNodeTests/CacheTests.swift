@@ -9,7 +9,7 @@ final class CacheTests: XCTestCase {
     func testTraceEqualsThePythonCache() throws {
         let v = try loadVectors()
         XCTAssertEqual(v.cache.count, 3)
-        var policies: Set<String> = []
+        var evictingTraces = 0
         for trace in v.cache {
             XCTAssertEqual(ExpertCache.Policy.auto.rawValue, trace.policy,
                            "the Python node's default cache policy is now '\(trace.policy)': make it the Swift node's")
@@ -18,7 +18,6 @@ final class CacheTests: XCTestCase {
             defer { reader.close() }
             let cache = try ExpertCache(bundle: bundle, reader: reader, budgetBytes: trace.budget)
             XCTAssertEqual(cache.effectivePolicy.rawValue, trace.effective_policy)
-            policies.insert(trace.effective_policy)
             for (i, step) in trace.steps.enumerated() {
                 if step.op == "prefetch" {
                     cache.prefetch(step.layer, step.experts)
@@ -36,8 +35,9 @@ final class CacheTests: XCTestCase {
                 XCTAssertEqual(got, step.after, "budget \(trace.budget), step \(i) (\(step.op) layer \(step.layer) \(step.experts))")
                 if got != step.after { break }
             }
+            if cache.stats.evictions > 0 { evictingTraces += 1 }
             cache.drain()
         }
-        XCTAssertTrue(policies.count >= 2, "the traces exercise both of the default policy's regimes: \(policies)")
+        XCTAssertTrue(evictingTraces >= 1, "the traces exercise the default policy's evictions")
     }
 }

@@ -2,8 +2,8 @@
 ///
 /// Entries are whole experts in slots of preallocated slabs (one per expert shape, slots by the
 /// budget's share). The experts a call needs are pinned while it runs; the rest are evicted by the
-/// policy. `auto` (the Python node's default) is `cyclic` when the slabs hold fewer experts than one
-/// token uses (top-k x MoE layers), else `lru`. Prefetches reserve their slots at once and land on
+/// policy. `auto` (the Python node's default) is `lfu`, LFU with aging: on realistic routing it
+/// hits more than LRU and cyclic at every budget (docs/benchmarks.md). Prefetches reserve their slots at once and land on
 /// the next `acquire` of their layer. Not thread-safe: the service calls it from one compute lane.
 public final class ExpertCache: @unchecked Sendable {
     public enum Policy: String, CaseIterable, Sendable {
@@ -66,9 +66,7 @@ public final class ExpertCache: @unchecked Sendable {
     public var residentKeys: [Key] { entries.keys.sorted() }
 
     public var effectivePolicy: Policy {
-        guard policy == .auto else { return policy }
-        let perToken = bundle.topK * bundle.layers.count
-        return distinctSlabs.reduce(0) { $0 + $1.slots } < perToken ? .cyclic : .lru
+        policy == .auto ? .lfu : policy
     }
 
     /// Splits `experts` into groups that each fit the layer's slots; resident experts go first.
