@@ -49,7 +49,7 @@ def plot_failover(result: dict, path: Path) -> Path:
     ax.set_xticks(range(len(faults)), [FAULT_LABELS[f] for f in faults])
     ax.set_ylabel("stall of the layer call hit (ms)")
     shape = result.get("model", {})
-    model = f"demo model, {shape.get('layers')} layers x {shape.get('experts')} experts"
+    model = f"{shape.get('layers')} layers x {shape.get('experts')} experts, expert hidden {shape.get('expert_hidden')}"
     ax.set_title(
         f"failover stall, netns hosts, replicas 2, deadline {result['rpc_deadline_s']:g} s ({model})", fontsize=9
     )
