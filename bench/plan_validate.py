@@ -50,8 +50,12 @@ PROMPTS = {  # calibration runs mirror a measured one (warm-up on one text, coun
     "warm": "The list type supports", "measured": "A module is",
 }  # fmt: skip
 TOKENS = {"trained-tiny": 32, "realistic-big": 8}  # per generation (warm-up and measured alike)
-PROBE_SHAPE = {"hidden": 64, "layers": 4, "experts": 8, "top_k": 2, "expert_hidden": 32}
+PROBE_SHAPES = {  # third models, neither validated one: fixed cost (weights negligible), expert rate (experts dominate)
+    "probe": {"hidden": 64, "layers": 4, "experts": 8, "top_k": 2, "expert_hidden": 32},
+    "rate-probe": {"hidden": 512, "layers": 2, "experts": 16, "top_k": 4, "expert_hidden": 2048},
+}
 RAM = 64 * 10**9  # not the limit here: every budget is given
+ALL_HIT = Routing(curve=((0.0, 1.0), (1.0, 1.0)))  # the probes hold every expert
 PRIMARY = "routing bench"  # the routing source of the headline prediction (docs/plan.md says why)
 
 
@@ -67,18 +71,23 @@ def prepare(workdir: Path, *, big_source: Path) -> dict[str, Path]:
             pack(str(source), store, force=True, show_progress=False)
         return store
 
-    tiny_src, probe_src = workdir / "trained-tiny-src", workdir / "probe-src"
+    tiny_src = workdir / "trained-tiny-src"
     if not (tiny_src / "config.json").is_file():
         materialize(tiny_src)
-    if not (probe_src / "config.json").is_file():
-        build_model(probe_src, "qwen3_moe", **PROBE_SHAPE)
+    for probe, shape in PROBE_SHAPES.items():
+        if not (workdir / f"{probe}-src" / "config.json").is_file():
+            build_model(workdir / f"{probe}-src", "qwen3_moe", **shape)
     knobs = RoutingKnobs(**json.loads(CALIBRATION.read_text())["knobs"])
     big, _ = prepare_big(big_source, workdir / "realistic-big-store", knobs=knobs, show_progress=False)
     return {
         "trained-tiny": packed(tiny_src, workdir / "trained-tiny-store"),
         "realistic-big": big,
-        "probe": packed(probe_src, workdir / "probe-store"),
+        **{probe: packed(workdir / f"{probe}-src", workdir / f"{probe}-store") for probe in PROBE_SHAPES},
     }
+
+
+def every_expert(store: Path) -> int:
+    return Manifest.load(store).expert_bytes_total
 
 
 def take_figures(probes: Probes, store: Path, *, mode: str, misses_per_layer: float) -> dict:
@@ -86,13 +95,13 @@ def take_figures(probes: Probes, store: Path, *, mode: str, misses_per_layer: fl
     processes = 2 if mode == "local nodes" else 1
     depth = max(1, round(misses_per_layer / processes))
     figures = {
-        "compute_gbps": probes.take("compute")[0],
+        "glu_compute_gbps": probes.take("compute")[0],
         "dense_gbps": probes.take("dense")[0],
         "flash_gbps": probes.take("flash", store=str(store), queue_depth=depth)[0],
         "flash_queue_depth": depth,
     }
     if processes == 2:
-        figures["shared_compute_gbps"] = statistics.mean(probes.take("compute", processes=2))
+        figures["glu_shared_compute_gbps"] = statistics.mean(probes.take("compute", processes=2))
         figures["shared_flash_gbps"] = statistics.mean(probes.take("flash", processes=2, store=str(store),
                                                                    queue_depth=depth))  # fmt: skip
     return figures
@@ -104,8 +113,22 @@ def layer_overhead_ms(probe_store: Path, figures: dict, *, mode: str, options: M
     facts = load_facts(str(probe_store))
     got = measure(options, prompts=PROMPTS, tokens=16, seed=0, temperature=0.0)
     devices, head = devices_for(mode, figures, budget=facts.expert_bytes_total)
-    bare = plan(facts, devices, coordinator=head, routing=Routing(curve=((0.0, 1.0), (1.0, 1.0))), link_ms=link_ms)
+    bare = plan(facts, devices, coordinator=head, routing=ALL_HIT, link_ms=link_ms)
     return max(0.0, 1 / got["decode_tokens_per_s"] - 1 / bare.tokens_per_s) / len(facts.layers) * 1e3
+
+
+def engine_compute_gbps(rate_store: Path, figures: dict, *, mode: str, options: ModelOptions) -> float:
+    """GB/s of expert weights the engine multiplies per process in this mode (with nodes: each of the
+    two while both compute), from the rate probe's token time less its plan's other terms."""
+    facts = load_facts(str(rate_store))
+    got = measure(options, prompts=PROMPTS, tokens=8, seed=0, temperature=0.0)
+    devices, head = devices_for(mode, {**figures, "compute_gbps": 1e9, "shared_compute_gbps": 1e9},
+                                budget=facts.expert_bytes_total)  # fmt: skip
+    rest = 1 / plan(facts, devices, coordinator=head, routing=ALL_HIT, link_ms=figures["link_ms"],
+                    layer_overhead_ms=figures["layer_overhead_ms"]).tokens_per_s  # fmt: skip
+    expert_s = max(0.1 / got["decode_tokens_per_s"], 1 / got["decode_tokens_per_s"] - rest)  # noise can exceed it
+    share = 1.0 if mode == "in-process" else 0.5  # each node computes half of a token's experts
+    return share * facts.active_expert_bytes / expert_s / 1e9
 
 
 def run_plan_validate(
@@ -121,7 +144,8 @@ def run_plan_validate(
     rows: dict[tuple, dict] = {}
     with ExitStack() as stack:
         probes = stack.enter_context(Probes())
-        probe_nodes = stack.enter_context(nodes_up(stores["probe"], workdir, budget=10**9, token=token))
+        probe_nodes = {probe: stack.enter_context(nodes_up(stores[probe], workdir, budget=10**9, token=token))
+                       for probe in PROBE_SHAPES}  # fmt: skip
         for r in range(rounds):
             for name in models if r < big_rounds else models[:1]:
                 store, facts = stores[name], load_facts(str(stores[name]))
@@ -141,7 +165,7 @@ def run_plan_validate(
                             progress()
     result = {"models": {m: facts_json(stores[m]) for m in models}, "prompts": PROMPTS, "tokens": TOKENS,
               "temperature": TEMPERATURE, "rounds": {models[0]: rounds, models[1]: min(rounds, big_rounds)},
-              "probe_model": PROBE_SHAPE, "hit_rate_curves": {m: curves[m] for m in models},
+              "probe_models": PROBE_SHAPES, "hit_rate_curves": {m: curves[m] for m in models},
               "rows": list(rows.values())}  # fmt: skip
     return finish(result, workdir)
 
@@ -168,14 +192,20 @@ def one_round(stores, name, curve, facts, probes, probe_nodes, *, token, workdir
             nodes = stack.enter_context(nodes_up(store, workdir, budget=budget, token=token, count=2))
             link = ping_ms(nodes[0], token=token)
             options = ModelOptions(store=store, cluster=True, nodes=tuple(nodes), token=token)
-            probe_options = ModelOptions(store=stores["probe"], cluster=True, nodes=tuple(probe_nodes), token=token)
+            probe_options = {probe: ModelOptions(store=stores[probe], cluster=True, nodes=tuple(probe_nodes[probe]),
+                                                 token=token) for probe in PROBE_SHAPES}  # fmt: skip
         else:
             link, options = 0.0, ModelOptions(store=store, ram_budget=budget)
-            probe_options = ModelOptions(store=stores["probe"])
+            probe_options = {probe: ModelOptions(store=stores[probe], ram_budget=every_expert(stores[probe]))
+                             for probe in PROBE_SHAPES}  # fmt: skip
         figures = take_figures(probes, store, mode=mode, misses_per_layer=misses)
         figures["link_ms"] = link
-        figures["layer_overhead_ms"] = layer_overhead_ms(stores["probe"], figures, mode=mode, options=probe_options,
-                                                         link_ms=link)  # fmt: skip
+        figures["layer_overhead_ms"] = layer_overhead_ms(stores["probe"], {**figures, "compute_gbps": 1e9,
+                                                         "shared_compute_gbps": 1e9}, mode=mode,
+                                                         options=probe_options["probe"], link_ms=link)  # fmt: skip
+        rate = engine_compute_gbps(stores["rate-probe"], figures, mode=mode, options=probe_options["rate-probe"])
+        figures["compute_gbps" if mode == "in-process" else "shared_compute_gbps"] = rate
+        figures.setdefault("compute_gbps", figures["glu_compute_gbps"])  # nodes: the coordinator computes no experts
         got = measure(options, prompts=PROMPTS, tokens=TOKENS[name], seed=100 + seed, temperature=TEMPERATURE)
     p = predict(facts, figures, mode=mode, budget=budget, curve=curve)
     log.warning("  measured %.2f tok/s (hit %.1f%%), predicted %.2f (hit %.1f%%); %s", got["decode_tokens_per_s"],
