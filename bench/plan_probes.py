@@ -4,8 +4,9 @@ Two probe processes stay up for the whole validation, idle between probes, so th
 about half a second and can be taken with one process alone or with both at once (what two node
 processes on one machine get each: a process alone does not use both cores fully):
 
-- compute: GB/s of fp32 expert weights mlx-lm's SwitchGLU multiplies for one token, at a shape
-  neither validated model has (D=1536, F=768, 32 experts, k=6);
+- compute: GB/s of fp32 expert weights mlx-lm's SwitchGLU (random weights) multiplies for one
+  token, at a given expert shape: each validated model's own (with random weights), as a figure
+  from a third shape need not carry over (`python -m bench.plan_probes --shapes` compares them);
 - dense: GB/s of fp32 weights an mlx Linear multiplies for one token (D=1536 -> 4D), the
   coordinator's attention and projections;
 - flash: GB/s of the engine's O_DIRECT record reads of one store at the queue depth a decode layer
@@ -25,17 +26,21 @@ PROBE_SECONDS = 0.6
 _BUILT: dict = {}  # this probe process's modules
 
 
-def compute_gbps(*, seconds: float = PROBE_SECONDS, seed: int = 0) -> float:
+GLU_SHAPE = (1536, 768, 32, 6)  # hidden, expert FFN width, experts, k: neither validated model's
+
+
+def compute_gbps(*, shape: tuple = GLU_SHAPE, seconds: float = PROBE_SECONDS, seed: int = 0) -> float:
     import mlx.core as mx
     import numpy as np
     from mlx_lm.models.switch_layers import SwitchGLU
 
-    d, f, experts, k = 1536, 768, 32, 6
-    if "glu" not in _BUILT:  # built once per process: initialising 450 MB of weights takes seconds
+    d, f, experts, k = shape
+    key = ("glu", *shape)
+    if key not in _BUILT:  # built once per process: initialising hundreds of MB of weights takes seconds
         mx.random.seed(seed)
-        _BUILT["glu"] = SwitchGLU(d, f, experts)
-        mx.eval(_BUILT["glu"].parameters())
-    glu = _BUILT["glu"]
+        _BUILT[key] = SwitchGLU(d, f, experts)
+        mx.eval(_BUILT[key].parameters())
+    glu = _BUILT[key]
     x = mx.random.normal((1, 1, d))
     rng = np.random.default_rng(seed)
     mx.eval(glu(x, mx.array(rng.choice(experts, k, replace=False)[None, None])))
@@ -121,7 +126,31 @@ class Probes:
         self.close()
 
 
+SHAPES = {  # the validated models' expert shapes beside the third one (docs/plan.md)
+    "realistic-big": (1024, 512, 64, 8), "trained-tiny": (128, 64, 32, 4), "third shape": GLU_SHAPE,
+}  # fmt: skip
+
+
+def compare_shapes(*, rounds: int = 7) -> dict[str, dict]:
+    """SwitchGLU GB/s at each of SHAPES in alternating short trials: median, and the median and range
+    of its ratio to the third shape within a round (the ratio is what a shared machine leaves fair)."""
+    rates = {name: [] for name in SHAPES}
+    for r in range(rounds):
+        for name, shape in SHAPES.items():
+            rates[name].append(compute_gbps(shape=shape, seconds=0.3, seed=r))
+    third = rates["third shape"]
+    out = {}
+    for name, got in rates.items():
+        ratios = [a / b for a, b in zip(got, third, strict=True)]
+        out[name] = {"median_gbps": statistics.median(got), "ratio_to_third": statistics.median(ratios),
+                     "ratio_range": [min(ratios), max(ratios)]}  # fmt: skip
+    return out
+
+
 def main() -> None:
+    if sys.argv[1:] == ["--shapes"]:  # python -m bench.plan_probes --shapes
+        print(json.dumps(compare_shapes(), indent=1))
+        return
     for line in sys.stdin:
         kind, kwargs = json.loads(line)
         print(_PROBES[kind](**kwargs), flush=True)

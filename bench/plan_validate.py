@@ -50,10 +50,7 @@ PROMPTS = {  # calibration runs mirror a measured one (warm-up on one text, coun
     "warm": "The list type supports", "measured": "A module is",
 }  # fmt: skip
 TOKENS = {"trained-tiny": 32, "realistic-big": 8}  # per generation (warm-up and measured alike)
-PROBE_SHAPES = {  # third models, neither validated one: fixed cost (weights negligible), expert rate (experts dominate)
-    "probe": {"hidden": 64, "layers": 4, "experts": 8, "top_k": 2, "expert_hidden": 32},
-    "rate-probe": {"hidden": 512, "layers": 2, "experts": 16, "top_k": 4, "expert_hidden": 2048},
-}
+PROBE_SHAPES = {"probe": {"hidden": 64, "layers": 4, "experts": 8, "top_k": 2, "expert_hidden": 32}}  # fixed cost
 RAM = 64 * 10**9  # not the limit here: every budget is given
 ALL_HIT = Routing(curve=((0.0, 1.0), (1.0, 1.0)))  # the probes hold every expert
 PRIMARY = "routing bench"  # the routing source of the headline prediction (docs/plan.md says why)
@@ -90,18 +87,31 @@ def every_expert(store: Path) -> int:
     return Manifest.load(store).expert_bytes_total
 
 
+def expert_shape(store: Path) -> tuple[int, int, int, int]:
+    """(hidden, expert FFN width, experts, k) of a qwen3_moe store, checked against its records' bytes."""
+    config = json.loads((store / "config.json").read_text())
+    shape = (config["hidden_size"], config["moe_intermediate_size"], config["num_experts"],
+             config["num_experts_per_tok"])  # fmt: skip
+    assert 3 * shape[0] * shape[1] * 4 == load_facts(str(store)).layers[0].payload_bytes, shape  # fp32 gate/up/down
+    return shape
+
+
 def take_figures(probes: Probes, store: Path, *, mode: str, misses_per_layer: float) -> dict:
-    """This machine's figures now; flash at the queue depth a layer's misses make (per node with nodes)."""
+    """This machine's figures now: expert compute at the model's expert shape (one process; with
+    nodes also per process while two compute), the dense rate, flash at the queue depth a layer's
+    misses make (per node with nodes), and the SwitchGLU rate at a third shape for comparison."""
     processes = 2 if mode == "local nodes" else 1
     depth = max(1, round(misses_per_layer / processes))
+    shape = expert_shape(store)
     figures = {
+        "compute_gbps": probes.take("compute", shape=shape)[0],
         "glu_compute_gbps": probes.take("compute")[0],
         "dense_gbps": probes.take("dense")[0],
         "flash_gbps": probes.take("flash", store=str(store), queue_depth=depth)[0],
         "flash_queue_depth": depth,
     }
     if processes == 2:
-        figures["glu_shared_compute_gbps"] = statistics.mean(probes.take("compute", processes=2))
+        figures["shared_compute_gbps"] = statistics.mean(probes.take("compute", processes=2, shape=shape))
         figures["shared_flash_gbps"] = statistics.mean(probes.take("flash", processes=2, store=str(store),
                                                                    queue_depth=depth))  # fmt: skip
     return figures
@@ -115,20 +125,6 @@ def layer_overhead_ms(probe_store: Path, figures: dict, *, mode: str, options: M
     devices, head = devices_for(mode, figures, budget=facts.expert_bytes_total)
     bare = plan(facts, devices, coordinator=head, routing=ALL_HIT, link_ms=link_ms)
     return max(0.0, 1 / got["decode_tokens_per_s"] - 1 / bare.tokens_per_s) / len(facts.layers) * 1e3
-
-
-def engine_compute_gbps(rate_store: Path, figures: dict, *, mode: str, options: ModelOptions) -> float:
-    """GB/s of expert weights the engine multiplies per process in this mode (with nodes: each of the
-    two while both compute), from the rate probe's token time less its plan's other terms."""
-    facts = load_facts(str(rate_store))
-    got = measure(options, prompts=PROMPTS, tokens=8, seed=0, temperature=0.0)
-    devices, head = devices_for(mode, {**figures, "compute_gbps": 1e9, "shared_compute_gbps": 1e9},
-                                budget=facts.expert_bytes_total)  # fmt: skip
-    rest = 1 / plan(facts, devices, coordinator=head, routing=ALL_HIT, link_ms=figures["link_ms"],
-                    layer_overhead_ms=figures["layer_overhead_ms"]).tokens_per_s  # fmt: skip
-    expert_s = max(0.1 / got["decode_tokens_per_s"], 1 / got["decode_tokens_per_s"] - rest)  # noise can exceed it
-    share = 1.0 if mode == "in-process" else 0.5  # each node computes half of a token's experts
-    return share * facts.active_expert_bytes / expert_s / 1e9
 
 
 def run_plan_validate(
@@ -203,9 +199,6 @@ def one_round(stores, name, curve, facts, probes, probe_nodes, *, token, workdir
         figures["layer_overhead_ms"] = layer_overhead_ms(stores["probe"], {**figures, "compute_gbps": 1e9,
                                                          "shared_compute_gbps": 1e9}, mode=mode,
                                                          options=probe_options["probe"], link_ms=link)  # fmt: skip
-        rate = engine_compute_gbps(stores["rate-probe"], figures, mode=mode, options=probe_options["rate-probe"])
-        figures["compute_gbps" if mode == "in-process" else "shared_compute_gbps"] = rate
-        figures.setdefault("compute_gbps", figures["glu_compute_gbps"])  # nodes: the coordinator computes no experts
         got = measure(options, prompts=PROMPTS, tokens=TOKENS[name], seed=100 + seed, temperature=TEMPERATURE)
     p = predict(facts, figures, mode=mode, budget=budget, curve=curve)
     log.warning("  measured %.2f tok/s (hit %.1f%%), predicted %.2f (hit %.1f%%); %s", got["decode_tokens_per_s"],
