@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # The Swift node (mobile_export/ios): built and tested by pytest (tests/test_swift_*.py) when a Swift
 # toolchain is here; the C libraries it links come from Debian's packages, installed when missing.
 SWIFT ?= $(shell command -v swift || ls /opt/swift/usr/bin/swift 2>/dev/null)
-SWIFT_DEBS := libgrpc-dev libxxhash-dev libopenblas-dev
+SWIFT_DEBS := libgrpc-dev libxxhash-dev libopenblas-dev zlib1g-dev
 
 .PHONY: demo test lint format clean swift-deps ios-app
 

@@ -37,7 +37,7 @@ from flashmesh.testing.local_nodes import ensure_dense, ensure_shards, local_nod
 from bench.cluster_loopback import _cluster_figures, _generate, _speeds  # noqa: E402
 
 
-def _request(info, *, tokens: int):
+def _request(info, *, tokens: int, k: int = DEMO_SHAPE["top_k"]):
     """A Compute request for layer 0: `tokens` hidden states, each with the top-k experts it routes to."""
     import numpy as np
     from flashmesh.protos import flashmesh_pb2 as pb
@@ -45,7 +45,6 @@ def _request(info, *, tokens: int):
 
     rng = np.random.default_rng(0)
     layer = info.layers[0]
-    k = DEMO_SHAPE["top_k"]
     experts = np.stack([rng.choice(np.array(layer.experts), size=k, replace=False) for _ in range(tokens)])
     return pb.ComputeRequest(
         layer=layer.layer,
@@ -56,41 +55,46 @@ def _request(info, *, tokens: int):
 
 
 def _interleaved(store: Path, *, tls_dir: Path, budget: int, calls: int, logdir: Path) -> dict:
-    from flashmesh.coordinator.client import NodeClient
-
     token = secrets.token_urlsafe(18)
-    identity = load_identity(tls_dir, role=COORDINATOR)
     with (
         local_nodes([store], budgets=[budget], token=token, logdir=logdir) as (plain,),
         local_nodes([store], budgets=[budget], token=token, logdir=logdir, tls=tls_dir) as (secure,),
     ):
-        clients = {"plaintext": NodeClient(plain, token=token), "tls": NodeClient(secure, token=token, tls=identity)}
-        try:
-            info = clients["plaintext"].info()
-            result: dict = {}
-            for label, tokens in (("decode_1_token", 1), ("prefill_32_tokens", 32)):
-                request = _request(info, tokens=tokens)
-                times: dict[str, list[float]] = {"plaintext": [], "tls": []}
-                for i in range(calls + 20):  # the first 20 of each warm the caches
-                    for mode, client in clients.items():
-                        start = time.perf_counter()
-                        client.compute_async(request).result()
-                        if i >= 20:
-                            times[mode].append(time.perf_counter() - start)
-                result[label] = _latency(times)
-                result[label]["request_bytes"] = request.ByteSize()
-            handshakes: dict[str, list[float]] = {"plaintext": [], "tls": []}
-            for _ in range(max(10, calls // 8)):
-                for mode, address in (("plaintext", plain), ("tls", secure)):
+        return interleaved_rpcs(plain, secure, token=token, tls_dir=tls_dir, calls=calls, k=DEMO_SHAPE["top_k"])
+
+
+def interleaved_rpcs(plain, secure, *, token: str, tls_dir: Path, calls: int, k: int) -> dict:
+    """The same Compute requests to a plaintext and a TLS node in turn; fresh channels + Info likewise."""
+    from flashmesh.coordinator.client import NodeClient
+
+    identity = load_identity(tls_dir, role=COORDINATOR)
+    clients = {"plaintext": NodeClient(plain, token=token), "tls": NodeClient(secure, token=token, tls=identity)}
+    try:
+        info = clients["plaintext"].info()
+        result: dict = {}
+        for label, tokens in (("decode_1_token", 1), ("prefill_32_tokens", 32)):
+            request = _request(info, tokens=tokens, k=k)
+            times: dict[str, list[float]] = {"plaintext": [], "tls": []}
+            for i in range(calls + 20):  # the first 20 of each warm the caches
+                for mode, client in clients.items():
                     start = time.perf_counter()
-                    fresh = NodeClient(address, token=token, tls=identity if mode == "tls" else None)
-                    fresh.info()
-                    handshakes[mode].append(time.perf_counter() - start)
-                    fresh.close()
-            result["new_channel_and_info"] = _latency(handshakes)
-        finally:
-            for client in clients.values():
-                client.close()
+                    client.compute_async(request).result()
+                    if i >= 20:
+                        times[mode].append(time.perf_counter() - start)
+            result[label] = _latency(times)
+            result[label]["request_bytes"] = request.ByteSize()
+        handshakes: dict[str, list[float]] = {"plaintext": [], "tls": []}
+        for _ in range(max(10, calls // 8)):
+            for mode, address in (("plaintext", plain), ("tls", secure)):
+                start = time.perf_counter()
+                fresh = NodeClient(address, token=token, tls=identity if mode == "tls" else None)
+                fresh.info()
+                handshakes[mode].append(time.perf_counter() - start)
+                fresh.close()
+        result["new_channel_and_info"] = _latency(handshakes)
+    finally:
+        for client in clients.values():
+            client.close()
     return result
 
 
@@ -147,9 +151,15 @@ def _plot(result: dict, path: Path) -> None:
         ax.set_xticks(range(len(counts)), [f"{c} node{'s' if c > 1 else ''}" for c in counts])
         ax.set_ylabel(label)
         ax.set_title("decode speed (best)" if i == 1 else "MoE layer dispatch, mean")
+    save_figure(fig, axes, "mutual TLS vs plaintext on loopback (demo model, one run)", path)
+
+
+def save_figure(fig, axes, title: str, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
     for ax in axes:
         ax.legend()
-    fig.suptitle("mutual TLS vs plaintext on loopback (demo model, one run)")
+    fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

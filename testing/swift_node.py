@@ -15,6 +15,7 @@ from pathlib import Path
 
 from flashmesh.coordinator.discovery import NodeAddress
 from flashmesh.node.bundle_format import is_bundle
+from flashmesh.node.bundle_source import BundleExpertSource
 from flashmesh.protos import TOKEN_ENV
 from flashmesh.protos.errors import UserError
 from flashmesh.testing.local_nodes import LocalNodeProcesses
@@ -49,6 +50,15 @@ def swift_run(*args: str, env: dict | None = None, timeout: float = 900) -> str:
     if result.returncode != 0:
         raise UserError(f"swift {' '.join(args)} failed:\n" + "\n".join(output.strip().splitlines()[-60:]))
     return output
+
+
+def bundle_expert_bytes(bundle: Path) -> int:
+    """Every expert of a bundle, as a node's cache holds it (fp16 records count as fp32): a budget that holds all."""
+    source = BundleExpertSource(bundle)
+    try:
+        return source.manifest.expert_bytes_total
+    finally:
+        source.close()
 
 
 def node_binary() -> Path | None:

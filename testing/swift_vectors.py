@@ -33,6 +33,7 @@ from flashmesh.protos.codec import encode_numpy, to_numpy
 from flashmesh.protos.errors import UserError
 from flashmesh.protos.sizes import format_bytes, parse_bytes
 from flashmesh.testing.swift_messages import message_vectors
+from flashmesh.testing.swift_tls_vectors import tls_vectors
 from flashmesh.testing.synthetic import build_model
 
 XXH3_LENGTHS = [0, 1, 2, 3, 4, 5, 7, 8, 9, 15, 16, 17, 31, 64, 100, 127, 128, 129, 200, 239, 240, 241, 255, 256]
@@ -249,6 +250,11 @@ def _advertisements() -> list[dict]:
     return cases
 
 
+def _mkdir(path: Path) -> Path:
+    path.mkdir()
+    return path
+
+
 def write_vectors(out: Path, *, bundles: dict[str, Path] | None = None) -> Path:
     """Write the vectors to `out` (atomically), from `bundles` (name -> bundle, the names of BUNDLES; the
     tests pass the ones they exported already) or from bundles exported here. The vectors hold copies
@@ -276,6 +282,7 @@ def write_vectors(out: Path, *, bundles: dict[str, Path] | None = None) -> Path:
             "messages": message_vectors(),
             "cache": _cache_traces(bundles["qwen3_moe-fp16"]),
             "advertisements": _advertisements(),
+            "tls": tls_vectors(_mkdir(tmp / "tls")),
         }
         (tmp / "index.json").write_text(json.dumps(index, indent=1))
     return out

@@ -32,7 +32,7 @@ from flashmesh.protos import flashmesh_pb2_grpc as pb_grpc
 from flashmesh.protos.codec import encode_numpy
 from flashmesh.protos.errors import ErrorKind
 from flashmesh.testing.faults import generate_with_faults
-from flashmesh.testing.swift_node import MixedNodeProcesses
+from flashmesh.testing.swift_node import MixedNodeProcesses, bundle_expert_bytes
 
 PROMPT = "The quick brown fox jumps over the lazy dog. Mixture of experts"
 TOKEN = "test-swift-token"
@@ -52,15 +52,6 @@ def cases(swift_bundles, tmp_path_factory):
     return result
 
 
-def _budget(bundle: Path) -> int:
-    """Every expert of the bundle, as the cache holds it (fp16 records count as fp32)."""
-    source = BundleExpertSource(bundle)
-    try:
-        return source.manifest.expert_bytes_total
-    finally:
-        source.close()
-
-
 def _layer_spec(bundle: Path, layer: int):
     source = BundleExpertSource(bundle)
     try:
@@ -70,7 +61,7 @@ def _layer_spec(bundle: Path, layer: int):
 
 
 def _nodes(sources, kinds, binary, work: Path, *, node_args=None) -> MixedNodeProcesses:
-    budgets = [_budget(s) for s in sources]
+    budgets = [bundle_expert_bytes(s) for s in sources]
     return MixedNodeProcesses(
         sources, kinds=kinds, binary=binary, budgets=budgets, token=TOKEN, logdir=work / "logs",
         node_args=node_args, flash_gbps=1.0,

@@ -27,10 +27,10 @@ from flashmesh.node.store_format import Manifest
 from flashmesh.node.tls import COORDINATOR, NODE, load_identity
 from flashmesh.protos import TOKEN_METADATA_KEY
 from flashmesh.protos import flashmesh_pb2 as pb
-from flashmesh.protos import flashmesh_pb2_grpc as pb_grpc
 from flashmesh.testing.local_nodes import ensure_shards, local_nodes
 
 from .conftest import PROMPT, assert_one_line_error, flashmesh, local_tokens, run_cli
+from .tls_checks import assert_only_cluster_clients, info
 
 TOKEN = f"tls-test-token-{os.getpid()}"
 MAX_TOKENS = 8
@@ -77,47 +77,13 @@ def test_tls_run_matches_the_local_run(tls_cluster, capsys):
 
 
 def _info(channel: grpc.Channel, metadata=((TOKEN_METADATA_KEY, TOKEN),)) -> pb.NodeInfo:
-    try:
-        return pb_grpc.NodeStub(channel).Info(pb.InfoRequest(), metadata=metadata, timeout=10)
-    finally:
-        channel.close()
-
-
-def _secure(address, identity, *, root=None, with_cert: bool = True) -> grpc.Channel:
-    credentials = grpc.ssl_channel_credentials(
-        root_certificates=root or identity.ca_pem,
-        private_key=identity.key_pem if with_cert else None,
-        certificate_chain=identity.cert_pem if with_cert else None,
-    )
-    return grpc.secure_channel(address.target, credentials)
+    return info(channel, metadata)
 
 
 def test_clients_without_a_cluster_certificate_are_refused(tls_cluster):
     c = tls_cluster
-    address = c.addresses[0]
-    assert _info(_secure(address, c.identity)).name == address.name
     spare = load_identity(issue(c.work / "cluster", "spare-node", out=c.work / "spare-node"), role=NODE)
-    for channel in (
-        grpc.insecure_channel(address.target),  # plaintext
-        _secure(address, c.identity, with_cert=False),  # TLS, no client certificate
-        _secure(address, c.other, root=c.identity.ca_pem),  # a client certificate from another CA
-        _secure(address, spare),  # a node's (server) certificate used as a client's
-    ):
-        with pytest.raises(grpc.RpcError) as e:
-            _info(channel)
-        assert e.value.code() == grpc.StatusCode.UNAVAILABLE  # refused in the handshake, before any RPC
-    for metadata in ((), ((TOKEN_METADATA_KEY, "wrong"),)):  # TLS does not replace the token
-        with pytest.raises(grpc.RpcError) as e:
-            _info(_secure(address, c.identity), metadata)
-        assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
-    # What a coordinator says: one line naming the node and the fix.
-    for tls, needle in ((None, "--tls"), (c.other, "TLS")):
-        client = NodeClient(address, token=TOKEN, tls=tls)
-        with pytest.raises(NodeError) as e:
-            client.info(timeout=10)
-        client.close()
-        message = str(e.value)
-        assert address.target in message and needle in message and "\n" not in message
+    assert_only_cluster_clients(c.addresses[0], token=TOKEN, identity=c.identity, other=c.other, spare=spare)
 
 
 def test_node_with_a_foreign_certificate_is_refused(tls_cluster, caplog):

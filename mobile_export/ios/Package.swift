@@ -35,9 +35,11 @@ let package = Package(
     ],
     targets: blasTargets + [
         .systemLibrary(name: "CXXHash", providers: [.apt(["libxxhash-dev"]), .brew(["xxhash"])]),
+        // zlib, for join files (gzip'd tar): Debian's zlib1g-dev; part of the SDK on Apple platforms.
+        .systemLibrary(name: "CZlib", providers: [.apt(["zlib1g-dev"])]),
         // The transport: gRPC's C core on every platform, through a small C shim (docs/swift-node.md).
         .target(name: "CGRPCShim", cSettings: grpcHeaders, linkerSettings: grpcLibraries),
-        .target(name: "FlashmeshNode", dependencies: ["CXXHash"] + blas, swiftSettings: xxhashHeaders),
+        .target(name: "FlashmeshNode", dependencies: ["CXXHash", "CZlib"] + blas, swiftSettings: xxhashHeaders),
         .target(name: "FlashmeshGRPC", dependencies: ["FlashmeshNode", "CGRPCShim"], swiftSettings: xxhashHeaders),
         // Apple-only backends behind the library's protocols (Metal expert compute, Bonjour), compiled
         // out elsewhere, and the one place the platform's parts are chosen.

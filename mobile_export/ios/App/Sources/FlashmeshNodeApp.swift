@@ -49,8 +49,10 @@ enum SavedSettings {
 
     static func load() -> ServeSettings {
         if let data = UserDefaults.standard.data(forKey: key),
-            let saved = try? JSONDecoder().decode(ServeSettings.self, from: data)
+            var saved = try? JSONDecoder().decode(ServeSettings.self, from: data)
         {
+            // The app's container moves between installs: the joined identity is wherever it is now.
+            saved.tls = saved.tls.map { _ in JoinFile.installedIdentity(in: NodeScreen.identityHome) }
             return saved
         }
         return ServeSettings(name: UIDevice.current.name)

@@ -10,6 +10,7 @@ struct NodeScreen: View {
     @Bindable var controller: NodeController
     @State private var picking = false
     @State private var picked: URL?  // a folder chosen in Files, held open while it is the bundle
+    @State private var pickingJoin = false
 
     var body: some View {
         NavigationStack {
@@ -97,8 +98,36 @@ struct NodeScreen: View {
                 Button("New token") { controller.generateToken() }
             }
             TextField("Node name", text: $controller.settings.name)
+            // A cluster made by `flashmesh cluster init` speaks mutual TLS only: join it with the file
+            // `flashmesh cluster add-node NAME` wrote (token, name and certificate in one).
+            ForEach(BundleLibrary.joinFiles(in: documentsPath), id: \.self) { path in
+                Button("Join with \(URL(fileURLWithPath: path).lastPathComponent)") { join(path) }
+            }
+            Button("Choose a join file in Files…") { pickingJoin = true }
+            if controller.settings.tls != nil {
+                LabeledContent("Security", value: "mutual TLS as \(controller.settings.name)")
+                Button("Leave the cluster (plaintext, token only)", role: .destructive) { controller.leaveCluster() }
+            }
         }
         .disabled(!controller.canEdit)
+        .fileImporter(isPresented: $pickingJoin, allowedContentTypes: [UTType(filenameExtension: "flashmesh-join") ?? .data]) {
+            result in
+            guard case let .success(url) = result else { return }
+            let scoped = url.startAccessingSecurityScopedResource()  // read once: the identity is copied in
+            Task {
+                await controller.importJoinFile(url.path, keepIn: NodeScreen.identityHome)
+                if scoped { url.stopAccessingSecurityScopedResource() }
+            }
+        }
+    }
+
+    private func join(_ path: String) {
+        Task { await controller.importJoinFile(path, keepIn: NodeScreen.identityHome) }
+    }
+
+    /// Where the joined identity is kept: the app's Application Support, never shared by Finder.
+    static var identityHome: String {
+        FileManager.default.urls(for: .applicationSupportDirectory, in: .userDomainMask)[0].path + "/flashmesh"
     }
 
     private var servingSection: some View {
@@ -115,6 +144,7 @@ struct NodeScreen: View {
                 LabeledContent("Serving", value: "\(info.expertsHeld) of \(info.expertsTotal) experts")
                 LabeledContent("RAM budget", value: ByteSize.format(info.budgetBytes))
                 LabeledContent("Compute", value: info.compute)
+                LabeledContent("Security", value: info.security)
                 Text(info.discovery).font(.footnote)
                 ForEach(info.addresses, id: \.self) { Text("--node \($0)").font(.footnote.monospaced()) }
             }

@@ -78,8 +78,15 @@ static void arm(fm_server *s) {
   }
 }
 
-fm_server *fm_server_start(const char *address, int max_message_bytes, int *bound_port, char *error,
-                           size_t error_size) {
+static grpc_server_credentials *credentials_for(const fm_tls *tls) {
+  if (tls == NULL) return grpc_insecure_server_credentials_create();
+  grpc_ssl_pem_key_cert_pair pair = {tls->key_pem, tls->cert_pem};
+  return grpc_ssl_server_credentials_create_ex(tls->ca_pem, &pair, 1,
+                                               GRPC_SSL_REQUEST_AND_REQUIRE_CLIENT_CERTIFICATE_AND_VERIFY, NULL);
+}
+
+fm_server *fm_server_start(const char *address, int max_message_bytes, const fm_tls *tls, int *bound_port,
+                           char *error, size_t error_size) {
   grpc_init();
   grpc_arg args[3];
   args[0].type = GRPC_ARG_INTEGER;
@@ -102,11 +109,12 @@ fm_server *fm_server_start(const char *address, int max_message_bytes, int *boun
   s->server = grpc_server_create(&channel_args, NULL);
   s->cq = grpc_completion_queue_create_for_next(NULL);
   grpc_server_register_completion_queue(s->server, s->cq, NULL);
-  grpc_server_credentials *credentials = grpc_insecure_server_credentials_create();
-  int port = grpc_server_add_http2_port(s->server, address, credentials);
-  grpc_server_credentials_release(credentials);
+  grpc_server_credentials *credentials = credentials_for(tls);
+  int port = credentials != NULL ? grpc_server_add_http2_port(s->server, address, credentials) : 0;
+  if (credentials != NULL) grpc_server_credentials_release(credentials);
   if (port == 0) {
-    snprintf(error, error_size, "cannot listen on %s (address in use or not available)", address);
+    snprintf(error, error_size, "cannot listen on %s (address in use or not available%s)", address,
+             tls != NULL ? ", or gRPC refused the certificate and key" : "");
     grpc_server_destroy(s->server);
     grpc_completion_queue_shutdown(s->cq);
     while (grpc_completion_queue_next(s->cq, gpr_inf_future(GPR_CLOCK_REALTIME), NULL).type != GRPC_QUEUE_SHUTDOWN) {

@@ -6,7 +6,8 @@ import CGRPCShim
 import FlashmeshNode
 import Foundation
 
-/// The node's gRPC server: gRPC's C core through the CGRPCShim target, without TLS. One thread drives
+/// The node's gRPC server: gRPC's C core through the CGRPCShim target, in plaintext or mutual TLS (the C
+/// core's SSL server credentials, client certificates required and verified). One thread drives
 /// the completion queue and hands each call, request received, to a pool of handler threads.
 public final class GRPCCoreTransport: NodeTransport, @unchecked Sendable {
     private let handlers: Int
@@ -18,7 +19,7 @@ public final class GRPCCoreTransport: NodeTransport, @unchecked Sendable {
     }
 
     public func start(
-        host: String, port: Int, maxMessageBytes: Int, handler: @escaping @Sendable (RPCCall) -> RPCReply
+        host: String, port: Int, maxMessageBytes: Int, tls: TLSIdentity?, handler: @escaping @Sendable (RPCCall) -> RPCReply
     ) throws(UserError) -> Int {
         let address = host.contains(":") ? "[\(host)]:\(port)" : "\(host):\(port)"
         var bound: Int32 = 0
@@ -26,7 +27,8 @@ public final class GRPCCoreTransport: NodeTransport, @unchecked Sendable {
         // gRPC's own limit a little above the node's validated one: an oversized request gets the
         // node's INVALID_ARGUMENT, one far above it gRPC's RESOURCE_EXHAUSTED (node/server.py).
         let limit = Int32(clamping: maxMessageBytes + 1024 * 1024)
-        guard let server = fm_server_start(address, limit, &bound, &error, error.count) else {
+        let started = withTLS(tls) { fm_server_start(address, limit, $0, &bound, &error, error.count) }
+        guard let server = started else {
             throw UserError("cannot listen on \(host) port \(port): \(String(decoding: error.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self))")
         }
         let pool = WorkerPool(workers: handlers, name: "flashmesh-grpc")
@@ -68,6 +70,20 @@ public final class GRPCCoreTransport: NodeTransport, @unchecked Sendable {
             _ = bytes.withUnsafeBufferPointer { fm_call_finish(call, 0, $0.baseAddress, $0.count, nil, nil, nil) }
         case let .failure(status, message, trailer):
             _ = fm_call_finish(call, status.rawValue, nil, 0, message, trailer?.key, trailer?.value)
+        }
+    }
+}
+
+/// Calls `body` with the shim's view of `tls` (NUL-terminated PEM text; gRPC copies it), or NULL.
+private func withTLS<T>(_ tls: TLSIdentity?, _ body: (UnsafePointer<fm_tls>?) -> T) -> T {
+    guard let tls else { return body(nil) }
+    let (ca, cert, key) = (tls.caPEM + [0], tls.certPEM + [0], tls.keyPEM + [0])
+    return ca.withUnsafeBufferPointer { ca in
+        cert.withUnsafeBufferPointer { cert in
+            key.withUnsafeBufferPointer { key in
+                let cString = { (b: UnsafeBufferPointer<UInt8>) in UnsafeRawPointer(b.baseAddress!).assumingMemoryBound(to: CChar.self) }
+                return withUnsafePointer(to: fm_tls(ca_pem: cString(ca), cert_pem: cString(cert), key_pem: cString(key))) { body($0) }
+            }
         }
     }
 }

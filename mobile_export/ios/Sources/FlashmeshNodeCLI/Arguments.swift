@@ -5,18 +5,24 @@ import FlashmeshPlatform
 struct Arguments {
     static let usage = """
         usage: flashmesh-node --bundle DIR --ram-budget B [--host ADDR] [--port P] [--token T]
-                              [--count N --index I [--replicas R]] [--page-cache] [--name NAME]
+                              [--tls DIR | --join FILE] [--count N --index I [--replicas R]] [--page-cache] [--name NAME]
                               [--max-message B] [--flash-gbps G] [--compute auto|cpu|gpu] [--no-advertise]
         Serves the experts of an iPhone bundle (`flashmesh export-ios`) over the flashmesh node protocol.
           --bundle DIR      the bundle
           --ram-budget B    bytes of expert weights kept in RAM, e.g. 8GB
-          --host ADDR       address to listen on (default 127.0.0.1)
+          --host ADDR       address to listen on (default: 0.0.0.0 with a join file or config of interfaces
+                            "auto", else 127.0.0.1)
           --port P          TCP port (default: any free port)
-          --token T         the cluster token (default: $FLASHMESH_TOKEN; else one is generated)
+          --token T         the cluster token (default: $FLASHMESH_TOKEN, else the join file's or config's;
+                            else one is generated)
+          --tls DIR         serve only mutual TLS with this node identity: CLUSTER_DIR/nodes/NAME (default:
+                            $FLASHMESH_TLS, else the config of `flashmesh cluster join`, else plaintext)
+          --join FILE       the join file of `flashmesh cluster add-node NAME`: its token, name and identity
+                            (mutual TLS), used in place instead of the config
           --count N --index I [--replicas R]
                             serve the experts `flashmesh shard --count N --index I` would hold
           --page-cache      let the OS page cache help (default: bypass it)
-          --name NAME       node name (default: the host name)
+          --name NAME       node name (default: the config's, else the certificate's, else the host name)
           --max-message B   largest request accepted (default 256MiB)
           --flash-gbps G    report this read bandwidth instead of measuring
           --compute C       experts on the GPU (Metal, Apple platforms) or CPU; auto: the GPU where
@@ -26,7 +32,9 @@ struct Arguments {
         """
 
     var bundle: String?
-    var host = "127.0.0.1"
+    var host: String?
+    var tls: String?
+    var join: String?
     var port = 0
     var token: String?
     var ramBudget: Int?
@@ -60,6 +68,8 @@ struct Arguments {
             case "--host": args.host = try value(flag)
             case "--port": args.port = try number(flag, Int.self)
             case "--token": args.token = try value(flag)
+            case "--tls": args.tls = try value(flag)
+            case "--join": args.join = try value(flag)
             case "--ram-budget": args.ramBudget = try ByteSize.parse(try value(flag))
             case "--count": args.count = try number(flag, Int.self)
             case "--index": args.index = try number(flag, Int.self)
@@ -84,6 +94,9 @@ struct Arguments {
         guard args.bundle != nil else { throw UserError("give the bundle to serve: --bundle OUT.flashmesh-ios") }
         guard args.ramBudget != nil else { throw UserError("give the RAM budget: --ram-budget 8GB") }
         guard (0...65535).contains(args.port) else { throw UserError("--port must be in 0..65535, got \(args.port)") }
+        guard args.tls == nil || args.join == nil else {
+            throw UserError("give --tls DIR or --join FILE, not both (a join file holds its identity)")
+        }
         guard (args.count == nil) == (args.index == nil) else {
             throw UserError("--count and --index go together")
         }

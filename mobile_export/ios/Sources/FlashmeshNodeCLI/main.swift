@@ -12,12 +12,10 @@ import Darwin
 
 /// Runs until SIGTERM or SIGINT (or the parent process is gone), then drains and returns 0.
 func serve(_ args: Arguments) throws(UserError) -> Int32 {
+    let cluster = try ClusterSettings.resolve(args)  // certificates first: nothing opens with a bad identity
     let bundle = try ExpertBundle.open(args.bundle ?? "", shard: try args.shard())
-    let environment = ProcessInfo.processInfo.environment
-    let given = args.token ?? environment["FLASHMESH_TOKEN"].flatMap { $0.isEmpty ? nil : $0 }
-    let token = given ?? ClusterToken.generate()
-    var options = NodeService.Options(
-        ramBudget: args.ramBudget ?? 0, token: token, name: args.name ?? ProcessInfo.processInfo.hostName)
+    let token = cluster.token ?? ClusterToken.generate()
+    var options = NodeService.Options(ramBudget: args.ramBudget ?? 0, token: token, name: cluster.name)
     options.pageCache = args.pageCache
     options.maxMessageBytes = args.maxMessage
     options.flashGBps = args.flashGBps
@@ -26,7 +24,9 @@ func serve(_ args: Arguments) throws(UserError) -> Int32 {
     let rpc = NodeRPC(node: service)
     let port: Int
     do {
-        port = try transport.start(host: args.host, port: args.port, maxMessageBytes: options.maxMessageBytes) {
+        port = try transport.start(
+            host: cluster.host, port: args.port, maxMessageBytes: options.maxMessageBytes, tls: cluster.tls
+        ) {
             rpc.handle($0)
         }
     } catch {
@@ -38,12 +38,13 @@ func serve(_ args: Arguments) throws(UserError) -> Int32 {
     let total = info.layers.reduce(0) { $0 + Int($1.numExperts) }
     say(
         "node \(options.name) (\(service.nodeId)) serving \(held) of \(total) experts of model "
-            + "\(info.fingerprint.prefix(16)) from bundle \(bundle.path) on \(args.host) port \(port)")
+            + "\(info.fingerprint.prefix(16)) from bundle \(bundle.path) on \(cluster.host) port \(port)")
+    if let tls = cluster.tls { say(tls.summary) }
     let advertiser = args.advertise ? NodePlatform.advertiser() : nil
     if let advertiser {
         do throws(UserError) {
-            guard let scope = AdvertiseScope.matching(host: args.host) else {
-                throw UserError("no interface holds \(args.host); give an address of this machine, 0.0.0.0 or 127.0.0.1")
+            guard let scope = AdvertiseScope.matching(host: cluster.host) else {
+                throw UserError("no interface holds \(cluster.host); give an address of this machine, 0.0.0.0 or 127.0.0.1")
             }
             let ad = Advertisement(name: options.name, nodeId: service.nodeId, fingerprint: info.fingerprint, port: port)
             try advertiser.advertise(ad, scope: scope)
@@ -53,7 +54,7 @@ func serve(_ args: Arguments) throws(UserError) -> Int32 {
             throw error
         }
     }
-    if given == nil { say("cluster token: \(token)  (give it to the coordinator: --token or FLASHMESH_TOKEN)") }
+    if cluster.token == nil { say("cluster token: \(token)  (give it to the coordinator: --token or FLASHMESH_TOKEN)") }
     waitForStop(parentPid: args.parentPid)
     advertiser?.withdraw()
     transport.stop(grace: 1.0)

@@ -5,11 +5,13 @@ import XCTest
 /// A transport that hands calls to the test instead of a network.
 final class DirectTransport: NodeTransport, @unchecked Sendable {
     let state = Locked<(handler: (@Sendable (RPCCall) -> RPCReply)?, starts: Int, stops: Int)>((nil, 0, 0))
+    let tlsUsed = Locked<TLSIdentity?>(nil)
 
-    func start(host: String, port: Int, maxMessageBytes: Int, handler: @escaping @Sendable (RPCCall) -> RPCReply)
-        throws(UserError) -> Int
-    {
+    func start(
+        host: String, port: Int, maxMessageBytes: Int, tls: TLSIdentity?, handler: @escaping @Sendable (RPCCall) -> RPCReply
+    ) throws(UserError) -> Int {
         state.withLock { $0 = (handler, $0.starts + 1, $0.stops) }
+        tlsUsed.withLock { $0 = tls }
         return 40_000 + state.withLock { $0.starts }
     }
 
@@ -37,18 +39,24 @@ final class RecordingAdvertiser: NodeAdvertiser, @unchecked Sendable {
     }
 }
 
+/// A controller on a real bundle and service with a transport and advertiser the test drives.
+@MainActor
+func makeTestController(available: Int = 64 << 30) -> (NodeController, DirectTransport, RecordingAdvertiser) {
+    let transport = DirectTransport()
+    let advertiser = RecordingAdvertiser()
+    let platform = NodePlatform(
+        makeTransport: { transport }, makeAdvertiser: { advertiser }, makeCompute: { CPUExpertCompute() },
+        availableMemory: { available })
+    var settings = ServeSettings(name: "Test iPhone")
+    settings.host = "0.0.0.0"
+    return (NodeController(platform: platform, settings: settings), transport, advertiser)
+}
+
 /// The app's state machine (NodeController), on a real bundle and service, without a network.
 @MainActor
 final class ControllerTests: XCTestCase {
     func makeController(available: Int = 64 << 30) -> (NodeController, DirectTransport, RecordingAdvertiser) {
-        let transport = DirectTransport()
-        let advertiser = RecordingAdvertiser()
-        let platform = NodePlatform(
-            makeTransport: { transport }, makeAdvertiser: { advertiser }, makeCompute: { CPUExpertCompute() },
-            availableMemory: { available })
-        var settings = ServeSettings(name: "Test iPhone")
-        settings.host = "0.0.0.0"
-        return (NodeController(platform: platform, settings: settings), transport, advertiser)
+        makeTestController(available: available)
     }
 
     func testStartServeBackgroundForegroundStop() async throws {

@@ -64,6 +64,14 @@ struct Vectors: Decodable {
     let messages: Messages
     let cache: [Trace]
     let advertisements: [AdvertisementVector]
+    let tls: TLSVectors
+
+    struct TLSVectors: Decodable {
+        struct Identity: Decodable { let path: String; let name: String?; let cn: String?; let not_after: Double?; let error: String? }
+        struct Join: Decodable { let path: String; let token: String; let name: String; let damaged: String }
+        let identities: [Identity]
+        let join: Join
+    }
 
     static let directory: URL = {
         if let dir = ProcessInfo.processInfo.environment["FLASHMESH_SWIFT_VECTORS"], !dir.isEmpty {

@@ -12,7 +12,8 @@ BUILD=.build/release
 OUT=.build/apple-typecheck
 rm -rf "$OUT" && mkdir -p "$OUT"
 common=(-swift-version 6 -I "$OUT" -I "$BUILD/Modules"
-    -Xcc -fmodule-map-file=Sources/CXXHash/module.modulemap -Xcc -fmodule-map-file=Sources/COpenBLAS/module.modulemap)
+    -Xcc -fmodule-map-file=Sources/CXXHash/module.modulemap -Xcc -fmodule-map-file=Sources/COpenBLAS/module.modulemap
+    -Xcc -fmodule-map-file=Sources/CZlib/module.modulemap)
 for stub in UniformTypeIdentifiers Metal dnssd UIKit SwiftUI; do
     "$SWIFTC" -emit-module -parse-as-library -module-name "$stub" "${common[@]}" \
         -emit-module-path "$OUT/$stub.swiftmodule" "tools/apple-typecheck/stubs/$stub.swift"

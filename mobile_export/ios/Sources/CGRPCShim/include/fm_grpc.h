@@ -17,11 +17,20 @@ extern "C" {
 typedef struct fm_server fm_server;
 typedef struct fm_call fm_call;
 
-// Listens on `address` ("HOST:PORT", port 0 = any free one) without TLS; messages above
-// `max_message_bytes` are refused by gRPC itself (RESOURCE_EXHAUSTED). Returns NULL and writes one
-// line into `error` when it cannot listen. `*bound_port` is the port it listens on.
-fm_server *fm_server_start(const char *address, int max_message_bytes, int *bound_port, char *error,
-                           size_t error_size);
+// Mutual TLS as `flashmesh node serve --tls` serves it: this node's certificate and key, and the
+// cluster CA that every client's certificate must come from (PEM text, NUL-terminated).
+typedef struct {
+  const char *ca_pem;
+  const char *cert_pem;
+  const char *key_pem;
+} fm_tls;
+
+// Listens on `address` ("HOST:PORT", port 0 = any free one), in plaintext when `tls` is NULL, else
+// only mutual TLS (a client without a certificate from the CA is refused in the handshake); messages
+// above `max_message_bytes` are refused by gRPC itself (RESOURCE_EXHAUSTED). Returns NULL and writes
+// one line into `error` when it cannot listen. `*bound_port` is the port it listens on.
+fm_server *fm_server_start(const char *address, int max_message_bytes, const fm_tls *tls, int *bound_port,
+                           char *error, size_t error_size);
 
 // Blocks until a call's request has arrived (returned; answer it with fm_call_finish) or the
 // server has shut down and every call is done (NULL). Call from one thread only.

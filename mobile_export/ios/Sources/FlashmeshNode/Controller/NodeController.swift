@@ -81,6 +81,38 @@ public final class NodeController {
         settings.budgetBytes = bounds.clamp(bytes)
     }
 
+    /// Joins a cluster made by `flashmesh cluster init`: reads the join file `flashmesh cluster add-node
+    /// NAME` wrote, installs its identity into `directory` (the app's own storage) and takes its token and
+    /// name, so the node serves only mutual TLS from then on. A damaged or foreign file leaves a notice
+    /// and the settings as they were.
+    public func importJoinFile(_ path: String, keepIn directory: String) async {
+        await serially {
+            guard self.canEdit else { return }
+            let result = await Task.detached { () -> Result<(JoinFile, String), UserError> in
+                Result { () throws(UserError) in
+                    let join = try JoinFile.read(path)
+                    return (join, try join.install(into: directory))
+                }
+            }.value
+            switch result {
+            case let .success((join, installed)):
+                self.settings.token = join.config.token
+                self.settings.name = join.identity.name
+                self.settings.tls = installed
+                self.notice = "joined the cluster as \(join.identity.name): mutual TLS, certificate valid until "
+                    + CivilDate.format(join.identity.notAfter, time: false)
+            case let .failure(error):
+                self.notice = error.description
+            }
+        }
+    }
+
+    /// Serve in plaintext again (the cluster token only), forgetting the joined identity.
+    public func leaveCluster() {
+        guard canEdit else { return }
+        settings.tls = nil
+    }
+
     public func generateToken() {
         guard canEdit else { return }
         settings.token = ClusterToken.generate()

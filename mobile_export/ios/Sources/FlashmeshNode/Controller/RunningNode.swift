@@ -33,6 +33,9 @@ public struct ServeSettings: Codable, Equatable, Sendable {
     public var budgetBytes = 0  // 0: the largest the device allows
     public var host = "0.0.0.0"  // every interface: a phone serves its Wi-Fi network
     public var port = 0  // any free port; the advertisement carries it
+    /// The node's mutual-TLS identity directory (a join file installed by NodeController.importJoinFile);
+    /// nil: plaintext with the token only.
+    public var tls: String?
 
     public init(name: String) {
         self.name = name
@@ -51,6 +54,8 @@ public struct ServingInfo: Equatable, Sendable {
     public let expertsTotal: Int
     public let budgetBytes: Int
     public let compute: String
+    /// "mutual TLS as NAME, certificate valid until DATE", or "plaintext (cluster token only)".
+    public let security: String
     /// The DNS-SD instance advertised, or why there is none.
     public let discovery: String
     /// "ADDR:PORT" for `flashmesh run --cluster --node ADDR:PORT` where multicast does not reach.
@@ -75,6 +80,15 @@ final class RunningNode: @unchecked Sendable {
     static func start(path: String, settings: ServeSettings, budget: Int, platform: NodePlatform)
         throws(UserError) -> RunningNode
     {
+        let tls = try settings.tls.map { (dir: String) throws(UserError) -> TLSIdentity in
+            let identity = try TLSIdentity.load(dir, name: settings.name)
+            guard identity.name == settings.name else {
+                throw UserError(
+                    "the node name is \(settings.name) but the certificate is node \(identity.name)'s; set the name to "
+                        + "\(identity.name), or join with `flashmesh cluster add-node \(settings.name)`'s file")
+            }
+            return identity
+        }
         let bundle = try ExpertBundle.open(path, shard: try settings.shard())
         let options = NodeService.Options(ramBudget: budget, token: settings.token, name: settings.name)
         let service = try NodeService(bundle: bundle, options: options, compute: platform.makeCompute())
@@ -83,7 +97,7 @@ final class RunningNode: @unchecked Sendable {
         let latency = node.latency
         let port: Int
         do {
-            port = try node.transport.start(host: settings.host, port: settings.port, maxMessageBytes: options.maxMessageBytes) {
+            port = try node.transport.start(host: settings.host, port: settings.port, maxMessageBytes: options.maxMessageBytes, tls: tls) {
                 call in
                 let start = monotonicSeconds()
                 let reply = rpc.handle(call)
@@ -114,7 +128,10 @@ final class RunningNode: @unchecked Sendable {
         node.info = ServingInfo(
             nodeId: service.nodeId, port: port, expertsHeld: info.layers.reduce(0) { $0 + $1.experts.count },
             expertsTotal: info.layers.reduce(0) { $0 + Int($1.numExperts) }, budgetBytes: budget,
-            compute: service.computeName, discovery: discovery, addresses: addresses.map { "\($0):\(port)" })
+            compute: service.computeName,
+            security: tls.map { "mutual TLS as \($0.name), certificate valid until \(CivilDate.format($0.notAfter, time: false))" }
+                ?? "plaintext (cluster token only)",
+            discovery: discovery, addresses: addresses.map { "\($0):\(port)" })
         return node
     }
 

@@ -21,8 +21,10 @@ public enum RPCReply: Sendable {
 /// thread and concurrently; `handler` answers each.
 public protocol NodeTransport: AnyObject, Sendable {
     /// Starts listening on host:port (0 = any free port); returns the port. A transport serves once.
-    func start(host: String, port: Int, maxMessageBytes: Int, handler: @escaping @Sendable (RPCCall) -> RPCReply)
-        throws(UserError) -> Int
+    /// With `tls`, only mutual TLS: its certificate, and client certificates required from its CA.
+    func start(
+        host: String, port: Int, maxMessageBytes: Int, tls: TLSIdentity?, handler: @escaping @Sendable (RPCCall) -> RPCReply
+    ) throws(UserError) -> Int
 
     /// Stops taking calls; calls in flight may finish for `grace` seconds. Returns when all are done.
     func stop(grace: Double)
