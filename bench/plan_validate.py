@@ -1,23 +1,24 @@
 """Does `flashmesh plan` predict what runs here? Measure, predict, compare.
 
-    python -m bench plan-validate [--workdir /work/data/plan] [--rounds 5]
+    python -m bench plan-validate [--workdir /work/data/plan] [--rounds 5] [--big-rounds 3]
 
 Models (realistic routing): the trained tiny qwen3_moe (testing/tiny_moe) and the realistic big
-model (bench/bigmodel.py; 8 layers x 64 experts of 6 MiB, 3.2 GB; its source is reused if built).
+model (bench/bigmodel.py; 8 layers x 64 experts of 6 MiB, 3.2 GB; --big-source reuses a built one).
 
-1. Routing for the plan: calibration runs (two, on their own prompts and seeds, not the measured ones), with
-   every expert fitting, warm-up generation then measured-length generation as below; its routing
-   trace replayed through the engine's cache policy (bench/policy.py) at each budget share gives a
-   hit-rate curve (hits of the second generation only, as measured); the planner reads their mean.
+1. Routing for the plan: the routing benchmark's curve of the engine's policy (1024 held-out
+   tokens, bench/results/routing-*.json); beside it, two calibration runs (their own prompts and
+   seeds), each a warm-up generation then a measured-length one, replayed through the engine's
+   cache policy (bench/policy.py) at each budget share, hits of the second generation only.
 2. Rounds; in each, for each model, budget (all, half, a quarter of the experts; the order flips
    every round) and mode (in-process; two local node processes): immediately before the measured
-   run, this machine's figures (bench/plan_probes.py: compute with one process and with two at once,
-   the dense matmul rate, flash at the layer's expected misses, the Health round trip to the nodes)
-   and the engine's fixed cost per MoE layer, measured on a third model (synthetic, hidden 64, 4
-   layers, 8 experts, top-2: weights too small to matter) in the same mode. Then the run: decode
-   tok/s and hit rate of a sampled generation after a warm-up generation of another prompt.
-3. Each round's prediction from that round's figures; per row the median over rounds of both and
-   the spread. Writes bench/results/plan-validate.json (+ .png: predicted vs measured).
+   run, this machine's figures (bench/plan_probes.py: expert compute at the model's shape with one
+   process and with two at once, the dense matmul rate, flash at the layer's expected misses, the
+   Health round trip to the nodes) and the engine's fixed cost per MoE layer, measured on a third
+   model (synthetic, hidden 64, 4 layers, 8 experts, top-2: weights too small to matter) in the
+   same mode. Then the run: decode tok/s and hit rate of a sampled generation after a warm-up
+   generation of another prompt.
+3. Each round's prediction from that round's figures (bench/plan_replan.py); per row the medians
+   over rounds and the spread. Writes bench/results/plan-validate.json (+ .png: predicted vs measured).
 """
 
 from __future__ import annotations
@@ -127,9 +128,7 @@ def layer_overhead_ms(probe_store: Path, figures: dict, *, mode: str, options: M
     return max(0.0, 1 / got["decode_tokens_per_s"] - 1 / bare.tokens_per_s) / len(facts.layers) * 1e3
 
 
-def run_plan_validate(
-    workdir: Path, *, rounds: int = 5, big_rounds: int = 3, big_source: Path | None = None, progress=None
-) -> dict:
+def run_plan_validate(workdir: Path, *, rounds: int = 5, big_rounds: int = 3, big_source: Path | None = None) -> dict:
     """rounds of the tiny model; big_rounds (at most rounds) of the big one, whose rounds take ~10 minutes here."""
     workdir.mkdir(parents=True, exist_ok=True)
     stores = prepare(workdir, big_source=big_source or workdir / "realistic-big-src")
@@ -157,8 +156,6 @@ def run_plan_validate(
                         row["rounds"].append(one_round(stores, name, curves[name], facts, probes, probe_nodes,
                                                        token=token, workdir=workdir, budget=budget, mode=mode,
                                                        fraction=fraction, seed=r))  # fmt: skip
-                        if progress:
-                            progress()
     result = {"models": {m: facts_json(stores[m]) for m in models}, "prompts": PROMPTS, "tokens": TOKENS,
               "temperature": TEMPERATURE, "rounds": {models[0]: rounds, models[1]: min(rounds, big_rounds)},
               "probe_models": PROBE_SHAPES, "hit_rate_curves": {m: curves[m] for m in models},
