@@ -305,24 +305,27 @@ def cmd_decode(args: argparse.Namespace) -> int:
 
 
 def cmd_plan_validate(args: argparse.Namespace) -> int:
+    from bench.plan_plot import plot_plan_validate
     from bench.plan_validate import run_plan_validate
 
-    result = run_plan_validate(args.workdir, tokens=args.tokens, rounds=args.rounds)
+    if args.replan:
+        from bench.plan_validate import finish
+
+        result = finish(json.loads(args.replan.read_text()), args.workdir)
+    else:
+        result = run_plan_validate(args.workdir, rounds=args.rounds, big_rounds=args.big_rounds,
+                                   big_source=args.big_source)  # fmt: skip
+    result["plot"] = str(plot_plan_validate(result, RESULTS / f"{args.name}.png"))
     path = write_result(args.name, result)
-    m = result["machine"]
-    print(
-        f"this machine: compute {m['compute_gbps']:.2f} GB/s, flash {m['flash_gbps']:.2f} GB/s, "
-        f"link {m['link_ms']:.2f} ms"
-    )
-    print(
-        f"{'model':<24} {'budget':>6} {'mode':<8} {'measured':>9} {'predicted':>9} {'error':>7} {'hit':>6} "
-        f"{'plan hit':>8}"
-    )
+    print(f"{'model':<14} {'budget':>6} {'mode':<11} {'measured':>9} {'predicted':>9} {'error':>6} "
+          f"{'rounds':>11} {'hit':>6} {'plan hit':>8} {'calib.':>7} {'c. hit':>6}")  # fmt: skip
     for r in result["rows"]:
+        spread = f"{min(r['round_errors']):+.0%}..{max(r['round_errors']):+.0%}"
+        calibrated = r["predictions"]["calibration"]
         print(
-            f"{r['model']:<24} {r['budget_fraction']:>6.0%} {r['mode']:<8} {r['measured_tokens_per_s']:>9.2f} "
-            f"{r['predicted_tokens_per_s']:>9.2f} {r['error']:>+7.0%} {r['measured_hit_rate']:>6.1%} "
-            f"{r['predicted_hit_rate']:>8.1%}"
+            f"{r['model']:<14} {r['budget_fraction']:>6.0%} {r['mode']:<11} {r['measured_tokens_per_s']:>9.2f} "
+            f"{r['predicted_tokens_per_s']:>9.2f} {r['error']:>+6.0%} {spread:>11} {r['measured_hit_rate']:>6.1%} "
+            f"{r['predicted_hit_rate']:>8.1%} {calibrated['error']:>+7.0%} {calibrated['hit_rate']:>6.1%}"
         )
     print(f"wrote {path}")
     return 0
@@ -606,9 +609,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = bsub.add_parser("plan-validate", help="flashmesh plan's predictions vs measured decode, two models x 3 budgets")
     p.set_defaults(func=cmd_plan_validate)
-    p.add_argument("--workdir", type=Path, default=Path("/work/data/ux/plan"), help="where the models are built")
-    p.add_argument("--tokens", type=int, default=24)
-    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--workdir", type=Path, default=Path("/work/data/plan"), help="where the models are built")
+    p.add_argument(
+        "--big-source",
+        type=Path,
+        default=None,
+        help="an already built realistic big model (bench/bigmodel.py; default: built in WORKDIR)",
+    )
+    p.add_argument("--rounds", type=int, default=5, help="alternating rounds of the tiny model")
+    p.add_argument("--big-rounds", type=int, default=3, help="of the big model (at most --rounds)")
+    p.add_argument(
+        "--replan",
+        type=Path,
+        default=None,
+        metavar="RESULT",
+        help="re-predict a result's rounds from their recorded figures (no measuring)",
+    )
     p.add_argument("--name", default="plan-validate")
 
     p = bsub.add_parser("sweep", help="tok/s and hit rate vs RAM budget, with mlx-lm in RAM as reference")
