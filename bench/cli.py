@@ -395,24 +395,27 @@ def cmd_decode(args: argparse.Namespace) -> int:
 
 
 def cmd_plan_validate(args: argparse.Namespace) -> int:
+    from bench.plan_plot import plot_plan_validate
     from bench.plan_validate import run_plan_validate
 
-    result = run_plan_validate(args.workdir, tokens=args.tokens, rounds=args.rounds)
+    if args.replan:
+        from bench.plan_validate import finish
+
+        result = finish(json.loads(args.replan.read_text()), args.workdir)
+    else:
+        result = run_plan_validate(args.workdir, rounds=args.rounds, big_rounds=args.big_rounds,
+                                   big_source=args.big_source)  # fmt: skip
+    result["plot"] = str(plot_plan_validate(result, RESULTS / f"{args.name}.png"))
     path = write_result(args.name, result)
-    m = result["machine"]
-    print(
-        f"this machine: compute {m['compute_gbps']:.2f} GB/s, flash {m['flash_gbps']:.2f} GB/s, "
-        f"link {m['link_ms']:.2f} ms"
-    )
-    print(
-        f"{'model':<24} {'budget':>6} {'mode':<8} {'measured':>9} {'predicted':>9} {'error':>7} {'hit':>6} "
-        f"{'plan hit':>8}"
-    )
+    print(f"{'model':<14} {'budget':>6} {'mode':<11} {'measured':>9} {'predicted':>9} {'error':>6} "
+          f"{'rounds':>11} {'hit':>6} {'plan hit':>8} {'calib.':>7} {'c. hit':>6}")  # fmt: skip
     for r in result["rows"]:
+        spread = f"{min(r['round_errors']):+.0%}..{max(r['round_errors']):+.0%}"
+        calibrated = r["predictions"]["calibration"]
         print(
-            f"{r['model']:<24} {r['budget_fraction']:>6.0%} {r['mode']:<8} {r['measured_tokens_per_s']:>9.2f} "
-            f"{r['predicted_tokens_per_s']:>9.2f} {r['error']:>+7.0%} {r['measured_hit_rate']:>6.1%} "
-            f"{r['predicted_hit_rate']:>8.1%}"
+            f"{r['model']:<14} {r['budget_fraction']:>6.0%} {r['mode']:<11} {r['measured_tokens_per_s']:>9.2f} "
+            f"{r['predicted_tokens_per_s']:>9.2f} {r['error']:>+6.0%} {spread:>11} {r['measured_hit_rate']:>6.1%} "
+            f"{r['predicted_hit_rate']:>8.1%} {calibrated['error']:>+7.0%} {calibrated['hit_rate']:>6.1%}"
         )
     print(f"wrote {path}")
     return 0
@@ -513,9 +516,85 @@ def cmd_serving(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_chaos(args: argparse.Namespace) -> int:
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from bench.chaos import FAULTS, run_chaos
+
+    store = _store_or_demo(args.store)
+    seconds = args.minutes * 60
+    kinds = tuple(k for k in args.faults.split(",") if k)
+    if unknown := [k for k in kinds if k not in FAULTS]:
+        from flashmesh.protos.errors import UserError
+
+        raise UserError(f"unknown faults {unknown}; choose from {', '.join(FAULTS)}")
+    name = args.name or f"chaos-{'demo' if args.store is None else store.name}-k{args.clients}"
+    columns = [TextColumn("chaos"), BarColumn(), TextColumn("{task.fields[served]} requests"), TimeRemainingColumn()]
+    with Progress(*columns, disable=args.json) as bar:
+        task = bar.add_task("chaos", total=seconds, served=0)
+        result = run_chaos(
+            store, workdir=DEMO_WORKDIR.parent / "bench-chaos", clients=args.clients, seconds=seconds,
+            calm_seconds=args.calm, fault_every=args.fault_every, fault_seconds=args.fault_seconds,
+            max_tokens=args.max_tokens, kinds=kinds,
+            progress=lambda done, served: bar.update(task, completed=done, served=served),
+        )  # fmt: skip
+    result["store"] = str(store)
+    path = write_result(name, result)
+    from bench.reliability_plots import plot_chaos
+
+    plot = plot_chaos(result, path.with_suffix(".png"))
+    if args.json:
+        print(json.dumps({k: v for k, v in result.items() if k not in ("rss_samples", "requests")}))
+    else:
+        print(chaos_table(result))
+        print(f"written to {path} and {plot}")
+    ok = result["failed"] == 0 and result["greedy_differs"] == 0 and result["nodes_in_use_at_end"] == result["nodes"]
+    return 0 if ok and result["server_exit_code"] == 0 else 1
+
+
+def cmd_shutdown(args: argparse.Namespace) -> int:
+    from rich.progress import Progress
+
+    from bench.shutdown import run_cycles, summarize
+
+    store = _store_or_demo(args.store)
+    with Progress(disable=args.json) as bar:
+        task = bar.add_task("start/stop cycles", total=None)
+        cycles = run_cycles(store, DEMO_WORKDIR, cycles=args.cycles, processes=tuple(args.processes.split(",")),
+                            progress=lambda done, total: bar.update(task, completed=done, total=total))  # fmt: skip
+    summary = summarize(cycles)
+    path = write_result(args.name, {"store": str(store), "cycles_per_case": args.cycles, "summary": summary,
+                                    "cycles": [vars(c) for c in cycles]})  # fmt: skip
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        for key, row in summary.items():
+            print(f"{key:28s} {row['exit_0']}/{row['cycles']} exit 0, {row['aborts']} aborts, {row['hung']} hung, "
+                  f"{row['orphans']} orphans, slowest exit {row['max_seconds_to_exit']:.2f} s "
+                  f"{row['other'][:2] or ''}")  # fmt: skip
+        print(f"written to {path}")
+    return 0 if all(r["exit_0"] == r["cycles"] and not r["orphans"] for r in summary.values()) else 1
+
+
+def chaos_table(r: dict) -> str:
+    faults = ", ".join(f"{k} {v}" for k, v in r["faults_by_kind"].items())
+    rows = [
+        ("requests served (failed)", f"{r['served']} ({r['failed']})"),
+        ("greedy outputs differing from the fault-free run", f"{r['greedy_differs']} of {r['greedy_compared']}"),
+        ("faults", faults + (f"; {len(r['fault_errors'])} could not be made" if r["fault_errors"] else "")),
+        ("latency p99, chaos / fault-free", f"{r['latency_p99_s']:.2f} s / {r['calm_latency_p99_s']:.2f} s"),
+        ("latency p50, chaos / fault-free", f"{r['latency_p50_s']:.2f} s / {r['calm_latency_p50_s']:.2f} s"),
+        ("nodes in use at the end", f"{r['nodes_in_use_at_end']} of {r['nodes']}"),
+        ("server RSS growth over the chaos phase", f"{r['rss_growth_bytes'] / 2**20:+.1f} MiB"),
+        ("server exit status on SIGTERM", str(r["server_exit_code"])),
+    ]
+    return "\n".join(f"{a:50s} {b}" for a, b in rows)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true")
+    parser.set_defaults(stopped_status=0)  # a benchmark stopped by SIGTERM / Ctrl-C exits 0 after cleaning up
     bsub = parser.add_subparsers(dest="bench", required=True)
 
     p = bsub.add_parser("io", help="store fetch path vs fio random reads at the record size, same file, same run")
@@ -631,11 +710,45 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--context", type=int, default=1000, help="--second-turn: the conversation's first prompt, tokens")
     p.add_argument("--name", default=None)
 
+    p = bsub.add_parser("chaos", help="serve --cluster on netns hosts under a fault every ~20 s (needs root)")
+    p.set_defaults(func=cmd_chaos)
+    p.add_argument("store", type=Path, nargs="?", default=None, help="a packed store (default: the demo store)")
+    p.add_argument("--clients", type=int, default=3)
+    p.add_argument("--minutes", type=float, default=10.0, help="length of the chaos phase")
+    p.add_argument("--calm", type=float, default=60.0, help="seconds of the fault-free reference phase first")
+    p.add_argument("--fault-every", type=float, default=20.0, help="seconds between faults")
+    p.add_argument("--fault-seconds", type=float, default=5.0, help="how long each fault lasts")
+    p.add_argument("--faults", default="sigkill_restart,sigstop,link_down,damaged_record", help="kinds, in turn")
+    p.add_argument("--max-tokens", type=int, default=8)
+    p.add_argument("--name", default=None)
+    p.add_argument("--json", action="store_true")
+
+    p = bsub.add_parser("shutdown", help="node serve / serve / demo stopped by SIGTERM or SIGINT, idle and loaded")
+    p.set_defaults(func=cmd_shutdown)
+    p.add_argument("store", type=Path, nargs="?", default=None, help="a packed store (default: the demo store)")
+    p.add_argument("--cycles", type=int, default=50, help="start/stop cycles per process and idle/load")
+    p.add_argument("--processes", default="node_serve,serve,demo,bench", help="which of node_serve, serve, demo, bench")
+    p.add_argument("--name", default="shutdown")
+    p.add_argument("--json", action="store_true")
+
     p = bsub.add_parser("plan-validate", help="flashmesh plan's predictions vs measured decode, two models x 3 budgets")
     p.set_defaults(func=cmd_plan_validate)
-    p.add_argument("--workdir", type=Path, default=Path("/work/data/ux/plan"), help="where the models are built")
-    p.add_argument("--tokens", type=int, default=24)
-    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--workdir", type=Path, default=Path("/work/data/plan"), help="where the models are built")
+    p.add_argument(
+        "--big-source",
+        type=Path,
+        default=None,
+        help="an already built realistic big model (bench/bigmodel.py; default: built in WORKDIR)",
+    )
+    p.add_argument("--rounds", type=int, default=5, help="alternating rounds of the tiny model")
+    p.add_argument("--big-rounds", type=int, default=3, help="of the big model (at most --rounds)")
+    p.add_argument(
+        "--replan",
+        type=Path,
+        default=None,
+        metavar="RESULT",
+        help="re-predict a result's rounds from their recorded figures (no measuring)",
+    )
     p.add_argument("--name", default="plan-validate")
 
     p = bsub.add_parser("sweep", help="tok/s and hit rate vs RAM budget, with mlx-lm in RAM as reference")

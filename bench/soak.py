@@ -43,24 +43,20 @@ class Outcome:
     error: str | None = None
 
 
-def _start_server(store: Path, *, ram_budget: int, max_queue: int, logfile: Path) -> tuple[subprocess.Popen, str]:
-    cmd = [
-        sys.executable,
-        "-m",
-        "flashmesh.coordinator.cli",
-        "serve",
-        str(store),
-        "--port",
-        "0",
-        "--model-name",
-        "soak",
-    ]
-    cmd += ["--ram-budget", str(ram_budget), "--max-queue", str(max_queue)]
+def start_serve(serve_args: list[str], *, logfile: Path, env: dict | None = None) -> tuple[subprocess.Popen, str]:
+    """`flashmesh serve SERVE_ARGS...` as a separate process; return it and its base URL (.../v1)
+    once it says it is serving (its stderr goes to `logfile`)."""
+    cmd = [sys.executable, "-m", "flashmesh.coordinator.cli", "serve", *serve_args]
     err = open(logfile, "wb")  # noqa: SIM115 - handed to the child, closed below
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True,
-                            env={**os.environ, "TRANSFORMERS_VERBOSITY": "error"})  # fmt: skip
+                            env={**os.environ, "TRANSFORMERS_VERBOSITY": "error", **(env or {})})  # fmt: skip
     err.close()
-    line = proc.stdout.readline()
+    try:
+        line = proc.stdout.readline()
+    except BaseException:  # stopped (SIGTERM, Ctrl-C) while it starts: it must not outlive us
+        proc.kill()
+        proc.wait()
+        raise
     if not line.startswith("serving "):
         proc.kill()
         proc.wait()
@@ -69,12 +65,19 @@ def _start_server(store: Path, *, ram_budget: int, max_queue: int, logfile: Path
     return proc, line.rsplit(" at ", 1)[1].strip()
 
 
-def _client_loop(base_url: str, index: int, *, t0: float, deadline: float, max_tokens: int, out: list) -> None:
+def _start_server(store: Path, *, ram_budget: int, max_queue: int, logfile: Path) -> tuple[subprocess.Popen, str]:
+    args = [str(store), "--port", "0", "--model-name", "soak", "--ram-budget", str(ram_budget)]
+    return start_serve([*args, "--max-queue", str(max_queue)], logfile=logfile)
+
+
+def _client_loop(
+    base_url: str, index: int, *, t0: float, deadline: float, max_tokens: int, out: list, stop: threading.Event
+) -> None:
     import openai
 
     client = openai.OpenAI(base_url=base_url, api_key="soak", max_retries=0, timeout=300)
     rng = random.Random(index)
-    while time.monotonic() < deadline:
+    while time.monotonic() < deadline and not stop.is_set():
         chat, stream = rng.random() < 0.5, rng.random() < 0.5
         kind = ("chat" if chat else "completion") + ("-stream" if stream else "")
         prompt = rng.choice(PROMPTS) + f" ({rng.randrange(10**6)})"
@@ -131,13 +134,14 @@ def run_soak(
     server = psutil.Process(proc.pid)
     samples: list[tuple[float, int]] = []
     outcomes: list[Outcome] = []
+    stop, threads = threading.Event(), []  # stop: the clients end early (this benchmark was stopped)
     try:
         t0 = time.monotonic()
         samples.append((0.0, server.memory_info().rss))
         deadline = t0 + seconds
         threads = [
-            threading.Thread(target=_client_loop, args=(base_url, i),
-                             kwargs={"t0": t0, "deadline": deadline, "max_tokens": max_tokens, "out": outcomes})
+            threading.Thread(target=_client_loop, args=(base_url, i), kwargs={"t0": t0, "deadline": deadline,
+                             "max_tokens": max_tokens, "out": outcomes, "stop": stop})
             for i in range(clients)
         ]  # fmt: skip
         for t in threads:
@@ -152,12 +156,16 @@ def run_soak(
         samples.append((time.monotonic() - t0, server.memory_info().rss))
         totals = _metric_totals(base_url)
     finally:
+        stop.set()  # then the server drains its open responses (serve's own grace) and the clients end
         proc.terminate()
         try:
             returncode = proc.wait(30)
         except subprocess.TimeoutExpired:
             proc.kill()
             returncode = proc.wait()
+        for t in threads:
+            if t.ident is not None:
+                t.join()
     return _summary(outcomes, samples, totals, clients=clients, seconds=seconds, warmup_s=warmup_s,
                     rss_bound_bytes=rss_bound_bytes, returncode=returncode, max_tokens=max_tokens)  # fmt: skip
 

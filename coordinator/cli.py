@@ -9,7 +9,9 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
+import threading
 from importlib.metadata import entry_points
 from pathlib import Path
 
@@ -17,6 +19,7 @@ from flashmesh.coordinator.generate import SamplingParams
 from flashmesh.coordinator.options import ModelOptions, add_model_args, model_options, resolve_store
 from flashmesh.coordinator.report import run_prompt
 from flashmesh.coordinator.tables import fitted_table
+from flashmesh.node.shutdown import interrupt
 from flashmesh.protos.errors import UserError
 from flashmesh.protos.sizes import format_bytes
 from rich.console import Console
@@ -47,14 +50,22 @@ def sampling_params(args: argparse.Namespace) -> SamplingParams:
 def run_args(args: argparse.Namespace, options: ModelOptions) -> dict:
     """Generate as `run` and the demo do: text streamed to stdout unless --json; return the JSON."""
     stream = None if args.json else (lambda text, _n: print(text, end="", flush=True))
-    result = run_prompt(
-        options,
-        args.prompt,
-        sampling_params(args),
-        chat=args.chat,
-        prefill_step_size=args.prefill_step,
-        on_text=stream,
-    )
+    try:
+        result = run_prompt(
+            options,
+            args.prompt,
+            sampling_params(args),
+            chat=args.chat,
+            prefill_step_size=args.prefill_step,
+            on_text=stream,
+        )
+    except (TypeError, ValueError, AssertionError) as e:  # mlx-lm's model rejecting what a damaged config built
+        log.debug("the forward pass failed", exc_info=True)
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(
+            f"the model in {options.store} cannot run ({first[:200]}); its config.json may be damaged, "
+            "re-run `flashmesh pack`"
+        ) from None
     if stream is not None:
         print(flush=True)
     return result
@@ -163,14 +174,26 @@ def run_command(args: argparse.Namespace) -> int:
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )
+    # SIGTERM and Ctrl-C stop the command (node.shutdown.interrupt: a generation between two tokens),
+    # then finally blocks run (nothing half-written, local nodes stopped).
+    # Commands that are stopped rather than failed (demo, benchmarks) set `stopped_status` 0; `node
+    # serve` and `serve` drain on both signals themselves and return 0.
+    main_thread = threading.current_thread() is threading.main_thread()
+    signals = (signal.SIGTERM, signal.SIGINT)
+    previous = {sig: signal.signal(sig, interrupt) for sig in signals} if main_thread else {}
     try:
         return args.func(args)
     except UserError as e:
-        err.print(f"error: {e}", style="red", markup=False, highlight=False, soft_wrap=True)
+        one_line = " ".join(line.strip() for line in str(e).splitlines())  # a library's message may span lines
+        err.print(f"error: {one_line}", style="red", markup=False, highlight=False, soft_wrap=True)
         return 2
     except KeyboardInterrupt:
-        err.print("interrupted")
-        return 130
+        status = getattr(args, "stopped_status", 130)
+        err.print("stopped" if status == 0 else "interrupted")
+        return status
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 if __name__ == "__main__":

@@ -20,6 +20,15 @@ from flashmesh.protos.errors import ErrorKind
 _CUT = ("stream removed", "socket closed", "connection reset", "broken pipe", "goaway", "channel closed")
 # Reconnect soon after a node comes back (gRPC's default back-off grows to 120 s).
 RECONNECT_OPTIONS = [("grpc.initial_reconnect_backoff_ms", 200), ("grpc.max_reconnect_backoff_ms", 2000)]
+# A link that drops loses packets silently: ping every 2 s and drop a connection unanswered for 1 s,
+# so that it reconnects within seconds of the link coming back instead of TCP's growing retransmit
+# timer (the node allows these pings: node.server.KEEPALIVE_SERVER_OPTIONS).
+KEEPALIVE_OPTIONS = [
+    ("grpc.keepalive_time_ms", 2000),
+    ("grpc.keepalive_timeout_ms", 1000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.max_pings_without_data", 0),
+]
 
 
 def _error(e: grpc.RpcError, label: str, timeout: float, *, tls: bool = False) -> NodeError:
@@ -68,6 +77,9 @@ class Call:
     def done(self) -> bool:
         return self._future.done()
 
+    def add_done_callback(self, fn) -> None:
+        self._future.add_done_callback(fn)
+
     def cancel(self) -> bool:
         return self._future.cancel()
 
@@ -112,7 +124,8 @@ class NodeClient:
             address,
             tls=tls,
             options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)]
-            + RECONNECT_OPTIONS,
+            + RECONNECT_OPTIONS
+            + KEEPALIVE_OPTIONS,
         )
         self._stub = pb_grpc.NodeStub(self._channel)
         self._metadata = ((TOKEN_METADATA_KEY, token),)

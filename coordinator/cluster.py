@@ -123,3 +123,27 @@ def connect(
     if not nodes and skipped:
         raise NodeError(f"no usable node: {'; '.join(skipped)}")
     return list(nodes.values())
+
+
+class Relinker:
+    """RemoteExperts' `relink` (coordinator.links.Relink): a new client for a node that `watcher`
+    (coordinator.node_watch.NodeWatcher, owned: closed with it) saw announce itself under the same
+    name at another address; the old client is closed."""
+
+    def __init__(self, nodes: list[ConnectedNode], watcher, *, token: str, tls: TlsIdentity | None) -> None:
+        self.by_id = {n.node_id: n for n in nodes}
+        self.watcher, self.token, self.tls = watcher, token, tls
+
+    def __call__(self, node_id: str) -> NodeClient | None:
+        node = self.by_id[node_id]
+        moved = self.watcher.latest(node.info.name) if node.info.name else None
+        if moved is None or moved.target == node.client.address.target:
+            return None
+        old, node.address = node.client, moved
+        node.client = NodeClient(moved, token=self.token, tls=self.tls)
+        node.client.label = f"{node.info.name} ({moved.target})"
+        old.close()
+        return node.client
+
+    def close(self) -> None:
+        self.watcher.close()

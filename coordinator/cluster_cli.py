@@ -73,6 +73,17 @@ def find_nodes(args) -> list:
     )
 
 
+def node_watcher(args):
+    """A NodeWatcher on --interfaces for the nodes `cluster top` would show (None with --no-zeroconf):
+    it finds nodes that restart elsewhere."""
+    if args.no_zeroconf:
+        return None
+    from flashmesh.coordinator.node_watch import NodeWatcher
+
+    prefix = args.name_prefix
+    return NodeWatcher(interfaces=interfaces_setting(args.interfaces), accept=lambda n: n.name.startswith(prefix))
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("cluster", help="see the nodes of a cluster")
     cluster_sub = p.add_subparsers(dest="cluster_command", required=True)
@@ -145,13 +156,21 @@ def cmd_cluster_top(args) -> int:
 
     token = resolve_token(args.token)
     tls = coordinator_tls(args)
-    clients = [(a, NodeClient(a, token=token, tls=tls)) for a in find_nodes(args)]
+    # keyed by node name (zeroconf) or address (--node): a node that restarts elsewhere replaces its row
+    clients = {a.name or a.target: (a, NodeClient(a, token=token, tls=tls)) for a in find_nodes(args)}
+    watcher = node_watcher(args)
     previous: dict[str, tuple[float, int, int]] = {}
     try:
         with Live(console=out, auto_refresh=False, transient=False) if not args.json else _NoLive() as live:
             count = 0
             while args.iterations == 0 or count < args.iterations:
-                rows = [node_row(a, c) for a, c in clients]
+                for a in watcher.current() if watcher is not None else []:
+                    known = clients.get(a.name or a.target)
+                    if known is None or known[0].target != a.target:
+                        if known is not None:
+                            known[1].close()
+                        clients[a.name or a.target] = (a, NodeClient(a, token=token, tls=tls))
+                rows = [node_row(a, c) for a, c in clients.values()]
                 add_assignment(rows)
                 now, rates = time.monotonic(), {}
                 for r in rows:
@@ -171,7 +190,9 @@ def cmd_cluster_top(args) -> int:
                 if args.iterations == 0 or count < args.iterations:
                     time.sleep(args.interval)
     finally:
-        for _, client in clients:
+        if watcher is not None:
+            watcher.close()
+        for _, client in clients.values():
             client.close()
     return 0
 

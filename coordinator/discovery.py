@@ -72,6 +72,24 @@ def _txt(props: dict, key: str) -> str:
     return value.decode() if isinstance(value, bytes) else ""
 
 
+def service_address(info) -> NodeAddress | None:
+    """A resolved zeroconf service -> the node's address (None without an IPv4 address)."""
+    addresses = info.parsed_addresses(IPVersion.V4Only) if info is not None else []
+    if not addresses:
+        return None
+    props = info.properties
+    proto = _txt(props, "proto")
+    return NodeAddress(
+        host=addresses[0],
+        port=int(info.port),
+        name=_txt(props, "name"),
+        node_id=_txt(props, "id"),
+        fingerprint=_txt(props, "fp"),
+        protocol_version=int(proto) if proto.isdigit() else 0,
+        source="zeroconf",
+    )
+
+
 def browse(
     *,
     interfaces: list[str],
@@ -94,21 +112,10 @@ def browse(
             for name in list(collector.names):
                 if name in resolved:
                     continue
-                info = zc.get_service_info(SERVICE_TYPE, name, timeout=1000)
-                if info is None or not info.parsed_addresses(IPVersion.V4Only):
+                node = service_address(zc.get_service_info(SERVICE_TYPE, name, timeout=1000))
+                if node is None:
                     continue
                 resolved.add(name)
-                props = info.properties
-                proto = _txt(props, "proto")
-                node = NodeAddress(
-                    host=info.parsed_addresses(IPVersion.V4Only)[0],
-                    port=int(info.port),
-                    name=_txt(props, "name"),
-                    node_id=_txt(props, "id"),
-                    fingerprint=_txt(props, "fp"),
-                    protocol_version=int(proto) if proto.isdigit() else 0,
-                    source="zeroconf",
-                )
                 if accept is None or accept(node):
                     found[node.node_id or name] = node
                 else:

@@ -81,9 +81,11 @@ def attach(model: nn.Module, backend: ExpertBackend, *, lookahead: bool = False)
 
 
 def load_store_tokenizer(store_path: Path, manifest: Manifest) -> TokenizerWrapper:
+    from huggingface_hub.errors import StrictDataclassError
+
     try:
         return load_tokenizer(Path(store_path), eos_token_ids=manifest.config.get("eos_token_id"))
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, TypeError, KeyError, AttributeError, StrictDataclassError) as e:
         raise UserError(
             f"{store_path} has no usable tokenizer ({e}); pack from a directory with tokenizer files"
         ) from None
@@ -126,8 +128,10 @@ def _open_here(options: ModelOptions) -> StreamingModel:
 def _open_on_nodes(options: ModelOptions) -> StreamingModel:
     """Dense part here (a full store or a `flashmesh shard --dense` one), experts on the nodes, over
     mutual TLS when `options.tls` names the coordinator's identity."""
-    from flashmesh.coordinator.cluster import connect, resolve_token
+    from flashmesh.coordinator.cluster import Relinker, connect, resolve_token
     from flashmesh.coordinator.discovery import find_nodes
+    from flashmesh.coordinator.failover import Hedge
+    from flashmesh.coordinator.node_watch import watch_nodes
     from flashmesh.coordinator.placement import place
     from flashmesh.coordinator.remote import RemoteExperts
     from flashmesh.node.tls import COORDINATOR, load_identity
@@ -145,7 +149,10 @@ def _open_on_nodes(options: ModelOptions) -> StreamingModel:
         fingerprint=manifest.fingerprint,
     )
     nodes = connect(addresses, token=token, fingerprint=manifest.fingerprint, timeout=options.connect_timeout, tls=tls)
+    relink = None
     try:
+        if options.watch and options.zeroconf:  # a node that restarts elsewhere announces itself: reconnect there
+            relink = Relinker(nodes, watch_nodes(options, manifest.fingerprint), token=token, tls=tls)
         placement = place(manifest.layers, [n.capacity() for n in nodes])
         backend = RemoteExperts(
             {n.node_id: n.client for n in nodes},
@@ -153,10 +160,14 @@ def _open_on_nodes(options: ModelOptions) -> StreamingModel:
             rpc_deadline=options.rpc_deadline,
             probe_backoff=options.probe_backoff,
             fingerprint=manifest.fingerprint,
+            relink=relink,
+            hedge=None if options.hedge else Hedge(enabled=False),
         )
         attach(model, backend, lookahead=options.lookahead)
         tokenizer = load_store_tokenizer(store_path, manifest)
     except BaseException:
+        if relink is not None:
+            relink.close()
         for n in nodes:
             n.client.close()
         raise

@@ -16,6 +16,7 @@ from typing import Protocol
 
 import mlx.core as mx
 import mlx.nn as nn
+from flashmesh.node.shutdown import stop_points
 from mlx_lm.generate import stream_generate
 from mlx_lm.sample_utils import make_logits_processors, make_sampler
 from mlx_lm.tokenizer_utils import TokenizerWrapper
@@ -182,6 +183,12 @@ def generate(
     """Generate one sequence (greedy unless temperature > 0). `on_text` gets text as it can be shown,
     `on_token` the count after each token, `on_logprobs` each token with its distribution (logprobs
     [V], before the sampler); `cancelled` is asked after each. Timings cover this call."""
+    with stop_points() as stopped:  # SIGTERM / Ctrl-C in `run` or the demo end it between two tokens
+        return _generate(model, tokenizer, prompt_tokens, params, prefill_step_size, on_text, on_token,
+                         on_logprobs, lambda: stopped() or (cancelled is not None and cancelled()))  # fmt: skip
+
+
+def _generate(model, tokenizer, prompt_tokens, params, prefill_step_size, on_text, on_token, on_logprobs, cancelled):
     generation = Generation(prompt_tokens, params, on_text=on_text, on_token=on_token, cancelled=cancelled)
     if params.seed is not None:
         mx.random.seed(params.seed)

@@ -12,8 +12,8 @@ h = C / (k L) x the expected share of a layer's experts a token reuses from the 
 The default exponent s = ZIPF_S was fitted to one published figure: flash-moe's 71% page-cache hit
 rate with ~35 GB of cache for Qwen3.5-397B-A17B 4-bit's 203 GB of experts at k=4 (docs/plan.md).
 Measured routing replaces it: `flashmesh plan --routing FILE`, FILE JSON {"expert_counts":
-[[count per expert] per MoE layer]} (e.g. from `python -m bench plan-validate` or the routing
-benchmark), or {"hit_rate_curve": [[fraction of experts cached, hit rate], ...]}.
+[[count per expert] per MoE layer]} (any generation's), or {"hit_rate_curve": [[fraction of
+experts cached, hit rate], ...]} (e.g. the routing benchmark's curve of the engine's policy).
 """
 
 from __future__ import annotations

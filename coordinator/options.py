@@ -43,6 +43,8 @@ class ModelOptions:
     rpc_deadline: float = DEFAULT_RPC_DEADLINE  # least seconds a node gets per request before failover
     probe_backoff: float = 0.5  # first wait before probing a node that went down
     connect_timeout: float = 10.0  # seconds a node gets to answer Info when connecting
+    hedge: bool = True  # a request late against its node's own p99 goes to a replica too (coordinator.failover)
+    watch: bool = False  # keep browsing zeroconf: a node that restarts elsewhere is reconnected (serve)
 
     def check(self) -> None:
         """Refuse options that would be silently ignored where the experts run."""

@@ -10,7 +10,11 @@ copy). Per decode token, with a_d the share of expert bytes placed on device d a
     network  = L x link_ms, with nodes (one request per node per layer, all in parallel)
     tok/s    = 1 / (dense + max_d node_d + network + L x layer_overhead)
 
-B is one expert's bytes and L the MoE layers. A device's expert budget is its RAM times
+B is one expert's bytes and L the MoE layers. Devices that name one `host` (node processes on
+one machine) compute and read at the same time, so each gets its per-process share: the measured
+`shared_compute_gbps` / `shared_flash_gbps` (one process's GB/s while all of the host's devices
+run at once), else an even split of the host's figures (a process alone may not use every core, so
+measure both: docs/plan.md). A device's expert budget is its RAM times
 USABLE_RAM, less the dense part on the coordinator, unless given (`--budget NAME=BYTES`).
 `compute` is the bytes of weights a device multiplies per second in decode (GB/s); it is the
 device's memory bandwidth times COMPUTE_EFFICIENCY when not measured.
@@ -39,6 +43,26 @@ class Device:
     compute_gbps: float
     budget_bytes: int | None = None  # expert cache; None: from ram_bytes
     usable_ram: float = USABLE_RAM  # of ram_bytes an app may use (iOS allows a phone's apps less)
+    host: str | None = None  # devices on one machine share its cores and flash
+    shared_compute_gbps: float | None = None  # per process, while every device of the host computes
+    shared_flash_gbps: float | None = None  # per process, while every device of the host reads
+    dense_compute_gbps: float | None = None  # the dense part's matmuls, if they run at another rate than experts
+
+
+def effective_rates(devices: list[Device]) -> list[tuple[float, float]]:
+    """(flash GB/s, compute GB/s) each device gets while the devices on its host work at once."""
+    on_host = {}
+    for d in devices:
+        if d.host is not None:
+            on_host[d.host] = on_host.get(d.host, 0) + 1
+    rates = []
+    for d in devices:
+        n = on_host.get(d.host, 1) if d.host is not None else 1
+        if n == 1:
+            rates.append((d.flash_gbps, d.compute_gbps))
+        else:
+            rates.append((d.shared_flash_gbps or d.flash_gbps / n, d.shared_compute_gbps or d.compute_gbps / n))
+    return rates
 
 
 @dataclass(frozen=True)
@@ -132,7 +156,7 @@ def plan(
     placement = place(facts.layers, capacities)
     k, total_bytes = facts.top_k, facts.expert_bytes_total
     per_device = []
-    for d, b in zip(devices, budgets, strict=True):
+    for d, b, (flash, compute) in zip(devices, budgets, effective_rates(devices), strict=True):
         slot = placement.node_ids.index(d.name)
         masks = [placement.owner[s.layer] == slot for s in facts.layers]
         assigned = int(sum(m.sum() for m in masks))
@@ -142,9 +166,10 @@ def plan(
         h = hit_rate(routing, capacity=capacity, top_k=k, share=masks) if assigned else 1.0
         active = share * facts.active_expert_bytes if routing.popularity is None else _active(facts, routing, masks)
         read = active * (1 - h)
-        per_device.append(DevicePlan(d.name, b, assigned, assigned_bytes, h, read, read / (d.flash_gbps * 1e9),
-                                     active / (d.compute_gbps * 1e9)))  # fmt: skip
-    dense_s = facts.dense_read_bytes / ((coordinator or devices[0]).compute_gbps * 1e9)
+        per_device.append(DevicePlan(d.name, b, assigned, assigned_bytes, h, read, read / (flash * 1e9),
+                                     active / (compute * 1e9)))  # fmt: skip
+    head = coordinator or devices[0]
+    dense_s = facts.dense_read_bytes / ((head.dense_compute_gbps or head.compute_gbps) * 1e9)
     network_s = len(facts.layers) * link_ms / 1e3 if len(devices) > 1 or coordinator is not None else 0.0
     overhead_s = len(facts.layers) * layer_overhead_ms / 1e3
     expert_s = max(p.read_s + p.compute_s for p in per_device)

@@ -7,28 +7,35 @@ lookahead's prediction of the next layer's experts (`hint`) rides on those reque
 starts reading its share while it computes. No thread of this module touches MLX: encoding and
 decoding run on the caller's thread, gRPC only moves bytes.
 
-Failures (coordinator.failover): every request has a deadline; a node that is unreachable, resets
-the connection or misses its deadline is marked down and the pairs it had are re-sent, in the same
-layer call, to the next holder of each expert; a damaged record (DATA_LOSS) moves only that
-record. Nodes that are down are probed on later layer calls and used again once they answer.
+Failures (coordinator.failover): a request still unanswered after a multiple of its node's own
+recent p99 latency is hedged: the pairs it holds go to the next holder of each expert as well, the
+first answer wins and the other request is cancelled; a node whose replicas won is marked down.
+Every request also has a deadline, the last resort where no replica exists. A node that is
+unreachable, resets the connection or misses its deadline is marked down and its pairs re-sent, in
+the same layer call, to the next holder of each expert; a damaged record (DATA_LOSS) moves only
+that record. Nodes that are down are probed on later layer calls (at a new address, when
+discovery saw them move) and used again once they answer.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
-from typing import Protocol
+from dataclasses import dataclass
 
 import mlx.core as mx
 import numpy as np
-from flashmesh.coordinator.failover import Deadline, ExpertsLost, Membership, NodeError, format_lost
+from flashmesh.coordinator.dispatch_stats import DispatchStats, Failover, HedgeEvent, LayerCall, NodeTraffic
+from flashmesh.coordinator.failover import Deadline, Hedge, Membership, NodeError
+from flashmesh.coordinator.links import NodeLink, PendingReply, Relink
+from flashmesh.coordinator.node_health import NodeHealth
 from flashmesh.coordinator.placement import Placement
 from flashmesh.node.cache_stats import CacheStats, ExpertStats
 from flashmesh.protos import flashmesh_pb2 as pb
 from flashmesh.protos.codec import CodecError, decode, encode, encode_numpy
-from flashmesh.protos.errors import FAILOVER_KINDS, ErrorKind, UserError
+from flashmesh.protos.errors import FAILOVER_KINDS, UserError
 
 log = logging.getLogger(__name__)
 
@@ -36,94 +43,24 @@ DEFAULT_RPC_DEADLINE = 3.0  # seconds: the least time a node gets for a request 
 STATS_TIMEOUT = 10.0  # seconds a node gets to answer a Stats call
 
 
-class PendingReply(Protocol):
-    seconds: float
+@dataclass(eq=False)
+class _Attempt:
+    """One request of a layer call in flight: which node, which flat pair positions."""
 
-    def done(self) -> bool: ...
-
-    def result(self): ...
-
-    def cancel(self) -> bool: ...
-
-
-class NodeLink(Protocol):
-    """What RemoteExperts needs of a node: coordinator.client.NodeClient, or InProcessLink in tests."""
-
-    label: str
-
-    def compute_async(self, request: pb.ComputeRequest, *, timeout: float | None = None) -> PendingReply: ...
-
-    def info_async(self, *, timeout: float | None = None) -> PendingReply: ...
-
-    def prefetch(self, request: pb.PrefetchRequest, *, timeout: float | None = None) -> pb.PrefetchReply: ...
-
-    def stats(self, *, timeout: float | None = None) -> pb.NodeStats: ...
-
-    def close(self) -> None: ...
-
-
-@dataclass
-class NodeTraffic:
-    requests: int = 0
-    pairs: int = 0
-    bytes_sent: int = 0
-    bytes_received: int = 0
-    latencies: list[float] = field(default_factory=list)  # seconds, send -> reply, per request
-    failures: int = 0  # requests that failed over to another node
-
-
-@dataclass(frozen=True)
-class LayerCall:
-    tokens: int  # N: 1 in decode, the chunk length in prefill
-    requests: int  # nodes asked
-    wire_bytes: int  # request + reply payload bytes, all nodes
-    seconds: float  # split -> all replies in -> reassembled
-    rounds: int = 1  # 1, or more when requests failed over to replicas
-
-
-@dataclass(frozen=True)
-class Failover:
-    layer: int
-    node: str  # label
-    kind: ErrorKind  # one of FAILOVER_KINDS
-    reason: str
-    pairs: int  # (token, expert) pairs moved to other nodes
-    detect_seconds: float  # send -> failure seen (a deadline, or a refused connection)
-
-
-@dataclass
-class DispatchStats:
-    calls: list[LayerCall] = field(default_factory=list)  # one per MoE layer call
-    nodes: dict[str, NodeTraffic] = field(default_factory=dict)
-    failovers: list[Failover] = field(default_factory=list)
-    recoveries: list[str] = field(default_factory=list)  # labels of nodes that came back
-
-    @property
-    def layer_calls(self) -> int:
-        return len(self.calls)
-
-    @property
-    def layer_seconds(self) -> list[float]:
-        return [c.seconds for c in self.calls]
-
-    @property
-    def requests(self) -> int:
-        return sum(t.requests for t in self.nodes.values())
-
-    @property
-    def wire_bytes(self) -> int:
-        return sum(t.bytes_sent + t.bytes_received for t in self.nodes.values())
-
-    @property
-    def stall_seconds(self) -> list[float]:
-        """Layer calls that failed over: their whole duration (detection + the retry)."""
-        return [c.seconds for c in self.calls if c.rounds > 1]
+    node_id: str
+    slot: int
+    pairs: np.ndarray  # [P] flat pair positions
+    sent: int  # request bytes
+    call: PendingReply
+    sent_at: float
+    hedge_at: float | None  # perf_counter time at which replicas get these pairs too; None: never
+    is_hedge: bool = False
 
 
 class RemoteExperts:
-    """The ExpertBackend (coordinator.dispatch) over nodes: one request per node per layer, all nodes
-    in parallel; failed requests (node gone, hung past its deadline, damaged record) are re-sent to
-    replicas."""
+    """ExpertBackend over nodes: one request per node per layer, all nodes in parallel; late
+    requests are hedged to replicas, failed ones (node gone, hung past its deadline, damaged
+    record) re-sent to them."""
 
     def __init__(
         self,
@@ -131,20 +68,30 @@ class RemoteExperts:
         placement: Placement,
         *,
         rpc_deadline: float = DEFAULT_RPC_DEADLINE,
+        hedge: Hedge | None = None,
         probe_deadline: float = 1.0,
         probe_backoff: float = 0.5,
-        max_probe_backoff: float = 10.0,
+        max_probe_backoff: float = 2.0,
         fingerprint: str | None = None,
+        relink: Relink | None = None,
     ) -> None:
+        """`hedge`: when to ask a replica too (None: Hedge()'s defaults; Hedge(enabled=False): never).
+        `relink(node_id)`: a link to the node at a new address when discovery saw it move (else None);
+        closed with this backend."""
         missing = [n for n in placement.node_ids if n not in links]
         if missing:
             raise UserError(f"placement names nodes without a connection: {missing}")
         self.links = dict(links)
         self.placement = placement
         self.fingerprint = fingerprint
+        self.relink = relink
         self.deadline = Deadline(floor=rpc_deadline)
-        self.probe_deadline = probe_deadline
+        self.hedge = Hedge() if hedge is None else hedge
         self.membership = Membership(placement, probe_backoff=probe_backoff, max_probe_backoff=max_probe_backoff)
+        self.health = NodeHealth(
+            self.links, self.membership, fingerprint=fingerprint, relink=relink, probe_deadline=probe_deadline,
+            on_recovered=lambda label: self.dispatch.recoveries.append(label),
+        )  # fmt: skip
         self._next: tuple[int, np.ndarray] | None = None  # router lookahead: (layer, experts)
         self.dispatch = DispatchStats(nodes={n: NodeTraffic() for n in placement.node_ids})
         self._node_stats: dict[str, pb.NodeStats] = {}  # each node's last Stats reply
@@ -161,124 +108,122 @@ class RemoteExperts:
         mine = experts[self.membership.route(next_layer, experts) == slot]
         return pb.PrefetchRequest(layer=next_layer, experts=mine.tolist()) if mine.size else None
 
-    # --- health: probes of nodes that are down, polled on the dispatch path ------------------
-
-    def _poll_probes(self, *, wait_for: list[str] | None = None) -> None:
-        """Start a probe (Info, short deadline) of each down node whose back-off has elapsed, and
-        take the answers of probes that finished. Nothing runs unowned: a probe's future lives in
-        the node's state until a later layer call (or close) collects it. `wait_for`: probe those
-        nodes now, whatever their back-off, and wait for the answers."""
-        now = time.monotonic()
-        for node_id in self.membership.down():
-            state = self.membership.states[node_id]
-            urgent = wait_for is not None and node_id in wait_for
-            if state.probe is None and (urgent or now >= state.next_probe):
-                state.probe = self.links[node_id].info_async(timeout=self.probe_deadline)
-            if state.probe is not None and (urgent or state.probe.done()):
-                self._take_probe(node_id)
-
-    def _take_probe(self, node_id: str) -> None:
-        state = self.membership.states[node_id]
-        probe, state.probe = state.probe, None
-        label = self.links[node_id].label
-        try:
-            info = probe.result()
-        except UserError as e:
-            self.membership.probe_failed(node_id, str(e))
-            return
-        if self.fingerprint is not None and info.fingerprint != self.fingerprint:
-            self.membership.probe_failed(node_id, f"node {label} now serves another model ({info.fingerprint[:16]})")
-            log.warning("node %s answers again but serves another model; not using it", label)
-            return
-        held = {h.layer: frozenset(h.experts) for h in info.layers}
-        self.membership.recovered(node_id, answered_id=info.node_id, held=held)
-        self.dispatch.recoveries.append(label)
-        log.warning("node %s is back (id %s); routing its experts to it again", label, info.node_id)
-
-    def _fail(self, node_id: str, error: NodeError, layer: int, experts: np.ndarray) -> None:
-        """A request to `node_id` failed in a way a replica can stand in for: mark the node down,
-        or, for damaged records the request needed, only those records."""
-        asked = {(layer, int(e)) for e in experts}
-        if error.kind == ErrorKind.DATA_LOSS and asked & set(error.records):
-            self.membership.mark_bad(node_id, error.records)
-            log.warning("%s; using a replica for those records", error)
-        else:
-            self.membership.mark_down(node_id, str(error))
-            log.warning("%s; marked down, its work goes to the other holders of its experts", error)
-
-    def _lost(self, layer: int, experts: np.ndarray) -> ExpertsLost:
-        lost = self.membership.lost()
-        needed = sorted({int(e) for e in experts})
-        nodes = self.membership.holders(layer, needed)
-        why = "; ".join(self.membership.states[n].reason or f"node {self.links[n].label}: damaged records"
-                        for n in nodes)  # fmt: skip
-        count = sum(len(v) for v in lost.values())
-        return ExpertsLost(
-            f"{count} experts are lost ({format_lost(lost)}): {why}; no other node holds them. Restart the node "
-            "(the coordinator finds it again at the same address) or run shards with replicas "
-            "(`flashmesh shard --replicas 2`)",
-            lost=lost,
-            nodes=[self.links[n].label for n in nodes],
-        )
-
-    def _route(self, layer: int, experts: np.ndarray) -> np.ndarray:
-        slots = self.membership.route(layer, experts)
-        if (slots < 0).any():
-            # Last chance before failing the request: ask the nodes that hold the lost experts now.
-            gone = experts[slots < 0]
-            holders = [n for n in self.membership.holders(layer, np.unique(gone)) if not self.membership.states[n].up]
-            self._poll_probes(wait_for=holders)
-            slots = self.membership.route(layer, experts)
-            if (slots < 0).any():
-                raise self._lost(layer, experts[slots < 0])
-        return slots
+    def poll_health(self) -> None:
+        """Probe nodes that are down now, between requests (an idle server takes them back too)."""
+        self.health.poll()
 
     # --- dispatch ----------------------------------------------------------------------------
 
     def compute(self, layer: int, x: mx.array, indices: mx.array) -> mx.array:
         """x [..., D], indices [..., k] (expert ids) -> per-pair expert outputs [..., k, D]."""
         start = time.perf_counter()
-        self._poll_probes()
+        self.health.poll()
         lead = indices.shape[:-1]
         x = x.reshape(-1, x.shape[-1])  # [N, D]
         idx = np.array(indices).reshape(-1, indices.shape[-1])  # [N, k]; forces the graph up to the router
         n, k = idx.shape
         flat = idx.reshape(-1).astype(np.int32)  # [N*k]
-        todo = np.arange(flat.size)  # flat pair positions still to compute
-        outputs, order, wire, requests, rounds = [], [], 0, 0, 0
+        wake = threading.Event()  # set (on a gRPC thread) when any reply of this call is in
+        done = np.zeros(flat.size, dtype=bool)  # flat pair positions answered
+        outputs, order = [], []  # [P_i, D] pieces and the flat positions they hold
+        pending: list[_Attempt] = []
+        wire, sent, rounds, hedges = 0, 0, 1, 0
         try:
-            while todo.size:
-                rounds += 1
-                in_flight = self._send(layer, x, flat, todo, k)
-                requests += len(in_flight)
-                failed = []
-                for node_id, pairs, sent, call in in_flight:
-                    try:
-                        reply = call.result()
-                    except NodeError as e:
-                        if e.kind not in FAILOVER_KINDS:
-                            raise
-                        self._fail(node_id, e, layer, flat[pairs])
-                        label = self.links[node_id].label
-                        self.dispatch.failovers.append(Failover(layer, label, e.kind, str(e), pairs.size, call.seconds))
-                        self.dispatch.nodes[node_id].failures += 1
-                        failed.append(pairs)
+            pending = self._send(layer, x, flat, np.arange(flat.size), k, wake)
+            sent = len(pending)
+            while not done.all():
+                wake.clear()  # before looking, so that a reply landing now still wakes the wait below
+                for a in [a for a in pending if a.call.done()]:
+                    pending.remove(a)
+                    reply = self._reply(a, layer, flat)
+                    if reply is None:  # failed over: re-send what no other request is computing
+                        covered = np.zeros(flat.size, dtype=bool)
+                        for other in pending:
+                            covered[other.pairs] = True
+                        orphans = a.pairs[~done[a.pairs] & ~covered[a.pairs]]
+                        if orphans.size:
+                            more = self._send(layer, x, flat, orphans, k, wake)
+                            pending += more
+                            sent, rounds = sent + len(more), rounds + 1
                         continue
-                    wire += sent + reply.ByteSize()
-                    outputs.append(self._decode(node_id, reply, layer, pairs, sent, call.seconds, x.shape[-1]))
-                    order.append(pairs)
-                todo = np.concatenate(failed) if failed else todo[:0]
+                    y = self._decode(a, reply, layer, x.shape[-1])  # [P, D]
+                    fresh = ~done[a.pairs]
+                    if fresh.any():
+                        outputs.append(y if fresh.all() else y[mx.array(np.nonzero(fresh)[0])])
+                        order.append(a.pairs[fresh])
+                        done[a.pairs] = True
+                        wire += a.sent + reply.ByteSize()
+                for a in [a for a in pending if done[a.pairs].all()]:  # lost the race: cancel
+                    pending.remove(a)
+                    a.call.cancel()
+                    self._lost_race(a, layer)
+                now = time.perf_counter()
+                for a in [a for a in pending if a.hedge_at is not None and now >= a.hedge_at]:
+                    a.hedge_at = None
+                    more = self._hedge(layer, x, flat, a, done, k, wake)
+                    pending += more
+                    sent, hedges = sent + len(more), hedges + len(more)
+                if not done.all():
+                    wake.wait(self._wait_seconds(pending))
         finally:
             self._next = None
+            for a in pending:  # an error ends the call: nothing of it stays in flight
+                a.call.cancel()
         y_all = outputs[0] if len(outputs) == 1 else mx.concatenate(outputs)  # [N*k, D] in `order`
         out = y_all[mx.array(np.argsort(np.concatenate(order)))].reshape(*lead, k, -1)  # [..., k, D]
         mx.eval(out)
-        self.dispatch.calls.append(LayerCall(n, requests, wire, time.perf_counter() - start, rounds))
+        self.dispatch.calls.append(LayerCall(n, sent, wire, time.perf_counter() - start, rounds, hedges))
         return out
 
-    def _send(self, layer: int, x: mx.array, flat: np.ndarray, todo: np.ndarray, k: int) -> list:
+    @staticmethod
+    def _wait_seconds(pending: list[_Attempt]) -> float:
+        """Until the next hedge is due (at most 0.5 s: replies wake the wait sooner)."""
+        due = [a.hedge_at for a in pending if a.hedge_at is not None]
+        return max(0.0, min([*due, time.perf_counter() + 0.5]) - time.perf_counter())
+
+    def _reply(self, a: _Attempt, layer: int, flat: np.ndarray):
+        """The reply of a finished request, or None when it failed in a way replicas stand in for."""
+        try:
+            return a.call.result()
+        except NodeError as e:
+            if e.kind not in FAILOVER_KINDS:
+                raise
+            self.health.fail(a.node_id, e, layer, flat[a.pairs])
+            label = self.links[a.node_id].label
+            self.dispatch.failovers.append(Failover(layer, label, e.kind, str(e), a.pairs.size, a.call.seconds))
+            self.dispatch.nodes[a.node_id].failures += 1
+            return None
+
+    def _hedge(self, layer, x: mx.array, flat: np.ndarray, a: _Attempt, done: np.ndarray, k: int, wake) -> list:
+        """`a` is late: send its unanswered pairs to the next holder of each expert as well."""
+        want = a.pairs[~done[a.pairs]]
+        slots = self.membership.route(layer, flat[want], avoid=(a.slot,))  # [W]
+        if (slots < 0).any():  # the other holder is down only for having been slow once: better than waiting
+            slots = np.where(slots < 0, self.membership.route(layer, flat[want], avoid=(a.slot,), suspects=True), slots)
+        ok = slots >= 0
+        if not ok.any():
+            return []  # no replica: the request's deadline is the last resort
+        label, waited = self.links[a.node_id].label, time.perf_counter() - a.sent_at
+        self.dispatch.nodes[a.node_id].hedged += 1
+        self.dispatch.hedges.append(HedgeEvent(layer, label, waited, int(ok.sum())))
+        log.info("node %s is late on layer %d (%.0f ms); asking replicas too", label, layer, waited * 1e3)
+        return self._send_slots(layer, x, flat, want[ok], slots[ok], k, wake, hedge=True)
+
+    def _lost_race(self, a: _Attempt, layer: int) -> None:
+        """`a` was cancelled because other requests answered all its pairs first."""
+        if a.is_hedge:
+            return
+        label, waited = self.links[a.node_id].label, time.perf_counter() - a.sent_at
+        self.dispatch.nodes[a.node_id].outrun += 1
+        reason = f"node {label}: no answer within {waited * 1e3:.0f} ms (hedged to replicas, which answered)"
+        self.membership.mark_down(a.node_id, reason, slow=True)
+        log.warning("%s; marked down until a probe answers", reason)
+
+    def _send(self, layer: int, x: mx.array, flat: np.ndarray, todo: np.ndarray, k: int, wake) -> list:
         """One request per node for the pairs `todo` (flat positions), all in flight at once."""
-        slots = self._route(layer, flat[todo])  # [T] node computing each pair
+        return self._send_slots(layer, x, flat, todo, self.health.route(layer, flat[todo]), k, wake)
+
+    def _send_slots(self, layer, x, flat, todo: np.ndarray, slots: np.ndarray, k: int, wake, *, hedge=False) -> list:
         n = x.shape[0]
         in_flight = []
         for slot in np.unique(slots):
@@ -291,29 +236,34 @@ class RemoteExperts:
                 x=encode(xs),
                 rows=encode_numpy(rows.astype(np.int32)),
                 experts=encode_numpy(flat[pairs]),
-                next=self._hint_for(layer, int(slot)),
+                next=None if hedge else self._hint_for(layer, int(slot)),
             )
+            sent_at = time.perf_counter()
             call = self.links[node_id].compute_async(request, timeout=self.deadline.seconds(pairs.size))
-            in_flight.append((node_id, pairs, request.ByteSize(), call))
+            call.add_done_callback(lambda _reply: wake.set())
+            delay = None if hedge else self.hedge.after(node_id, pairs.size)
+            hedge_at = None if delay is None else sent_at + delay
+            in_flight.append(_Attempt(node_id, int(slot), pairs, request.ByteSize(), call, sent_at, hedge_at, hedge))
         self._next = None  # hints ride on the first round only
         return in_flight
 
-    def _decode(self, node_id, reply, layer: int, pairs: np.ndarray, sent: int, seconds: float, d: int) -> mx.array:
-        traffic = self.dispatch.nodes[node_id]
+    def _decode(self, a: _Attempt, reply, layer: int, d: int) -> mx.array:
+        traffic, seconds = self.dispatch.nodes[a.node_id], a.call.seconds
         traffic.requests += 1
-        traffic.pairs += pairs.size
-        traffic.bytes_sent += sent
+        traffic.pairs += a.pairs.size
+        traffic.bytes_sent += a.sent
         traffic.bytes_received += reply.ByteSize()
         traffic.latencies.append(seconds)
-        self.deadline.observe(seconds, pairs.size)
-        label = self.links[node_id].label
+        self.deadline.observe(seconds, a.pairs.size)
+        self.hedge.observe(a.node_id, seconds, a.pairs.size)
+        label = self.links[a.node_id].label
         try:
             y = decode(reply.y)  # [P, D]
         except CodecError as e:
             raise UserError(f"node {label} sent a malformed reply: {e}") from None
-        if y.shape != (pairs.size, d):
+        if y.shape != (a.pairs.size, d):
             raise UserError(
-                f"node {label} answered layer {layer} with shape {list(y.shape)}, expected {[pairs.size, d]}"
+                f"node {label} answered layer {layer} with shape {list(y.shape)}, expected {[a.pairs.size, d]}"
             )
         return y
 
@@ -351,12 +301,14 @@ class RemoteExperts:
             except NodeError as e:
                 if e.kind not in FAILOVER_KINDS:
                     raise
-                self._fail(node_id, e, layer, mine)
+                self.health.fail(node_id, e, layer, mine)
 
     def close(self) -> None:
         for state in self.membership.states.values():
             if state.probe is not None:
                 state.probe.cancel()
             state.probe = None
+        if self.relink is not None:
+            self.relink.close()
         for link in self.links.values():
             link.close()

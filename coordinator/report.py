@@ -59,6 +59,8 @@ def _cluster_figures(streaming: StreamingModel, used: ExpertStats, *, n_tokens: 
         "layer_dispatch_ms_p99": percentile_ms(ds.layer_seconds, 99),
         "failovers": [asdict(f) for f in ds.failovers],
         "recoveries": list(ds.recoveries),
+        "hedges": [asdict(h) for h in ds.hedges],  # late requests whose pairs went to replicas too
+        "hedge_share": ds.hedge_share,
         "stall_ms_max": max(ds.stall_seconds, default=0.0) * 1e3,
     }
     nodes = []

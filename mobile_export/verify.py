@@ -16,7 +16,7 @@ import numpy as np
 from flashmesh.mobile_export.bundle_format import check_aligned
 from flashmesh.mobile_export.records import convert_record, record_bytes
 from flashmesh.mobile_export.saved import consts, load_saved_program
-from flashmesh.node.bundle_format import MANIFEST, layer_specs, load_manifest, section_checksums
+from flashmesh.node.bundle_format import MANIFEST, edited_sections, layer_specs, load_manifest, section_checksums
 from flashmesh.node.store_format import RECORD_ALIGN, Manifest, checksum
 from flashmesh.protos.errors import UserError
 
@@ -46,11 +46,9 @@ def verify_bundle(bundle: Path, *, store: Path | None = None) -> Report:
     except UserError as e:
         report.errors.append(str(e))
         return report
-    stored = manifest.get("section_checksums", {})
-    for section, digest in section_checksums(manifest).items():
-        if stored.get(section) != digest:
-            report.errors.append(f"{MANIFEST}: section '{section}' was edited (checksum mismatch)")
-    report.count("manifest sections", len(stored))
+    for section in edited_sections(manifest):
+        report.errors.append(f"{MANIFEST}: section '{section}' was edited (checksum mismatch)")
+    report.count("manifest sections", len(section_checksums(manifest)))
     if report.errors:
         return report  # nothing else can be trusted
     source = None

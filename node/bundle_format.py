@@ -38,6 +38,16 @@ def section_checksums(manifest: dict) -> dict[str, str]:
     }
 
 
+def edited_sections(manifest: dict) -> list[str]:
+    """Top-level sections changed, added or removed since the export (their checksums disagree);
+    ["section_checksums"] when those are damaged themselves."""
+    stored = manifest.get("section_checksums")
+    if not isinstance(stored, dict):
+        return ["section_checksums"]
+    computed = section_checksums(manifest)
+    return sorted(k for k in set(stored) | set(computed) if stored.get(k) != computed.get(k))
+
+
 def save_manifest(directory: Path, manifest: dict) -> None:
     write_json_atomic(Path(directory) / MANIFEST, {**manifest, "section_checksums": section_checksums(manifest)})
 

@@ -23,7 +23,7 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
-from flashmesh.node.bundle_format import PROJ, layer_specs, load_manifest, section_checksums
+from flashmesh.node.bundle_format import PROJ, edited_sections, layer_specs, load_manifest
 from flashmesh.node.experts import expert_templates_from_config
 from flashmesh.node.shard import shard_experts
 from flashmesh.node.store_format import LayerSpec, Manifest, layout_record
@@ -66,8 +66,7 @@ class BundleExpertSource(ExpertStore):
                                  "1 <= replicas <= count")  # fmt: skip
             shard = {"index": index, "count": count, "replicas": replicas}
         self.bundle_manifest = load_manifest(bundle)
-        stored = self.bundle_manifest.get("section_checksums", {})
-        edited = [k for k, v in section_checksums(self.bundle_manifest).items() if stored.get(k) != v]
+        edited = edited_sections(self.bundle_manifest)
         if edited:
             raise UserError(f"{bundle}/manifest.json: section {edited[0]!r} was edited; re-export the bundle")
         if self.bundle_manifest["protocol_version"] != PROTOCOL_VERSION:

@@ -184,7 +184,7 @@ class ExpertCache:
         self._reserved.update(((layer, e), slot) for e, slot in slots.items())
         self.bytes += len(slots) * self._cost(layer)
         self._stats.peak_bytes = max(self._stats.peak_bytes, self.bytes)
-        self._stats.bytes_read += len(slots) * self.store.layer(layer).record_size  # counted when issued
+        self._stats.bytes_read += len(slots) * self.store.record_bytes(layer)  # counted when issued
         return self.store.load(layer, slots, slab, urgent=urgent)
 
     def _land(self, reads: SlotReads | ConvertedReads, *, waited: bool) -> None:
@@ -259,7 +259,9 @@ class ExpertCache:
         if len(experts) > slab.slots:
             raise ValueError("acquire() asked for more than the budget; use plan_waves()")
         if layer in self._pending:
-            self._collect(layer, experts)
+            # A layer being filled keeps its other reads going; otherwise all of this layer's read-aheads
+            # land now, so what is resident never depends on read timing (the Swift node agrees).
+            self._collect(layer, experts if layer in self._filling else self.store.layer(layer).experts)
         self._now = self._position.get(layer, 0)
         self._clock /= self.lfu_decay
         if self._clock > 1e100:  # renormalise the decayed counts before floats overflow
@@ -291,6 +293,8 @@ class ExpertCache:
     def prefetch(self, layer: int, experts: list[int]) -> list[int]:
         """Start reading `experts` of `layer` that are neither resident nor in flight, as many as fit
         after evicting unpinned entries; return the experts submitted. Does not wait."""
+        if self._pending.get(layer) and layer not in self._filling:
+            self._collect(layer, self.store.layer(layer).experts)  # one batch in flight per layer
         wanted = [e for e in dict.fromkeys(experts) if (layer, e) not in self]
         wanted = wanted[: self._free_room(layer, limit=len(wanted))]
         if not wanted:

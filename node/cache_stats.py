@@ -68,8 +68,12 @@ class CacheStats:
         return {wire: getattr(self, name) for name, wire in _ON_THE_WIRE.items()}
 
     def since(self, before: CacheStats) -> CacheStats:
-        """The counters over the window from `before` to now; the peak is the peak so far."""
+        """The counters over the window from `before` to now; the peak is the peak so far. Counters
+        that went back mean the cache was made again in the window (its node restarted): then the
+        window holds all it counted since."""
         deltas = {f.name: getattr(self, f.name) - getattr(before, f.name) for f in fields(self)}
+        if any(v < 0 for name, v in deltas.items() if name != "peak_bytes"):
+            deltas = {f.name: getattr(self, f.name) for f in fields(self)}
         return CacheStats(**{**deltas, "peak_bytes": self.peak_bytes})
 
     def __add__(self, other: CacheStats) -> CacheStats:

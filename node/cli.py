@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import secrets
-import signal
 import socket
-import threading
 from pathlib import Path
 
 from flashmesh.node.advertise import check_interfaces
@@ -19,6 +18,7 @@ from flashmesh.protos.sizes import parse_bytes
 from rich.console import Console
 
 log = logging.getLogger(__name__)
+DRAIN_SECONDS = 2.0  # a stopping node lets requests in flight finish for this long
 err = Console(stderr=True)
 
 
@@ -105,9 +105,7 @@ def _budget(args) -> int:
 
 
 def cmd_node_serve(args) -> int:
-    from flashmesh.node.advertise import Advertiser
-    from flashmesh.node.server import start_server
-    from flashmesh.node.service import NodeService
+    from flashmesh.node.shutdown import stop_on_signals
 
     args.name = name_setting(args.name)
     interfaces = interfaces_setting(args.interfaces)
@@ -123,6 +121,20 @@ def cmd_node_serve(args) -> int:
     token = token_setting(args.token)
     generated = not token
     token = token or secrets.token_urlsafe(18)
+    # SIGTERM / SIGINT from here on (even while the store opens) stop the node after draining: exit 0.
+    with stop_on_signals() as stop, contextlib.ExitStack() as cleanup:
+        return _serve_node(
+            args, stop, cleanup, interfaces=interfaces, tls=tls, shard=shard, token=token, generated=generated
+        )
+
+
+def _serve_node(
+    args, stop, cleanup: contextlib.ExitStack, *, interfaces: list[str], tls, shard, token: str, generated: bool
+) -> int:
+    from flashmesh.node.advertise import Advertiser
+    from flashmesh.node.server import start_server
+    from flashmesh.node.service import NodeService
+
     service = NodeService(
         args.bundle or args.store,
         bundle=args.bundle is not None,
@@ -134,43 +146,37 @@ def cmd_node_serve(args) -> int:
         max_message_bytes=parse_bytes(args.max_message),
         flash_gbps=args.flash_gbps,
     )
-    server = advertiser = None
-    stop = threading.Event()
+    cleanup.callback(service.close)  # runs last: after the server has drained
+    if stop.is_set():  # stopped while the store opened
+        return 0
     try:
-        try:
-            server, port = start_server(service, addresses=interfaces, port=args.port, tls=tls)
-        except (OSError, RuntimeError) as e:
-            raise UserError(f"cannot listen on {', '.join(interfaces)} port {args.port}: {e}") from None
-        info = service.info()
-        if not args.no_advertise:
-            advertiser = Advertiser(
-                name=service.name, node_id=service.node_id, fingerprint=info.fingerprint, port=port,
-                interfaces=interfaces,
-            )  # fmt: skip
-        held = sum(len(h.experts) for h in info.layers)
-        total = sum(h.num_experts for h in info.layers)
-        print(
-            f"node {service.name} ({service.node_id}) serving {held} of {total} experts of model "
-            f"{info.fingerprint[:16]} from {f'bundle {args.bundle}' if args.bundle else args.store} "
-            f"on {', '.join(interfaces)} port {port}",
-            flush=True,
-        )
-        if tls is not None:
-            print(f"mutual TLS: certificate {tls.path} valid until {tls.not_after:%Y-%m-%d}", flush=True)
-        if generated:
-            print(f"cluster token: {token}  (give it to the coordinator: --token or {TOKEN_ENV})", flush=True)
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, lambda *_: stop.set())
-        while not stop.wait(0.5):
-            if args.parent_pid is not None and os.getppid() != args.parent_pid:
-                log.warning("parent process %d is gone; stopping", args.parent_pid)
-                break
-    finally:
-        if advertiser is not None:
-            advertiser.close()
-        if server is not None:
-            server.stop(grace=1.0).wait()
-        service.close()
+        server, port = start_server(service, addresses=interfaces, port=args.port, tls=tls)
+    except (OSError, RuntimeError) as e:
+        raise UserError(f"cannot listen on {', '.join(interfaces)} port {args.port}: {e}") from None
+    cleanup.callback(lambda: server.stop(grace=DRAIN_SECONDS).wait())  # requests in flight finish
+    info = service.info()
+    if not args.no_advertise:
+        advertiser = Advertiser(
+            name=service.name, node_id=service.node_id, fingerprint=info.fingerprint, port=port,
+            interfaces=interfaces,
+        )  # fmt: skip
+        cleanup.callback(advertiser.close)  # first: coordinators stop sending here
+    held = sum(len(h.experts) for h in info.layers)
+    total = sum(h.num_experts for h in info.layers)
+    print(
+        f"node {service.name} ({service.node_id}) serving {held} of {total} experts of model "
+        f"{info.fingerprint[:16]} from {f'bundle {args.bundle}' if args.bundle else args.store} "
+        f"on {', '.join(interfaces)} port {port}",
+        flush=True,
+    )
+    if tls is not None:
+        print(f"mutual TLS: certificate {tls.path} valid until {tls.not_after:%Y-%m-%d}", flush=True)
+    if generated:
+        print(f"cluster token: {token}  (give it to the coordinator: --token or {TOKEN_ENV})", flush=True)
+    while not stop.wait(0.5):
+        if args.parent_pid is not None and os.getppid() != args.parent_pid:
+            log.warning("parent process %d is gone; stopping", args.parent_pid)
+            break
     return 0
 
 

@@ -31,6 +31,10 @@ class ExpertSource(Protocol):
 
     def layer(self, layer: int) -> LayerSpec: ...
 
+    def record_bytes(self, layer: int) -> int:
+        """Bytes one record of `layer` takes on flash (what a read of it costs)."""
+        ...
+
     def submit(self, layer: int, experts: list[int]) -> PendingRead:
         """Start reading whole records; the arrays are made on the caller's thread by `result()`."""
         ...

@@ -30,7 +30,7 @@ def model_classes(config: dict):
         return _get_classes(config)
     except KeyError:
         raise UserError("config.json has no model_type; is this a Hugging Face / mlx-lm model?") from None
-    except ValueError:
+    except (ValueError, TypeError, AttributeError):
         raise UserError(
             f"model_type {config.get('model_type')!r} is not supported by the installed mlx-lm; "
             "upgrade mlx-lm (`pip install -U mlx-lm`) or pick a model it supports"
@@ -47,12 +47,16 @@ def load_lazy(path: Path, *, strict: bool) -> tuple[nn.Module, dict]:
         raise UserError(f"{path} has no config.json; point at a model directory") from None
     except json.JSONDecodeError as e:
         raise UserError(f"{path}/config.json is not valid JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise UserError(f"{path}/config.json must hold a JSON object, not {type(config).__name__}")
     model_classes(config)  # unknown model_type -> one clear line before mlx-lm's own error
     try:
         return load_model(path, lazy=True, strict=strict)
     except FileNotFoundError as e:
         raise UserError(f"{e}; the model directory needs its *.safetensors files") from None
-    except (ValueError, RuntimeError, OSError) as e:
+    # a config mlx-lm's class cannot be built from (a field of the wrong type or value) fails in many ways
+    except (ValueError, RuntimeError, OSError, TypeError, KeyError, AttributeError, IndexError, ArithmeticError,
+            AssertionError) as e:  # fmt: skip
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"cannot load the model in {path}: {first}") from None
 
@@ -87,7 +91,16 @@ def expert_templates_from_config(
     model_class, args_class = model_classes(config)
     try:
         model = model_class(args_class.from_dict(config))
-    except (TypeError, ValueError, KeyError) as e:
+    except (
+        TypeError,
+        ValueError,
+        KeyError,
+        AttributeError,
+        IndexError,
+        ArithmeticError,
+        RuntimeError,
+        AssertionError,
+    ) as e:
         raise UserError(f"cannot build a {config.get('model_type')!r} model from its config: {e}") from None
     if quantization:
         for spec in layers:

@@ -97,6 +97,15 @@ def _node_handler(servicer: NodeServicer) -> grpc.GenericRpcHandler:
     return grpc.method_handlers_generic_handler(node.full_name, handlers)
 
 
+# Coordinators ping every 2 s to notice a dropped link (coordinator.client.KEEPALIVE_OPTIONS); gRPC
+# servers otherwise answer pings more often than every 5 minutes with GOAWAY.
+KEEPALIVE_SERVER_OPTIONS = [
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.min_ping_interval_without_data_ms", 1000),
+    ("grpc.http2.max_ping_strikes", 0),
+]
+
+
 def start_server(
     service: NodeService, *, addresses: list[str], port: int = 0, workers: int = 8, tls: TlsIdentity | None = None
 ) -> tuple[grpc.Server, int]:
@@ -105,7 +114,8 @@ def start_server(
     limit = service.max_message_bytes + 1024 * 1024
     server = grpc.server(
         ThreadPoolExecutor(max_workers=workers, thread_name_prefix="flashmesh-grpc"),
-        options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)],
+        options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)]
+        + KEEPALIVE_SERVER_OPTIONS,
     )
     server.add_generic_rpc_handlers((_node_handler(NodeServicer(service)),))
     credentials = None

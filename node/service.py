@@ -23,6 +23,7 @@ import numpy as np
 from flashmesh.node.cache import ExpertCache
 from flashmesh.node.compute import LocalExperts
 from flashmesh.node.expert_source import ExpertSource, open_expert_source
+from flashmesh.node.shutdown import MlxThread
 from flashmesh.node.store_format import RecordError
 from flashmesh.protos import DEFAULT_MAX_MESSAGE_BYTES, PROTOCOL_VERSION
 from flashmesh.protos import flashmesh_pb2 as pb
@@ -45,7 +46,7 @@ class RequestError(Exception):
 
 def _store_failure(name: str, e: UserError) -> RequestError:
     if isinstance(e, RecordError):
-        return RequestError(ErrorKind.DATA_LOSS, f"node {name}: {e}", records=((e.layer, e.expert),))
+        return RequestError(ErrorKind.DATA_LOSS, f"node {name}: {e}", records=e.records)
     return RequestError(ErrorKind.INTERNAL, f"node {name}: {e}")
 
 
@@ -91,7 +92,7 @@ class NodeService:
         self.name = name
         self.node_id = uuid.uuid4().hex[:12]
         self.max_message_bytes = max_message_bytes
-        self._mlx = ThreadPoolExecutor(max_workers=1, thread_name_prefix="flashmesh-mlx")
+        self._mlx = MlxThread()
         self.store = open_expert_source(
             Path(store_path), bundle=bundle, page_cache=page_cache, verify=verify, shard=shard
         )
@@ -265,5 +266,5 @@ class NodeService:
                 self._mlx.submit(self.cache.drain).result()  # reads in flight finish before the store closes
             except UserError as e:
                 log.warning("node %s: a read ahead failed while closing: %s", self.name, e)
-        self._mlx.shutdown(wait=True)
+        self._mlx.shutdown()  # releases the thread's MLX state: no abort at exit
         self.store.close()

@@ -31,11 +31,16 @@ def shard_experts(num_experts: int, *, count: int, index: int, replicas: int = 1
     return [e for e in range(num_experts) if any((e + r) % count == index for r in range(replicas))]
 
 
+def _dense_bytes(store: Path, source: Manifest) -> int:
+    names = [*source.dense_files, "config.json", "manifest.json", *TOKENIZER_FILES]
+    return sum((Path(store) / n).stat().st_size for n in names if (Path(store) / n).is_file())
+
+
 @contextmanager
-def _staged_store(out: Path, force: bool) -> Iterator[Path]:
+def _staged_store(out: Path, force: bool, needs: int) -> Iterator[Path]:
     if out.exists() and not force:
         raise UserError(f"{out} already exists; remove it or pass --force")
-    with staged_directory(out) as tmp:
+    with staged_directory(out, needs=needs) as tmp:
         (tmp / "experts").mkdir()
         yield tmp
 
@@ -50,7 +55,12 @@ def write_shard(store: Path, out: Path, *, count: int, index: int, replicas: int
     if source.shard is not None:
         raise UserError(f"{store} is itself a shard ({source.shard}); shard the full store")
     out = Path(out)
-    with _staged_store(out, force) as tmp:
+    held_records = sum(
+        spec.record_size * sum(spec.holds(e) for e in shard_experts(spec.num_experts, count=count, index=index,
+                                                                    replicas=replicas))
+        for spec in source.layers
+    )  # fmt: skip
+    with _staged_store(out, force, held_records + _dense_bytes(store, source)) as tmp:
         layers = []
         with ExpertStore(store, page_cache=True, verify=True) as reader:
             for spec in source.layers:
@@ -75,7 +85,7 @@ def write_dense(store: Path, out: Path, *, force: bool = False) -> Manifest:
     """The coordinator's part of a store: dense weights, config, tokenizer; no expert records."""
     source = Manifest.load(store)
     out = Path(out)
-    with _staged_store(out, force) as tmp:
+    with _staged_store(out, force, _dense_bytes(store, source)) as tmp:
         for name in [*source.dense_files, "config.json", *TOKENIZER_FILES]:
             if (Path(store) / name).is_file():
                 shutil.copy2(Path(store) / name, tmp / name)

@@ -37,6 +37,7 @@ class RecordError(UserError):
         super().__init__(f"layer {layer} expert {expert}: {message}")
         self.layer = layer
         self.expert = expert
+        self.records: tuple[tuple[int, int], ...] = ((layer, expert),)  # every record of the read that failed
 
 
 def dtype_name(dtype: mx.Dtype) -> str:
@@ -199,12 +200,15 @@ class Manifest:
             d = json.loads(path.read_text())
         except json.JSONDecodeError as e:
             raise UserError(f"{path} is not valid JSON ({e}); re-run `flashmesh pack`") from None
-        version = d.get("format_version")
+        version = d.get("format_version") if isinstance(d, dict) else None
         if version != FORMAT_VERSION:
             raise UserError(
                 f"{directory} has store format {version}, this flashmesh reads format "
                 f"{FORMAT_VERSION}; re-pack it with `flashmesh pack`"
             )
+        from flashmesh.node.manifest_check import check_manifest
+
+        check_manifest(d, path)
         return cls(
             config=d["config"],
             fingerprint=d["fingerprint"],
@@ -217,19 +221,30 @@ class Manifest:
 
 
 @contextmanager
-def staged_directory(out: Path) -> Iterator[Path]:
+def staged_directory(out: Path, *, needs: int | None = None) -> Iterator[Path]:
     """A fresh temporary directory beside `out` for the block to fill; renamed to `out` (replacing
     it) when the block succeeds, removed when anything fails: a half-written directory never looks
-    complete."""
+    complete. `needs`: the output's size, if known, checked against the free space first; a full
+    disk becomes one line naming the place and the bytes needed (node.disk_space)."""
+    from flashmesh.node import disk_space
+
     out = Path(out)
+    if needs is not None:
+        disk_space.check_space(out, needs)
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     try:
+        tmp.mkdir(parents=True)
         yield tmp
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)
+    except OSError as e:
+        written = disk_space.tree_bytes(tmp) if tmp.exists() else 0
+        shutil.rmtree(tmp, ignore_errors=True)
+        if e.errno in disk_space.FULL:
+            raise disk_space.disk_full(out, needs=needs, written=written) from None
+        raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -143,6 +143,10 @@ class ExpertStore:
     def layer(self, layer: int) -> LayerSpec:
         return self._layers[layer]
 
+    def record_bytes(self, layer: int) -> int:
+        """Bytes one record of `layer` takes on flash (a bundle's records differ from the arrays handed out)."""
+        return self._specs[layer].record_size
+
     def templates(self) -> dict[int, nn.Module]:
         """layer -> the model's routed-expert module that computes with the arrays this store hands out."""
         return expert_templates(self.path)
@@ -167,7 +171,11 @@ class ExpertStore:
         spec = self._specs[layer]
         buf = self._buffer(spec.record_size)
         view = memoryview(buf)[: spec.record_size]
-        got = os.preadv(self._fds[layer], [view], spec.record_offset(expert))
+        try:
+            got = os.preadv(self._fds[layer], [view], spec.record_offset(expert))
+        except OSError as e:  # EIO, a file gone from under us: this record is lost
+            self._release(buf)
+            raise self._unreadable(spec, expert, e) from None
         problem = self._problem(spec, expert, got, view)
         if problem is not None:
             self._release(buf)
@@ -189,6 +197,9 @@ class ExpertStore:
                 f"record checksum mismatch in {self.path / spec.file}; the flash copy is corrupt, {self.remedy}",
             )
         return None
+
+    def _unreadable(self, spec: LayerSpec, expert: int, e: OSError) -> RecordError:
+        return RecordError(spec.layer, expert, f"cannot read {self.path / spec.file} ({e.strerror}); {self.remedy}")
 
     def _read_chunk(self, layer: int, expert: int, view: memoryview, offset: int) -> int:
         """Reader thread: one aligned pread into (a slice of) MLX-owned memory; nothing else."""
@@ -266,15 +277,21 @@ class ExpertStore:
         size = spec.record_size
         out: dict[int, dict[str, mx.array]] = {}
         error: Exception | None = None
+        failed: list[tuple[int, int]] = []  # records that could not be used (all of them, for DATA_LOSS)
         for e, (skew, futures) in pending.jobs.items():
             try:
                 got = sum(f.result() for f in futures)
+            except OSError as exc:  # EIO, a file gone from under us: this record is lost, the rest may not be
+                failed.append((pending.layer, e))
+                error = error or self._unreadable(spec, e, exc)
+                continue
             except Exception as exc:  # collect, finish the other reads, then raise the first
                 error = error or exc
                 continue
             raw = pending.raws[e]
             problem = self._problem(spec, e, got, memoryview(np.array(raw, copy=False))[skew : skew + size])
             if problem is not None:
+                failed.append((pending.layer, e))
                 error = error or problem
                 continue
             out[e] = self._arrays(raw, skew, spec)
@@ -284,6 +301,8 @@ class ExpertStore:
             self.stats.records += len(out)
             self.stats.bytes += len(out) * size
             self.stats.seconds += elapsed
+        if isinstance(error, RecordError):
+            error.records = tuple(failed)
         if error is not None:
             raise error
         return out

@@ -18,6 +18,7 @@ from flashmesh.node.expert_banks import ExpertBank, find_expert_banks, submodule
 from flashmesh.node.experts import load_lazy, quantization_of
 from flashmesh.node.store_check import one_bank_per_layer, per_expert_table, verify_store
 from flashmesh.node.store_format import (
+    RECORD_ALIGN,
     LayerSpec,
     Manifest,
     checksum,
@@ -84,7 +85,7 @@ def pack(src: str, out: Path, *, force: bool = False, show_progress: bool = True
         raise UserError(f"{out} already exists; remove it or pass --force")
     source = resolve_source(src)
     params, config, banks = _lazy_source(source)
-    with staged_directory(out) as tmp:
+    with staged_directory(out, needs=_store_bytes(params, banks)) as tmp:
         (tmp / "experts").mkdir()
         manifest = _write_store(params, config, banks, source, tmp, show_progress)
         try:
@@ -93,6 +94,11 @@ def pack(src: str, out: Path, *, force: bool = False, show_progress: bool = True
             raise UserError(f"cannot pack {source}: the store would not run: {e}; nothing was written") from None
     log.info("packed %s into %s (fingerprint %s)", source, out, manifest.fingerprint)
     return manifest
+
+
+def _store_bytes(params: dict[str, mx.array], banks: list) -> int:
+    """About the bytes of the store: every tensor, plus up to one alignment gap per expert record."""
+    return sum(a.nbytes for a in params.values()) + sum(b.num_experts for b, _ in banks) * RECORD_ALIGN
 
 
 _LINEARS = (SwitchLinear, QuantizedSwitchLinear, nn.Linear, nn.QuantizedLinear)

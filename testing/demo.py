@@ -83,7 +83,7 @@ def describe(store: Path) -> dict:
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="build a small MoE model locally, pack it and run it streamed")
-    p.set_defaults(func=cmd_demo)
+    p.set_defaults(func=cmd_demo, stopped_status=0)  # SIGTERM / Ctrl-C stop the demo: exit 0
     p.add_argument("--workdir", type=Path, default=Path(".flashmesh/demo"))
     p.add_argument(
         "--arch",

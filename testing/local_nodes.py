@@ -62,8 +62,12 @@ class LocalNodeProcesses:
         tls: Path | None = None,
         node_args: list[list[str]] | None = None,
         before_exec: list[Callable[[], None] | None] | None = None,
+        hosts: list | None = None,
+        browse_on: str = "127.0.0.1",
     ) -> None:
         self.shards, self.budgets, self.token = list(shards), list(budgets), token
+        self.hosts = hosts  # testing.netns.Host per node: run node i inside it, on its address
+        self.browse_on = browse_on  # where find() looks for them by zeroconf
         self.node_args = node_args or [[] for _ in shards]  # more `node serve` options per node
         self.before_exec = before_exec or [None] * len(shards)  # runs in node i before exec (e.g. join cgroups)
         self.tls = tls  # a cluster directory holding its CA: each node gets a certificate for its name
@@ -82,7 +86,8 @@ class LocalNodeProcesses:
         self._logs.append(log_file)
         source = ["--bundle", str(self.shards[i])] if is_bundle(self.shards[i]) else [str(self.shards[i])]
         cmd = [sys.executable, "-m", "flashmesh.coordinator.cli", "node", "serve", *source, *self.node_args[i]]
-        cmd += ["--ram-budget", str(self.budgets[i]), "--port", str(port), "--interfaces", "127.0.0.1"]
+        listen = "127.0.0.1" if self.hosts is None else self.hosts[i].address
+        cmd += ["--ram-budget", str(self.budgets[i]), "--port", str(port), "--interfaces", listen]
         cmd += ["--name", self.names[i], "--parent-pid", str(os.getpid())]
         if self.flash_gbps is not None:
             cmd += ["--flash-gbps", str(self.flash_gbps)]
@@ -93,6 +98,8 @@ class LocalNodeProcesses:
             cmd += ["--tls", str(out if out.is_dir() else issue(self.tls, self.names[i], out=out))]
         env = {**os.environ, TOKEN_ENV: self.token, "TRANSFORMERS_VERBOSITY": "error"}
         env.pop(TLS_ENV, None)
+        if self.hosts is not None:
+            cmd = self.hosts[i].command(cmd)  # `ip netns exec` execs: the process is the node itself
         self.procs[i] = subprocess.Popen(
             cmd, env=env, stdout=log_file, stderr=subprocess.STDOUT, preexec_fn=self.before_exec[i]
         )
@@ -104,37 +111,38 @@ class LocalNodeProcesses:
             tail = (self.logdir / f"{self.names[i]}.log").read_text(errors="replace").strip().splitlines()[-1:]
             raise UserError(f"local node {self.names[i]} exited with status {proc.returncode}: {' '.join(tail)}")
 
-    def find(self, *, timeout: float = 120.0) -> list[NodeAddress]:
-        """Wait until zeroconf on 127.0.0.1 finds every started node; return their addresses."""
-        wanted = {name for name, proc in zip(self.names, self.procs, strict=True) if proc is not None}
+    def find(self, *, timeout: float = 120.0, only: list[int] | None = None) -> list[NodeAddress]:
+        """Wait until zeroconf (on `browse_on`) finds every started node (or those of `only`, as
+        they are now: a restarted node has a new id); return their addresses."""
+        indices = [i for i in (range(len(self.names)) if only is None else only) if self.procs[i] is not None]
+        stale = {self.addresses[i].node_id for i in indices if self.addresses[i] is not None}
+        wanted = {self.names[i] for i in indices}
         found: dict[str, NodeAddress] = {}
         deadline = time.monotonic() + timeout
         while len(found) < len(wanted):
-            for i in range(len(self.names)):
+            for i in indices:
                 self._check_alive(i)
             if time.monotonic() > deadline:
                 raise UserError(f"local nodes {sorted(wanted - set(found))} did not appear within {timeout:g} s")
             for node in discover(
-                interfaces=["127.0.0.1"],
+                interfaces=[self.browse_on],
                 timeout=2.0,
                 expect=len(wanted) - len(found),
-                accept=lambda n: n.name in wanted and n.name not in found,
+                accept=lambda n: n.name in wanted and n.name not in found and n.node_id not in stale,
             ):
                 found[node.name] = node
-        for i, name in enumerate(self.names):
-            if name in found:
-                self.addresses[i] = found[name]
-        return [found[name] for name in self.names if name in found]
+        for i in indices:
+            self.addresses[i] = found[self.names[i]]
+        return [found[self.names[i]] for i in indices]
 
-    def restart(self, i: int, *, timeout: float = 120.0) -> NodeAddress:
-        """Start node `i` again on its old port and wait until it answers there."""
+    def restart(self, i: int, *, timeout: float = 120.0, same_port: bool = True) -> NodeAddress:
+        """Start node `i` again on its old port (or any free one) and wait until it answers there."""
         from flashmesh.coordinator.client import NodeClient
 
         old = self.addresses[i]
-        self.start(i, port=old.port)
-        if self._certs is not None:  # no coordinator identity here to probe with: wait for its advertisement
-            self.find(timeout=timeout)
-            return self.addresses[i]
+        self.start(i, port=old.port if same_port else 0)
+        if self._certs is not None or not same_port:  # no identity to probe with, or a new port: zeroconf
+            return self.find(timeout=timeout, only=[i])[0]
         client = NodeClient(old, token=self.token)
         deadline = time.monotonic() + timeout
         try:
@@ -183,8 +191,11 @@ def local_node_processes(
     tls: Path | None = None,
     node_args: list[list[str]] | None = None,
     before_exec: list[Callable[[], None] | None] | None = None,
+    hosts: list | None = None,
+    browse_on: str = "127.0.0.1",
 ) -> Iterator[LocalNodeProcesses]:
-    """Started and found `LocalNodeProcesses`; always stopped on exit."""
+    """Started and found `LocalNodeProcesses` (inside `hosts`, testing.netns, when given); always
+    stopped on exit."""
     nodes = LocalNodeProcesses(
         shards,
         budgets=budgets,
@@ -194,6 +205,8 @@ def local_node_processes(
         tls=tls,
         node_args=node_args,
         before_exec=before_exec,
+        hosts=hosts,
+        browse_on=browse_on,
     )
     try:
         for i in range(len(shards)):

@@ -1,4 +1,5 @@
-"""The benchmarks' own tools that decide what is compared: the GGUF llama.cpp reads and the disk blkio caps."""
+"""The benchmarks' own tools that decide what is compared: the GGUF llama.cpp reads, the disk blkio caps, and
+the hit rate plan-validate's calibration predicts."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from flashmesh.node.store_format import Manifest
 from safetensors.numpy import load_file
 
 from bench.gguf_export import export_gguf
+from bench.plan_runs import counted_hit_rate
 from bench.scaling import disk_of
 
 
@@ -64,3 +66,10 @@ def test_instruction_dumps_are_read_per_dump_and_thread(tmp_path):
     (tmp_path / "cg.42.3-01").write_text("version: 1\n")  # a dump without a summary line is skipped
     (tmp_path / "cg.43.1-01").write_text("summary: 999\n")  # another process's dump
     assert _totals(tmp_path, 42) == [{1: 100, 20: 7}, {1: 130, 20: 9}, {1: 5}]  # numeric order: 10 after 2
+
+
+def test_calibration_counts_only_the_generation_after_the_warm_up():
+    trace = [(0, [0, 1]), (0, [2, 3]), (0, [0, 1])]
+    assert counted_hit_rate(trace, warm=2, capacity=4) == 1.0  # everything the warm-up read is still there
+    assert counted_hit_rate(trace, warm=2, capacity=2) == 0.0  # LFU with aging kept the later 2, 3
+    assert counted_hit_rate(trace, warm=1, capacity=4) == 0.5  # [2, 3] cold, [0, 1] hits

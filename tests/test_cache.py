@@ -131,3 +131,6 @@ def test_statistics_over_a_window_and_across_nodes():
     both = ExpertStats({"a": after, "b": node}, {"a": 100, "b": 50})
     assert both.total.hits == 7 and both.total.peak_bytes == 25 and both.ram_budget_bytes == 150
     assert both.since(ExpertStats({"a": before}, {"a": 100})).total.hits == 4 + 2  # a node new in the window
+    # a node that restarted in the window counts from zero again: its window is what it did since
+    restarted = CacheStats(hits=2, misses=1, bytes_read=100, io_seconds=0.1, peak_bytes=5).since(after)
+    assert (restarted.hits, restarted.misses, restarted.bytes_read) == (2, 1, 100)

@@ -22,7 +22,7 @@ from flashmesh.coordinator.options import ModelOptions
 from flashmesh.node.shard import write_dense
 from flashmesh.node.store_format import Manifest
 from flashmesh.protos.errors import ErrorKind
-from flashmesh.testing.faults import generate_with_faults
+from flashmesh.testing.faults import generate_with_faults, wait_taken_back
 from flashmesh.testing.local_nodes import ensure_shards, local_node_processes
 
 from .conftest import PROMPT, assert_one_line_error
@@ -33,6 +33,7 @@ TOKEN = "test-faults-token"
 MAX_TOKENS = 8
 RPC_DEADLINE = 2.0  # seconds: short, so a hung node is found quickly, yet far above a healthy call here
 STALL_BOUND = 15.0  # seconds: generous for a 2-core VM shared with other work; the figures are logged
+TAKEN_BACK_WITHIN = 15.0  # seconds from the repair: probe back-off (<= 2 s) + probe and reconnect, on a loaded VM
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +73,7 @@ class Cluster:
     def __init__(self, nodes, dense, shards):
         self.nodes, self.dense, self.shards = nodes, dense, shards
 
-    def open(self):
+    def open(self, *, hedge: bool = True):
         return open_model(
             ModelOptions(
                 store=self.dense,
@@ -81,6 +82,7 @@ class Cluster:
                 token=TOKEN,
                 rpc_deadline=RPC_DEADLINE,
                 probe_backoff=0.2,
+                hedge=hedge,
             )
         )
 
@@ -125,6 +127,21 @@ def _report(what, backend):
         max(stats.stall_seconds, default=0.0),
         float(np.median(normal)) if normal else 0.0,
     )
+
+
+def _assert_taken_back(streaming, victim_id: str, tokens: list[int]) -> None:
+    """The repaired node is up again within TAKEN_BACK_WITHIN (waiting on the membership, probing as
+    an idle server does: how long a generation lasts must not decide it), then gets work again."""
+    backend = streaming.backend
+    seconds = wait_taken_back(backend, timeout=TAKEN_BACK_WITHIN)
+    assert seconds is not None, f"still down after {TAKEN_BACK_WITHIN:g} s: {backend.membership.states[victim_id]}"
+    log.warning("taken back %.2f s after the repair", seconds)
+    assert backend.dispatch.recoveries
+    before = backend.dispatch.nodes[victim_id].requests
+    assert _generate(streaming) == tokens
+    # (not `down() == []` after it: on a loaded VM a healthy node may be late once, outrun by a hedge
+    # and held down until its next probe; that is hedging working, tests/test_hedging.py)
+    assert backend.dispatch.nodes[victim_id].requests > before
 
 
 def test_damaged_record_on_one_replica_is_served_by_the_other(replicated, reference):
@@ -188,8 +205,9 @@ def test_run_cli_takes_an_rpc_deadline(replicated, reference, capsys):
 
 
 def test_sigstop_is_found_by_the_deadline_and_fails_over(replicated, reference):
+    """The last resort, hedging off (tests/test_hedging.py and tests/test_chaos.py hedge)."""
     _, tokens, _ = reference
-    streaming = replicated.open()
+    streaming = replicated.open(hedge=False)
     connected = streaming.nodes
     backend = streaming.backend
     index, victim_id = replicated.busiest(streaming, connected)
@@ -211,10 +229,8 @@ def test_sigstop_is_found_by_the_deadline_and_fails_over(replicated, reference):
         assert [f.kind for f in failovers] == [ErrorKind.DEADLINE_EXCEEDED]
         assert RPC_DEADLINE * 0.9 <= failovers[0].detect_seconds < STALL_BOUND
         assert max(backend.dispatch.stall_seconds) < STALL_BOUND and elapsed < 2 * STALL_BOUND
-        # running again: a probe on the dispatch path finds it, and it is used again
-        time.sleep(0.5)
-        assert _generate(streaming) == tokens
-        assert backend.membership.down() == [] and backend.dispatch.recoveries
+        # running again: the probes of an idle coordinator find it, and it is used again
+        _assert_taken_back(streaming, victim_id, tokens)
     finally:
         streaming.close()
 
@@ -248,13 +264,11 @@ def test_sigkill_mid_generation_with_replicas(replicated, reference, when):
         failovers = [f for f in backend.dispatch.failovers if f.node == label]
         assert [f.kind for f in failovers] == [ErrorKind.UNAVAILABLE]
         assert max(backend.dispatch.stall_seconds) < STALL_BOUND
-        assert backend.membership.down() == [victim_id]
+        assert victim_id in backend.membership.down()  # (a healthy node outrun by a hedge may be too)
         assert _generate(streaming) == tokens  # keeps working on two nodes
         # the node is started again at its address: the cluster takes it back by itself
         replicated.nodes.restart(index)
-        time.sleep(0.5)
-        assert _generate(streaming) == tokens
-        assert backend.membership.down() == [] and backend.dispatch.recoveries
+        _assert_taken_back(streaming, victim_id, tokens)
     finally:
         streaming.close()
 

@@ -84,6 +84,33 @@ def test_time_model(qwen35):
     assert not phone.fits and "does not fit" in phone.problems[0]
 
 
+def test_devices_on_one_host_share_it(qwen35):
+    from flashmesh.coordinator.planner import effective_rates
+
+    alone = Device("a", 48 * 10**9, 6.0, 200.0, host="mac")
+    pair = [alone, Device("b", 48 * 10**9, 6.0, 200.0, host="mac")]
+    assert effective_rates([alone]) == [(6.0, 200.0)]  # alone on its host: all of it
+    assert effective_rates(pair) == [(3.0, 100.0)] * 2  # unmeasured: an even split
+    measured = [Device(n, 48 * 10**9, 6.0, 200.0, host="mac", shared_compute_gbps=150.0, shared_flash_gbps=4.0)
+                for n in "ab"]  # fmt: skip
+    assert effective_rates(measured) == [(4.0, 150.0)] * 2  # a process alone leaves cores idle
+    apart = [Device("a", 48 * 10**9, 6.0, 200.0), Device("b", 48 * 10**9, 6.0, 200.0)]
+    assert effective_rates(apart) == [(6.0, 200.0)] * 2
+    budget = {"budget_bytes": 10**9}
+    shared = plan(qwen35, [Device(n, 48 * 10**9, 6.0, 200.0, host="mac", **budget) for n in "ab"])
+    separate = plan(qwen35, [Device(n, 48 * 10**9, 6.0, 200.0, **budget) for n in "ab"])
+    for s, p in zip(shared.devices, separate.devices, strict=True):  # same work, at half the rates
+        assert (s.read_s, s.compute_s) == pytest.approx((2 * p.read_s, 2 * p.compute_s))
+
+
+def test_dense_part_at_its_own_rate(qwen35):
+    mac = Device("mac", 48 * 10**9, 6.0, 200.0)
+    assert plan(qwen35, [mac]).dense_s == pytest.approx(qwen35.dense_read_bytes / 200e9)
+    slower = Device("mac", 48 * 10**9, 6.0, 200.0, dense_compute_gbps=50.0)  # many small kernels
+    assert plan(qwen35, [slower]).dense_s == pytest.approx(qwen35.dense_read_bytes / 50e9)
+    assert plan(qwen35, [slower]).devices[0].compute_s == plan(qwen35, [mac]).devices[0].compute_s
+
+
 def test_measured_routing_file(qwen35, tmp_path):
     facts = qwen35
     counts = np.zeros((60, 512), dtype=int)

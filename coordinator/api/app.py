@@ -68,7 +68,12 @@ def create_app(worker: GenerationWorker, options: ServeOptions, *, metrics: Serv
 
     @app.get("/health")
     async def health() -> dict:
-        return {"status": "ok", "model": options.model_id, "queue_depth": worker.queue_depth}
+        return {
+            "status": "ok",
+            "model": options.model_id,
+            "queue_depth": worker.queue_depth,
+            "nodes": worker.node_states(),
+        }
 
     @app.get("/metrics")
     async def prometheus() -> Response:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import signal
 import sys
@@ -57,14 +58,14 @@ def cmd_serve(args) -> int:
     prompt_cache_bytes = parse_bytes(args.prompt_cache_bytes)
     given = args.store
     resolve_store(args, show_progress=sys.stderr.isatty())  # packs a model directory on first use
-    options = model_options(args)
+    options = dataclasses.replace(model_options(args), watch=True)  # nodes that restart elsewhere are found
     Manifest.load(options.store)  # a bad path fails here, before anything is started
     if not 0 <= args.port < 65536:
         raise UserError(f"--port {args.port} is not a TCP port; pass 0..65535")
     max_body = parse_bytes(args.max_body)
     sock = bind(args.host, args.port)
-    # uvicorn shuts down gracefully on SIGTERM, then raises it again: exit 0 through the finally blocks.
-    previous = signal.signal(signal.SIGTERM, _exit_cleanly)
+    # uvicorn shuts down gracefully on SIGTERM / SIGINT, then raises it again: exit 0 through the finally blocks.
+    previous = {sig: signal.signal(sig, _exit_cleanly) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         metrics = ServerMetrics()
         worker = GenerationWorker(
@@ -89,5 +90,6 @@ def cmd_serve(args) -> int:
             worker.close()
     finally:
         sock.close()
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     return 0

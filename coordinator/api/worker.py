@@ -31,15 +31,14 @@ from flashmesh.coordinator.api.jobs import (  # noqa: F401 - the worker's public
 from flashmesh.coordinator.api.prompt_cache import PromptCache
 from flashmesh.coordinator.engine import StreamingModel
 from flashmesh.coordinator.generate import GenerationStats, SamplingParams, generate
+from flashmesh.node.shutdown import release_thread_mlx_state
 from flashmesh.node.store_format import Manifest
+from flashmesh.protos.errors import UserError
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
 log = logging.getLogger(__name__)
 
-# A thread that used MLX tears its per-thread MLX state down as the OS thread exits, which can race
-# with process exit and abort ("terminate called without an active exception"; 9 of 40 runs of a
-# three-line script here). So the worker thread, once finished, parks on this (never set) instead.
-_PARKED = threading.Event()
+IDLE_POLL_SECONDS = 1.0  # an idle worker probes cluster nodes that are down this often
 
 
 class GenerationWorker:
@@ -182,9 +181,36 @@ class GenerationWorker:
                 self._finish()
 
     def _finish(self) -> None:
+        release_thread_mlx_state()  # else the thread's end can race interpreter exit (node.shutdown)
         self._finished.set()
         self._ready.set()
-        _PARKED.wait()
+
+    def _idle(self) -> None:
+        """Between requests: probe cluster nodes that are down, so an idle server takes them back."""
+        remote = self.streaming.remote
+        if remote is not None:
+            try:
+                remote.poll_health()
+            except UserError as e:  # a probe's trouble shows again on the next request
+                log.warning("probing nodes: %s", e)
+
+    def _next_job(self, *, wait: bool) -> Job | None:
+        """The next queued job (None: stop); raises queue.Empty. Waiting, it probes down nodes meanwhile."""
+        while True:
+            try:
+                return self._queue.get(block=wait, timeout=IDLE_POLL_SECONDS if wait else None)
+            except queue.Empty:
+                if not wait:
+                    raise
+                self._idle()
+
+    def node_states(self) -> list[dict]:
+        """Each cluster node's label and whether it is in use (a snapshot; empty in-process)."""
+        remote = self.streaming.remote if self.streaming is not None else None
+        if remote is None:
+            return []
+        states = remote.membership.states
+        return [{"node": remote.links[n].label, "up": states[n].up, "reason": states[n].reason} for n in states]
 
     def _serve_batched(self, batch: ContinuousBatch) -> None:
         stopping = solo = False
@@ -192,7 +218,7 @@ class GenerationWorker:
         while True:
             while not (stopping or solo or self._alone is not None or batch.full):
                 try:
-                    job = self._queue.get(block=len(batch) == 0)  # wait only when there is nothing to do
+                    job = self._next_job(wait=len(batch) == 0)  # wait only when there is nothing to do
                 except queue.Empty:
                     break
                 if job is None:
@@ -225,7 +251,7 @@ class GenerationWorker:
                     if self.metrics is not None:
                         self.metrics.observe_failure()
                 decoded = 0
-            mark = self._observe_experts(mark, decoded)
+            mark = self._observe_experts_safely(mark, decoded)
 
     def _admit(self, batch: ContinuousBatch, job: Job, *, use_cache: bool = True) -> None:
         if job.cancelled:
@@ -246,7 +272,7 @@ class GenerationWorker:
     def _serve_one_at_a_time(self) -> None:
         mark = self.streaming.backend.stats()
         eos = set(self.streaming.tokenizer.eos_token_ids)
-        while (job := self._queue.get()) is not None:
+        while (job := self._next_job(wait=True)) is not None:
             job.started_at = time.monotonic()
             with self._lock:
                 self._active.add(job)
@@ -275,9 +301,14 @@ class GenerationWorker:
                     self.metrics.observe_failure()
                 self._send(job, ErrorEvent(e))
             else:
-                self._observe(job, stats)
-                self._send(job, DoneEvent(stats, tuple(logprobs)))
-            mark = self._observe_experts(mark, 1)
+                try:
+                    self._observe(job, stats)
+                except Exception as e:  # a bug after the generation (its figures): fail this job, keep serving
+                    log.exception("job %s: failed after its generation", job.id)
+                    self._send(job, ErrorEvent(e))
+                else:
+                    self._send(job, DoneEvent(stats, tuple(logprobs)))
+            mark = self._observe_experts_safely(mark, 1)
 
     def _send(self, job: Job, event: Event) -> None:
         if isinstance(event, DoneEvent | ErrorEvent):
@@ -294,6 +325,14 @@ class GenerationWorker:
         self._seconds_per_job = 0.8 * self._seconds_per_job + 0.2 * (time.monotonic() - started)
         if self.metrics is not None:
             self.metrics.observe_generation(stats, queue_seconds=started - job.submitted_at)
+
+    def _observe_experts_safely(self, mark, decoded: int):
+        """_observe_experts, but a failure there (a bug in the figures) is logged, not fatal to serving."""
+        try:
+            return self._observe_experts(mark, decoded)
+        except Exception:
+            log.exception("the expert figures of a step failed; serving goes on")
+            return self.streaming.backend.stats()
 
     def _observe_experts(self, mark, decoded: int):
         """The step's expert figures for /metrics: cache deltas (the local cache or the nodes'), and

@@ -129,10 +129,14 @@ final class ControllerTests: XCTestCase {
         let (controller, _, _) = makeController()
         await controller.openBundle(Vectors.path(v.manifests[0].bundle))
         controller.generateToken()
-        // Background arrives while the start is still allocating the cache: it stops after the start.
-        async let started: Void = controller.start()
-        async let backgrounded: Void = controller.enterBackground()
-        _ = await (started, backgrounded)
+        // Background arrives once the start has begun (still allocating the cache): it stops after the
+        // start. Two `async let`s would race to the controller; the start is made to come first.
+        let started = Task { await controller.start() }
+        let deadline = Date().addingTimeInterval(30)
+        while controller.phase == .idle, Date() < deadline { await Task.yield() }
+        XCTAssertNotEqual(controller.phase, .idle, "the start never began")
+        await controller.enterBackground()
+        await started.value
         XCTAssertEqual(controller.phase, .idle)
         XCTAssertEqual(controller.notice, NodeController.backgroundNotice)
     }
