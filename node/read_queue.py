@@ -205,6 +205,10 @@ class ReadQueue:
                             f"short read ({offset + got} of {plan.record_size} bytes); the store file is "
                             "truncated, re-run `flashmesh pack`",
                         )
+            except OSError as e:  # EIO, a file gone from under us: this record is lost (DATA_LOSS)
+                record.failed = True
+                lost = RecordError(plan.layer, record.expert, f"cannot read {plan.file} ({e.strerror}); {plan.remedy}")
+                reads.error = reads.error or lost
             except Exception as e:  # noqa: BLE001 - handed to the waiter, which raises it
                 record.failed = True
                 reads.error = reads.error or e
