@@ -131,6 +131,96 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_overhead(args: argparse.Namespace) -> int:
+    from bench.overhead import plot_overhead, run_overhead
+
+    configs = []
+    for item in args.configs.split(","):
+        fraction, _, flag = item.partition(":")
+        configs.append((float(fraction), flag == "preload"))
+    result = run_overhead(args.store, args.source, configs=configs, rounds=args.rounds, max_tokens=args.max_tokens)
+    name = args.name or f"overhead-{args.store.name}"
+    result["plot"] = str(plot_overhead([("engine", result)], RESULTS / f"{name}.png"))
+    path = write_result(name, result)
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    print(
+        f"{args.store} ({result['moe_layers']} MoE layers), {args.rounds} alternating rounds, {args.max_tokens} tokens"
+    )
+    print(
+        f"{'config':>18} {'vs mlx-lm':>9} {'min-max':>11} {'CPU ratio':>9} {'hit':>6} {'extra CPU us/layer':>18}"
+        f" {'compute() us':>12} {'SwitchGLU us':>12} same"
+    )
+    for name, c in result["configs"].items():
+        print(
+            f"{name:>18} {c['vs_mlx_lm']:>9.3f} {c['ratio_min']:>5.2f}-{c['ratio_max']:<5.2f}"
+            f" {c['process_cpu_ratio']:>9.3f} {c['hit_rate']:>6.3f}"
+            f" {c['extra_main_cpu_us_per_layer']:>18.1f}"
+            f" {c['engine_cpu_us_per_layer_call']:>12.1f} {c['mlx_lm_switchglu_cpu_us_per_call']:>12.1f}"
+            f" {c['tokens_match_mlx_lm']}"
+        )
+    print(f"written to {path}")
+    return 0
+
+
+def cmd_overlap(args: argparse.Namespace) -> int:
+    from flashmesh.node.store_format import Manifest
+    from flashmesh.protos.sizes import parse_bytes
+
+    from bench.overlap import run_overlap_bench
+
+    manifest = Manifest.load(args.store)
+    limit = parse_bytes(args.limit) if args.limit else int(manifest.expert_bytes_total / 3)
+    budget = parse_bytes(args.ram_budget) if args.ram_budget else int(limit * 0.45)
+    result = run_overlap_bench(args.store, limit_bytes=limit, ram_budget=budget, tokens=args.tokens, rounds=args.rounds)
+    path = write_result(args.name or f"overlap-{args.store.name}", result)
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    print(
+        f"experts {result['expert_bytes_total'] / 1e9:.2f} GB, cgroup {limit / 1e9:.2f} GB "
+        f"({result['oversubscription']:.1f}x), budget {budget / 1e9:.2f} GB, fio {result['fio_gbps']:.2f} GB/s"
+    )
+    for name, c in result["configs"].items():
+        if "seconds_per_token" not in c:
+            print(f"{name:>14}: failed: {c['runs'][-1]}")
+            continue
+        print(
+            f"{name:>14}: {c['seconds_per_token']:.3f} s/token, read if serial {c['read_seconds_if_serial']:.3f} s,"
+            f" compute {c['compute_seconds']:.3f} s: {c['over_max_read_compute']:.2f}x max(read, compute),"
+            f" {c['over_sum_read_compute']:.2f}x their sum, hit {c['hit_rate']:.3f}"
+        )
+    u = result["reads_under_compute"]
+    print(
+        f"reads while MLX computes: {u['ratio']:.2f} of reads alone"
+        f" (qd {u['queue_depth']}, by round {[round(x, 2) for x in u['ratio_by_round']]})"
+    )
+    print(f"written to {path}")
+    return 0
+
+
+def cmd_prefill(args: argparse.Namespace) -> int:
+    from bench.prefill import run_prefill_bench
+
+    result = run_prefill_bench(
+        args.store, args.source, fraction=args.budget, prompt_tokens=args.prompt_tokens, rounds=args.rounds
+    )
+    path = write_result(args.name or f"prefill-{args.store.name}", result)
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    print(
+        f"{result['prompt_tokens']}-token prompt at {args.budget:g} of the expert bytes: prefill "
+        f"{result['prefill_tokens_per_s']:.1f} tok/s vs mlx-lm in RAM {result['mlx_lm_prefill_tokens_per_s']:.1f}"
+        f" = {result['vs_mlx_lm']:.2f} (median of {args.rounds}); waiting on reads "
+        f"{result['io_wait_share_of_prefill']:.0%} of it, {result['bytes_read_per_model_call'] / 1e6:.0f} MB read per "
+        f"model call; an expert read at most {result['max_reads_of_an_expert_in_a_chunk']}x per chunk"
+    )
+    print(f"written to {path}")
+    return 0
+
+
 def _need(*modules: str) -> None:
     """Fail in one line, before any work, when an optional benchmark dependency is missing."""
     import importlib.util
@@ -571,6 +661,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ram-budget", default=None, help="default: a quarter of the expert bytes")
     p.add_argument("--warmup", type=float, default=20.0, help="seconds before the RSS baseline is taken")
     p.add_argument("--rss-bound", default="64MiB", help="allowed RSS growth after warm-up")
+    p.add_argument("--name", default=None)
+    p.add_argument("--json", action="store_true")
+
+    p = bsub.add_parser("overlap", help="time per token at ~3x oversubscription vs max(read, compute); reads vs MLX")
+    p.set_defaults(func=cmd_overlap)
+    p.add_argument("store", type=Path)
+    p.add_argument("--limit", default=None, help="cgroup memory limit (default: expert bytes / 3)")
+    p.add_argument("--ram-budget", default=None, help="expert cache budget (default: 45%% of the limit)")
+    p.add_argument("--tokens", type=int, default=24, help="teacher-forced decode steps per run")
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--name", default=None)
+    p.add_argument("--json", action="store_true")
+
+    p = bsub.add_parser("prefill", help="a long prompt's prefill at a partial budget vs mlx-lm in RAM, alternating")
+    p.set_defaults(func=cmd_prefill)
+    p.add_argument("store", type=Path)
+    p.add_argument("--source", type=Path, required=True, help="the unpacked model, for mlx-lm")
+    p.add_argument("--budget", type=float, default=0.25, help="fraction of the expert bytes (default %(default)s)")
+    p.add_argument("--prompt-tokens", type=int, default=1000)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--name", default=None)
+    p.add_argument("--json", action="store_true")
+
+    p = bsub.add_parser("overhead", help="engine decode vs mlx-lm in RAM, alternating rounds, per budget")
+    p.set_defaults(func=cmd_overhead)
+    p.add_argument("store", type=Path)
+    p.add_argument("--source", type=Path, required=True, help="the unpacked model, for mlx-lm")
+    p.add_argument(
+        "--configs",
+        default="1:preload,1,0.4",
+        help="comma-separated budget fractions of the expert bytes, ':preload' to preload (default %(default)s)",
+    )
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--name", default=None)
     p.add_argument("--json", action="store_true")
 

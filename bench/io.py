@@ -4,10 +4,11 @@ Both sides read whole records (the store's record size, 16 KiB aligned) at rando
 the same layer file with the page cache bypassed (O_DIRECT), at several queue depths, in one run.
 The figure of merit is the ratio engine / fio-best: absolute GB/s on a VM disk mean little.
 
-The engine side is the store's fetch path exactly as the cache uses it: aligned preads from the
-reader's thread pool straight into MLX-owned buffers, xxh3 checksums, tensor views made on this
-thread. `engine_gbps` keeps two calls in flight (`submit` of the next before `result` of the
-current, as the prefetching engine does); `engine_sync_gbps` is plain `read()` calls back to back.
+The engine side is the store's fetch path exactly as the cache uses it (`ExpertStore.load`): the
+reader threads (as many as the queue depth) pread each record into a reused aligned buffer, check
+its xxh3 and copy its tensors into a slab slot. `engine_gbps` keeps batches queued ahead so that
+every reader always has a record to read (reads in flight across layer boundaries);
+`engine_sync_gbps` waits for each layer-sized batch before queueing the next (a barrier per layer).
 """
 
 from __future__ import annotations
@@ -17,9 +18,11 @@ import logging
 import shutil
 import subprocess
 import time
+from collections import deque
 from pathlib import Path
 
 import numpy as np
+from flashmesh.node.slab import Slab
 from flashmesh.node.store_format import Manifest
 from flashmesh.node.store_reader import ExpertStore
 from flashmesh.protos.errors import UserError
@@ -72,36 +75,49 @@ def engine_randread(
     queue_depth: int,
     seconds: float,
     verify: bool,
-    pipelined: bool = True,
+    continuous: bool = True,
     seed: int = 0,
 ) -> float:
-    """GB/s of the store's fetch path on random records of one layer, `queue_depth` records per call.
+    """GB/s of the cache's fetch path (`ExpertStore.load`: reader threads read, check and copy whole
+    records into slab slots) on random records of one layer, with `queue_depth` reader threads.
 
-    pipelined: the next call's reads are submitted before the current one is finished (what the
-    engine does when it prefetches layer l+1 while layer l computes); otherwise plain read() calls.
+    Requests are layer-sized batches of top-k distinct random records, as the cache makes them.
+    continuous: batches are queued ahead so that every reader thread always has a record to read
+    (what the engine does when reads of later layers are queued behind the current one; fio's
+    libaio keeps `iodepth` reads in flight the same way); otherwise one batch at a time, each
+    waited for before the next is queued (a barrier per layer).
     """
     rng = np.random.default_rng(seed)
     with ExpertStore(store_path, queue_depth=queue_depth, verify=verify) as store:
         if not store.bypassing_cache:
             log.warning("%s: O_DIRECT unavailable; engine numbers include the page cache", store_path)
-        experts = store.layer(layer).experts
-        batch = min(queue_depth, len(experts))
+        spec = store.layer(layer)
+        batch = min(store.manifest.top_k, len(spec.experts))
+        ahead = max(2 * queue_depth, batch)  # records queued beyond the ones being waited for
+        ring = Slab([spec], slots=ahead + 2 * batch)  # a window of slots the reads land in, reused
+        next_slot, in_flight = 0, deque()
+
+        def queue_one() -> None:
+            nonlocal next_slot
+            chosen = rng.choice(spec.experts, size=batch, replace=False).tolist()
+            slots = {e: (next_slot + i) % ring.slots for i, e in enumerate(chosen)}
+            next_slot = (next_slot + batch) % ring.slots
+            in_flight.append(store.load(layer, slots, ring, urgent=True))
+
         deadline = time.perf_counter() + seconds
         start = time.perf_counter()
-        pending = None
+        landed = 0
         while time.perf_counter() < deadline:
-            chosen = rng.choice(experts, size=batch, replace=False).tolist()
-            if not pipelined:
-                store.read(layer, chosen)
-                continue
-            following = store.submit(layer, chosen)
-            if pending is not None:
-                pending.result()
-            pending = following
-        if pending is not None:
-            pending.result()
+            while len(in_flight) * batch < (ahead if continuous else batch):
+                queue_one()
+            reads = in_flight.popleft()
+            reads.wait()
+            landed += len(reads.slots) * spec.record_size
+        for reads in in_flight:
+            reads.wait()
+            landed += len(reads.slots) * spec.record_size
         elapsed = time.perf_counter() - start
-        return store.stats.bytes / elapsed / 1e9
+        return landed / elapsed / 1e9
 
 
 def run_io_bench(
@@ -132,7 +148,7 @@ def run_io_bench(
             )
             sync_runs[qd].append(
                 engine_randread(
-                    store_path, spec.layer, queue_depth=qd, seconds=seconds, verify=verify, pipelined=False, seed=r
+                    store_path, spec.layer, queue_depth=qd, seconds=seconds, verify=verify, continuous=False, seed=r
                 )
             )
             log.info("round %d qd %d: fio %.3f GB/s, engine %.3f GB/s", r, qd, fio_runs[qd][-1], engine_runs[qd][-1])

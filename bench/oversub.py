@@ -47,8 +47,8 @@ def drop_page_cache() -> None:
     Path("/proc/sys/vm/drop_caches").write_text("3\n")
 
 
-def run_in_cgroup(cgroup: Path | None, args: list[str], *, timeout: float) -> dict:
-    """Run `python -m bench.oversub --child ...` inside `cgroup` (None: unconstrained); return its
+def run_in_cgroup(cgroup: Path | None, args: list[str], *, timeout: float, module: str = "bench.oversub") -> dict:
+    """Run `python -m MODULE --child ...` inside `cgroup` (None: unconstrained); return its
     JSON or what killed it."""
     kills_before = oom_kills(cgroup) if cgroup else 0
     if cgroup:
@@ -56,7 +56,7 @@ def run_in_cgroup(cgroup: Path | None, args: list[str], *, timeout: float) -> di
     procs = cgroup / "cgroup.procs" if cgroup else None
     start = time.perf_counter()
     proc = subprocess.run(
-        [sys.executable, "-m", "bench.oversub", "--child", *args],
+        [sys.executable, "-m", module, "--child", *args],
         preexec_fn=(lambda: procs.write_text(str(os.getpid()))) if procs else None,
         capture_output=True,
         text=True,

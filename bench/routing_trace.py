@@ -40,9 +40,11 @@ class TracingBackend:
     calls: list[tuple[int, np.ndarray, int | None, np.ndarray | None]] = field(default_factory=list)
 
     def compute(self, layer: int, x: mx.array, indices: mx.array) -> mx.array:
-        ids = np.array(indices)
+        # the dispatch passes mlx-lm's own shapes (x [..., D], indices [..., k]): one row per token here
+        ids = np.array(indices).reshape(-1, indices.shape[-1])  # [N, k]
         la = self.predictors.get(layer)
-        predicted = None if la is None else _rows_top_k(la.router, x, ids.shape[-1])
+        rows = x.reshape(-1, x.shape[-1])  # [N, D]
+        predicted = None if la is None else _rows_top_k(la.router, rows, ids.shape[-1])
         self.calls.append((layer, ids, None if la is None else la.layer, predicted))
         return self.inner.compute(layer, x, indices)
 

@@ -115,10 +115,12 @@ class RemoteExperts:
     # --- dispatch ----------------------------------------------------------------------------
 
     def compute(self, layer: int, x: mx.array, indices: mx.array) -> mx.array:
-        """x [N, D], indices [N, k] (expert ids) -> per-pair expert outputs [N, k, D]."""
+        """x [..., D], indices [..., k] (expert ids) -> per-pair expert outputs [..., k, D]."""
         start = time.perf_counter()
         self.health.poll()
-        idx = np.array(indices)  # [N, k]; forces the graph up to the router
+        lead = indices.shape[:-1]
+        x = x.reshape(-1, x.shape[-1])  # [N, D]
+        idx = np.array(indices).reshape(-1, indices.shape[-1])  # [N, k]; forces the graph up to the router
         n, k = idx.shape
         flat = idx.reshape(-1).astype(np.int32)  # [N*k]
         wake = threading.Event()  # set (on a gRPC thread) when any reply of this call is in
@@ -168,7 +170,7 @@ class RemoteExperts:
             for a in pending:  # an error ends the call: nothing of it stays in flight
                 a.call.cancel()
         y_all = outputs[0] if len(outputs) == 1 else mx.concatenate(outputs)  # [N*k, D] in `order`
-        out = y_all[mx.array(np.argsort(np.concatenate(order)))].reshape(n, k, -1)  # [N, k, D]
+        out = y_all[mx.array(np.argsort(np.concatenate(order)))].reshape(*lead, k, -1)  # [..., k, D]
         mx.eval(out)
         self.dispatch.calls.append(LayerCall(n, sent, wire, time.perf_counter() - start, rounds, hedges))
         return out

@@ -19,7 +19,13 @@ how many were evicted or never asked for (wasted reads).
 
 Memory: entries live in slots of preallocated slabs (node/slab.py), allocated when the cache is made
 (budget // expert bytes slots, at most one per expert), so the budget is the memory, and compute
-uses the slabs in place. Records are read into transient buffers and copied into their slot.
+uses the slabs in place. The store's reader threads read each record into a reused staging buffer,
+check it and copy it into its reserved slot (node/read_queue.py); this thread only waits.
+
+When a slab holds every expert of its shape (nothing is ever evicted), `fill(layer)` queues that
+layer's other experts behind the demand reads (the in-process backend asks on a layer's first
+streamed call), so every layer soon has all its experts resident and its calls go lazy like
+mlx-lm's (node/compute.py).
 """
 
 from __future__ import annotations
@@ -31,9 +37,10 @@ from collections import OrderedDict
 import mlx.core as mx
 import numpy as np
 from flashmesh.node.cache_stats import CacheStats
+from flashmesh.node.read_queue import SlotReads
 from flashmesh.node.slab import Slab, signature
 from flashmesh.node.store_format import Manifest
-from flashmesh.node.store_reader import ExpertStore, PendingRead
+from flashmesh.node.store_reader import ConvertedReads, ExpertStore
 from flashmesh.protos.errors import UserError
 from flashmesh.protos.sizes import format_bytes
 
@@ -68,9 +75,12 @@ class ExpertCache:
         self.lfu_decay = lfu_decay  # per acquire: older uses count for less
         self._slabs = _make_slabs(store.manifest, budget_bytes)  # layer -> its slab (shared by same-shape layers)
         self._entries: OrderedDict[Key, int] = OrderedDict()  # -> slot; recency order, oldest first
+        self._slot_of = {s.layer: np.full(s.num_experts, -1, dtype=np.int32) for s in store.manifest.layers}
+        self._slot_arrays: dict[int, mx.array] = {}  # layer -> slot_of as an MLX array, made when asked for
         self._reserved: dict[Key, int] = {}  # slots of reads in flight
         self._pinned: set[Key] = set()
-        self._pending: dict[int, PendingRead] = {}  # layer -> prefetch reads in flight
+        self._pending: dict[int, list[SlotReads | ConvertedReads]] = {}  # layer -> read-aheads in flight
+        self._filling: set[int] = set()  # layers whose remaining experts were queued (slab holds all)
         self._unused_prefetch: set[Key] = set()  # prefetched, not yet asked for
         self._freq: dict[Key, float] = {}
         self._clock = 1.0  # LFU: a use at time t adds clock(t); the clock grows by 1/decay per acquire
@@ -88,22 +98,46 @@ class ExpertCache:
             self._uncounted.clear()
         return self._stats
 
+    def resident_for_good(self, layer: int) -> bool:
+        """Every expert of `layer` is resident in a slab that holds every expert of its shape, so
+        nothing is ever evicted from it: a layer call needs neither a sync on the router's choice nor
+        pins, and its graph stays lazy."""
+        slab = self._slabs[layer]
+        if not slab.holds_all:
+            return False
+        if self._pending.get(layer):
+            self._collect(layer, ())  # fills that have landed become entries
+        return bool((self._slot_of[layer][self.store.layer(layer).experts] >= 0).all())
+
     def resident_slots(self, layer: int) -> mx.array | None:
-        """expert id -> slot [num_experts] for a layer whose experts are all resident in a slab that
-        holds every expert of its shape (so nothing is ever evicted from it); else None. With it a
-        layer call needs neither a sync on the router's choice nor pins: the graph stays lazy."""
+        """expert id -> slot [num_experts] for a layer that is resident for good; else None."""
         table = self._tables.get(layer)
         if table is None:
-            slab, spec = self._slabs[layer], self.store.layer(layer)
-            if slab.slots < slab.experts or any((layer, e) not in self._entries for e in spec.experts):
+            if not self.resident_for_good(layer):
                 return None
-            slots = np.zeros(spec.num_experts, dtype=np.uint32)  # experts this store lacks are never asked for
-            slots[spec.experts] = [self._entries[(layer, e)] for e in spec.experts]
-            table = self._tables[layer] = mx.array(slots)
+            table = self._tables[layer] = self.slot_table(layer)
+        return table
+
+    def resident_view(self, layer: int) -> dict[str, mx.array] | None:
+        """For a layer resident for good whose experts sit in their home slots in expert order: its
+        stacked arrays [num_experts, ...] as views of the slab (mlx-lm's own arrays, indexed by expert id)."""
+        return self._slabs[layer].view(self.store.layer(layer)) if self.resident_for_good(layer) else None
+
+    def slot_table(self, layer: int) -> mx.array:
+        """expert id -> slot [num_experts] (uint32; experts not resident map to slot 0): valid for the
+        experts pinned now, until released. A new array whenever the layer's entries change, so a graph
+        built on an earlier one keeps the slots it was built with."""
+        table = self._slot_arrays.get(layer)
+        if table is None:
+            table = self._slot_arrays[layer] = mx.array(np.maximum(self._slot_of[layer], 0).astype(np.uint32))
         return table
 
     def count_hits(self, indices: mx.array) -> None:
-        """A lazy call's expert ids [N, k]: hits on resident experts, counted when stats are read."""
+        """A lazy call's expert ids [..., k]: hits on resident experts (one row's top-k are distinct;
+        more rows are counted by distinct experts when stats are read)."""
+        if indices.size == indices.shape[-1]:
+            self._stats.hits += indices.size
+            return
         self._uncounted.append(indices)
         if len(self._uncounted) >= 4096:
             _ = self.stats
@@ -111,18 +145,15 @@ class ExpertCache:
     def preload(self) -> int:
         """Read every expert whose slab holds its whole shape group (the budget covers them);
         return the number read. For comparisons with engines that load the whole model."""
-        done, counted = 0, (self._stats.hits, self._stats.misses)
+        loads = []
         for spec in self.store.manifest.layers:
-            if self._slabs[spec.layer].slots < self._slabs[spec.layer].experts:
-                continue
-            step = min(self._slabs[spec.layer].slots, 4 * self.store.manifest.top_k)
-            for start in range(0, len(spec.experts), step):
-                batch = spec.experts[start : start + step]
-                self.acquire(spec.layer, batch)
-                self.release(spec.layer, batch)
-                done += len(batch)
-        self._stats.hits, self._stats.misses = counted  # loading is not a use: the reads still count as bytes
-        return done
+            if self._slabs[spec.layer].holds_all:
+                wanted = [e for e in spec.experts if (spec.layer, e) not in self]
+                if wanted:
+                    loads.append(self._load(spec.layer, wanted, urgent=True))
+        for reads in loads:  # every layer's reads were queued at once: the queue stays full
+            self._land(reads, waited=True)
+        return sum(len(r.slots) for r in loads)
 
     def _cost(self, layer: int) -> int:
         return self.store.layer(layer).payload_bytes
@@ -133,8 +164,7 @@ class ExpertCache:
 
     def __contains__(self, key: Key) -> bool:
         """Resident, or read ahead and in flight."""
-        pending = self._pending.get(key[0])
-        return key in self._entries or (pending is not None and key[1] in pending.raws)
+        return key in self._entries or key in self._reserved
 
     def plan_waves(self, layer: int, experts: list[int]) -> list[list[int]]:
         """Split `experts` into groups that each fit the budget; resident experts go first."""
@@ -144,102 +174,135 @@ class ExpertCache:
 
     def _touch(self, key: Key) -> None:
         self._entries.move_to_end(key)
-        if self.effective_policy == "lfu":
+        if self.effective_policy == "lfu":  # "auto" is LFU too
             self._freq[key] = self._freq.get(key, 0.0) + self._clock
 
-    def _collect(self, layer: int) -> None:
-        """Turn this layer's prefetch reads into entries (waits for the ones still in flight)."""
-        pending = self._pending.pop(layer, None)
-        if pending is None:
-            return
-        start = time.perf_counter()
+    def _load(self, layer: int, experts: list[int], *, urgent: bool) -> SlotReads | ConvertedReads:
+        """Reserve a slot for each of `experts` (room must have been made) and start reading them into it."""
         slab = self._slabs[layer]
-        slots = {e: self._reserved.pop((layer, e)) for e in pending.experts}
+        slots = {e: slab.take((layer, e)) for e in experts}
+        self._reserved.update(((layer, e), slot) for e, slot in slots.items())
+        self.bytes += len(slots) * self._cost(layer)
+        self._stats.peak_bytes = max(self._stats.peak_bytes, self.bytes)
+        self._stats.bytes_read += len(slots) * self.store.record_bytes(layer)  # counted when issued
+        return self.store.load(layer, slots, slab, urgent=urgent)
+
+    def _land(self, reads: SlotReads | ConvertedReads, *, waited: bool) -> None:
+        """Wait for `reads` and make its experts entries; on a failed read give their room back and raise."""
+        start = time.perf_counter()
+        layer = reads.layer
         try:
-            fetched = pending.result()
-        except UserError as e:
-            # A read-ahead is a hint: drop the whole batch and give its room back; a corrupt record
-            # is reported by the acquire that really needs it, to the request that asked for it.
-            log.warning("read-ahead of layer %d dropped: %s", layer, e)
-            for expert, slot in slots.items():
+            reads.wait()
+        except UserError:
+            slab = self._slabs[layer]
+            for e, slot in reads.slots.items():
+                del self._reserved[(layer, e)]
                 slab.give_back(slot)
-                self._unused_prefetch.discard((layer, expert))
-            self.bytes -= len(slots) * self._cost(layer)
-            return
-        self._stats.prefetch_wait_seconds += time.perf_counter() - start
-        self._stats.io_seconds += time.perf_counter() - start
-        for e, slot in slots.items():
-            slab.fill(slot, fetched[e])
+                self._unused_prefetch.discard((layer, e))
+            self.bytes -= len(reads.slots) * self._cost(layer)
+            raise
+        finally:
+            if waited:
+                self._stats.io_seconds += time.perf_counter() - start
+        self.store.landed(reads)
+        table = self._slot_of[layer]
+        for e, slot in reads.slots.items():
+            del self._reserved[(layer, e)]
             self._entries[(layer, e)] = slot  # bytes were reserved at submission
+            table[e] = slot
+        self._slot_arrays.pop(layer, None)
+
+    def _collect(self, layer: int, needed) -> None:
+        """Turn this layer's read-aheads that have landed, or that hold an expert in `needed`, into
+        entries (waiting for the latter only)."""
+        batches = self._pending.get(layer)
+        if not batches:
+            return
+        keep = []
+        for reads in batches:
+            if not reads.done() and not any(e in reads.slots for e in needed):
+                keep.append(reads)
+                continue
+            start = time.perf_counter()
+            try:
+                self._land(reads, waited=not reads.done())
+            except UserError as e:
+                # A read-ahead is a hint: drop the batch and its room; a corrupt record is reported by
+                # the acquire that really needs it, to the request that asked for it.
+                log.warning("read-ahead of layer %d dropped: %s", layer, e)
+            self._stats.prefetch_wait_seconds += time.perf_counter() - start
+        if keep:
+            self._pending[layer] = keep
+        else:
+            del self._pending[layer]
 
     def drain(self) -> None:
-        """Finish every prefetch in flight (before closing the store, or to measure)."""
+        """Finish every read-ahead in flight (before closing the store, or to measure)."""
         for layer in list(self._pending):
-            self._collect(layer)
+            self._collect(layer, self.store.layer(layer).experts)
+
+    def fill(self, layer: int) -> None:
+        """When the slab holds every expert (nothing is ever evicted): queue this layer's experts not
+        yet resident behind demand reads, once, so that the layer soon is resident for good."""
+        if not self._slabs[layer].holds_all or layer in self._filling:
+            return
+        self._filling.add(layer)
+        rest = [e for e in self.store.layer(layer).experts if (layer, e) not in self]
+        # one batch per record: an acquire that needs one of them waits for that record only
+        self._pending.setdefault(layer, []).extend(self._load(layer, [e], urgent=False) for e in rest)
+        self._stats.filled += len(rest)
 
     def acquire(self, layer: int, experts: list[int]) -> dict[int, int]:
         """Make `experts` resident (reading misses in parallel) and pin them until release();
         return expert -> its slot in `slab(layer)`."""
-        cost = self._cost(layer)
-        if len(experts) > self._slabs[layer].slots:
+        slab = self._slabs[layer]
+        if len(experts) > slab.slots:
             raise ValueError("acquire() asked for more than the budget; use plan_waves()")
-        self._collect(layer)
+        if layer in self._pending:
+            # A layer being filled keeps its other reads going; otherwise all of this layer's read-aheads
+            # land now, so what is resident never depends on read timing (the Swift node agrees).
+            self._collect(layer, experts if layer in self._filling else self.store.layer(layer).experts)
         self._now = self._position.get(layer, 0)
         self._clock /= self.lfu_decay
         if self._clock > 1e100:  # renormalise the decayed counts before floats overflow
             self._freq = {k: v / self._clock for k, v in self._freq.items()}
             self._clock = 1.0
-        missing = [e for e in experts if (layer, e) not in self._entries]
-        hits = len(experts) - len(missing)
-        self._stats.hits += hits
+        entries = self._entries
+        missing = [e for e in experts if (layer, e) not in entries]
+        self._stats.hits += len(experts) - len(missing)
         self._stats.misses += len(missing)
         for e in experts:
             key = (layer, e)
-            if key in self._unused_prefetch:
-                self._unused_prefetch.discard(key)
-                self._stats.prefetch_used += 1  # a hit (no blocking read) that prefetch paid for
-            if key in self._entries:
+            if key in entries:
+                if key in self._unused_prefetch:
+                    self._unused_prefetch.discard(key)
+                    self._stats.prefetch_used += 1  # a hit (no blocking read) that prefetch paid for
                 self._touch(key)
             self._pinned.add(key)
         if missing:
-            before = self.store.stats.bytes, self.store.stats.seconds
             try:
                 self._make_room(layer, len(missing))
-                fetched = self.store.read(layer, missing)
+                self._land(self._load(layer, missing, urgent=True), waited=True)
             except BaseException:
                 self.release(layer, experts)  # a failed read (corrupt record) must not leave pins behind
                 raise
-            self._stats.bytes_read += self.store.stats.bytes - before[0]
-            self._stats.io_seconds += self.store.stats.seconds - before[1]
-            slab = self._slabs[layer]
-            for e, tensors in fetched.items():
-                slot = slab.take()
-                slab.fill(slot, tensors)
-                self._entries[(layer, e)] = slot
+            for e in missing:
                 self._touch((layer, e))
-                self.bytes += cost
-            self._stats.peak_bytes = max(self._stats.peak_bytes, self.bytes)
-        return {e: self._entries[(layer, e)] for e in experts}
+        return {e: entries[(layer, e)] for e in experts}
 
     def prefetch(self, layer: int, experts: list[int]) -> list[int]:
         """Start reading `experts` of `layer` that are neither resident nor in flight, as many as fit
         after evicting unpinned entries; return the experts submitted. Does not wait."""
-        if layer in self._pending:
-            self._collect(layer)  # one batch in flight per layer
-        cost = self._cost(layer)
-        wanted = [e for e in dict.fromkeys(experts) if (layer, e) not in self._entries]
+        if self._pending.get(layer) and layer not in self._filling:
+            self._collect(layer, self.store.layer(layer).experts)  # one batch in flight per layer
+        wanted = [e for e in dict.fromkeys(experts) if (layer, e) not in self]
         wanted = wanted[: self._free_room(layer, limit=len(wanted))]
         if not wanted:
             return []
         # A read-ahead evicts what is needed furthest in layer order, whatever the policy: under LRU
         # the oldest entries are those of the very next layers, which a prefetch must not displace.
         self._make_room(layer, len(wanted), policy="cyclic")
-        slab = self._slabs[layer]
-        self._reserved.update(((layer, e), slab.take()) for e in wanted)
-        self.bytes += len(wanted) * cost
-        self._stats.peak_bytes = max(self._stats.peak_bytes, self.bytes)
-        self._pending[layer] = self.store.submit(layer, wanted)
-        self._stats.bytes_read += len(wanted) * self.store.layer(layer).record_size
+        self._pending.setdefault(layer, []).append(self._load(layer, wanted, urgent=False))
         self._stats.prefetched += len(wanted)
         self._unused_prefetch.update((layer, e) for e in wanted)
         return wanted
@@ -286,6 +349,8 @@ class ExpertCache:
             if key in self._pinned or self._slabs[key[0]] is not slab:
                 continue
             slab.give_back(self._entries.pop(key))
+            self._slot_of[key[0]][key[1]] = -1
+            self._slot_arrays.pop(key[0], None)
             self.bytes -= self._cost(key[0])
             self._stats.evictions += 1
             if key in self._unused_prefetch:
@@ -319,5 +384,5 @@ def _make_slabs(manifest: Manifest, budget_bytes: int) -> dict[int, Slab]:
             f"RAM budget {format_bytes(budget_bytes)} is below this model's minimum {format_bytes(minimum)} "
             f"(the top-k experts of one layer of each expert shape); pass --ram-budget {minimum} or more"
         )
-    slabs = {sig: Slab(specs[0], slots=slots[sig], experts=held[sig]) for sig, specs in groups.items()}
+    slabs = {sig: Slab(specs, slots=slots[sig]) for sig, specs in groups.items()}
     return {spec.layer: slabs[sig] for sig, specs in groups.items() for spec in specs}

@@ -31,12 +31,13 @@ class CacheStats:
     evictions: int = 0
     bytes_read: int = 0  # bytes fetched from flash (whole records)
     io_seconds: float = 0.0
-    compute_seconds: float = 0.0
+    compute_seconds: float = 0.0  # waiting on MLX at streamed layers' one sync (the router's choice and before)
     peak_bytes: int = 0
     prefetched: int = 0  # experts read ahead of need
     prefetch_used: int = 0  # of those, asked for by acquire (each one a miss avoided)
     prefetch_wasted: int = 0  # of those, evicted or dropped before anyone asked for them
     prefetch_wait_seconds: float = 0.0  # time acquire waited on reads already in flight
+    filled: int = 0  # experts read in the background because the budget holds every expert
 
     @property
     def prefetch_coverage(self) -> float:

@@ -2,14 +2,25 @@
 
 The kernel is the model's own SwitchGLU (or SwitchMLP, or any variant) taken from an mlx-lm model
 built lazily from the store's config: its activation, biases and quantization are exactly the
-model's. For each call its stacked weights are the cache's slabs (node/slab.py) and the expert
-ids are renumbered to the experts' slots, so the arithmetic is mlx-lm's and nothing is copied.
+model's. Each layer's module is bound once to the cache's slabs (node/slab.py) and called with
+expert ids renumbered to the experts' slots, so the arithmetic is mlx-lm's and nothing is copied.
+
+Two paths per layer call:
+- resident for good (the budget holds every expert of the layer's shape and all of this layer's
+  are in): no sync, no pins, the graph stays lazy; in a full store the module is rebound to views
+  of the slab in expert order and called with the router's ids as they are: mlx-lm's own graph.
+- otherwise: the router's choice is read (the one sync per layer), the experts are pinned (misses
+  read), and the call is queued (`mx.async_eval`) without waiting for it: the pins are released
+  when the next call on this thread has checked that the output was computed (it usually was, as
+  the next layer's router input depends on it), so the expert compute overlaps the building of the
+  next layer's graph instead of a wait per layer.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Callable
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -21,8 +32,6 @@ from mlx.utils import tree_unflatten
 
 __all__ = ["LocalExperts", "expert_templates"]
 
-_EMPTY = mx.zeros((0,))
-
 
 class LocalExperts:
     """The in-process expert backend (coordinator.dispatch.ExpertBackend, and the compute of a node):
@@ -32,42 +41,75 @@ class LocalExperts:
         self.cache = cache
         self.templates = templates
         self._hint: tuple[int, list[int]] | None = None  # (layer, experts) to read once a wave is pinned
+        self._lazy: dict[int, Callable[[mx.array, mx.array], mx.array]] = {}  # layers resident for good
+        self._held: list[tuple[int, list[int], mx.array]] = []  # (layer, wave, output): pinned until computed
+        for layer, module in templates.items():
+            module.update(tree_unflatten(list(cache.slab(layer).arrays.items())))  # the cache's own memory
 
     def compute(self, layer: int, x: mx.array, indices: mx.array) -> mx.array:
-        """x [N, D], indices [N, k] (expert ids) -> per-pair expert outputs [N, k, D]."""
-        table = self.cache.resident_slots(layer)
-        if table is not None:  # every expert of this layer is in RAM for good: keep the graph lazy
-            self.cache.count_hits(indices)
-            return self._call(layer, x, table[indices])
+        """x [..., D], indices [..., k] (expert ids) -> per-pair expert outputs [..., k, D]."""
+        lazy = self._lazy.get(layer) or self._go_lazy(layer)
+        if lazy is not None:
+            return lazy(x, indices)
+        start = time.perf_counter()
         idx = np.array(indices)  # forces the graph up to the router: the experts must be known
-        n, k = idx.shape
-        waves = self.cache.plan_waves(layer, np.unique(idx).tolist())
-        if len(waves) == 1:
-            return self._run_wave(layer, waves[0], x, idx, issue_hint=True)
+        self.settle()
+        self.cache.stats.compute_seconds += time.perf_counter() - start
+        ids = idx.reshape(-1)
+        wanted = sorted(set(ids.tolist())) if ids.size <= 256 else np.unique(ids).tolist()
+        if len(wanted) <= self.cache.slab(layer).slots:
+            y = self._run_wave(layer, wanted, x, indices, issue_hint=True)
+            self.cache.fill(layer)  # when the budget holds every expert: read the layer's others behind
+            return y
         self._hint = None  # this layer alone overflows the budget: reading ahead would only thrash
         # Budget smaller than this call's experts: compute wave by wave, each on its own pairs.
-        flat = idx.reshape(-1)
+        k, lead = idx.shape[-1], idx.shape[:-1]
+        x = x.reshape(-1, x.shape[-1])  # [N, D]
         out = None
-        for wave in waves:
-            pairs = np.nonzero(np.isin(flat, wave))[0]
-            y = self._run_wave(layer, wave, x[mx.array(pairs // k)], flat[pairs].reshape(-1, 1))  # [P, 1, D]
+        for wave in self.cache.plan_waves(layer, wanted):
+            pairs = np.nonzero(np.isin(ids, wave))[0]
+            y = self._run_wave(layer, wave, x[mx.array(pairs // k)], mx.array(ids[pairs].reshape(-1, 1)))  # [P, 1, D]
             if out is None:
-                out = mx.zeros((n * k, y.shape[-1]), dtype=y.dtype)
+                out = mx.zeros((ids.size, y.shape[-1]), dtype=y.dtype)
             out[mx.array(pairs)] = y[:, 0]
             mx.eval(out)
-        return out.reshape(n, k, -1)
+        self.settle()
+        return out.reshape(*lead, k, -1)
 
-    def _call(self, layer: int, x: mx.array, slots: mx.array) -> mx.array:
-        """mlx-lm's expert module on the cache's slabs: x [N, D], slots [N, k] -> [N, k, D] (lazy)."""
-        module = self.templates[layer]
-        slab = self.cache.slab(layer).arrays  # name -> [slots, ...], the cache's own memory
-        module.update(tree_unflatten(list(slab.items())))
-        y = module(x, slots)
-        module.update(tree_unflatten([(name, _EMPTY) for name in slab]))  # the graph holds what it needs
-        return y
+    def _go_lazy(self, layer: int) -> Callable[[mx.array, mx.array], mx.array] | None:
+        """The lazy call for a layer that has just become resident for good (None while it is not)."""
+        if not self.cache.resident_for_good(layer):
+            return None
+        module, cache = self.templates[layer], self.cache
+        view = cache.resident_view(layer)
+        if view is not None:  # mlx-lm's own arrays [E, ...]: the router's ids index them as they are
+            module.update(tree_unflatten(list(view.items())))
+
+            def call(x: mx.array, indices: mx.array) -> mx.array:
+                cache.count_hits(indices)
+                return module(x, indices)
+        else:
+            table = cache.resident_slots(layer)  # [num_experts] expert -> slot
+
+            def call(x: mx.array, indices: mx.array) -> mx.array:
+                cache.count_hits(indices)
+                return module(x, table[indices])
+
+        self._lazy[layer] = call
+        return call
+
+    def settle(self) -> None:
+        """Release the pins of earlier calls once their outputs are computed (they usually are); the
+        next call does it anyway, a caller that is done with its outputs may do it now."""
+        if self._held:
+            mx.eval([y for _, _, y in self._held])
+            for layer, wave, _ in self._held:
+                self.cache.release(layer, wave)
+            self._held.clear()
 
     def prefetch(self, layer: int, experts: list[int]) -> None:
         """Start reading `experts` of `layer` into the cache (as many as fit); does not wait."""
+        self.settle()
         self.cache.prefetch(layer, sorted(set(experts)))
 
     def stats(self) -> ExpertStats:
@@ -86,20 +128,20 @@ class LocalExperts:
         self._hint = (layer, list(experts))
 
     def _run_wave(
-        self, layer: int, wave: list[int], x: mx.array, idx: np.ndarray, *, issue_hint: bool = False
+        self, layer: int, wave: list[int], x: mx.array, ids: mx.array, *, issue_hint: bool = False
     ) -> mx.array:
-        slots = self.cache.acquire(layer, wave)
+        """mlx-lm's module on the slab for the pairs of x [..., D] and expert ids [..., k] (all in `wave`)."""
+        self.settle()
+        self.cache.acquire(layer, wave)
         try:
             if issue_hint and self._hint is not None:
                 hinted, self._hint = self._hint, None
                 if hinted[0] != layer:
-                    self.prefetch(*hinted)
-            start = time.perf_counter()
-            slot = np.zeros(max(wave) + 1, dtype=np.uint32)
-            slot[wave] = [slots[e] for e in wave]
-            y = self._call(layer, x, mx.array(slot[idx]))  # [N, k, D]
-            mx.eval(y)  # before release: a slot refilled later must not be read by a pending graph
-            self.cache.stats.compute_seconds += time.perf_counter() - start
-            return y
-        finally:
+                    self.cache.prefetch(hinted[0], sorted(set(hinted[1])))
+            y = self.templates[layer](x, self.cache.slot_table(layer)[ids])  # [..., k, D]
+        except BaseException:
             self.cache.release(layer, wave)
+            raise
+        mx.async_eval(y)  # computes while the caller builds what comes next
+        self._held.append((layer, wave, y))
+        return y

@@ -15,8 +15,10 @@ import mlx.core as mx
 import mlx.nn as nn
 from flashmesh.node.bundle_format import is_bundle
 from flashmesh.node.bundle_source import BundleExpertSource
+from flashmesh.node.read_queue import SlotReads
+from flashmesh.node.slab import Slab
 from flashmesh.node.store_format import LayerSpec, Manifest
-from flashmesh.node.store_reader import ExpertStore, PendingRead, ReadStats
+from flashmesh.node.store_reader import ConvertedReads, ExpertStore, PendingRead, ReadStats
 from flashmesh.protos.errors import UserError
 
 
@@ -29,11 +31,23 @@ class ExpertSource(Protocol):
 
     def layer(self, layer: int) -> LayerSpec: ...
 
+    def record_bytes(self, layer: int) -> int:
+        """Bytes one record of `layer` takes on flash (what a read of it costs)."""
+        ...
+
     def submit(self, layer: int, experts: list[int]) -> PendingRead:
         """Start reading whole records; the arrays are made on the caller's thread by `result()`."""
         ...
 
     def read(self, layer: int, experts: list[int]) -> dict[int, dict[str, mx.array]]: ...
+
+    def load(self, layer: int, slots: dict[int, int], slab: Slab, *, urgent: bool) -> SlotReads | ConvertedReads:
+        """Start reading records into reserved slab slots (expert -> slot); `wait()` on the result."""
+        ...
+
+    def landed(self, reads: SlotReads | ConvertedReads) -> None:
+        """Count a finished load in `stats`."""
+        ...
 
     def read_raw(self, layer: int, expert: int) -> bytes:
         """One record's bytes on flash, checksum verified."""

@@ -218,7 +218,9 @@ class NodeService:
         x = decode(req.x)  # [M, D]
         pairs_x = x[mx.array(rows)]  # [P, D]
         y = self.experts.compute(req.layer, pairs_x, mx.array(experts)[:, None])  # [P, 1, D]
-        return pb.ComputeReply(y=encode(y[:, 0]))  # [P, D]
+        reply = pb.ComputeReply(y=encode(y[:, 0]))  # [P, D]
+        self.experts.settle()  # the reply is computed: nothing of this request stays pinned
+        return reply
 
     def prefetch(self, req: pb.PrefetchRequest) -> pb.PrefetchReply:
         experts = self._check_held(req.layer, req.experts, what="prefetch")

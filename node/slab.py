@@ -3,8 +3,14 @@
 mlx-lm's expert modules compute with stacked weights [E, ...] and `gather_mm`/`gather_qmm` over
 expert ids. Keeping the cached experts in such stacks (slot = position in the stack) lets a layer
 call hand the stacks to the module as they are, with expert ids renumbered to slots: nothing is
-copied per call. A record is copied into its slot once, when it is read. Layers whose experts have
-the same tensors (names, shapes, dtypes) share one slab.
+copied per call. A record is copied into its slot once, when it is read (by the reader threads,
+straight from the record's bytes: node/read_queue.py). Layers whose experts have the same tensors
+(names, shapes, dtypes) share one slab.
+
+A slab with a slot for every expert of its layers never evicts; each expert then has a fixed home
+slot (its layers' experts in order, one layer after another), so a layer of a full store is a
+contiguous run of slots in expert order: `view(layer)` gives mlx-lm's own stacked arrays [E, ...]
+as views of the slab, and a call on them is exactly mlx-lm's.
 """
 
 from __future__ import annotations
@@ -15,6 +21,19 @@ from flashmesh.node.store_format import LayerSpec
 from flashmesh.protos.codec import DTYPES
 
 Signature = tuple[tuple[str, tuple[int, ...], str], ...]
+PAGE = 4096
+
+
+def _aligned_zeros(shape: tuple[int, ...], dtype: mx.Dtype, row_bytes: int) -> mx.array:
+    """mx.zeros(shape) whose memory starts on a page: a page-aligned window of a larger uint8 buffer
+    (an evaluated slice shares its buffer), so each slot of `row_bytes` is page aligned when that is."""
+    nbytes = shape[0] * row_bytes
+    raw = mx.zeros((nbytes + PAGE,), dtype=mx.uint8)
+    mx.eval(raw)
+    skew = (-np.array(raw, copy=False).ctypes.data) % PAGE
+    array = raw[skew : skew + nbytes].view(dtype).reshape(shape)
+    mx.eval(array)
+    return array
 
 
 def signature(spec: LayerSpec) -> Signature:
@@ -25,30 +44,60 @@ def signature(spec: LayerSpec) -> Signature:
 class Slab:
     """`slots` experts' tensors as arrays [slots, *shape]; free slots are handed out and taken back."""
 
-    def __init__(self, spec: LayerSpec, *, slots: int, experts: int) -> None:
+    def __init__(self, specs: list[LayerSpec], *, slots: int) -> None:
+        spec = specs[0]
         self.payload_bytes = spec.payload_bytes
         self.slots = slots
-        self.experts = experts  # of every layer sharing this slab: slots >= experts means nothing is evicted
-        self.arrays = {t.name: mx.zeros((slots, *t.shape), dtype=DTYPES[t.dtype][1]) for t in spec.tensors}
-        mx.eval(list(self.arrays.values()))
-        # byte views of the same memory: records are copied in through these, MLX computes on `arrays`
-        self._bytes = {
-            name: np.array(a.view(mx.uint8), copy=False).reshape(slots, -1) for name, a in self.arrays.items()
-        }
+        self.experts = sum(len(s.experts) for s in specs)  # slots >= experts: nothing is ever evicted
+        self.arrays = {t.name: _aligned_zeros((slots, *t.shape), DTYPES[t.dtype][1], t.nbytes) for t in spec.tensors}
+        # byte views of the same memory [slots, bytes]: records are read or copied in through these, MLX
+        # computes on `arrays`; page aligned, so a slot whose tensors are whole pages takes O_DIRECT reads
+        self.rows = {name: np.array(a.view(mx.uint8), copy=False).reshape(slots, -1) for name, a in self.arrays.items()}
+        self._home: dict[tuple[int, int], int] | None = None
+        self._base: dict[int, int] = {}
+        if slots >= self.experts:
+            self._home, base = {}, 0
+            for s in specs:
+                self._base[s.layer] = base
+                self._home.update(((s.layer, e), base + i) for i, e in enumerate(s.experts))
+                base += len(s.experts)
+            self._taken: set[int] = set()
         self._free = list(range(slots - 1, -1, -1))
 
     @property
-    def free(self) -> int:
-        return len(self._free)
+    def holds_all(self) -> bool:
+        return self._home is not None
 
-    def take(self) -> int:
-        return self._free.pop()
+    @property
+    def free(self) -> int:
+        return self.slots - len(self._taken) if self._home is not None else len(self._free)
+
+    def take(self, key: tuple[int, int]) -> int:
+        """A free slot for `key` = (layer, expert): its home slot when the slab holds every expert."""
+        if self._home is None:
+            return self._free.pop()
+        slot = self._home[key]
+        self._taken.add(slot)
+        return slot
 
     def give_back(self, slot: int) -> None:
-        self._free.append(slot)
+        if self._home is None:
+            self._free.append(slot)
+        else:
+            self._taken.discard(slot)
+
+    def view(self, spec: LayerSpec) -> dict[str, mx.array] | None:
+        """The layer's experts as mlx-lm's stacked arrays [num_experts, ...], views of this slab's memory
+        (expert id = index), when the slab holds them all in order; else None."""
+        if self._home is None or spec.experts != list(range(spec.num_experts)):
+            return None
+        base = self._base[spec.layer]
+        views = {name: a[base : base + spec.num_experts] for name, a in self.arrays.items()}
+        mx.eval(list(views.values()))  # a slice of whole rows shares the slab's buffer: no copy
+        return views
 
     def fill(self, slot: int, tensors: dict[str, mx.array]) -> None:
-        """Copy one expert's tensors (as read from flash) into `slot`. Callers must have evaluated
+        """Copy one expert's tensors (arrays made on this thread) into `slot`. Callers must have evaluated
         every graph that reads this slot's previous expert (the cache pins experts until then)."""
         for name, array in tensors.items():
-            self._bytes[name][slot] = np.array(array.view(mx.uint8), copy=False).reshape(-1)
+            self.rows[name][slot] = np.array(array.view(mx.uint8), copy=False).reshape(-1)

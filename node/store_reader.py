@@ -1,7 +1,9 @@
 """ExpertStore: aligned parallel reads of whole expert records from flash.
 
-One record = one aligned pread into a page-aligned buffer. Reads are issued from a small thread
-pool (os.preadv releases the GIL) so several are in flight: flash bandwidth needs queue depth.
+One record = one aligned pread into a page-aligned buffer. Reads are issued from reader threads
+(os.preadv releases the GIL) so several are in flight: flash bandwidth needs queue depth. The
+cache's reads (`load`) go straight into its slab slots through node/read_queue.py, which keeps
+reads in flight across layers; `submit`/`read` hand out records as MLX arrays (tools, conversions).
 The default goes around the OS page cache (O_DIRECT on Linux, F_NOCACHE on macOS) so that the
 engine's cache and its byte budget are the whole story; `page_cache=True` lets the OS help.
 Experts are never mmapped: page faults would serialize reads at queue depth 1.
@@ -23,6 +25,8 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 from flashmesh.node.experts import expert_templates
+from flashmesh.node.read_queue import ReadQueue, RecordPlan, SlotReads, can_scatter
+from flashmesh.node.slab import Slab, signature
 from flashmesh.node.store_format import RECORD_ALIGN, LayerSpec, Manifest, RecordError, TensorSpec, checksum
 from flashmesh.protos.codec import DTYPES
 from flashmesh.protos.errors import UserError
@@ -115,7 +119,10 @@ class ExpertStore:
         self._specs = record_specs or self._layers
         for spec in self._specs.values():
             self._fds[spec.layer] = self._open(spec)
+        self._direct = self.direct
         self._pool = ThreadPoolExecutor(max_workers=queue_depth, thread_name_prefix="flashmesh-read")
+        self._queue = ReadQueue(queue_depth, chunk_bytes=self.chunk_bytes)
+        self._plans: dict[tuple[int, int], RecordPlan] = {}
         self._buffers: list[mmap.mmap] = []
         self._lock = threading.Lock()
         self.stats = ReadStats()
@@ -135,6 +142,10 @@ class ExpertStore:
 
     def layer(self, layer: int) -> LayerSpec:
         return self._layers[layer]
+
+    def record_bytes(self, layer: int) -> int:
+        """Bytes one record of `layer` takes on flash (a bundle's records differ from the arrays handed out)."""
+        return self._specs[layer].record_size
 
     def templates(self) -> dict[int, nn.Module]:
         """layer -> the model's routed-expert module that computes with the arrays this store hands out."""
@@ -219,6 +230,44 @@ class ExpertStore:
             jobs[e] = (skew, futures)
         return PendingRead(self, layer, raws, jobs, time.perf_counter())
 
+    @property
+    def direct(self) -> bool:
+        """Records hold the cache's tensors byte for byte (a store), so reader threads copy them into
+        slab slots as they are; else (a bundle) records are converted on the caller's thread."""
+        return all(
+            signature(self._specs[layer]) == signature(spec)
+            and [t.offset for t in self._specs[layer].tensors] == [t.offset for t in spec.tensors]
+            for layer, spec in self._layers.items()
+        )
+
+    def load(self, layer: int, slots: dict[int, int], slab: Slab, *, urgent: bool) -> SlotReads | ConvertedReads:
+        """Start reading the records of `slots` (expert -> reserved slot of `slab`) into those slots.
+        `urgent`: the caller is about to wait for them (they go ahead of read-aheads). Does not wait."""
+        if not self._direct:
+            return ConvertedReads(self, layer, slots, slab)
+        plan = self._plans.get((layer, id(slab)))
+        if plan is None:
+            spec = self._specs[layer]
+            tensors = tuple((t.offset, t.nbytes, slab.rows[t.name]) for t in spec.tensors)
+            plan = self._plans[(layer, id(slab))] = RecordPlan(
+                layer=layer,
+                fd=self._fds[layer],
+                record_size=spec.record_size,
+                offsets={e: spec.record_offset(e) for e in spec.experts},
+                checksums={e: spec.record_checksum(e) for e in spec.experts} if self.verify else None,
+                tensors=tensors,
+                file=str(self.path / spec.file),
+                remedy=self.remedy,
+                scatter=can_scatter(tensors, spec.record_size, chunk_bytes=self.chunk_bytes, page=_PAGE),
+            )
+        return self._queue.submit(plan, slots, urgent=urgent)
+
+    def landed(self, reads: SlotReads | ConvertedReads) -> None:
+        """Count a finished load in `stats` (on the caller's thread)."""
+        self.stats.records += len(reads.slots)
+        self.stats.bytes += len(reads.slots) * self._specs[reads.layer].record_size
+        self.stats.seconds += reads.seconds
+
     def read(self, layer: int, experts: list[int]) -> dict[int, dict[str, mx.array]]:
         """Fetch whole records of `experts` in parallel; return expert -> {tensor name: array}."""
         return self.submit(layer, experts).result()
@@ -267,6 +316,7 @@ class ExpertStore:
             self._release(buf)
 
     def close(self) -> None:
+        self._queue.close()
         self._pool.shutdown(wait=True)
         for fd in self._fds.values():
             os.close(fd)
@@ -277,3 +327,28 @@ class ExpertStore:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+class ConvertedReads:
+    """A load of records that need converting (a bundle's): read by the store's threads, converted
+    and copied into the slots on the thread that waits."""
+
+    def __init__(self, store: ExpertStore, layer: int, slots: dict[int, int], slab: Slab) -> None:
+        self.layer, self.slots, self.slab = layer, slots, slab
+        self.experts = list(slots)
+        self._pending = store.submit(layer, list(slots))
+        self.started, self._seconds = time.perf_counter(), 0.0
+
+    def done(self) -> bool:
+        return self._pending.done()
+
+    @property
+    def seconds(self) -> float:
+        return self._seconds
+
+    def wait(self) -> dict[int, int]:
+        fetched = self._pending.result()
+        for e, tensors in fetched.items():
+            self.slab.fill(self.slots[e], tensors)
+        self._seconds = time.perf_counter() - self.started
+        return self.slots

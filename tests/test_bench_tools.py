@@ -58,6 +58,16 @@ def test_blkio_caps_the_whole_disk_under_a_path(tmp_path):
         assert majmin == f"{os.major(dev)}:{os.minor(dev)}"
 
 
+def test_instruction_dumps_are_read_per_dump_and_thread(tmp_path):
+    from bench.instructions import _totals
+
+    for part, thread, count in ((1, 1, 100), (1, 20, 7), (2, 1, 130), (2, 20, 9), (10, 1, 5)):
+        (tmp_path / f"cg.42.{part}-{thread:02d}").write_text(f"version: 1\nsummary: {count}\ntotals: {count}\n")
+    (tmp_path / "cg.42.3-01").write_text("version: 1\n")  # a dump without a summary line is skipped
+    (tmp_path / "cg.43.1-01").write_text("summary: 999\n")  # another process's dump
+    assert _totals(tmp_path, 42) == [{1: 100, 20: 7}, {1: 130, 20: 9}, {1: 5}]  # numeric order: 10 after 2
+
+
 def test_calibration_counts_only_the_generation_after_the_warm_up():
     trace = [(0, [0, 1]), (0, [2, 3]), (0, [0, 1])]
     assert counted_hit_rate(trace, warm=2, capacity=4) == 1.0  # everything the warm-up read is still there

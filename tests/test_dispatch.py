@@ -71,7 +71,7 @@ def test_shapes_and_outputs_are_the_replaced_modules(dispatched):
     indices = mx.array(np.random.default_rng(0).integers(0, 16, size=(2, 3, k)), dtype=mx.uint32)  # [B, T, k]
     y = dispatch(x, indices)
     assert y.shape == (2, 3, k, d)  # [B, T, k, D], as SwitchGLU returns
-    assert backend.calls == [(layer, (6, d), (6, k))]  # the backend sees flat rows: [N, D], [N, k]
+    assert backend.calls == [(layer, (2, 3, d), (2, 3, k))]  # the backend gets the call as it is: no reshapes
     np.testing.assert_array_equal(np.array(y), np.array(original(x, indices)))
 
 

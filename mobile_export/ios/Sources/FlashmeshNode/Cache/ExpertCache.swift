@@ -99,18 +99,18 @@ public final class ExpertCache: @unchecked Sendable {
             pinned.insert(key)
         }
         if !missing.isEmpty {
-            let before = reader.stats
             let records: [Int: AlignedBuffer]
+            let before: RecordReader.Stats
             do {
-                makeRoom(layer, count: missing.count)
+                makeRoom(layer, count: missing.count)  // may land read-aheads: counted when they were issued
+                before = reader.stats
                 records = try reader.read(plan, missing)
             } catch {
                 release(layer, experts)  // a failed read must not leave pins behind
                 throw error
             }
-            let after = reader.stats
-            stats.bytesRead += after.bytes - before.bytes
-            stats.ioSeconds += after.seconds - before.seconds
+            stats.bytesRead += missing.count * plan.recordSize  // as issued, like read-aheads and node/cache.py
+            stats.ioSeconds += reader.stats.seconds - before.seconds
             for e in missing {
                 guard let record = records[e] else { continue }
                 let slot = slab.take()

@@ -1,0 +1,220 @@
+"""`python -m bench overlap STORE`: does flash I/O overlap compute when the experts do not fit?
+
+Two measurements in one run:
+
+1. Time per token at ~3x oversubscription (a cgroup v1 memory limit of expert bytes / 3, page
+   cache included, page cache dropped before each child) against the serial bounds: R = the bytes
+   of experts not resident when first wanted, per token, at fio's random-read GB/s (the read time
+   if nothing overlapped), and C = the time per token of the same engine on the same tokens with
+   every expert preloaded, outside the cgroup (compute only), measured in every round alternating
+   with the streamed runs. Perfect overlap gives max(R, C), none gives R + C. Tokens are
+   teacher-forced from a fixed text (each step's input is the text's next token, not the model's
+   argmax): a random-weight model's routing would collapse onto one repeated token; on the
+   realistic-routing models the text's routing is realistic too (docs/benchmarks.md).
+2. The store's load path GB/s (`bench.io.engine_randread`) alone and while MLX computes expert-sized
+   matmuls without pause on another thread of the same process, alternating.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+
+from flashmesh.node.store_format import Manifest
+
+from bench.io import engine_randread, fio_randread
+from bench.oversub import drop_page_cache, make_cgroup, run_in_cgroup
+
+log = logging.getLogger(__name__)
+
+TEXT = (
+    "Mixture of experts models route every token to a few experts out of many. The experts live on "
+    "flash and stream into memory when the router picks them. A journey of a thousand miles begins "
+    "with one step. What is the capital of France? Paris is the capital of France, and its river is "
+    "the Seine. def main():\n    for i in range(10):\n        total += i\n    print(total)\n"
+)
+
+
+def forced_decode(store: Path, *, ram_budget: int, tokens: int, lookahead: bool, preload: bool) -> dict:
+    """Teacher-forced decode of TEXT's tokens, one step per token, with per-step timing and cache stats."""
+    import mlx.core as mx
+    from flashmesh.coordinator.engine import open_model
+    from flashmesh.coordinator.options import ModelOptions
+    from mlx_lm.models.cache import make_prompt_cache
+
+    streaming = open_model(ModelOptions(store=store, ram_budget=ram_budget, lookahead=lookahead, preload=preload))
+    try:
+        ids = streaming.tokenizer.encode(TEXT * (1 + tokens // 40))[: tokens + 1]
+        cache = make_prompt_cache(streaming.model)
+        mx.eval(streaming.model(mx.array(ids[:1])[None], cache=cache))  # first step: cold, not timed
+        streaming.cache.drain()
+        before = streaming.cache.close_stats().__dict__.copy()
+        steps = []
+        for t in ids[1:]:
+            start = time.perf_counter()
+            mx.eval(streaming.model(mx.array([[t]]), cache=cache))
+            steps.append(time.perf_counter() - start)
+        stats = streaming.cache.close_stats()
+        delta = {k: v - before[k] for k, v in stats.__dict__.items() if isinstance(v, int | float)}
+        n = len(steps)
+        payload = streaming.manifest.layers[0].payload_bytes
+        return {
+            "steps": n,
+            "seconds_per_token": sum(steps) / n,
+            "seconds_per_token_median": statistics.median(steps),
+            "hit_rate": delta["hits"] / max(1, delta["hits"] + delta["misses"]),
+            "missed_expert_bytes_per_token": (delta["misses"] + delta["prefetch_used"]) * payload / n,
+            "bytes_read_per_token": delta["bytes_read"] / n,
+            "io_wait_seconds_per_token": delta["io_seconds"] / n,
+            "prefetch_used_per_token": delta["prefetch_used"] / n,
+            "prefetch_wasted_per_token": delta["prefetch_wasted"] / n,
+            "peak_cache_bytes": stats.peak_bytes,
+        }
+    finally:
+        streaming.close()
+
+
+def reads_under_compute(store: Path, *, queue_depth: int, seconds: float, rounds: int) -> dict:
+    """Load-path GB/s alone vs while an MLX thread computes without pause; alternating trials."""
+    import mlx.core as mx
+
+    manifest = Manifest.load(store)
+    spec = max(manifest.layers, key=lambda s: len(s.experts) * s.record_size)
+    config = manifest.config
+    d, h = config["hidden_size"], config.get("moe_intermediate_size", config.get("intermediate_size"))
+    stop = threading.Event()
+    done = [0]
+
+    def compute() -> None:  # a decode step's expert work, over and over: top-k [1, D] x [D, H] matmuls
+        w = mx.random.normal((manifest.top_k, d, h))
+        x = mx.random.normal((manifest.top_k, 1, d))
+        while not stop.is_set():
+            mx.eval(mx.tanh(x @ w).sum())
+            done[0] += 1
+
+    alone, contended, steps_per_s = [], [], []
+    for r in range(rounds):
+        for busy in (False, True) if r % 2 == 0 else (True, False):
+            worker = threading.Thread(target=compute) if busy else None
+            if worker:
+                stop.clear()
+                done[0] = 0
+                worker.start()
+            start = time.perf_counter()
+            gbps = engine_randread(store, spec.layer, queue_depth=queue_depth, seconds=seconds, verify=True, seed=r)
+            if worker:
+                stop.set()
+                worker.join()
+                steps_per_s.append(done[0] / (time.perf_counter() - start))
+            (contended if busy else alone).append(gbps)
+    ratios = [c / a for a, c in zip(alone, contended, strict=True)]
+    return {
+        "queue_depth": queue_depth,
+        "read_gbps_alone": alone,
+        "read_gbps_while_computing": contended,
+        "ratio_by_round": ratios,
+        "ratio": statistics.median(ratios),
+        "compute_steps_per_s_while_reading": steps_per_s,
+    }
+
+
+def run_overlap_bench(
+    store: Path,
+    *,
+    limit_bytes: int,
+    ram_budget: int,
+    tokens: int,
+    rounds: int,
+    queue_depth: int = 8,
+    mlx_cache_bytes: int = 64 * 2**20,
+) -> dict:
+    manifest = Manifest.load(store)
+    spec = max(manifest.layers, key=lambda s: len(s.experts) * s.record_size)
+    file, span = store / spec.file, len(spec.experts) * spec.record_size
+
+    def fio() -> float:
+        return max(fio_randread(file, block=spec.record_size, queue_depth=q, seconds=2, size=span) for q in (8, 16))
+
+    fio_before = fio()
+    child = ["forced", str(store), str(tokens), str(mlx_cache_bytes)]
+    preloaded = [*child, str(manifest.expert_bytes_total), "off", "preload"]
+    cgroup = make_cgroup("fm-engine-overlap", limit_bytes=limit_bytes)
+    runs: dict[str, list[dict]] = {"lookahead_off": [], "lookahead_on": [], "compute_only": []}
+    try:
+        for r in range(rounds):
+            order = ("compute_only", "lookahead_off", "lookahead_on")
+            for name in order if r % 2 == 0 else order[::-1]:
+                drop_page_cache()
+                if name == "compute_only":  # C: every expert preloaded, outside the cgroup, in every round
+                    runs[name].append(run_in_cgroup(None, preloaded, timeout=3600, module="bench.overlap"))
+                    continue
+                flag = "on" if name == "lookahead_on" else "off"
+                runs[name].append(
+                    run_in_cgroup(
+                        cgroup, [*child, str(ram_budget), flag, "stream"], timeout=3600, module="bench.overlap"
+                    )
+                )
+    finally:
+        cgroup.rmdir()
+    fio_gbps = (fio_before + fio()) / 2
+    computed = runs.pop("compute_only")
+    c_by_round = [x.get("seconds_per_token") for x in computed]
+    summary = {}
+    for name, rs in runs.items():
+        pairs = [(x, c) for x, c in zip(rs, c_by_round, strict=True) if "seconds_per_token" in x and c is not None]
+        if not pairs:
+            summary[name] = {"runs": rs}
+            continue
+        reads = [x["missed_expert_bytes_per_token"] / (fio_gbps * 1e9) for x, _ in pairs]
+        over_max = [x["seconds_per_token"] / max(r, c) for (x, c), r in zip(pairs, reads, strict=True)]
+        over_sum = [x["seconds_per_token"] / (r + c) for (x, c), r in zip(pairs, reads, strict=True)]
+        summary[name] = {
+            "seconds_per_token": statistics.median(x["seconds_per_token"] for x, _ in pairs),
+            "read_seconds_if_serial": statistics.median(reads),
+            "compute_seconds": statistics.median(c for _, c in pairs),
+            # per round: this round's run over max(R, C) with this round's C (alternating), then the median
+            "over_max_read_compute": statistics.median(over_max),
+            "over_max_by_round": [round(v, 3) for v in over_max],
+            "over_sum_read_compute": statistics.median(over_sum),
+            "hit_rate": statistics.median(x["hit_rate"] for x, _ in pairs),
+            "runs": rs,
+        }
+    return {
+        "bench": "overlap",
+        "store": str(store),
+        "expert_bytes_total": manifest.expert_bytes_total,
+        "cgroup_limit_bytes": limit_bytes,
+        "oversubscription": manifest.expert_bytes_total / limit_bytes,
+        "ram_budget_bytes": ram_budget,
+        "tokens": tokens,
+        "rounds": rounds,
+        "fio_gbps": fio_gbps,
+        "compute_only": computed,
+        "configs": summary,
+        "reads_under_compute": reads_under_compute(
+            store, queue_depth=queue_depth, seconds=2.0, rounds=max(5, 2 * rounds)
+        ),
+    }
+
+
+def child(argv: list[str]) -> int:
+    import mlx.core as mx
+
+    _, store, tokens, mlx_cache, budget, lookahead, mode = argv[:7]
+    mx.set_cache_limit(int(mlx_cache))  # MLX's free-buffer cache counts against the cgroup too
+    r = forced_decode(
+        Path(store), ram_budget=int(budget), tokens=int(tokens), lookahead=lookahead == "on", preload=mode == "preload"
+    )
+    print(json.dumps(r))
+    return 0
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "--child":
+        sys.exit(child(sys.argv[2:]))
+    sys.exit("usage: python -m bench overlap STORE")

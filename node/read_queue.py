@@ -1,0 +1,304 @@
+"""ReadQueue: reader threads that keep record reads in flight continuously, across layers.
+
+Every read the cache wants (a layer's misses, a read-ahead, a background fill) becomes one job per
+record (or per chunk of a large record) on one queue served by `threads` reader threads, so as
+many reads as there are threads are in flight as long as any are wanted: nothing waits for a whole
+layer's batch to finish before the next layer's reads start. Reads a caller is blocked on go to the
+front (`urgent`); read-aheads and fills behind them, and a caller that comes to need a read-ahead
+moves what is left of it to the front (`promote`).
+
+A reader thread only reads: one aligned `preadv` into a reused page-aligned staging buffer (O_DIRECT
+needs the alignment); it then hands the record to a landing thread, which checks its xxh3 and copies
+each tensor into the expert's reserved slab slot (node/slab.py), so that checksums and copies never
+hold a read slot: `threads` reads stay in flight as fio's `iodepth` does. Reads, checksums and
+copies release the GIL; the thread that runs MLX only waits for the batch it needs
+(`SlotReads.wait`) and never touches the bytes. Staging buffers are bounded (readers wait for a
+permit when the landing threads fall behind).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import mmap
+import os
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+from functools import cached_property
+
+import numpy as np
+import xxhash
+from flashmesh.node.store_format import RecordError, checksum
+
+
+@dataclass(frozen=True, eq=False)
+class RecordPlan:
+    """How one layer's records land in a slab: where to read, what to check, where each tensor goes."""
+
+    layer: int
+    fd: int
+    record_size: int
+    offsets: dict[int, int]  # expert -> byte offset of its record in the layer file
+    checksums: dict[int, str] | None  # expert -> xxh3 (None: no verification)
+    tensors: tuple[tuple[int, int, np.ndarray], ...]  # (offset in record, bytes, slab rows [slots, bytes])
+    file: str  # for error messages
+    remedy: str
+    scatter: bool = False  # read straight into the slot: every tensor is whole pages at a page offset
+
+    @cached_property
+    def gaps(self) -> list[tuple[int, int]]:
+        """(offset, length) of the record's bytes that belong to no tensor (padding), in order."""
+        out, at = [], 0
+        for offset, nbytes, _ in sorted(self.tensors, key=lambda t: t[0]):
+            if offset > at:
+                out.append((at, offset - at))
+            at = offset + nbytes
+        if at < self.record_size:
+            out.append((at, self.record_size - at))
+        return out
+
+    @cached_property
+    def staging_bytes(self) -> int:
+        """Bytes of staging buffer a record needs: its padding when scattered, else all of it."""
+        return sum(length for _, length in self.gaps) if self.scatter else self.record_size
+
+    @cached_property
+    def layout(self) -> list[tuple[int, int, np.ndarray | None]]:
+        """(offset, length, slab rows, or None for padding) covering the record in order."""
+        parts = [(off, n, rows) for off, n, rows in self.tensors] + [(off, n, None) for off, n in self.gaps]
+        return sorted(parts, key=lambda p: p[0])
+
+
+def can_scatter(tensors, record_size: int, *, chunk_bytes: int, page: int) -> bool:
+    """Whether records can be preadv'd straight into slab rows (one read per record, page-aligned pieces)."""
+    return record_size <= chunk_bytes and all(off % page == 0 and n % page == 0 for off, n, _ in tensors)
+
+
+class _Record:
+    __slots__ = ("reads", "expert", "slot", "chunks_left", "buffer", "failed")
+
+    def __init__(self, reads: SlotReads, expert: int, slot: int, chunks: int) -> None:
+        self.reads, self.expert, self.slot, self.chunks_left = reads, expert, slot, chunks
+        self.buffer: mmap.mmap | None = None
+        self.failed = False
+
+
+class SlotReads:
+    """The records of one layer being read into reserved slab slots; `wait()` on the submitting thread."""
+
+    def __init__(self, queue: ReadQueue, plan: RecordPlan, slots: dict[int, int]) -> None:
+        self.queue, self.plan, self.slots = queue, plan, slots
+        self.layer = plan.layer
+        self.experts = list(slots)
+        self.started = time.perf_counter()
+        self.finished = 0.0  # when the last record landed
+        self.left = len(slots)
+        self.error: Exception | None = None
+        self.jobs: list[tuple[_Record, int, int]] = []
+
+    def done(self) -> bool:
+        return self.left == 0
+
+    @property
+    def seconds(self) -> float:
+        """Submission to the last record landed (reads overlapped with anything else count once)."""
+        return max(0.0, self.finished - self.started)
+
+    def wait(self) -> dict[int, int]:
+        """Block until every record has landed; return expert -> slot, or raise the first error."""
+        if self.left:
+            self.queue.promote(self)
+            with self.queue.landed:
+                while self.left:
+                    self.queue.landed.wait()
+        if self.error is not None:
+            raise self.error
+        return self.slots
+
+
+class ReadQueue:
+    """`threads` reader threads over one two-level job queue (urgent first)."""
+
+    def __init__(self, threads: int, *, chunk_bytes: int, landers: int = 2, name: str = "flashmesh-read") -> None:
+        self.chunk_bytes = chunk_bytes
+        self._urgent: deque = deque()
+        self._later: deque = deque()
+        self._lock = threading.Lock()
+        self._work = threading.Condition(self._lock)
+        self.landed = threading.Condition()  # notified whenever a batch completes
+        self._buffers: dict[int, list[mmap.mmap]] = {}
+        self._landing: deque[_Record] = deque()  # read, waiting to be checked and copied
+        self._land_work = threading.Condition()
+        self._permits = threading.Semaphore(2 * threads + landers)  # records holding a staging buffer
+        self._closed = False
+        self._threads = [threading.Thread(target=self._serve, name=f"{name}-{i}", daemon=True) for i in range(threads)]
+        self._landers = [
+            threading.Thread(target=self._land_loop, name=f"{name}-land-{i}", daemon=True) for i in range(landers)
+        ]
+        for t in self._threads + self._landers:
+            t.start()
+
+    def submit(self, plan: RecordPlan, slots: dict[int, int], *, urgent: bool) -> SlotReads:
+        """Queue the records of `slots` (expert -> reserved slot) of `plan.layer`; does not wait."""
+        reads = SlotReads(self, plan, slots)
+        size, chunk = plan.record_size, (plan.record_size if plan.scatter else self.chunk_bytes)
+        for expert, slot in slots.items():
+            offsets = range(0, size, chunk)
+            record = _Record(reads, expert, slot, len(offsets))
+            reads.jobs.extend((record, o, min(chunk, size - o)) for o in offsets)
+        with self._work:
+            if self._closed:
+                raise RuntimeError("read queue is closed")
+            (self._urgent if urgent else self._later).extend(reads.jobs)
+            self._work.notify(len(reads.jobs))
+        return reads
+
+    def promote(self, reads: SlotReads) -> None:
+        """Move the not yet started jobs of `reads` ahead of everything else."""
+        with self._work:
+            if not self._later:
+                return
+            mine = set(map(id, reads.jobs))
+            kept = [j for j in self._later if id(j) not in mine]
+            if len(kept) != len(self._later):
+                moved = [j for j in self._later if id(j) in mine]
+                self._later = deque(kept)
+                self._urgent.extendleft(reversed(moved))
+
+    def _next(self) -> tuple[_Record, int, int] | None:
+        """The next job, its record given a staging buffer (holding the permit the caller took)."""
+        with self._work:
+            while not self._urgent and not self._later:
+                if self._closed:
+                    return None
+                self._work.wait()
+            job = self._urgent.popleft() if self._urgent else self._later.popleft()
+            record = job[0]
+            if record.buffer is None:
+                size = max(PAGE, record.reads.plan.staging_bytes)
+                pool = self._buffers.get(size)
+                record.buffer = pool.pop() if pool else mmap.mmap(-1, size)  # anonymous: page aligned
+            else:
+                self._permits.release()  # a later chunk: its record already holds one
+            return job
+
+    def _serve(self) -> None:
+        while True:
+            self._permits.acquire()
+            job = self._next()
+            if job is None:
+                self._permits.release()
+                return
+            record, offset, length = job
+            reads, plan = record.reads, record.reads.plan
+            try:
+                if not record.failed:
+                    views = (
+                        self._pieces(record) if plan.scatter else [memoryview(record.buffer)[offset : offset + length]]
+                    )
+                    got = os.preadv(plan.fd, views, plan.offsets[record.expert] + offset)
+                    if got != length:
+                        raise RecordError(
+                            plan.layer,
+                            record.expert,
+                            f"short read ({offset + got} of {plan.record_size} bytes); the store file is "
+                            "truncated, re-run `flashmesh pack`",
+                        )
+            except OSError as e:  # EIO, a file gone from under us: this record is lost (DATA_LOSS)
+                record.failed = True
+                lost = RecordError(plan.layer, record.expert, f"cannot read {plan.file} ({e.strerror}); {plan.remedy}")
+                reads.error = reads.error or lost
+            except Exception as e:  # noqa: BLE001 - handed to the waiter, which raises it
+                record.failed = True
+                reads.error = reads.error or e
+            with self._lock:
+                record.chunks_left -= 1
+                last = record.chunks_left == 0
+            if last:
+                with self._land_work:
+                    self._landing.append(record)
+                    self._land_work.notify()
+
+    def _land_loop(self) -> None:
+        while True:
+            with self._land_work:
+                while not self._landing:
+                    if self._closed:
+                        return
+                    self._land_work.wait()
+                record = self._landing.popleft()
+            self._land(record)
+            self._permits.release()
+
+    @staticmethod
+    def _pieces(record: _Record) -> list[memoryview]:
+        """The whole record as page-aligned pieces in file order: each tensor's slab row, padding into staging."""
+        plan, staging = record.reads.plan, memoryview(record.buffer)
+        pieces, used = [], 0
+        for _, length, rows in plan.layout:
+            if rows is None:
+                pieces.append(staging[used : used + length])
+                used += length
+            else:
+                pieces.append(memoryview(rows[record.slot]))
+        return pieces
+
+    def _land(self, record: _Record) -> None:
+        """All chunks read: verify, copy the tensors into the slot, give the buffer back, count the record."""
+        reads, plan = record.reads, record.reads.plan
+        buffer = record.buffer
+        try:
+            if not record.failed:
+                if plan.checksums is not None and _record_checksum(record) != plan.checksums[record.expert]:
+                    raise RecordError(
+                        plan.layer,
+                        record.expert,
+                        f"record checksum mismatch in {plan.file}; the flash copy is corrupt, {plan.remedy}",
+                    )
+                if not plan.scatter:
+                    source = _address(buffer)
+                    for offset, nbytes, rows in plan.tensors:
+                        ctypes.memmove(rows[record.slot].ctypes.data, source + offset, nbytes)
+        except Exception as e:  # noqa: BLE001
+            reads.error = reads.error or e
+        with self._lock:
+            pool = self._buffers.setdefault(len(buffer), [])
+            if len(pool) < 2 * len(self._threads):
+                pool.append(buffer)
+        record.buffer = None
+        with self.landed:
+            reads.left -= 1
+            if reads.left == 0:
+                reads.finished = time.perf_counter()
+                self.landed.notify_all()
+
+    def close(self) -> None:
+        with self._work:
+            self._closed = True
+            self._urgent.clear()
+            self._later.clear()
+            self._work.notify_all()
+        for t in self._threads:
+            t.join()
+        with self._land_work:
+            self._land_work.notify_all()
+        for t in self._landers:
+            t.join()
+
+
+def _address(buffer: mmap.mmap) -> int:
+    return ctypes.addressof(ctypes.c_char.from_buffer(buffer))
+
+
+PAGE = 4096
+
+
+def _record_checksum(record: _Record) -> str:
+    plan = record.reads.plan
+    if not plan.scatter:
+        return checksum(record.buffer)
+    h = xxhash.xxh3_64()
+    for piece in ReadQueue._pieces(record):
+        h.update(piece)
+    return h.hexdigest()
