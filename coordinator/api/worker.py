@@ -251,7 +251,7 @@ class GenerationWorker:
                     if self.metrics is not None:
                         self.metrics.observe_failure()
                 decoded = 0
-            mark = self._observe_experts_safely(mark, decoded)
+            mark = self._observe_experts(mark, decoded)
 
     def _admit(self, batch: ContinuousBatch, job: Job, *, use_cache: bool = True) -> None:
         if job.cancelled:
@@ -308,7 +308,7 @@ class GenerationWorker:
                     self._send(job, ErrorEvent(e))
                 else:
                     self._send(job, DoneEvent(stats, tuple(logprobs)))
-            mark = self._observe_experts_safely(mark, 1)
+            mark = self._observe_experts(mark, 1)
 
     def _send(self, job: Job, event: Event) -> None:
         if isinstance(event, DoneEvent | ErrorEvent):
@@ -326,27 +326,23 @@ class GenerationWorker:
         if self.metrics is not None:
             self.metrics.observe_generation(stats, queue_seconds=started - job.submitted_at)
 
-    def _observe_experts_safely(self, mark, decoded: int):
-        """_observe_experts, but a failure there (a bug in the figures) is logged, not fatal to serving."""
-        try:
-            return self._observe_experts(mark, decoded)
-        except Exception:
-            log.exception("the expert figures of a step failed; serving goes on")
-            return self.streaming.backend.stats()
-
     def _observe_experts(self, mark, decoded: int):
         """The step's expert figures for /metrics: cache deltas (the local cache or the nodes'), and
-        on nodes each node's latencies and the layer dispatch times; return the new mark."""
+        on nodes each node's latencies and the layer dispatch times; return the new mark. A failure
+        here (a bug in the figures) is logged, not fatal to serving."""
         now = self.streaming.backend.stats()
         if self.metrics is None:
             return now
-        used = now.since(mark).total
-        self.metrics.observe_cache(used.hits, used.misses, used.bytes_read)
-        self.metrics.observe_batch(decoded)
-        remote = self.streaming.remote
-        if remote is not None:
-            for node_id, traffic in remote.dispatch.nodes.items():
-                self.metrics.observe_node_latency(remote.links[node_id].label, traffic.latencies)
-            self.metrics.observe_layer_dispatch(remote.dispatch.layer_seconds)
-            remote.reset_dispatch()  # the per-call lists would otherwise grow for the server's life
+        try:
+            used = now.since(mark).total
+            self.metrics.observe_cache(used.hits, used.misses, used.bytes_read)
+            self.metrics.observe_batch(decoded)
+            remote = self.streaming.remote
+            if remote is not None:
+                for node_id, traffic in remote.dispatch.nodes.items():
+                    self.metrics.observe_node_latency(remote.links[node_id].label, traffic.latencies)
+                self.metrics.observe_layer_dispatch(remote.dispatch.layer_seconds)
+                remote.reset_dispatch()  # the per-call lists would otherwise grow for the server's life
+        except Exception:
+            log.exception("the expert figures of a step failed; serving goes on")
         return now
