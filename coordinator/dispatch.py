@@ -105,10 +105,9 @@ def bind_backend(model: nn.Module, backend: ExpertBackend, *, lookahead: bool = 
     """Point every dispatch of `model` at `backend`; return how many there are.
 
     lookahead: each dispatch predicts the next MoE layer's experts with that layer's router and
-    hints them to the backend (in-process: read ahead; nodes: the hint rides on the requests). Off by
-    default: on the model trained on English it covers ~72% of misses with ~0.2 wasted reads per
-    useful one, yet decode on the CPU-bound reference VM ran at 0.55-0.78x (docs/benchmarks.md).
-    Turn it on with set_lookahead(model, enabled=True) where flash, not compute, is the limit."""
+    hints them to the backend (in-process: read ahead; nodes: the hint rides on the requests).
+    `open_model` turns it on where it pays (coordinator.options.lookahead_pays: big expert reads,
+    a budget that does not hold them all); set_lookahead(model, enabled=...) switches it after."""
     dispatches = [m for m in model.modules() if isinstance(m, ExpertDispatch)]
     lists = expert_lists(model)
     for d in (*dispatches, *lists):

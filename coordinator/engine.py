@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import mlx.core as mx
 import mlx.nn as nn
 from flashmesh.coordinator.dispatch import ExpertBackend, bind_backend, install_dispatch
-from flashmesh.coordinator.options import ModelOptions, default_budget
+from flashmesh.coordinator.options import ModelOptions, default_budget, lookahead_pays
 from flashmesh.node.cache import ExpertCache
 from flashmesh.node.compute import LocalExperts
 from flashmesh.node.experts import load_lazy
@@ -44,6 +44,7 @@ class StreamingModel:
     manifest: Manifest
     backend: ExpertBackend
     options: ModelOptions
+    lookahead: bool  # the router lookahead is on (options.lookahead, or what auto chose)
     cache: ExpertCache | None = None
     store: ExpertStore | None = None
     nodes: list[ConnectedNode] = field(default_factory=list)
@@ -118,11 +119,12 @@ def _open_here(options: ModelOptions) -> StreamingModel:
         store.close()
         raise
     backend = LocalExperts(cache, templates)
-    attach(model, backend, lookahead=options.lookahead)
+    lookahead = lookahead_pays(manifest, budget) if options.lookahead is None else options.lookahead
+    attach(model, backend, lookahead=lookahead)
     if options.preload:
         cache.preload()
     tokenizer = load_store_tokenizer(store_path, manifest)
-    return StreamingModel(model, tokenizer, manifest, backend, options, cache=cache, store=store)
+    return StreamingModel(model, tokenizer, manifest, backend, options, lookahead, cache=cache, store=store)
 
 
 def _open_on_nodes(options: ModelOptions) -> StreamingModel:
@@ -163,7 +165,8 @@ def _open_on_nodes(options: ModelOptions) -> StreamingModel:
             relink=relink,
             hedge=None if options.hedge else Hedge(enabled=False),
         )
-        attach(model, backend, lookahead=options.lookahead)
+        lookahead = lookahead_pays(manifest, None) if options.lookahead is None else options.lookahead
+        attach(model, backend, lookahead=lookahead)
         tokenizer = load_store_tokenizer(store_path, manifest)
     except BaseException:
         if relink is not None:
@@ -171,4 +174,4 @@ def _open_on_nodes(options: ModelOptions) -> StreamingModel:
         for n in nodes:
             n.client.close()
         raise
-    return StreamingModel(model, tokenizer, manifest, backend, options, nodes=nodes, remote=backend)
+    return StreamingModel(model, tokenizer, manifest, backend, options, lookahead, nodes=nodes, remote=backend)

@@ -24,7 +24,7 @@ class ModelOptions:
     the dense part (`flashmesh shard --dense`)."""
 
     store: Path
-    lookahead: bool = False  # the next layer's router predicts its experts; they are read ahead
+    lookahead: bool | None = None  # the next layer's router predicts its experts, read ahead; None: auto
     # --- experts in this process
     ram_budget: int | None = None  # bytes of experts cached; None: every expert, at most half the RAM
     page_cache: bool = False  # let the OS page cache help (default: bypass it)
@@ -70,6 +70,20 @@ def default_budget(manifest: Manifest) -> int:
     return min(manifest.expert_bytes_total, max(manifest.min_budget_bytes, physical_memory_bytes() // 2))
 
 
+# A layer's top-k records at least this big: predicting them costs less than reading them serially
+# (measured: pays with 8 x 6 MiB per layer, does not with 4 x 96 KiB; docs/benchmarks.md).
+LOOKAHEAD_LAYER_BYTES = 4 * 2**20
+
+
+def lookahead_pays(manifest: Manifest, budget_bytes: int | None) -> bool:
+    """Lookahead when neither --lookahead nor --no-lookahead is given: on where a layer's reads are big
+    enough to hide behind the previous layer's compute and the cache (`budget_bytes`; None: on nodes,
+    each with its own) cannot hold every expert."""
+    if budget_bytes is not None and budget_bytes >= manifest.expert_bytes_total:
+        return False
+    return manifest.min_budget_bytes >= LOOKAHEAD_LAYER_BYTES
+
+
 def add_cache_args(p: argparse.ArgumentParser) -> None:
     """The options of experts computed in this process, and lookahead."""
     p.add_argument(
@@ -81,9 +95,11 @@ def add_cache_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preload", action="store_true", help="read every expert up front when the budget holds them all")
     p.add_argument(
         "--lookahead",
-        action="store_true",
-        help="predict the next layer's experts with its router and read them ahead (helps where flash, not "
-        "compute, is the limit; docs/benchmarks.md)",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="predict the next layer's experts with its router and read them ahead (default: on when the experts "
+        "do not all fit and a layer's reads are 4 MiB or more, where flash, not compute, is the limit; "
+        "docs/benchmarks.md)",
     )
 
 

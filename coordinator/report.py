@@ -38,6 +38,8 @@ def run_report(streaming: StreamingModel, generation: GenerationStats, before: E
         peak_cache_bytes=cache.peak_bytes,
         expert_bytes_total=streaming.manifest.expert_bytes_total,
         bytes_read_per_token=cache.bytes_read / max(1, len(generation.tokens)),
+        lookahead=streaming.lookahead,
+        prefetch_used=cache.prefetch_used,
     )
     if streaming.store is not None:
         result["page_cache_bypassed"] = streaming.store.bypassing_cache

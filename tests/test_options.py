@@ -110,3 +110,29 @@ def test_local_options_reach_the_cache_and_the_dispatch(models, command):
         assert streaming.remote is None and streaming.nodes == []
     finally:
         streaming.close()
+
+
+def _lookahead_on(streaming) -> bool:
+    return any(m.lookahead is not None for m in streaming.model.modules() if isinstance(m, ExpertDispatch))
+
+
+@pytest.mark.parametrize(
+    ("shape", "budget", "flags", "expected"),
+    [
+        ("big", "min", [], True),  # 6 MiB of reads a layer that the cache cannot hold: auto turns it on
+        ("big", "all", [], False),  # every expert cached: nothing to read ahead
+        ("big", "min", ["--no-lookahead"], False),
+        ("small", "min", [], False),  # 256 KiB a layer: the prediction costs more than the reads it hides
+        ("small", "min", ["--lookahead"], True),
+    ],
+)
+def test_lookahead_by_default_only_where_the_reads_are_big(models, shape, budget, flags, expected):
+    sizes = {"big": {"layers": 2, "experts": 4, "top_k": 2, "expert_hidden": 4096}, "small": {}}
+    _, store = models.get("qwen3_moe", "fp32", **sizes[shape])
+    manifest = Manifest.load(store)
+    bytes_ = manifest.min_budget_bytes if budget == "min" else manifest.expert_bytes_total
+    streaming = open_model(_options("run", store, ["--ram-budget", str(bytes_), *flags]))
+    try:
+        assert streaming.lookahead == _lookahead_on(streaming) == expected
+    finally:
+        streaming.close()
