@@ -50,11 +50,12 @@ def cmd_io(args: argparse.Namespace) -> int:
         print(json.dumps(result))
     else:
         print(f"store {store} ({result['record_bytes']} B records, file {result['file_bytes'] / 1e6:.1f} MB)")
-        print(f"{'qd':>4} {'fio GB/s':>10} {'engine GB/s':>12} {'ratio':>7} {'sync GB/s':>10}")
+        print("paired = median over rounds of each engine trial / the fio trial just before it")
+        print(f"{'qd':>4} {'fio GB/s':>10} {'engine GB/s':>12} {'ratio':>7} {'paired':>7} {'sync GB/s':>10}")
         for qd in qds:
             f, e = result["fio_gbps_by_qd"][str(qd)], result["engine_gbps_by_qd"][str(qd)]
-            y = result["engine_sync_gbps_by_qd"][str(qd)]
-            print(f"{qd:>4} {f:>10.3f} {e:>12.3f} {e / f if f else 0:>7.2f} {y:>10.3f}")
+            y, pr = result["engine_sync_gbps_by_qd"][str(qd)], result["paired_ratio_by_qd"][str(qd)]
+            print(f"{qd:>4} {f:>10.3f} {e:>12.3f} {e / f if f else 0:>7.2f} {pr:>7.2f} {y:>10.3f}")
         print(
             f"best: engine {result['engine_gbps']:.3f} GB/s / fio {result['fio_gbps']:.3f} GB/s = {result['ratio']:.2f}"
         )
