@@ -1,7 +1,11 @@
 """The cache's load path: records land in slab slots byte for byte (read straight into the slot or
-copied from staging), corrupt records are refused, full slabs fill in and go lazy on views."""
+copied from staging), corrupt, truncated and unreadable records are refused, full slabs fill in and
+go lazy on views."""
 
 from __future__ import annotations
+
+import errno
+import shutil
 
 import mlx.core as mx
 import numpy as np
@@ -9,6 +13,7 @@ import pytest
 from flashmesh.coordinator.engine import open_model
 from flashmesh.coordinator.generate import SamplingParams, generate
 from flashmesh.coordinator.options import ModelOptions
+from flashmesh.node import read_queue
 from flashmesh.node.cache import ExpertCache
 from flashmesh.node.store_format import Manifest, RecordError
 from flashmesh.node.store_reader import ExpertStore
@@ -34,8 +39,6 @@ def test_load_lands_records_in_their_slots(models, quant, scatter):
 
 
 def test_a_corrupt_record_is_refused_by_either_path(models, tmp_path):
-    import shutil
-
     _, src = models.get("qwen3_moe")
     path = tmp_path / "store"
     shutil.copytree(src, path)
@@ -51,6 +54,36 @@ def test_a_corrupt_record_is_refused_by_either_path(models, tmp_path):
             cache.acquire(spec.layer, [1, 2])
         assert cache.bytes == 0 and not cache._pinned  # room and pins given back
         cache.acquire(spec.layer, [1, 3])  # the others still load
+
+
+def test_a_truncated_store_file_is_a_short_read_of_its_records(models, tmp_path):
+    _, src = models.get("qwen3_moe")
+    path = tmp_path / "store"
+    shutil.copytree(src, path)
+    spec = Manifest.load(path).layers[0]
+    last = spec.experts[-1]
+    with ExpertStore(path) as store:
+        with open(path / spec.file, "r+b") as f:  # cut short under the open store (a full disk, a bad copy)
+            f.truncate(spec.record_offset(last) + spec.record_size // 2)
+        cache = ExpertCache(store, budget_bytes=store.manifest.min_budget_bytes)
+        with pytest.raises(RecordError, match=f"expert {last}: short read"):
+            cache.acquire(spec.layer, [last])
+        cache.acquire(spec.layer, [spec.experts[0]])
+
+
+def test_an_unreadable_record_is_lost(models, monkeypatch):
+    """EIO from the disk, here without a loop device (test_storage_faults fails a real one under a node)."""
+    _, path = models.get("qwen3_moe")
+
+    def failing(fd, buffers, offset):
+        raise OSError(errno.EIO, "Input/output error")
+
+    with ExpertStore(path) as store:
+        monkeypatch.setattr(read_queue.os, "preadv", failing)
+        cache = ExpertCache(store, budget_bytes=store.manifest.min_budget_bytes)
+        spec = store.manifest.layers[0]
+        with pytest.raises(RecordError, match=r"cannot read .*Input/output error"):
+            cache.acquire(spec.layer, [spec.experts[0]])
 
 
 def test_full_budget_fills_in_and_goes_lazy_on_views(models):
