@@ -12,10 +12,10 @@ slab slot (node/slab.py), its padding into the reader's own buffer, and checked 
 96 KiB) by that reader: no hand-off. Any other record is read in aligned chunks into a reused
 page-aligned staging buffer (O_DIRECT needs the alignment) and handed to a landing thread, which
 checks it and copies each tensor into the slot, so that copies never hold a read slot: `threads`
-reads stay in flight as fio's `iodepth` does. Reads, checksums and
-copies release the GIL; the thread that runs MLX only waits for the batch it needs
-(`SlotReads.wait`) and never touches the bytes. Staging buffers are bounded (readers wait for a
-permit when the landing threads fall behind).
+reads stay in flight as fio's `iodepth` does. Reads, checksums and copies release the GIL; the
+thread that runs MLX only waits for the batch it needs (`SlotReads.wait`) and never touches the
+bytes. Staging buffers are bounded (readers wait for a permit when the landing threads fall
+behind).
 """
 
 from __future__ import annotations
@@ -199,7 +199,9 @@ class ReadQueue:
             plan = record.reads.plan
             if plan.scatter:  # one read straight into the slot, checked here: no hand-off, no staging
                 size = max(PAGE, plan.staging_bytes)
-                record.buffer = padding.get(size) or padding.setdefault(size, mmap.mmap(-1, size))
+                if size not in padding:
+                    padding[size] = mmap.mmap(-1, size)
+                record.buffer = padding[size]
                 self._read(record, offset, length)
                 self._land(record)
                 continue

@@ -122,7 +122,7 @@ def _lookahead_on(streaming) -> bool:
         ("big", "min", [], True),  # 6 MiB of reads a layer that the cache cannot hold: auto turns it on
         ("big", "all", [], False),  # every expert cached: nothing to read ahead
         ("big", "min", ["--no-lookahead"], False),
-        ("small", "min", [], False),  # 256 KiB a layer: the prediction costs more than the reads it hides
+        ("small", "min", [], False),  # 192 KiB a layer: the prediction costs more than the reads it hides
         ("small", "min", ["--lookahead"], True),
     ],
 )
