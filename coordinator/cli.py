@@ -108,6 +108,9 @@ def print_stats(stats: dict, *, title: str, console: Console = err) -> None:
         ),
         ("expert bytes in the model", format_bytes(stats["expert_bytes_total"])),
     ]
+    if "lookahead" in stats:
+        used = f"on, {stats['prefetch_used']} read-aheads used" if stats["lookahead"] else "off"
+        rows.append(("router lookahead", used))
     for key, label in (("tokens_match_reference", "greedy tokens equal mlx-lm's"),):
         if key in stats:
             rows.append((label, str(stats[key]).lower()))
