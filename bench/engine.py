@@ -16,6 +16,7 @@ from flashmesh.coordinator.options import ModelOptions
 from flashmesh.node.store_format import Manifest
 
 from bench.decode import PROMPT, streamed_decode
+from bench.plots import save_plot
 from bench.policy import record_trace, simulate
 
 log = logging.getLogger(__name__)
@@ -194,8 +195,4 @@ def plot_sweep(result: dict, path: Path) -> Path:
     ax2.set_ylim(0, 100)
     fig.legend(loc="center right", fontsize=8)
     ax.set_title(f"budget sweep: {Path(result['store']).name[:40]}", fontsize=9)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_plot(fig, path, dpi=100)

@@ -29,6 +29,7 @@ from flashmesh.coordinator.options import ModelOptions
 from flashmesh.node.store_format import Manifest
 
 from bench.decode import PROMPT
+from bench.plots import save_plot
 
 log = logging.getLogger(__name__)
 
@@ -214,8 +215,4 @@ def plot_overhead(results: list[tuple[str, dict]], path: Path) -> Path:
         ax.set_title(title, fontsize=9)
     axes[0].legend(fontsize=8)
     fig.suptitle(f"{Path(results[0][1]['store']).name}: {results[0][1]['moe_layers']} MoE layers", fontsize=9)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_plot(fig, path, dpi=100)

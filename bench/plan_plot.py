@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from bench.plots import save_plot
+
 
 def plot_plan_validate(result: dict, path: Path) -> Path:
     import matplotlib
@@ -36,7 +38,4 @@ def plot_plan_validate(result: dict, path: Path) -> Path:
            ylabel="flashmesh plan's prediction, tok/s (median; routing bench curve)",
            title="plan vs measured on this VM (medians over rounds; bars: min-max)")  # fmt: skip
     ax.legend(fontsize=8, loc="upper left")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_plot(fig, path, dpi=120)

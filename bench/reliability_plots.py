@@ -13,6 +13,8 @@ import json
 import sys
 from pathlib import Path
 
+from bench.plots import save_plot
+
 FAULT_LABELS = {
     "sigkill_between_calls": "SIGKILL\nbetween calls",
     "sigkill_in_flight": "SIGKILL\ncall in flight",
@@ -54,10 +56,7 @@ def plot_failover(result: dict, path: Path) -> Path:
         f"failover stall, netns hosts, replicas 2, deadline {result['rpc_deadline_s']:g} s ({model})", fontsize=9
     )
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_plot(fig, path, dpi=110)
 
 
 def plot_chaos(result: dict, path: Path) -> Path:
@@ -88,10 +87,7 @@ def plot_chaos(result: dict, path: Path) -> Path:
     b.plot(t, [r / 2**20 for r in rss])
     b.set_ylabel("server RSS (MiB)")
     b.set_xlabel("time since the fault-free phase began (s)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_plot(fig, path, dpi=110)
 
 
 def main(paths: list[str]) -> None:

@@ -14,6 +14,7 @@ from pathlib import Path
 from flashmesh.node.cache import POLICIES, effective_policy
 from flashmesh.node.store_format import Manifest
 
+from bench.plots import save_plot
 from bench.policy import simulate
 from bench.routing import belady_hit_rate, requests, statistics
 from bench.routing_trace import trace_store
@@ -115,11 +116,7 @@ def plot_policy_curves(result: dict, path: Path, *, phase: str = "prompt") -> Pa
         f"{Path(result['store']).name[:32]}: {m['moe_layers']} x {m['experts']} experts, top-{m['top_k']}, {phase}",
         fontsize=9,
     )
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_plot(fig, path, dpi=100)
 
 
 def plot_models(results: dict[str, dict], path: Path, *, phases: dict[str, str]) -> Path:
@@ -144,10 +141,7 @@ def plot_models(results: dict[str, dict], path: Path, *, phases: dict[str, str])
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
     ax.set_title("hit rate vs budget: LRU (dotted), LFU with aging (solid, default), Belady (dashed)", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_plot(fig, path, dpi=100)
 
 
 def cmd_routing(args) -> int:

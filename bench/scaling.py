@@ -23,6 +23,7 @@ from flashmesh.protos.errors import UserError
 
 from bench.decode import PROMPT
 from bench.oversub import CGROUP_ROOT, drop_page_cache, oom_kills
+from bench.plots import save_plot
 
 log = logging.getLogger(__name__)
 
@@ -323,8 +324,4 @@ def plot_scaling(result: dict, path: Path) -> Path:
     ax2.set_ylabel("seconds per token")
     ax2.legend(fontsize=8)
     ax2.set_title("decode profile (from node stats)", fontsize=9)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_plot(fig, path, dpi=100)

@@ -27,6 +27,8 @@ from flashmesh.coordinator.generate import SamplingParams
 from flashmesh.coordinator.options import ModelOptions
 from flashmesh.node.store_format import Manifest
 
+from bench.plots import save_plot
+
 log = logging.getLogger(__name__)
 
 # 36 distinct openings (more than the largest concurrency): two streams with the same prompt would
@@ -333,7 +335,4 @@ def plot_batching(result: dict, path: Path) -> Path:
     fig.suptitle(
         f"{Path(result['store']).name}, {where}, budget {result['ram_budget_bytes'] / result['expert_bytes_total']:.0%}"
     )
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_plot(fig, path, dpi=110)

@@ -22,6 +22,8 @@ from pathlib import Path
 import numpy as np
 from flashmesh.protos.errors import UserError
 
+from bench.plots import save_plot
+
 log = logging.getLogger(__name__)
 
 PROMPTS = [
@@ -238,7 +240,4 @@ def plot_soak(result: dict, path: Path) -> Path:
     b.set_ylabel("latency (s)")
     b.set_xlabel("time (s)")
     b.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_plot(fig, path, dpi=110)

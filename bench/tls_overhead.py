@@ -35,6 +35,7 @@ from flashmesh.testing.demo import DEMO_SHAPE, prepare_demo  # noqa: E402
 from flashmesh.testing.local_nodes import ensure_dense, ensure_shards, local_nodes  # noqa: E402
 
 from bench.cluster_loopback import _cluster_figures, _generate, _speeds  # noqa: E402
+from bench.plots import save_plot
 
 
 def _request(info, *, tokens: int, k: int = DEMO_SHAPE["top_k"]):
@@ -155,14 +156,10 @@ def _plot(result: dict, path: Path) -> None:
 
 
 def save_figure(fig, axes, title: str, path: Path) -> None:
-    import matplotlib.pyplot as plt
-
     for ax in axes:
         ax.legend()
     fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_plot(fig, path, dpi=110)
 
 
 def main() -> None:
