@@ -10,7 +10,12 @@ SWIFT_DEBS := libgrpc-dev libxxhash-dev libopenblas-dev zlib1g-dev
 
 .PHONY: demo test lint format clean swift-deps ios-app
 
-$(STAMP): pyproject.toml
+# node/_aio_reads.c (Linux AIO reads) links Debian's libxxhash; pip builds it when the header is
+# here, and the store reads with Python threads where it is not (setup.py).
+$(STAMP): pyproject.toml setup.py node/_aio_reads.c
+	@if [ "$$(uname)" = Linux ] && command -v dpkg >/dev/null && ! dpkg -s libxxhash-dev >/dev/null 2>&1 \
+		&& [ "$$(id -u)" = 0 ]; then echo "installing libxxhash-dev for the AIO reader"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libxxhash-dev >/dev/null; fi
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[dev]'
@@ -50,4 +55,4 @@ format: $(STAMP)
 	$(BIN)/ruff format . && $(BIN)/ruff check --fix .
 
 clean:
-	rm -rf $(VENV) .flashmesh mobile_export/ios/.build
+	rm -rf $(VENV) .flashmesh mobile_export/ios/.build build node/_aio_reads*.so

@@ -44,12 +44,22 @@ def cmd_io(args: argparse.Namespace) -> int:
 
     store = _store_or_demo(args.store)
     qds = tuple(int(q) for q in args.queue_depths.split(","))
-    result = run_io_bench(store, queue_depths=qds, seconds=args.seconds, rounds=args.rounds, verify=not args.no_verify)
+    result = run_io_bench(
+        store,
+        queue_depths=qds,
+        seconds=args.seconds,
+        rounds=args.rounds,
+        verify=not args.no_verify,
+        aio=args.reader == "aio",
+    )
     path = write_result(args.name or f"io-{store.name}", result)
     if args.json:
         print(json.dumps(result))
     else:
-        print(f"store {store} ({result['record_bytes']} B records, file {result['file_bytes'] / 1e6:.1f} MB)")
+        print(
+            f"store {store} ({result['record_bytes']} B records, file {result['file_bytes'] / 1e6:.1f} MB), "
+            f"read by {result['reader']}"
+        )
         print("paired = median over rounds of each engine trial / the fio trial just before it")
         print(f"{'qd':>4} {'fio GB/s':>10} {'engine GB/s':>12} {'ratio':>7} {'paired':>7} {'sync GB/s':>10}")
         for qd in qds:
@@ -605,6 +615,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seconds", type=float, default=1.0, help="per trial, per queue depth, per side")
     p.add_argument("--rounds", type=int, default=3, help="interleaved fio/engine trials per queue depth (median)")
     p.add_argument("--no-verify", action="store_true", help="skip record checksums on the engine side")
+    p.add_argument("--reader", choices=("aio", "threads"), default="aio", help="threads: without the AIO reader")
     p.add_argument("--name", default=None, help="result file name (default io-<store>)")
     p.add_argument("--json", action="store_true")
 

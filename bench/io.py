@@ -4,10 +4,12 @@ Both sides read whole records (the store's record size, 16 KiB aligned) at rando
 the same layer file with the page cache bypassed (O_DIRECT), at several queue depths, in one run.
 The figure of merit is the ratio engine / fio-best: absolute GB/s on a VM disk mean little.
 
-The engine side is the store's fetch path exactly as the cache uses it (`ExpertStore.load`): the
-reader threads (as many as the queue depth) pread each record into a reused aligned buffer, check
-its xxh3 and copy its tensors into a slab slot. `engine_gbps` keeps batches queued ahead so that
-every reader always has a record to read (reads in flight across layer boundaries);
+The engine side is the store's fetch path exactly as the cache uses it (`ExpertStore.load`): Linux
+AIO where it is built (node/aio_reads.py, `queue_depth` reads in flight), else reader threads (as
+many as the queue depth), reading each record into a slab slot (or staging, then copied) and
+checking its xxh3; `--reader threads` measures the threads where AIO is built. `engine_gbps` keeps
+batches queued ahead so that every reader always has a record to read (reads in flight across
+layer boundaries);
 `engine_sync_gbps` waits for each layer-sized batch before queueing the next (a barrier per layer).
 """
 
@@ -78,6 +80,7 @@ def engine_randread(
     verify: bool,
     continuous: bool = True,
     seed: int = 0,
+    aio: bool = True,
 ) -> float:
     """GB/s of the cache's fetch path (`ExpertStore.load`: reader threads read, check and copy whole
     records into slab slots) on random records of one layer, with `queue_depth` reader threads.
@@ -89,7 +92,7 @@ def engine_randread(
     waited for before the next is queued (a barrier per layer).
     """
     rng = np.random.default_rng(seed)
-    with ExpertStore(store_path, queue_depth=queue_depth, verify=verify) as store:
+    with ExpertStore(store_path, queue_depth=queue_depth, verify=verify, aio=aio) as store:
         if not store.bypassing_cache:
             log.warning("%s: O_DIRECT unavailable; engine numbers include the page cache", store_path)
         spec = store.layer(layer)
@@ -130,6 +133,7 @@ def run_io_bench(
     seconds: float = 1.0,
     rounds: int = 3,
     verify: bool = True,
+    aio: bool = True,
 ) -> dict:
     """fio and the engine at each queue depth, interleaved in short trials, `rounds` times.
 
@@ -137,6 +141,8 @@ def run_io_bench(
     per-queue-depth medians makes both sides see the same disk, so the ratio means something.
     """
     manifest = Manifest.load(store_path)
+    with ExpertStore(store_path, queue_depth=1, aio=aio) as store:
+        reader = store.reader
     spec = max(manifest.layers, key=lambda s: len(s.experts) * s.record_size)
     path = Path(store_path) / spec.file
     span = len(spec.experts) * spec.record_size
@@ -147,11 +153,18 @@ def run_io_bench(
         for qd in queue_depths:
             fio_runs[qd].append(fio_randread(path, block=spec.record_size, queue_depth=qd, seconds=seconds, size=span))
             engine_runs[qd].append(
-                engine_randread(store_path, spec.layer, queue_depth=qd, seconds=seconds, verify=verify, seed=r)
+                engine_randread(store_path, spec.layer, queue_depth=qd, seconds=seconds, verify=verify, seed=r, aio=aio)
             )
             sync_runs[qd].append(
                 engine_randread(
-                    store_path, spec.layer, queue_depth=qd, seconds=seconds, verify=verify, continuous=False, seed=r
+                    store_path,
+                    spec.layer,
+                    queue_depth=qd,
+                    seconds=seconds,
+                    verify=verify,
+                    continuous=False,
+                    seed=r,
+                    aio=aio,
                 )
             )
             log.info("round %d qd %d: fio %.3f GB/s, engine %.3f GB/s", r, qd, fio_runs[qd][-1], engine_runs[qd][-1])
@@ -171,6 +184,7 @@ def run_io_bench(
         "file_bytes": span,
         "record_bytes": spec.record_size,
         "verify_checksums": verify,
+        "reader": reader,
         "seconds_per_trial": seconds,
         "rounds": rounds,
         "queue_depths": list(queue_depths),

@@ -43,6 +43,7 @@ def run_report(streaming: StreamingModel, generation: GenerationStats, before: E
     )
     if streaming.store is not None:
         result["page_cache_bypassed"] = streaming.store.bypassing_cache
+        result["reader"] = streaming.store.reader  # "aio" (Linux AIO, O_DIRECT) or "threads"
     if streaming.remote is not None:
         result.update(_cluster_figures(streaming, used, n_tokens=max(1, len(generation.tokens))))
     return result

@@ -37,10 +37,10 @@ from collections import OrderedDict
 import mlx.core as mx
 import numpy as np
 from flashmesh.node.cache_stats import CacheStats
-from flashmesh.node.read_queue import SlotReads
+from flashmesh.node.read_queue import Load
 from flashmesh.node.slab import Slab, signature
 from flashmesh.node.store_format import Manifest
-from flashmesh.node.store_reader import ConvertedReads, ExpertStore
+from flashmesh.node.store_reader import ExpertStore
 from flashmesh.protos.errors import UserError
 from flashmesh.protos.sizes import format_bytes
 
@@ -79,7 +79,7 @@ class ExpertCache:
         self._slot_arrays: dict[int, mx.array] = {}  # layer -> slot_of as an MLX array, made when asked for
         self._reserved: dict[Key, int] = {}  # slots of reads in flight
         self._pinned: set[Key] = set()
-        self._pending: dict[int, list[SlotReads | ConvertedReads]] = {}  # layer -> read-aheads in flight
+        self._pending: dict[int, list[Load]] = {}  # layer -> read-aheads in flight
         self._filling: set[int] = set()  # layers whose remaining experts were queued (slab holds all)
         self._unused_prefetch: set[Key] = set()  # prefetched, not yet asked for
         self._freq: dict[Key, float] = {}
@@ -177,7 +177,7 @@ class ExpertCache:
         if self.effective_policy == "lfu":  # "auto" is LFU too
             self._freq[key] = self._freq.get(key, 0.0) + self._clock
 
-    def _load(self, layer: int, experts: list[int], *, urgent: bool) -> SlotReads | ConvertedReads:
+    def _load(self, layer: int, experts: list[int], *, urgent: bool) -> Load:
         """Reserve a slot for each of `experts` (room must have been made) and start reading them into it."""
         slab = self._slabs[layer]
         slots = {e: slab.take((layer, e)) for e in experts}
@@ -187,7 +187,7 @@ class ExpertCache:
         self._stats.bytes_read += len(slots) * self.store.record_bytes(layer)  # counted when issued
         return self.store.load(layer, slots, slab, urgent=urgent)
 
-    def _land(self, reads: SlotReads | ConvertedReads, *, waited: bool) -> None:
+    def _land(self, reads: Load, *, waited: bool) -> None:
         """Wait for `reads` and make its experts entries; on a failed read give their room back and raise."""
         start = time.perf_counter()
         layer = reads.layer

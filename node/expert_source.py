@@ -15,10 +15,10 @@ import mlx.core as mx
 import mlx.nn as nn
 from flashmesh.node.bundle_format import is_bundle
 from flashmesh.node.bundle_source import BundleExpertSource
-from flashmesh.node.read_queue import SlotReads
+from flashmesh.node.read_queue import Load
 from flashmesh.node.slab import Slab
 from flashmesh.node.store_format import LayerSpec, Manifest
-from flashmesh.node.store_reader import ConvertedReads, ExpertStore, PendingRead, ReadStats
+from flashmesh.node.store_reader import ExpertStore, PendingRead, ReadStats
 from flashmesh.protos.errors import UserError
 
 
@@ -28,6 +28,11 @@ class ExpertSource(Protocol):
     queue_depth: int
     bypassing_cache: bool
     stats: ReadStats
+
+    @property
+    def reader(self) -> str:
+        """What reads records into slab slots: "aio" (Linux AIO on O_DIRECT files) or "threads"."""
+        ...
 
     def layer(self, layer: int) -> LayerSpec: ...
 
@@ -41,11 +46,11 @@ class ExpertSource(Protocol):
 
     def read(self, layer: int, experts: list[int]) -> dict[int, dict[str, mx.array]]: ...
 
-    def load(self, layer: int, slots: dict[int, int], slab: Slab, *, urgent: bool) -> SlotReads | ConvertedReads:
+    def load(self, layer: int, slots: dict[int, int], slab: Slab, *, urgent: bool) -> Load:
         """Start reading records into reserved slab slots (expert -> slot); `wait()` on the result."""
         ...
 
-    def landed(self, reads: SlotReads | ConvertedReads) -> None:
+    def landed(self, reads: Load) -> None:
         """Count a finished load in `stats`."""
         ...
 

@@ -16,6 +16,10 @@ reads stay in flight as fio's `iodepth` does. Reads, checksums and copies releas
 thread that runs MLX only waits for the batch it needs (`SlotReads.wait`) and never touches the
 bytes. Staging buffers are bounded (readers wait for a permit when the landing threads fall
 behind).
+
+On Linux, where the compiled AIO reader is built, records that go straight into their slots from
+an O_DIRECT file skip the threads: `threads` reads stay in flight in the kernel's AIO, and no Python
+runs per record (node/aio_reads.py). Its queue keeps the same order (urgent first, `promote`).
 """
 
 from __future__ import annotations
@@ -26,55 +30,32 @@ import os
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass
-from functools import cached_property
+from typing import Protocol
 
-import numpy as np
 import xxhash
-from flashmesh.node.store_format import RecordError, checksum
+from flashmesh.node import aio_reads
+from flashmesh.node.record_plan import RecordPlan, can_scatter, lost, mismatch, short_read
+from flashmesh.node.store_format import checksum
+
+__all__ = ["Load", "ReadQueue", "RecordPlan", "SlotReads", "can_scatter"]
 
 
-@dataclass(frozen=True, eq=False)
-class RecordPlan:
-    """How one layer's records land in a slab: where to read, what to check, where each tensor goes."""
+class Load(Protocol):
+    """Records of one layer on their way into reserved slab slots (any reader's)."""
 
     layer: int
-    fd: int
-    record_size: int
-    offsets: dict[int, int]  # expert -> byte offset of its record in the layer file
-    checksums: dict[int, str] | None  # expert -> xxh3 (None: no verification)
-    tensors: tuple[tuple[int, int, np.ndarray], ...]  # (offset in record, bytes, slab rows [slots, bytes])
-    file: str  # for error messages
-    remedy: str
-    scatter: bool = False  # read straight into the slot: every tensor is whole pages at a page offset
+    slots: dict[int, int]  # expert -> slot
 
-    @cached_property
-    def gaps(self) -> list[tuple[int, int]]:
-        """(offset, length) of the record's bytes that belong to no tensor (padding), in order."""
-        out, at = [], 0
-        for offset, nbytes, _ in sorted(self.tensors, key=lambda t: t[0]):
-            if offset > at:
-                out.append((at, offset - at))
-            at = offset + nbytes
-        if at < self.record_size:
-            out.append((at, self.record_size - at))
-        return out
+    def done(self) -> bool: ...
 
-    @cached_property
-    def staging_bytes(self) -> int:
-        """Bytes of staging buffer a record needs: its padding when scattered, else all of it."""
-        return sum(length for _, length in self.gaps) if self.scatter else self.record_size
+    @property
+    def seconds(self) -> float:
+        """Submission to the last record landed."""
+        ...
 
-    @cached_property
-    def layout(self) -> list[tuple[int, int, np.ndarray | None]]:
-        """(offset, length, slab rows, or None for padding) covering the record in order."""
-        parts = [(off, n, rows) for off, n, rows in self.tensors] + [(off, n, None) for off, n in self.gaps]
-        return sorted(parts, key=lambda p: p[0])
-
-
-def can_scatter(tensors, record_size: int, *, chunk_bytes: int, page: int) -> bool:
-    """Whether records can be preadv'd straight into slab rows (one read per record, page-aligned pieces)."""
-    return record_size <= chunk_bytes and all(off % page == 0 and n % page == 0 for off, n, _ in tensors)
+    def wait(self) -> dict[int, int]:
+        """Block until every record has landed; return `slots`, or raise the first error."""
+        ...
 
 
 class _Record:
@@ -122,8 +103,14 @@ class SlotReads:
 class ReadQueue:
     """`threads` reader threads over one two-level job queue (urgent first)."""
 
-    def __init__(self, threads: int, *, chunk_bytes: int, landers: int = 2, name: str = "flashmesh-read") -> None:
+    def __init__(
+        self, threads: int, *, chunk_bytes: int, landers: int = 2, aio: bool = True, name: str = "flashmesh-read"
+    ) -> None:
+        """`aio`: read O_DIRECT records that can go straight into their slots through Linux AIO
+        (node/aio_reads.py) where it is built; the threads read everything else."""
         self.chunk_bytes = chunk_bytes
+        self.ring = aio_reads.open_ring(threads) if aio else None
+        self._takes_aio: dict[int, bool] = {}  # fd -> opened O_DIRECT
         self._urgent: deque = deque()
         self._later: deque = deque()
         self._lock = threading.Lock()
@@ -141,8 +128,13 @@ class ReadQueue:
         for t in self._threads + self._landers:
             t.start()
 
-    def submit(self, plan: RecordPlan, slots: dict[int, int], *, urgent: bool) -> SlotReads:
+    def submit(self, plan: RecordPlan, slots: dict[int, int], *, urgent: bool) -> Load:
         """Queue the records of `slots` (expert -> reserved slot) of `plan.layer`; does not wait."""
+        if self.ring is not None and plan.scatter:
+            if plan.fd not in self._takes_aio:
+                self._takes_aio[plan.fd] = aio_reads.takes_aio(plan.fd)
+            if self._takes_aio[plan.fd]:
+                return aio_reads.AioReads(self.ring, plan, slots, urgent=urgent)
         reads = SlotReads(self, plan, slots)
         size, chunk = plan.record_size, (plan.record_size if plan.scatter else self.chunk_bytes)
         for expert, slot in slots.items():
@@ -222,16 +214,10 @@ class ReadQueue:
                 views = self._pieces(record) if plan.scatter else [memoryview(record.buffer)[offset : offset + length]]
                 got = os.preadv(plan.fd, views, plan.offsets[record.expert] + offset)
                 if got != length:
-                    raise RecordError(
-                        plan.layer,
-                        record.expert,
-                        f"short read ({offset + got} of {plan.record_size} bytes); the store file is "
-                        "truncated, re-run `flashmesh pack`",
-                    )
+                    raise short_read(plan, record.expert, offset + got)
         except OSError as e:  # EIO, a file gone from under us: this record is lost (DATA_LOSS)
             record.failed = True
-            lost = RecordError(plan.layer, record.expert, f"cannot read {plan.file} ({e.strerror}); {plan.remedy}")
-            reads.error = reads.error or lost
+            reads.error = reads.error or lost(plan, record.expert, e.strerror)
         except Exception as e:  # noqa: BLE001 - handed to the waiter, which raises it
             record.failed = True
             reads.error = reads.error or e
@@ -267,11 +253,7 @@ class ReadQueue:
         try:
             if not record.failed:
                 if plan.checksums is not None and _record_checksum(record) != plan.checksums[record.expert]:
-                    raise RecordError(
-                        plan.layer,
-                        record.expert,
-                        f"record checksum mismatch in {plan.file}; the flash copy is corrupt, {plan.remedy}",
-                    )
+                    raise mismatch(plan, record.expert)
                 if not plan.scatter:
                     source = _address(buffer)
                     for offset, nbytes, rows in plan.tensors:
@@ -291,6 +273,8 @@ class ReadQueue:
                 self.landed.notify_all()
 
     def close(self) -> None:
+        if self.ring is not None:
+            self.ring.close()  # reads in flight finish first
         with self._work:
             self._closed = True
             self._urgent.clear()

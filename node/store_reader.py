@@ -25,7 +25,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 from flashmesh.node.experts import expert_templates
-from flashmesh.node.read_queue import ReadQueue, RecordPlan, SlotReads, can_scatter
+from flashmesh.node.read_queue import Load, ReadQueue, RecordPlan, can_scatter
 from flashmesh.node.slab import Slab, signature
 from flashmesh.node.store_format import RECORD_ALIGN, LayerSpec, Manifest, RecordError, TensorSpec, checksum
 from flashmesh.protos.codec import DTYPES
@@ -101,12 +101,14 @@ class ExpertStore:
         queue_depth: int = 8,
         verify: bool = True,
         chunk_bytes: int = 8 * 1024 * 1024,
+        aio: bool = True,
         manifest: Manifest | None = None,
         record_specs: dict[int, LayerSpec] | None = None,
     ) -> None:
         """`manifest` and `record_specs` let a subclass read another layout (node.bundle_source): the
         manifest describes the arrays handed out (what the cache counts), `record_specs` the records on
-        flash (size, offset, checksum, tensor table); by default both are the store's."""
+        flash (size, offset, checksum, tensor table); by default both are the store's. `aio`: O_DIRECT
+        records go through Linux AIO where it is built (node/aio_reads.py); False: reader threads only."""
         self.path = Path(path)
         self.manifest = manifest or Manifest.load(self.path)
         self.page_cache = page_cache
@@ -121,11 +123,16 @@ class ExpertStore:
             self._fds[spec.layer] = self._open(spec)
         self._direct = self.direct
         self._pool = ThreadPoolExecutor(max_workers=queue_depth, thread_name_prefix="flashmesh-read")
-        self._queue = ReadQueue(queue_depth, chunk_bytes=self.chunk_bytes)
+        self._queue = ReadQueue(queue_depth, chunk_bytes=self.chunk_bytes, aio=aio)
         self._plans: dict[tuple[int, int], RecordPlan] = {}
         self._buffers: list[mmap.mmap] = []
         self._lock = threading.Lock()
         self.stats = ReadStats()
+
+    @property
+    def reader(self) -> str:
+        """What reads records into slab slots: "aio" (Linux AIO on O_DIRECT files) or "threads"."""
+        return "aio" if self._queue.ring is not None and self.bypassing_cache else "threads"
 
     def _open(self, spec: LayerSpec) -> int:
         path = self.path / spec.file
@@ -240,7 +247,7 @@ class ExpertStore:
             for layer, spec in self._layers.items()
         )
 
-    def load(self, layer: int, slots: dict[int, int], slab: Slab, *, urgent: bool) -> SlotReads | ConvertedReads:
+    def load(self, layer: int, slots: dict[int, int], slab: Slab, *, urgent: bool) -> Load:
         """Start reading the records of `slots` (expert -> reserved slot of `slab`) into those slots.
         `urgent`: the caller is about to wait for them (they go ahead of read-aheads). Does not wait."""
         if not self._direct:
@@ -262,7 +269,7 @@ class ExpertStore:
             )
         return self._queue.submit(plan, slots, urgent=urgent)
 
-    def landed(self, reads: SlotReads | ConvertedReads) -> None:
+    def landed(self, reads: Load) -> None:
         """Count a finished load in `stats` (on the caller's thread)."""
         self.stats.records += len(reads.slots)
         self.stats.bytes += len(reads.slots) * self._specs[reads.layer].record_size

@@ -5,7 +5,10 @@ go lazy on views."""
 from __future__ import annotations
 
 import errno
+import os
 import shutil
+import sys
+import sysconfig
 
 import mlx.core as mx
 import numpy as np
@@ -13,24 +16,47 @@ import pytest
 from flashmesh.coordinator.engine import open_model
 from flashmesh.coordinator.generate import SamplingParams, generate
 from flashmesh.coordinator.options import ModelOptions
-from flashmesh.node import read_queue
+from flashmesh.node import aio_reads, read_queue
 from flashmesh.node.cache import ExpertCache
 from flashmesh.node.store_format import Manifest, RecordError
 from flashmesh.node.store_reader import ExpertStore
 
 PROMPT = "The quick brown fox jumps over the lazy dog. Mixture of experts"
+BUILT = aio_reads._aio_reads is not None
+READERS = [pytest.param(True, id="aio"), pytest.param(False, id="threads")]
 
 
+def test_the_aio_reader_is_built_where_it_can_be():
+    """`pip install` builds node/_aio_reads.c on Linux with a C compiler and xxhash.h (setup.py)."""
+    python_h = os.path.join(sysconfig.get_paths()["include"], "Python.h")
+    if not sys.platform.startswith("linux") or not all(
+        (shutil.which("cc"), os.path.exists("/usr/include/xxhash.h"), os.path.exists(python_h))
+    ):
+        pytest.skip("the AIO reader builds on Linux with cc, Python.h and xxhash.h (libxxhash-dev)")
+    assert BUILT, "node/_aio_reads.c did not build: re-run `make test` and read pip's compiler output"
+
+
+def _store(path, aio: bool) -> ExpertStore:
+    store = ExpertStore(path, aio=aio)
+    if aio and BUILT:  # the reads under test go through the ring (the test stores are on a disk, O_DIRECT)
+        assert store.bypassing_cache and store._queue.ring is not None
+    elif aio:
+        pytest.skip("the AIO reader is not built here")
+    return store
+
+
+@pytest.mark.parametrize("aio", READERS)
 @pytest.mark.parametrize("quant,scatter", [("fp32", True), ("affine4", False)])
-def test_load_lands_records_in_their_slots(models, quant, scatter):
+def test_load_lands_records_in_their_slots(models, quant, scatter, aio):
     _, path = models.get("qwen3_moe", quant)
-    with ExpertStore(path) as store:
+    with _store(path, aio) as store:
         cache = ExpertCache(store, budget_bytes=store.manifest.min_budget_bytes * 2)
         spec = store.manifest.layers[1]
         slab = cache.slab(spec.layer)
         slots = {e: slab.take((spec.layer, e)) for e in spec.experts[:3]}
         reads = store.load(spec.layer, slots, slab, urgent=False)
         assert reads.plan.scatter is scatter  # fp32 tensors are whole pages; 4-bit scales are not
+        assert isinstance(reads, aio_reads.AioReads) is (aio and scatter)  # the ring takes scattered records
         assert reads.wait() == slots
         for e, slot in slots.items():
             raw = store.read_raw(spec.layer, e)
@@ -38,7 +64,8 @@ def test_load_lands_records_in_their_slots(models, quant, scatter):
                 assert slab.rows[t.name][slot].tobytes() == raw[t.offset : t.offset + t.nbytes]
 
 
-def test_a_corrupt_record_is_refused_by_either_path(models, tmp_path):
+@pytest.mark.parametrize("aio", READERS)
+def test_a_corrupt_record_is_refused_by_either_path(models, tmp_path, aio):
     _, src = models.get("qwen3_moe")
     path = tmp_path / "store"
     shutil.copytree(src, path)
@@ -48,7 +75,7 @@ def test_a_corrupt_record_is_refused_by_either_path(models, tmp_path):
         byte = f.read(1)
         f.seek(-1, 1)
         f.write(bytes([byte[0] ^ 0xFF]))
-    with ExpertStore(path) as store:
+    with _store(path, aio) as store:
         cache = ExpertCache(store, budget_bytes=store.manifest.min_budget_bytes)
         with pytest.raises(RecordError, match=f"layer {spec.layer} expert 2"):
             cache.acquire(spec.layer, [1, 2])
@@ -56,13 +83,14 @@ def test_a_corrupt_record_is_refused_by_either_path(models, tmp_path):
         cache.acquire(spec.layer, [1, 3])  # the others still load
 
 
-def test_a_truncated_store_file_is_a_short_read_of_its_records(models, tmp_path):
+@pytest.mark.parametrize("aio", READERS)
+def test_a_truncated_store_file_is_a_short_read_of_its_records(models, tmp_path, aio):
     _, src = models.get("qwen3_moe")
     path = tmp_path / "store"
     shutil.copytree(src, path)
     spec = Manifest.load(path).layers[0]
     last = spec.experts[-1]
-    with ExpertStore(path) as store:
+    with _store(path, aio) as store:
         with open(path / spec.file, "r+b") as f:  # cut short under the open store (a full disk, a bad copy)
             f.truncate(spec.record_offset(last) + spec.record_size // 2)
         cache = ExpertCache(store, budget_bytes=store.manifest.min_budget_bytes)
@@ -78,12 +106,29 @@ def test_an_unreadable_record_is_lost(models, monkeypatch):
     def failing(fd, buffers, offset):
         raise OSError(errno.EIO, "Input/output error")
 
-    with ExpertStore(path) as store:
+    with ExpertStore(path, aio=False) as store:
         monkeypatch.setattr(read_queue.os, "preadv", failing)
         cache = ExpertCache(store, budget_bytes=store.manifest.min_budget_bytes)
         spec = store.manifest.layers[0]
         with pytest.raises(RecordError, match=r"cannot read .*Input/output error"):
             cache.acquire(spec.layer, [spec.experts[0]])
+
+
+def test_an_unreadable_record_is_lost_under_aio(models, tmp_path):
+    """The kernel's refusal of a read comes back as the record's loss: here EBADF from io_submit, a
+    write-only O_DIRECT descriptor put where the layer file's was (a real EIO needs a failing disk:
+    test_storage_faults)."""
+    _, path = models.get("qwen3_moe")
+    with _store(path, True) as store:
+        spec = store.manifest.layers[0]
+        write_only = os.open(tmp_path / "other", os.O_WRONLY | os.O_CREAT | os.O_DIRECT)
+        os.dup2(write_only, store._fds[spec.layer])
+        os.close(write_only)
+        assert aio_reads.takes_aio(store._fds[spec.layer])  # so the ring, not a thread, reads it
+        cache = ExpertCache(store, budget_bytes=store.manifest.min_budget_bytes)
+        with pytest.raises(RecordError, match=rf"expert {spec.experts[1]}: cannot read .*\(Bad file descriptor\)"):
+            cache.acquire(spec.layer, [spec.experts[1]])
+        assert cache.bytes == 0 and not cache._pinned
 
 
 def test_full_budget_fills_in_and_goes_lazy_on_views(models):
