@@ -71,6 +71,12 @@ def fio_randread(path: Path, *, block: int, queue_depth: int, seconds: float, si
     return job["io_bytes"] / (job["runtime"] / 1000.0) / 1e9 if job["runtime"] else 0.0
 
 
+def engine_window(queue_depth: int, batch: int) -> int:
+    """Slots `engine_randread` lands records in, in turn: the waited batch, the records queued
+    ahead of it, and one batch more, so that no slot is reused while its read is in flight."""
+    return max(2 * queue_depth, batch) + 2 * batch
+
+
 def engine_randread(
     store_path: Path,
     layer: int,
@@ -98,7 +104,7 @@ def engine_randread(
         spec = store.layer(layer)
         batch = min(store.manifest.top_k, len(spec.experts))
         ahead = max(2 * queue_depth, batch)  # records queued beyond the ones being waited for
-        ring = Slab([spec], slots=ahead + 2 * batch)  # a window of slots the reads land in, reused
+        ring = Slab([spec], slots=engine_window(queue_depth, batch))  # the slots the reads land in, reused
         next_slot, in_flight = 0, deque()
         # the batches are drawn before the clock starts: numpy's sampling is not the fetch path
         draws = rng.permuted(np.tile(np.asarray(spec.experts), (4096, 1)), axis=1)[:, :batch].tolist()
@@ -114,7 +120,7 @@ def engine_randread(
         start = time.perf_counter()
         landed = 0
         while time.perf_counter() < deadline:
-            while len(in_flight) * batch < (ahead if continuous else batch):
+            while len(in_flight) * batch < (batch + ahead if continuous else batch):  # the waited batch + ahead
                 queue_one()
             reads = in_flight.popleft()
             reads.wait()
