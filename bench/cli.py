@@ -73,6 +73,28 @@ def cmd_io(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_io_footprint(args: argparse.Namespace) -> int:
+    from bench.io_footprint import plot_footprint, run_footprint_bench
+
+    store = _store_or_demo(args.store)
+    result = run_footprint_bench(
+        store, out_dir=RESULTS / "tmp", queue_depth=args.queue_depth, seconds=args.seconds, rounds=args.rounds
+    )
+    name = args.name or f"io-footprint-{store.name}"
+    result["plot"] = str(plot_footprint(result, RESULTS / f"{name}.png"))
+    path = write_result(name, result)
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    print(f"store {store} ({result['record_bytes']} B records), queue depth {result['queue_depth']}")
+    print(f"{'reader':<24} {'buffers':>8} {'of fio':>7}")
+    for reader, ratio in result["ratio_to_fio"].items():
+        print(f"{reader:<24} {result['buffers'][reader]:>8} {ratio:>7.2f}")
+    print(f"engine / the loop at the engine's footprint: {result['engine_over_loop_at_its_footprint']:.2f}")
+    print(f"written to {path}")
+    return 0
+
+
 def _budget(store: Path, text: str | None, *, fraction: float) -> int:
     from flashmesh.node.store_format import Manifest
     from flashmesh.protos.sizes import parse_bytes
@@ -617,6 +639,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-verify", action="store_true", help="skip record checksums on the engine side")
     p.add_argument("--reader", choices=("aio", "threads"), default="aio", help="threads: without the AIO reader")
     p.add_argument("--name", default=None, help="result file name (default io-<store>)")
+    p.add_argument("--json", action="store_true")
+
+    p = bsub.add_parser("io-footprint", help="fio's rate against the same libaio loop landing in more buffers")
+    p.set_defaults(func=cmd_io_footprint)
+    p.add_argument("store", type=Path, nargs="?", default=None, help="a packed store (default: the demo store)")
+    p.add_argument("--queue-depth", type=int, default=8)
+    p.add_argument("--seconds", type=float, default=1.0, help="per trial")
+    p.add_argument("--rounds", type=int, default=7)
+    p.add_argument("--name", default=None, help="result file name (default io-footprint-<store>)")
     p.add_argument("--json", action="store_true")
 
     p = bsub.add_parser("prefetch", help="router lookahead on/off x LRU/LFU at one budget, same run")
