@@ -75,7 +75,10 @@ typedef struct {
     pthread_cond_t landed; /* a batch is complete */
     aio_context_t ctx;
     Fifo urgent, later;
-    int depth, inflight, closed, started;
+    int depth;
+    int inflight;  /* records claimed for submission or in the kernel: at most `depth` */
+    int submitted; /* records in the kernel: what io_getevents can return */
+    int closed, started;
     pthread_t reaper;
 } Ring;
 
@@ -133,7 +136,22 @@ static void finish_locked(Ring *ring, Record *r, int status, long long got) {
     release_state(s);
 }
 
-/* Keep `depth` reads in flight from the queues (urgent first); under the mutex. */
+/* Put records back at the front of the queue (a refused submit), or cancel them when closing. */
+static void requeue_locked(Ring *ring, struct iocb **cbs, int n) {
+    for (int i = n - 1; i >= 0; i--) {
+        Record *r = (Record *)(uintptr_t)cbs[i]->aio_data;
+        if (ring->closed) {
+            finish_locked(ring, r, CANCELLED, 0);
+            continue;
+        }
+        r->next = ring->urgent.head;
+        ring->urgent.head = r;
+        if (!ring->urgent.tail) ring->urgent.tail = r;
+    }
+}
+
+/* Keep `depth` reads in flight from the queues (urgent first). Called and returns with the mutex
+ * held, but io_submit runs without it, so that a thread submitting never holds up the reaper. */
 static void submit_locked(Ring *ring) {
     struct iocb *cbs[REAP];
     while (ring->inflight < ring->depth && (ring->urgent.head || ring->later.head)) {
@@ -143,28 +161,30 @@ static void submit_locked(Ring *ring) {
             if (!r) break;
             cbs[n++] = &r->cb;
         }
-        int done = 0;
+        ring->inflight += n; /* claimed, so that no other thread overfills the depth meanwhile */
+        pthread_mutex_unlock(&ring->mu);
+        int done = 0, err = 0;
         while (done < n) {
             long got = syscall(SYS_io_submit, ring->ctx, (long)(n - done), cbs + done);
-            if (got > 0) {
-                ring->inflight += (int)got;
-                done += (int)got;
-            } else if (got < 0 && errno == EAGAIN && ring->inflight > 0) {
-                for (int i = n - 1; i >= done; i--) { /* back to the front; retried as reads finish */
-                    Record *r = (Record *)(uintptr_t)cbs[i]->aio_data;
-                    r->next = ring->urgent.head;
-                    ring->urgent.head = r;
-                    if (!ring->urgent.tail) ring->urgent.tail = r;
-                }
-                return;
-            } else { /* this record cannot be read at all (a bad descriptor, EAGAIN with none in flight) */
-                int err = got < 0 ? errno : EIO;
-                finish_locked(ring, (Record *)(uintptr_t)cbs[done]->aio_data, err, 0);
-                done++;
+            if (got <= 0) {
+                err = got < 0 ? errno : EIO;
+                break;
             }
+            done += (int)got;
         }
+        pthread_mutex_lock(&ring->mu);
+        ring->submitted += done;
+        ring->inflight -= n - done;
+        pthread_cond_signal(&ring->work); /* the reaper: reads to reap, or fewer claimed */
+        if (done == n) continue;
+        if (err == EAGAIN && ring->submitted > 0) { /* the kernel is full: retried as reads finish */
+            requeue_locked(ring, cbs + done, n - done);
+            return;
+        }
+        /* this record cannot be read at all (a bad descriptor; EAGAIN with nothing in flight) */
+        finish_locked(ring, (Record *)(uintptr_t)cbs[done]->aio_data, err, 0);
+        requeue_locked(ring, cbs + done + 1, n - done - 1);
     }
-    if (ring->inflight) pthread_cond_signal(&ring->work);
 }
 
 static int check(Record *r, long long got) {
@@ -184,12 +204,13 @@ static void *reap(void *arg) {
     struct io_event events[REAP];
     pthread_mutex_lock(&ring->mu);
     for (;;) {
-        while (!ring->inflight && !ring->closed) pthread_cond_wait(&ring->work, &ring->mu);
-        if (!ring->inflight) break; /* closed, and nothing left in flight */
+        while (!ring->submitted && !(ring->closed && !ring->inflight)) pthread_cond_wait(&ring->work, &ring->mu);
+        if (!ring->submitted) break; /* closed, and nothing in flight or being submitted */
         pthread_mutex_unlock(&ring->mu);
         long n = syscall(SYS_io_getevents, ring->ctx, 1L, (long)REAP, events, NULL);
         pthread_mutex_lock(&ring->mu);
         if (n < 0) continue; /* EINTR */
+        ring->submitted -= (int)n;
         ring->inflight -= (int)n;
         if (!ring->closed) submit_locked(ring);
         pthread_mutex_unlock(&ring->mu);

@@ -167,3 +167,24 @@ def test_full_budget_fills_in_and_goes_lazy_on_views(models):
         assert streaming.cache.stats.misses == stats.misses  # second run: all lazy, no reads
     finally:
         streaming.close()
+
+
+def test_closing_the_aio_reader_cancels_what_is_queued_and_finishes_what_is_in_flight(models):
+    _, path = models.get("qwen3_moe")
+    store = _store(path, True)
+    spec = store.manifest.layers[0]
+    cache = ExpertCache(store, budget_bytes=store.manifest.expert_bytes_total)
+    slab = cache.slab(spec.layer)
+    loads = [store.load(spec.layer, {e: slab.take((spec.layer, e))}, slab, urgent=False) for e in spec.experts]
+    store.close()  # reads in flight finish, the rest never start
+    outcomes = []
+    for load in loads:
+        assert load.done()
+        try:
+            load.wait()
+            outcomes.append("landed")
+        except RuntimeError as e:
+            assert "read queue is closed" in str(e)
+            outcomes.append("cancelled")
+    assert outcomes[0] == "landed"  # submitted at once
+    assert set(outcomes) <= {"landed", "cancelled"}
