@@ -50,7 +50,8 @@ def cmd_io(args: argparse.Namespace) -> int:
         seconds=args.seconds,
         rounds=args.rounds,
         verify=not args.no_verify,
-        aio=args.reader == "aio",
+        aio=args.reader != "threads",
+        threads_too=args.reader == "both",
     )
     path = write_result(args.name or f"io-{store.name}", result)
     if args.json:
@@ -66,6 +67,10 @@ def cmd_io(args: argparse.Namespace) -> int:
             f, e = result["fio_gbps_by_qd"][str(qd)], result["engine_gbps_by_qd"][str(qd)]
             y, pr = result["engine_sync_gbps_by_qd"][str(qd)], result["paired_ratio_by_qd"][str(qd)]
             print(f"{qd:>4} {f:>10.3f} {e:>12.3f} {e / f if f else 0:>7.2f} {pr:>7.2f} {y:>10.3f}")
+        if "threads_paired_ratio_by_qd" in result:
+            tp, ab = result["threads_paired_ratio_by_qd"], result["aio_over_threads_by_qd"]
+            print("reader threads, same rounds: paired " + ", ".join(f"qd {q} {tp[str(q)]:.2f}" for q in qds))
+            print("aio / threads, trial by trial: " + ", ".join(f"qd {q} {ab[str(q)]:.2f}" for q in qds))
         print(
             f"best: engine {result['engine_gbps']:.3f} GB/s / fio {result['fio_gbps']:.3f} GB/s = {result['ratio']:.2f}"
         )
@@ -637,7 +642,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seconds", type=float, default=1.0, help="per trial, per queue depth, per side")
     p.add_argument("--rounds", type=int, default=3, help="interleaved fio/engine trials per queue depth (median)")
     p.add_argument("--no-verify", action="store_true", help="skip record checksums on the engine side")
-    p.add_argument("--reader", choices=("aio", "threads"), default="aio", help="threads: without the AIO reader")
+    p.add_argument(
+        "--reader",
+        choices=("aio", "threads", "both"),
+        default="aio",
+        help="threads: without the AIO reader; both: the threads' trial after AIO's in every round",
+    )
     p.add_argument("--name", default=None, help="result file name (default io-<store>)")
     p.add_argument("--json", action="store_true")
 

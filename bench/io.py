@@ -140,8 +140,10 @@ def run_io_bench(
     rounds: int = 3,
     verify: bool = True,
     aio: bool = True,
+    threads_too: bool = False,
 ) -> dict:
     """fio and the engine at each queue depth, interleaved in short trials, `rounds` times.
+    `threads_too`: the reader threads' trial right after the AIO reader's in every round (A/B).
 
     A VM's virtual disk swings by 2-4x from second to second; alternating short trials and taking
     per-queue-depth medians makes both sides see the same disk, so the ratio means something.
@@ -155,12 +157,18 @@ def run_io_bench(
     fio_runs: dict[int, list[float]] = {qd: [] for qd in queue_depths}
     engine_runs: dict[int, list[float]] = {qd: [] for qd in queue_depths}
     sync_runs: dict[int, list[float]] = {qd: [] for qd in queue_depths}
+    threads_runs: dict[int, list[float]] = {qd: [] for qd in queue_depths}
     for r in range(rounds):
         for qd in queue_depths:
             fio_runs[qd].append(fio_randread(path, block=spec.record_size, queue_depth=qd, seconds=seconds, size=span))
-            engine_runs[qd].append(
-                engine_randread(store_path, spec.layer, queue_depth=qd, seconds=seconds, verify=verify, seed=r, aio=aio)
-            )
+            # with `threads_too` the two readers take turns going first, so neither is always nearer fio's trial
+            sides = [(engine_runs, aio), (threads_runs, False)][: 2 if threads_too else 1]
+            for runs, use_aio in sides if r % 2 == 0 else sides[::-1]:
+                runs[qd].append(
+                    engine_randread(
+                        store_path, spec.layer, queue_depth=qd, seconds=seconds, verify=verify, seed=r, aio=use_aio
+                    )
+                )
             sync_runs[qd].append(
                 engine_randread(
                     store_path,
@@ -179,11 +187,15 @@ def run_io_bench(
     sync = {qd: float(np.median(v)) for qd, v in sync_runs.items()}
     fio_best, engine_best = max(fio.values()), max(engine.values())
     # each engine trial over the fio trial just before it (the same moment of the disk), median
-    paired = {
-        qd: float(np.median([e / f for e, f in zip(engine_runs[qd], fio_runs[qd], strict=True) if f]))
-        for qd in queue_depths
-    }
-    return {
+    paired = {qd: _paired(engine_runs[qd], fio_runs[qd]) for qd in queue_depths}
+    ab = {}
+    if threads_too:
+        ab = {
+            "threads_engine_trials": {str(k): [round(x, 4) for x in v] for k, v in threads_runs.items()},
+            "threads_paired_ratio_by_qd": {str(qd): _paired(threads_runs[qd], fio_runs[qd]) for qd in queue_depths},
+            "aio_over_threads_by_qd": {str(qd): _paired(engine_runs[qd], threads_runs[qd]) for qd in queue_depths},
+        }
+    return ab | {
         "bench": "io",
         "store": str(store_path),
         "file": str(path),
@@ -209,3 +221,8 @@ def run_io_bench(
         "ratio_by_qd": {str(k): round(engine[k] / fio[k], 4) for k in queue_depths if fio[k]},
         "paired_ratio_by_qd": {str(k): round(v, 4) for k, v in paired.items()},
     }
+
+
+def _paired(trials: list[float], baseline: list[float]) -> float:
+    """Median over rounds of each trial over the baseline trial of its round."""
+    return round(float(np.median([t / b for t, b in zip(trials, baseline, strict=True) if b])), 4)
