@@ -14,6 +14,7 @@ import logging
 import os
 import time
 from functools import cache
+from typing import Protocol
 
 from flashmesh.node.record_plan import RecordPlan, lost, mismatch, short_read
 
@@ -25,7 +26,36 @@ except ImportError:  # not built here: see setup.py
 log = logging.getLogger(__name__)
 
 
-def open_ring(depth: int):
+class Batch(Protocol):
+    """One submit's records (node/_aio_reads.c)."""
+
+    seconds: float  # submission to the last record done (0 until then)
+
+    def wait(self) -> None:
+        """Block, without the GIL, until every record is done."""
+
+    def done(self) -> bool: ...
+
+    def failures(self) -> list[tuple[int, int, int]]:
+        """(index, status, bytes read) of each failed record: errno > 0, or SHORT_READ, MISMATCH, CANCELLED."""
+        ...
+
+
+class Ring(Protocol):
+    """`depth` O_DIRECT reads in flight through Linux AIO (node/_aio_reads.c)."""
+
+    def submit(self, fd: int, records: list[tuple[int, list[tuple[int, int]], int | None]], urgent: bool) -> Batch:
+        """Queue (offset, [(address, or 0 for padding, length)], xxh3 or None) records, in order."""
+        ...
+
+    def promote(self, batch: Batch) -> None:
+        """Move `batch`'s records that wait behind read-aheads to the front."""
+
+    def close(self) -> None:
+        """Cancel what is queued, finish what is in flight, stop the reaper."""
+
+
+def open_ring(depth: int) -> Ring | None:
     """An AIO ring keeping `depth` reads in flight, or None where there is none (logged once)."""
     if _aio_reads is None:
         _note_once("the compiled AIO reader is not built here; Python reader threads read records")
@@ -50,7 +80,7 @@ def takes_aio(fd: int) -> bool:
 class AioReads:
     """The records of one layer read into reserved slab slots through a ring; `wait()` on the caller."""
 
-    def __init__(self, ring, plan: RecordPlan, slots: dict[int, int], *, urgent: bool) -> None:
+    def __init__(self, ring: Ring, plan: RecordPlan, slots: dict[int, int], *, urgent: bool) -> None:
         self.ring, self.plan, self.slots = ring, plan, slots
         self.layer = plan.layer
         self.experts = list(slots)

@@ -34,10 +34,8 @@ from typing import Protocol
 
 import xxhash
 from flashmesh.node import aio_reads
-from flashmesh.node.record_plan import RecordPlan, can_scatter, lost, mismatch, short_read
+from flashmesh.node.record_plan import RecordPlan, lost, mismatch, short_read
 from flashmesh.node.store_format import checksum
-
-__all__ = ["Load", "ReadQueue", "RecordPlan", "SlotReads", "can_scatter"]
 
 
 class Load(Protocol):

@@ -25,7 +25,8 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 from flashmesh.node.experts import expert_templates
-from flashmesh.node.read_queue import Load, ReadQueue, RecordPlan, can_scatter
+from flashmesh.node.read_queue import Load, ReadQueue
+from flashmesh.node.record_plan import RecordPlan, can_scatter
 from flashmesh.node.slab import Slab, signature
 from flashmesh.node.store_format import RECORD_ALIGN, LayerSpec, Manifest, RecordError, TensorSpec, checksum
 from flashmesh.protos.codec import DTYPES
