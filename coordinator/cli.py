@@ -111,6 +111,8 @@ def print_stats(stats: dict, *, title: str, console: Console = err) -> None:
     if "lookahead" in stats:
         used = f"on, {stats['prefetch_used']} read-aheads used" if stats["lookahead"] else "off"
         rows.append(("router lookahead", used))
+    if "reader" in stats:  # a local store: what read its records (docs/store.md, "Reads through Linux AIO")
+        rows.append(("flash reads", "Linux AIO" if stats["reader"] == "aio" else "reader threads"))
     for key, label in (("tokens_match_reference", "greedy tokens equal mlx-lm's"),):
         if key in stats:
             rows.append((label, str(stats[key]).lower()))
