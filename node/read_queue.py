@@ -275,9 +275,15 @@ class ReadQueue:
             self.ring.close()  # reads in flight finish first
         with self._work:
             self._closed = True
+            dropped = {id(job[0]): job[0] for job in (*self._urgent, *self._later)}  # never to be landed
             self._urgent.clear()
             self._later.clear()
             self._work.notify_all()
+        with self.landed:  # their waiters are told, as the AIO reader's are, instead of waiting for good
+            for record in dropped.values():
+                record.reads.error = record.reads.error or RuntimeError("read queue is closed")
+                record.reads.left -= 1
+            self.landed.notify_all()
         for t in self._threads:
             t.join()
         with self._land_work:

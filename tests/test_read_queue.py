@@ -169,9 +169,10 @@ def test_full_budget_fills_in_and_goes_lazy_on_views(models):
         streaming.close()
 
 
-def test_closing_the_aio_reader_cancels_what_is_queued_and_finishes_what_is_in_flight(models):
+@pytest.mark.parametrize("aio", READERS)
+def test_closing_cancels_what_is_queued_and_finishes_what_is_in_flight(models, aio):
     _, path = models.get("qwen3_moe")
-    store = _store(path, True)
+    store = _store(path, aio)
     spec = store.manifest.layers[0]
     cache = ExpertCache(store, budget_bytes=store.manifest.expert_bytes_total)
     slab = cache.slab(spec.layer)
@@ -186,5 +187,6 @@ def test_closing_the_aio_reader_cancels_what_is_queued_and_finishes_what_is_in_f
         except RuntimeError as e:
             assert "read queue is closed" in str(e)
             outcomes.append("cancelled")
-    assert outcomes[0] == "landed"  # submitted at once
+    if aio:
+        assert outcomes[0] == "landed"  # in the kernel at once (a reader thread may not have taken it yet)
     assert set(outcomes) <= {"landed", "cancelled"}
