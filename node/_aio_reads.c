@@ -290,6 +290,11 @@ static void Ring_dealloc(Ring *self) {
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
+static int running(Ring *ring) {
+    if (!ring->started) PyErr_SetString(PyExc_RuntimeError, "the ring was not started");
+    return ring->started;
+}
+
 /* Fill one record from (offset, [(address or 0 for padding, length), ...], xxh3 or None). */
 static int make_record(Record *r, int fd, PyObject *item, struct iovec *iov) {
     long long offset;
@@ -391,7 +396,7 @@ static BatchState *make_state(int fd, PyObject *seq) {
 static PyObject *Ring_submit(Ring *self, PyObject *args) {
     int fd, urgent;
     PyObject *records;
-    if (!PyArg_ParseTuple(args, "iOp", &fd, &records, &urgent)) return NULL;
+    if (!running(self) || !PyArg_ParseTuple(args, "iOp", &fd, &records, &urgent)) return NULL;
     PyObject *seq = PySequence_Fast(records, "records must be a sequence");
     if (!seq) return NULL;
     BatchState *s = make_state(fd, seq);
@@ -431,6 +436,7 @@ static PyObject *Ring_submit(Ring *self, PyObject *args) {
 
 /* promote(batch): move its records that wait behind read-aheads to the front */
 static PyObject *Ring_promote(Ring *self, PyObject *arg) {
+    if (!running(self)) return NULL;
     if (!PyObject_TypeCheck(arg, &BatchType)) {
         PyErr_SetString(PyExc_TypeError, "promote takes a Batch");
         return NULL;
