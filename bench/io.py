@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 from flashmesh.node.slab import Slab
-from flashmesh.node.store_format import Manifest
+from flashmesh.node.store_format import LayerSpec, Manifest
 from flashmesh.node.store_reader import ExpertStore
 from flashmesh.protos.errors import UserError
 
@@ -71,10 +71,22 @@ def fio_randread(path: Path, *, block: int, queue_depth: int, seconds: float, si
     return job["io_bytes"] / (job["runtime"] / 1000.0) / 1e9 if job["runtime"] else 0.0
 
 
+def largest_layer(store_path: Path) -> tuple[Manifest, LayerSpec, Path]:
+    """The store's manifest, the layer with the most record bytes (the one both sides read), its file."""
+    manifest = Manifest.load(store_path)
+    spec = max(manifest.layers, key=lambda s: len(s.experts) * s.record_size)
+    return manifest, spec, Path(store_path) / spec.file
+
+
+def records_ahead(queue_depth: int, batch: int) -> int:
+    """Records `engine_randread` keeps queued beyond the batch it waits for."""
+    return max(2 * queue_depth, batch)
+
+
 def engine_window(queue_depth: int, batch: int) -> int:
     """Slots `engine_randread` lands records in, in turn: the waited batch, the records queued
     ahead of it, and one batch more, so that no slot is reused while its read is in flight."""
-    return max(2 * queue_depth, batch) + 2 * batch
+    return records_ahead(queue_depth, batch) + 2 * batch
 
 
 def engine_randread(
@@ -103,7 +115,7 @@ def engine_randread(
             log.warning("%s: O_DIRECT unavailable; engine numbers include the page cache", store_path)
         spec = store.layer(layer)
         batch = min(store.manifest.top_k, len(spec.experts))
-        ahead = max(2 * queue_depth, batch)  # records queued beyond the ones being waited for
+        ahead = records_ahead(queue_depth, batch)
         ring = Slab([spec], slots=engine_window(queue_depth, batch))  # the slots the reads land in, reused
         next_slot, in_flight = 0, deque()
         # the batches are drawn before the clock starts: numpy's sampling is not the fetch path
@@ -148,11 +160,9 @@ def run_io_bench(
     A VM's virtual disk swings by 2-4x from second to second; alternating short trials and taking
     per-queue-depth medians makes both sides see the same disk, so the ratio means something.
     """
-    manifest = Manifest.load(store_path)
+    _, spec, path = largest_layer(store_path)
     with ExpertStore(store_path, queue_depth=1, aio=aio) as store:
         reader = store.reader
-    spec = max(manifest.layers, key=lambda s: len(s.experts) * s.record_size)
-    path = Path(store_path) / spec.file
     span = len(spec.experts) * spec.record_size
     fio_runs: dict[int, list[float]] = {qd: [] for qd in queue_depths}
     engine_runs: dict[int, list[float]] = {qd: [] for qd in queue_depths}

@@ -15,10 +15,9 @@ import subprocess
 from pathlib import Path
 
 import numpy as np
-from flashmesh.node.store_format import Manifest
 from flashmesh.protos.errors import UserError
 
-from bench.io import engine_randread, engine_window, fio_randread
+from bench.io import engine_randread, engine_window, fio_randread, largest_layer
 
 LOOP_SOURCE = Path(__file__).with_name("aio_loop.c")
 
@@ -59,9 +58,7 @@ def run_footprint_bench(
     cache_buffers: int = 512,
 ) -> dict:
     """fio, the C loop at three footprints and the engine, alternating, at one queue depth."""
-    manifest = Manifest.load(store_path)
-    spec = max(manifest.layers, key=lambda s: len(s.experts) * s.record_size)
-    path = Path(store_path) / spec.file
+    manifest, spec, path = largest_layer(store_path)
     records = len(spec.experts)
     window = engine_window(queue_depth, min(manifest.top_k, records))
     loop = build_loop(out_dir)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
-import time
 from functools import cache
 from typing import Protocol
 
@@ -84,7 +83,6 @@ class AioReads:
         self.ring, self.plan, self.slots = ring, plan, slots
         self.layer = plan.layer
         self.experts = list(slots)
-        self.started = time.perf_counter()
         checksums = plan.checksum_values
         records = [
             (

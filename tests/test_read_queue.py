@@ -36,6 +36,14 @@ def test_the_aio_reader_is_built_where_it_can_be():
     assert BUILT, "node/_aio_reads.c did not build: re-run `make test` and read pip's compiler output"
 
 
+def _copied_store(models, tmp_path):
+    """A copy of the test store to damage, and its first layer."""
+    _, src = models.get("qwen3_moe")
+    path = tmp_path / "store"
+    shutil.copytree(src, path)
+    return path, Manifest.load(path).layers[0]
+
+
 def _store(path, aio: bool) -> ExpertStore:
     store = ExpertStore(path, aio=aio)
     if aio and BUILT:  # the reads under test go through the ring (the test stores are on a disk, O_DIRECT)
@@ -66,10 +74,7 @@ def test_load_lands_records_in_their_slots(models, quant, scatter, aio):
 
 @pytest.mark.parametrize("aio", READERS)
 def test_a_corrupt_record_is_refused_by_either_path(models, tmp_path, aio):
-    _, src = models.get("qwen3_moe")
-    path = tmp_path / "store"
-    shutil.copytree(src, path)
-    spec = Manifest.load(path).layers[0]
+    path, spec = _copied_store(models, tmp_path)
     with open(path / spec.file, "r+b") as f:
         f.seek(spec.record_offset(2) + spec.tensors[-1].offset + 5)
         byte = f.read(1)
@@ -85,10 +90,7 @@ def test_a_corrupt_record_is_refused_by_either_path(models, tmp_path, aio):
 
 @pytest.mark.parametrize("aio", READERS)
 def test_a_truncated_store_file_is_a_short_read_of_its_records(models, tmp_path, aio):
-    _, src = models.get("qwen3_moe")
-    path = tmp_path / "store"
-    shutil.copytree(src, path)
-    spec = Manifest.load(path).layers[0]
+    path, spec = _copied_store(models, tmp_path)
     last = spec.experts[-1]
     with _store(path, aio) as store:
         with open(path / spec.file, "r+b") as f:  # cut short under the open store (a full disk, a bad copy)
