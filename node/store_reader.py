@@ -132,8 +132,15 @@ class ExpertStore:
 
     @property
     def reader(self) -> str:
-        """What reads records into slab slots: "aio" (Linux AIO on O_DIRECT files) or "threads"."""
-        return "aio" if self._queue.ring is not None and self.bypassing_cache else "threads"
+        """What reads records into slab slots: "aio" (Linux AIO on O_DIRECT files, every record read
+        straight into its slot) or "threads" (anything else: staged or converted records, no AIO)."""
+        scattered = self._direct and all(self._scatters(spec) for spec in self._specs.values())
+        return "aio" if self._queue.ring is not None and self.bypassing_cache and scattered else "threads"
+
+    def _scatters(self, spec: LayerSpec) -> bool:
+        """Whether `spec`'s records are read straight into their slots (every tensor whole pages)."""
+        tensors = [(t.offset, t.nbytes, None) for t in spec.tensors]
+        return can_scatter(tensors, spec.record_size, chunk_bytes=self.chunk_bytes, page=_PAGE)
 
     def _open(self, spec: LayerSpec) -> int:
         path = self.path / spec.file
@@ -266,7 +273,7 @@ class ExpertStore:
                 tensors=tensors,
                 file=str(self.path / spec.file),
                 remedy=self.remedy,
-                scatter=can_scatter(tensors, spec.record_size, chunk_bytes=self.chunk_bytes, page=_PAGE),
+                scatter=self._scatters(spec),
             )
         return self._queue.submit(plan, slots, urgent=urgent)
 

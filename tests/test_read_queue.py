@@ -65,6 +65,7 @@ def test_load_lands_records_in_their_slots(models, quant, scatter, aio):
         reads = store.load(spec.layer, slots, slab, urgent=False)
         assert reads.plan.scatter is scatter  # fp32 tensors are whole pages; 4-bit scales are not
         assert isinstance(reads, aio_reads.AioReads) is (aio and scatter)  # the ring takes scattered records
+        assert store.reader == ("aio" if aio and scatter else "threads")  # what the run's JSON says
         assert reads.wait() == slots
         for e, slot in slots.items():
             raw = store.read_raw(spec.layer, e)
