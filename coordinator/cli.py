@@ -19,6 +19,7 @@ from flashmesh.coordinator.generate import SamplingParams
 from flashmesh.coordinator.options import ModelOptions, add_model_args, model_options, resolve_store
 from flashmesh.coordinator.report import run_prompt
 from flashmesh.coordinator.tables import fitted_table
+from flashmesh.node.expert_source import reader_label
 from flashmesh.node.shutdown import interrupt
 from flashmesh.protos.errors import UserError
 from flashmesh.protos.sizes import format_bytes
@@ -112,7 +113,7 @@ def print_stats(stats: dict, *, title: str, console: Console = err) -> None:
         used = f"on, {stats['prefetch_used']} read-aheads used" if stats["lookahead"] else "off"
         rows.append(("router lookahead", used))
     if "reader" in stats:  # a local store: what read its records (docs/store.md, "Reads through Linux AIO")
-        rows.append(("flash reads", "Linux AIO" if stats["reader"] == "aio" else "reader threads"))
+        rows.append(("flash reads", reader_label(stats["reader"])))
     for key, label in (("tokens_match_reference", "greedy tokens equal mlx-lm's"),):
         if key in stats:
             rows.append((label, str(stats[key]).lower()))
@@ -124,17 +125,18 @@ def print_stats(stats: dict, *, title: str, console: Console = err) -> None:
 def print_nodes(result: dict, *, console: Console = err) -> None:
     if "nodes" not in result:
         return
-    headers = ["node", "address", "held / assigned", "RAM budget", "peak cache", "hit rate", "read", "RPCs",
-               "RPC ms", "p99 ms"]  # fmt: skip
+    headers = ["node", "address", "held / assigned", "RAM budget", "peak cache", "hit rate", "read", "reads",
+               "RPCs", "RPC ms", "p99 ms"]  # fmt: skip
     rows = [
         [n["name"], n["address"], f"{n['experts_held']} / {n['experts_assigned']}", format_bytes(n["ram_budget_bytes"]),
          format_bytes(n["peak_cache_bytes"]), f"{n['cache_hit_rate']:.1%}", format_bytes(n["expert_bytes_read"]),
-         str(n["requests"]), f"{n['rpc_ms_mean']:.2f}", f"{n['rpc_ms_p99']:.2f}"]
+         reader_label(n["reader"]), str(n["requests"]), f"{n['rpc_ms_mean']:.2f}", f"{n['rpc_ms_p99']:.2f}"]
         for n in result["nodes"]
     ]  # fmt: skip
     console.print(
         fitted_table(headers, rows, keep={"node", "address", "held / assigned", "hit rate"}, stack=("node", "address"),
-                     drop_order=["peak cache", "RPCs", "p99 ms", "RAM budget"], title="nodes", console=console)
+                     drop_order=["reads", "peak cache", "RPCs", "p99 ms", "RAM budget"], title="nodes",
+                     console=console)
     )  # fmt: skip
     d = result["dispatch"]
     console.print(

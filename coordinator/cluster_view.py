@@ -10,6 +10,7 @@ from flashmesh.coordinator.discovery import NodeAddress
 from flashmesh.coordinator.placement import LayerShape, NodeCapacity, place
 from flashmesh.coordinator.tables import fitted_table
 from flashmesh.node.cache_stats import CacheStats
+from flashmesh.node.expert_source import reader_label
 from flashmesh.protos import flashmesh_pb2 as pb
 from flashmesh.protos.errors import UserError
 from flashmesh.protos.sizes import format_bytes
@@ -56,6 +57,7 @@ def node_row(address: NodeAddress, client: NodeClient) -> dict:
         expert_bytes_read=stats.bytes_read,
         read_gbps=cache.read_gbps,
         flash_read_gbps=info.flash_read_gbps,
+        reader=info.flash_reader,
         requests=stats.requests,
         prefetched=stats.prefetched,
         prefetch_used=stats.prefetch_used,
@@ -101,7 +103,7 @@ def public(row: dict) -> dict:
 
 def nodes_table(rows: list[dict], *, title: str, rates: dict | None = None, console: Console | None = None) -> Table:
     headers = ["name", "address", "model", "ver", "experts held / assigned", "RAM budget", "hit rate", "bytes read",
-               "read GB/s", "flash GB/s", "requests", "RPC ms"]  # fmt: skip
+               "read GB/s", "flash GB/s", "reads", "requests", "RPC ms"]  # fmt: skip
     if rates is not None:
         headers += ["req/s", "read MB/s"]
     cells = []
@@ -114,7 +116,8 @@ def nodes_table(rows: list[dict], *, title: str, rates: dict | None = None, cons
             [row["name"], row["address"], f"{row['model_type']} {row['fingerprint'][:12]}",
              str(row["protocol_version"]), f"{row['experts_held']} / {assigned}", format_bytes(row["ram_budget_bytes"]),
              f"{row['cache_hit_rate']:.1%}", format_bytes(row["expert_bytes_read"]), f"{row['read_gbps']:.2f}",
-             f"{row['flash_read_gbps']:.2f}", str(row["requests"]), f"{row['rpc_latency_ms']:.2f}"]
+             f"{row['flash_read_gbps']:.2f}", reader_label(row["reader"]), str(row["requests"]),
+             f"{row['rpc_latency_ms']:.2f}"]
         )  # fmt: skip
         if rates is not None:
             r = rates.get(row.get("node_id"), (0.0, 0.0))
@@ -123,7 +126,7 @@ def nodes_table(rows: list[dict], *, title: str, rates: dict | None = None, cons
     errors = "\n".join(row["error"] for row in rows if "error" in row) or None
     table = fitted_table(
         headers, cells, keep={"name", "address", "experts held / assigned", "hit rate"}, stack=("name", "address"),
-        drop_order=["ver", "model", "flash GB/s", "bytes read", "requests", "RAM budget", "read MB/s"],
+        drop_order=["ver", "model", "reads", "flash GB/s", "bytes read", "requests", "RAM budget", "read MB/s"],
         title=title, console=console, caption=errors,
     )  # fmt: skip
     if not any(c.header == "model" for c in table.columns) and models:

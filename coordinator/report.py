@@ -80,6 +80,7 @@ def _cluster_figures(streaming: StreamingModel, used: ExpertStats, *, n_tokens: 
                 "peak_cache_bytes": cache.peak_bytes,
                 "cache_hit_rate": cache.hit_rate,
                 "expert_bytes_read": cache.bytes_read,
+                "reader": n.info.flash_reader,  # "aio", "threads"; "" from a node that does not say
                 "prefetched": cache.prefetched,
                 "prefetch_used": cache.prefetch_used,
                 "requests": traffic.requests,

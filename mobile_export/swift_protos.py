@@ -40,6 +40,8 @@ def _repeated(f) -> bool:
 def _field(f) -> tuple[str, str, str, list[str]]:
     """(declaration, encode line, Codable key, decode cases) of one field."""
     name, n = camel(f.name), f.number
+    if name in ("reader", "writer", "field", "number", "wire"):  # the codec's own names in encode / merge
+        raise SystemExit(f"swift_protos: field {f.full_name} would shadow the codec's `{name}`; rename it")
     if f.type == F.TYPE_MESSAGE:
         msg = f.message_type.name
         if _repeated(f):

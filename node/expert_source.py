@@ -21,6 +21,13 @@ from flashmesh.node.store_format import LayerSpec, Manifest
 from flashmesh.node.store_reader import ExpertStore, PendingRead, ReadStats
 from flashmesh.protos.errors import UserError
 
+READERS = {"aio": "AIO", "threads": "threads"}  # `ExpertSource.reader` -> what tables say
+
+
+def reader_label(reader: str) -> str:
+    """A reader as tables name it; "unknown" for a node that does not say (one from before NodeInfo.flash_reader)."""
+    return READERS.get(reader, "unknown")
+
 
 class ExpertSource(Protocol):
     path: Path

@@ -194,6 +194,7 @@ class NodeService:
             max_message_bytes=self.max_message_bytes,
             hidden_size=self.hidden_size,
             model_type=str(self.manifest.config.get("model_type", "")),
+            flash_reader=self.store.reader,
         )
 
     def compute(self, req: pb.ComputeRequest) -> pb.ComputeReply:

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0f\x66lashmesh.proto\x12\x0c\x66lashmesh.v1\"4\n\x06Tensor\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\r\n\x0bInfoRequest\"Z\n\rLayerHoldings\x12\r\n\x05layer\x18\x01 \x01(\x05\x12\x13\n\x0bnum_experts\x18\x02 \x01(\x05\x12\x0f\n\x07\x65xperts\x18\x03 \x03(\x05\x12\x14\n\x0c\x65xpert_bytes\x18\x04 \x01(\x03\"\xfc\x01\n\x08NodeInfo\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x13\n\x0b\x66ingerprint\x18\x03 \x01(\t\x12\x18\n\x10protocol_version\x18\x04 \x01(\r\x12+\n\x06layers\x18\x05 \x03(\x0b\x32\x1b.flashmesh.v1.LayerHoldings\x12\x18\n\x10ram_budget_bytes\x18\x06 \x01(\x03\x12\x17\n\x0f\x66lash_read_gbps\x18\x07 \x01(\x01\x12\x19\n\x11max_message_bytes\x18\x08 \x01(\x03\x12\x13\n\x0bhidden_size\x18\t \x01(\x05\x12\x12\n\nmodel_type\x18\n \x01(\t\"\xb8\x01\n\x0e\x43omputeRequest\x12\r\n\x05layer\x18\x01 \x01(\x05\x12\x1f\n\x01x\x18\x02 \x01(\x0b\x32\x14.flashmesh.v1.Tensor\x12\"\n\x04rows\x18\x03 \x01(\x0b\x32\x14.flashmesh.v1.Tensor\x12%\n\x07\x65xperts\x18\x04 \x01(\x0b\x32\x14.flashmesh.v1.Tensor\x12+\n\x04next\x18\x05 \x01(\x0b\x32\x1d.flashmesh.v1.PrefetchRequest\"H\n\x0c\x43omputeReply\x12\x1f\n\x01y\x18\x01 \x01(\x0b\x32\x14.flashmesh.v1.Tensor\x12\x17\n\x0f\x63ompute_seconds\x18\x02 \x01(\x01\"1\n\x0fPrefetchRequest\x12\r\n\x05layer\x18\x01 \x01(\x05\x12\x0f\n\x07\x65xperts\x18\x02 \x03(\x05\"!\n\rPrefetchReply\x12\x10\n\x08resident\x18\x01 \x01(\x05\"\x0e\n\x0cStatsRequest\"\xf7\x02\n\tNodeStats\x12\x0c\n\x04hits\x18\x01 \x01(\x03\x12\x0e\n\x06misses\x18\x02 \x01(\x03\x12\x11\n\tevictions\x18\x03 \x01(\x03\x12\x12\n\nbytes_read\x18\x04 \x01(\x03\x12\x12\n\nio_seconds\x18\x05 \x01(\x01\x12\x17\n\x0f\x63ompute_seconds\x18\x06 \x01(\x01\x12\x18\n\x10peak_cache_bytes\x18\x07 \x01(\x03\x12\x13\n\x0b\x63\x61\x63he_bytes\x18\x08 \x01(\x03\x12\x18\n\x10ram_budget_bytes\x18\t \x01(\x03\x12\x10\n\x08requests\x18\n \x01(\x03\x12\r\n\x05pairs\x18\x0b \x01(\x03\x12\x10\n\x08\x62ytes_in\x18\x0c \x01(\x03\x12\x11\n\tbytes_out\x18\r \x01(\x03\x12\x14\n\x0c\x62usy_seconds\x18\x0e \x01(\x01\x12\x16\n\x0euptime_seconds\x18\x0f \x01(\x01\x12\x10\n\x08rejected\x18\x10 \x01(\x03\x12\x12\n\nprefetched\x18\x11 \x01(\x03\x12\x15\n\rprefetch_used\x18\x12 \x01(\x03\"\x0f\n\rHealthRequest\"/\n\x0bHealthReply\x12\x0f\n\x07serving\x18\x01 \x01(\x08\x12\x0f\n\x07node_id\x18\x02 \x01(\t2\xce\x02\n\x04Node\x12\x39\n\x04Info\x12\x19.flashmesh.v1.InfoRequest\x1a\x16.flashmesh.v1.NodeInfo\x12\x43\n\x07\x43ompute\x12\x1c.flashmesh.v1.ComputeRequest\x1a\x1a.flashmesh.v1.ComputeReply\x12\x46\n\x08Prefetch\x12\x1d.flashmesh.v1.PrefetchRequest\x1a\x1b.flashmesh.v1.PrefetchReply\x12<\n\x05Stats\x12\x1a.flashmesh.v1.StatsRequest\x1a\x17.flashmesh.v1.NodeStats\x12@\n\x06Health\x12\x1b.flashmesh.v1.HealthRequest\x1a\x19.flashmesh.v1.HealthReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0f\x66lashmesh.proto\x12\x0c\x66lashmesh.v1\"4\n\x06Tensor\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\r\n\x0bInfoRequest\"Z\n\rLayerHoldings\x12\r\n\x05layer\x18\x01 \x01(\x05\x12\x13\n\x0bnum_experts\x18\x02 \x01(\x05\x12\x0f\n\x07\x65xperts\x18\x03 \x03(\x05\x12\x14\n\x0c\x65xpert_bytes\x18\x04 \x01(\x03\"\x92\x02\n\x08NodeInfo\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x13\n\x0b\x66ingerprint\x18\x03 \x01(\t\x12\x18\n\x10protocol_version\x18\x04 \x01(\r\x12+\n\x06layers\x18\x05 \x03(\x0b\x32\x1b.flashmesh.v1.LayerHoldings\x12\x18\n\x10ram_budget_bytes\x18\x06 \x01(\x03\x12\x17\n\x0f\x66lash_read_gbps\x18\x07 \x01(\x01\x12\x19\n\x11max_message_bytes\x18\x08 \x01(\x03\x12\x13\n\x0bhidden_size\x18\t \x01(\x05\x12\x12\n\nmodel_type\x18\n \x01(\t\x12\x14\n\x0c\x66lash_reader\x18\x0b \x01(\t\"\xb8\x01\n\x0e\x43omputeRequest\x12\r\n\x05layer\x18\x01 \x01(\x05\x12\x1f\n\x01x\x18\x02 \x01(\x0b\x32\x14.flashmesh.v1.Tensor\x12\"\n\x04rows\x18\x03 \x01(\x0b\x32\x14.flashmesh.v1.Tensor\x12%\n\x07\x65xperts\x18\x04 \x01(\x0b\x32\x14.flashmesh.v1.Tensor\x12+\n\x04next\x18\x05 \x01(\x0b\x32\x1d.flashmesh.v1.PrefetchRequest\"H\n\x0c\x43omputeReply\x12\x1f\n\x01y\x18\x01 \x01(\x0b\x32\x14.flashmesh.v1.Tensor\x12\x17\n\x0f\x63ompute_seconds\x18\x02 \x01(\x01\"1\n\x0fPrefetchRequest\x12\r\n\x05layer\x18\x01 \x01(\x05\x12\x0f\n\x07\x65xperts\x18\x02 \x03(\x05\"!\n\rPrefetchReply\x12\x10\n\x08resident\x18\x01 \x01(\x05\"\x0e\n\x0cStatsRequest\"\xf7\x02\n\tNodeStats\x12\x0c\n\x04hits\x18\x01 \x01(\x03\x12\x0e\n\x06misses\x18\x02 \x01(\x03\x12\x11\n\tevictions\x18\x03 \x01(\x03\x12\x12\n\nbytes_read\x18\x04 \x01(\x03\x12\x12\n\nio_seconds\x18\x05 \x01(\x01\x12\x17\n\x0f\x63ompute_seconds\x18\x06 \x01(\x01\x12\x18\n\x10peak_cache_bytes\x18\x07 \x01(\x03\x12\x13\n\x0b\x63\x61\x63he_bytes\x18\x08 \x01(\x03\x12\x18\n\x10ram_budget_bytes\x18\t \x01(\x03\x12\x10\n\x08requests\x18\n \x01(\x03\x12\r\n\x05pairs\x18\x0b \x01(\x03\x12\x10\n\x08\x62ytes_in\x18\x0c \x01(\x03\x12\x11\n\tbytes_out\x18\r \x01(\x03\x12\x14\n\x0c\x62usy_seconds\x18\x0e \x01(\x01\x12\x16\n\x0euptime_seconds\x18\x0f \x01(\x01\x12\x10\n\x08rejected\x18\x10 \x01(\x03\x12\x12\n\nprefetched\x18\x11 \x01(\x03\x12\x15\n\rprefetch_used\x18\x12 \x01(\x03\"\x0f\n\rHealthRequest\"/\n\x0bHealthReply\x12\x0f\n\x07serving\x18\x01 \x01(\x08\x12\x0f\n\x07node_id\x18\x02 \x01(\t2\xce\x02\n\x04Node\x12\x39\n\x04Info\x12\x19.flashmesh.v1.InfoRequest\x1a\x16.flashmesh.v1.NodeInfo\x12\x43\n\x07\x43ompute\x12\x1c.flashmesh.v1.ComputeRequest\x1a\x1a.flashmesh.v1.ComputeReply\x12\x46\n\x08Prefetch\x12\x1d.flashmesh.v1.PrefetchRequest\x1a\x1b.flashmesh.v1.PrefetchReply\x12<\n\x05Stats\x12\x1a.flashmesh.v1.StatsRequest\x1a\x17.flashmesh.v1.NodeStats\x12@\n\x06Health\x12\x1b.flashmesh.v1.HealthRequest\x1a\x19.flashmesh.v1.HealthReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,23 +38,23 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LAYERHOLDINGS']._serialized_start=102
   _globals['_LAYERHOLDINGS']._serialized_end=192
   _globals['_NODEINFO']._serialized_start=195
-  _globals['_NODEINFO']._serialized_end=447
-  _globals['_COMPUTEREQUEST']._serialized_start=450
-  _globals['_COMPUTEREQUEST']._serialized_end=634
-  _globals['_COMPUTEREPLY']._serialized_start=636
-  _globals['_COMPUTEREPLY']._serialized_end=708
-  _globals['_PREFETCHREQUEST']._serialized_start=710
-  _globals['_PREFETCHREQUEST']._serialized_end=759
-  _globals['_PREFETCHREPLY']._serialized_start=761
-  _globals['_PREFETCHREPLY']._serialized_end=794
-  _globals['_STATSREQUEST']._serialized_start=796
-  _globals['_STATSREQUEST']._serialized_end=810
-  _globals['_NODESTATS']._serialized_start=813
-  _globals['_NODESTATS']._serialized_end=1188
-  _globals['_HEALTHREQUEST']._serialized_start=1190
-  _globals['_HEALTHREQUEST']._serialized_end=1205
-  _globals['_HEALTHREPLY']._serialized_start=1207
-  _globals['_HEALTHREPLY']._serialized_end=1254
-  _globals['_NODE']._serialized_start=1257
-  _globals['_NODE']._serialized_end=1591
+  _globals['_NODEINFO']._serialized_end=469
+  _globals['_COMPUTEREQUEST']._serialized_start=472
+  _globals['_COMPUTEREQUEST']._serialized_end=656
+  _globals['_COMPUTEREPLY']._serialized_start=658
+  _globals['_COMPUTEREPLY']._serialized_end=730
+  _globals['_PREFETCHREQUEST']._serialized_start=732
+  _globals['_PREFETCHREQUEST']._serialized_end=781
+  _globals['_PREFETCHREPLY']._serialized_start=783
+  _globals['_PREFETCHREPLY']._serialized_end=816
+  _globals['_STATSREQUEST']._serialized_start=818
+  _globals['_STATSREQUEST']._serialized_end=832
+  _globals['_NODESTATS']._serialized_start=835
+  _globals['_NODESTATS']._serialized_end=1210
+  _globals['_HEALTHREQUEST']._serialized_start=1212
+  _globals['_HEALTHREQUEST']._serialized_end=1227
+  _globals['_HEALTHREPLY']._serialized_start=1229
+  _globals['_HEALTHREPLY']._serialized_end=1276
+  _globals['_NODE']._serialized_start=1279
+  _globals['_NODE']._serialized_end=1613
 # @@protoc_insertion_point(module_scope)

@@ -21,6 +21,7 @@ from flashmesh.coordinator.options import ModelOptions
 from flashmesh.coordinator.report import run_prompt
 from flashmesh.node.shard import write_dense
 from flashmesh.node.store_format import Manifest
+from flashmesh.node.store_reader import ExpertStore
 from flashmesh.protos import TOKEN_METADATA_KEY
 from flashmesh.protos import flashmesh_pb2 as pb
 from flashmesh.protos import flashmesh_pb2_grpc as pb_grpc
@@ -76,7 +77,15 @@ def test_three_disjoint_nodes_match_the_local_run(cluster):
     assert d["rpc_requests"] <= 3 * d["moe_layer_calls"]  # one request per node per layer at most
     assert d["rpc_requests"] > d["moe_layer_calls"]  # and the work really is spread
     assert len(result["nodes"]) == 3 and all(n["requests"] > 0 for n in result["nodes"])
+    # each node says what reads its records (Linux AIO where it is built and the files take O_DIRECT)
+    assert sorted(n["reader"] for n in result["nodes"]) == sorted(_reader(s) for s in cluster.shards)
     assert 0 < result["peak_cache_bytes"] <= result["ram_budget_bytes"]
+
+
+def _reader(store) -> str:
+    """What a node serving `store` with `node serve`'s defaults reads its records with."""
+    with ExpertStore(store) as opened:
+        return opened.reader
 
 
 def _ours(cluster) -> list[str]:

@@ -24,6 +24,7 @@ from flashmesh.coordinator.engine import open_model
 from flashmesh.coordinator.generate import SamplingParams, encode_prompt, generate
 from flashmesh.coordinator.options import ModelOptions
 from flashmesh.node.bundle_source import BundleExpertSource
+from flashmesh.node.expert_source import READERS
 from flashmesh.node.shard import write_dense
 from flashmesh.node.store_format import Manifest
 from flashmesh.protos import LOST_RECORDS_METADATA_KEY, TOKEN_METADATA_KEY
@@ -127,6 +128,7 @@ def test_swift_node_cluster_equals_the_local_run(swift_binary, cases, tmp_path, 
         got_logits = _logits(dense, nodes.addresses)
     assert result["tokens"] == want_tokens
     assert len(result["nodes"]) == 1 and result["nodes"][0]["requests"] > 0
+    assert result["nodes"][0]["reader"] == "threads"  # the Swift node's RecordReader
     assert result["expert_bytes_read"] > 0
     error = np.abs(want_logits - got_logits).max()
     assert error <= FP16_WEIGHTS_RTOL * max(1.0, float(np.abs(want_logits).max())), error
@@ -165,6 +167,7 @@ def test_mixed_cluster_python_and_swift_nodes(swift_binary, cases, tmp_path, cap
         rows = json.loads(capsys.readouterr().out)
         rows = rows["nodes"] if isinstance(rows, dict) else rows
         assert sorted(r["name"] for r in rows) == sorted(nodes.names)
+        assert all(r["reader"] in READERS for r in rows)
         assert {r["experts_held"] for r in rows} == {sum(len(s.experts) for s in Manifest.load(store).layers) // 2}
 
 

@@ -34,7 +34,7 @@ def node_row(i: int) -> dict:
         "name": NAMES[i], "address": ADDRESSES[i], "node_id": f"id{i}", "model_type": "qwen3_moe",
         "fingerprint": "0123456789abcdef" * 2, "protocol_version": 1, "experts_held": 128, "experts_assigned": 100,
         "ram_budget_bytes": 3 * 2**30, "cache_hit_rate": 0.5, "expert_bytes_read": 123456789, "read_gbps": 1.25,
-        "flash_read_gbps": 3.5, "requests": 12345, "rpc_latency_ms": 0.42,
+        "flash_read_gbps": 3.5, "reader": ["aio", "threads", ""][i], "requests": 12345, "rpc_latency_ms": 0.42,
         "layers": [{"layer": 0, "held": 64, "experts": 128, "assigned": 60}],
     }  # fmt: skip
 
@@ -47,6 +47,7 @@ def test_cluster_tables_fit():
     # A wide terminal shows every column, headers on one line, a row per node.
     wide = render(lambda c: nodes_table(rows, title="t", console=c), width=200)
     assert "flash GB/s" in wide and "qwen3_moe 0123456789ab" in wide and len(wide.splitlines()) == 8
+    assert "AIO" in wide and "threads" in wide and "unknown" in wide  # "": a node from before the field
     narrow = render(lambda c: nodes_table(rows, title="t", console=c))
     assert "(model qwen3_moe 0123456789ab)" in narrow  # the dropped column's one value moves to the title
     text = render(lambda c: layers_table(rows[0]))
@@ -63,6 +64,7 @@ def test_run_tables_fit():
     node = {
         "experts_held": 64, "experts_assigned": 64, "ram_budget_bytes": 2**30, "peak_cache_bytes": 2**29,
         "cache_hit_rate": 0.75, "expert_bytes_read": 10**9, "requests": 4321, "rpc_ms_mean": 1.5, "rpc_ms_p99": 12.25,
+        "reader": "aio",
     }  # fmt: skip
     result = {
         "nodes": [{**node, "name": n, "address": a} for n, a in zip(NAMES, ADDRESSES, strict=True)],
@@ -70,6 +72,7 @@ def test_run_tables_fit():
                      "layer_dispatch_ms_p99": 2.0},
     }  # fmt: skip
     assert_fits(render(lambda c: print_nodes(result, console=c)))
+    assert "AIO" in render(lambda c: print_nodes(result, console=c), width=200)
     stats = {
         "ttft_s": 0.5, "decode_tokens_per_s": 12.3, "cache_hit_rate": 0.5, "expert_bytes_read": 10**10,
         "bytes_read_per_token": 10**7, "read_gbps": 2.5, "io_seconds": 12.5, "compute_seconds": 30.25,
@@ -78,7 +81,7 @@ def test_run_tables_fit():
     }  # fmt: skip
     text = render(lambda c: print_stats(stats, title="flashmesh run /some/store/path", console=c))
     assert max(len(line) for line in text.splitlines()) <= 80 and "…" not in text
-    assert "12.500 / 30.250" in text and "4GiB / 4GiB" in text and "Linux AIO" in text
+    assert "12.500 / 30.250" in text and "4GiB / 4GiB" in text and "AIO" in text
 
 
 def test_fitted_table_folds_what_cannot_fit():

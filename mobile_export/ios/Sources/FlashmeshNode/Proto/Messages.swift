@@ -101,6 +101,7 @@ public struct NodeInfo: ProtoMessage, Codable {
     public var maxMessageBytes: Int64 = 0
     public var hiddenSize: Int32 = 0
     public var modelType: String = ""
+    public var flashReader: String = ""
 
     public init() {}
 
@@ -115,6 +116,7 @@ public struct NodeInfo: ProtoMessage, Codable {
         case maxMessageBytes = "max_message_bytes"
         case hiddenSize = "hidden_size"
         case modelType = "model_type"
+        case flashReader = "flash_reader"
     }
 
     public func encode(into writer: inout ProtoWriter) {
@@ -128,6 +130,7 @@ public struct NodeInfo: ProtoMessage, Codable {
         writer.write(8, int64: maxMessageBytes)
         writer.write(9, int32: hiddenSize)
         writer.write(10, string: modelType)
+        writer.write(11, string: flashReader)
     }
 
     public mutating func merge(from reader: inout ProtoReader) throws(ProtoError) {
@@ -144,6 +147,7 @@ public struct NodeInfo: ProtoMessage, Codable {
             case (8, .varint): maxMessageBytes = Int64(bitPattern: try reader.varint())
             case (9, .varint): hiddenSize = Int32(truncatingIfNeeded: try reader.varint())
             case (10, .lengthDelimited): modelType = try reader.string()
+            case (11, .lengthDelimited): flashReader = try reader.string()
             default: try reader.skip(wire, number: number)
             }
         }

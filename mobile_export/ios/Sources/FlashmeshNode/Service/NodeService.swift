@@ -96,6 +96,7 @@ public final class NodeService: @unchecked Sendable {
         info.maxMessageBytes = Int64(options.maxMessageBytes)
         info.hiddenSize = Int32(bundle.hiddenSize)
         info.modelType = bundle.modelType
+        info.flashReader = "threads"  // RecordReader: pread on a pool of reader threads
         return info
     }
 
