@@ -3,11 +3,13 @@
  * fio reads into its `iodepth` buffers over and over; a reader that lands records in a cache's
  * slots writes to many more. On a VM's virtual disk the destination's footprint changes the rate,
  * so this is the yardstick at the engine's footprint: one thread, io_submit / io_getevents, random
- * record offsets, O_DIRECT. Usage: aio_loop FILE RECORD_BYTES RECORDS QUEUE_DEPTH BUFFERS SECONDS
- * prints GB/s.
+ * record offsets, O_DIRECT. PAGES is 4k, or huge (transparent huge pages, as the cache's slabs use:
+ * each record then reaches the disk in fewer segments). Usage:
+ * aio_loop FILE RECORD_BYTES RECORDS QUEUE_DEPTH BUFFERS SECONDS PAGES, prints GB/s.
  */
 #define _GNU_SOURCE
 #include <fcntl.h>
+#include <sys/mman.h>
 #include <linux/aio_abi.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -23,8 +25,8 @@ static double now(void) {
 }
 
 int main(int argc, char **argv) {
-    if (argc != 7) {
-        fprintf(stderr, "usage: aio_loop FILE RECORD_BYTES RECORDS QUEUE_DEPTH BUFFERS SECONDS\n");
+    if (argc != 8 || (strcmp(argv[7], "4k") && strcmp(argv[7], "huge"))) {
+        fprintf(stderr, "usage: aio_loop FILE RECORD_BYTES RECORDS QUEUE_DEPTH BUFFERS SECONDS 4k|huge\n");
         return 2;
     }
     long record = atol(argv[2]), records = atol(argv[3]), buffers = atol(argv[5]);
@@ -32,13 +34,21 @@ int main(int argc, char **argv) {
     double seconds = atof(argv[6]);
     int fd = open(argv[1], O_RDONLY | O_DIRECT);
     aio_context_t ctx = 0;
-    char *memory = NULL;
+    size_t huge = 2u << 20, bytes_wanted = (size_t)(record * buffers);
+    char *mapped = MAP_FAILED;
     if (fd < 0 || depth < 1 || depth > 256 || buffers < depth || records < 1 ||
-        syscall(SYS_io_setup, depth, &ctx) < 0 || posix_memalign((void **)&memory, 4096, (size_t)(record * buffers))) {
+        syscall(SYS_io_setup, depth, &ctx) < 0 ||
+        (mapped = mmap(NULL, bytes_wanted + huge, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0)) ==
+            MAP_FAILED) {
         perror("aio_loop");
         return 1;
     }
-    memset(memory, 0, (size_t)(record * buffers)); /* touched, as a cache's slab is */
+    char *memory = (char *)(((unsigned long)mapped + huge - 1) & ~(unsigned long)(huge - 1));
+    if (!strcmp(argv[7], "huge") && madvise(memory, bytes_wanted, MADV_HUGEPAGE)) {
+        perror("madvise");
+        return 1;
+    }
+    memset(memory, 0, bytes_wanted); /* touched, as a cache's slab is */
     struct iocb cbs[256], *ready[256];
     struct io_event events[256];
     long next = 0, bytes = 0;

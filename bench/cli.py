@@ -51,7 +51,10 @@ def cmd_io(args: argparse.Namespace) -> int:
         rounds=args.rounds,
         verify=not args.no_verify,
         aio=args.reader != "threads",
-        threads_too=args.reader == "both",
+        huge_pages=args.pages != "small",
+        compare=tuple(
+            side for side, on in (("threads", args.reader == "both"), ("small_pages", args.pages == "both")) if on
+        ),
     )
     path = write_result(args.name or f"io-{store.name}", result)
     if args.json:
@@ -59,7 +62,8 @@ def cmd_io(args: argparse.Namespace) -> int:
     else:
         print(
             f"store {store} ({result['record_bytes']} B records, file {result['file_bytes'] / 1e6:.1f} MB), "
-            f"read by {result['reader']}"
+            f"read by {result['reader']} into {result['slots']} slots"
+            f" ({'huge pages where Linux has them' if result['huge_pages'] else '4 KiB pages'})"
         )
         print("paired = median over rounds of each engine trial / the fio trial just before it")
         print(f"{'qd':>4} {'fio GB/s':>10} {'engine GB/s':>12} {'ratio':>7} {'paired':>7} {'sync GB/s':>10}")
@@ -67,10 +71,11 @@ def cmd_io(args: argparse.Namespace) -> int:
             f, e = result["fio_gbps_by_qd"][str(qd)], result["engine_gbps_by_qd"][str(qd)]
             y, pr = result["engine_sync_gbps_by_qd"][str(qd)], result["paired_ratio_by_qd"][str(qd)]
             print(f"{qd:>4} {f:>10.3f} {e:>12.3f} {e / f if f else 0:>7.2f} {pr:>7.2f} {y:>10.3f}")
-        if "threads_paired_ratio_by_qd" in result:
-            tp, ab = result["threads_paired_ratio_by_qd"], result["aio_over_threads_by_qd"]
-            print("reader threads, same rounds: paired " + ", ".join(f"qd {q} {tp[str(q)]:.2f}" for q in qds))
-            print("aio / threads, trial by trial: " + ", ".join(f"qd {q} {ab[str(q)]:.2f}" for q in qds))
+        for side, (label, over) in (("threads", ("reader threads", "aio")), ("small_pages", ("4 KiB pages", "huge"))):
+            if f"{side}_paired_ratio_by_qd" in result:
+                tp, ab = result[f"{side}_paired_ratio_by_qd"], result[f"{over}_over_{side}_by_qd"]
+                print(f"{label}, same rounds: paired " + ", ".join(f"qd {q} {tp[str(q)]:.2f}" for q in qds))
+                print(f"{over} / {side}, trial by trial: " + ", ".join(f"qd {q} {ab[str(q)]:.2f}" for q in qds))
         print(
             f"best: engine {result['engine_gbps']:.3f} GB/s / fio {result['fio_gbps']:.3f} GB/s = {result['ratio']:.2f}"
         )
@@ -95,7 +100,7 @@ def cmd_io_footprint(args: argparse.Namespace) -> int:
     print(f"{'reader':<24} {'buffers':>8} {'of fio':>7}")
     for reader, ratio in result["ratio_to_fio"].items():
         print(f"{reader:<24} {result['buffers'][reader]:>8} {ratio:>7.2f}")
-    print(f"engine / the loop at the engine's footprint: {result['engine_over_loop_at_its_footprint']:.2f}")
+    print(f"engine / the loop at the engine's footprint, huge pages: {result['engine_over_loop_at_its_footprint']:.2f}")
     print(f"written to {path}")
     return 0
 
@@ -647,6 +652,12 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("aio", "threads", "both"),
         default="aio",
         help="threads: without the AIO reader; both: the threads' trial after AIO's in every round",
+    )
+    p.add_argument(
+        "--pages",
+        choices=("huge", "small", "both"),
+        default="huge",
+        help="the slots' pages: transparent huge pages where Linux has them (as the cache's), 4 KiB, or both (A/B)",
     )
     p.add_argument("--name", default=None, help="result file name (default io-<store>)")
     p.add_argument("--json", action="store_true")

@@ -7,10 +7,13 @@ The figure of merit is the ratio engine / fio-best: absolute GB/s on a VM disk m
 The engine side is the store's fetch path exactly as the cache uses it (`ExpertStore.load`): Linux
 AIO where it is built (node/aio_reads.py, `queue_depth` reads in flight), else reader threads (as
 many as the queue depth), reading each record into a slab slot (or staging, then copied) and
-checking its xxh3; `--reader threads` measures the threads where AIO is built. `engine_gbps` keeps
-batches queued ahead so that every reader always has a record to read (reads in flight across
-layer boundaries);
-`engine_sync_gbps` waits for each layer-sized batch before queueing the next (a barrier per layer).
+checking its xxh3; `--reader threads` measures the threads where AIO is built. Records land in
+turn in the slots of a slab the size of the store's cache (every expert of the layer's shape, at most
+64 MiB, as the default budget holds them), in transparent huge pages where Linux has them as the
+cache's are (node/huge_pages.py; `--pages small` for 4 KiB pages), faulted in before the clock.
+`engine_gbps` keeps batches queued ahead so that every reader always has a record to read (reads in
+flight across layer boundaries); `engine_sync_gbps` waits for each layer-sized batch before queueing
+the next (a barrier per layer). fio reads into its own `iodepth` buffers of 4 KiB pages.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from collections import deque
 from pathlib import Path
 
 import numpy as np
-from flashmesh.node.slab import Slab
+from flashmesh.node.slab import Slab, signature
 from flashmesh.node.store_format import LayerSpec, Manifest
 from flashmesh.node.store_reader import ExpertStore
 from flashmesh.protos.errors import UserError
@@ -84,9 +87,20 @@ def records_ahead(queue_depth: int, batch: int) -> int:
 
 
 def engine_window(queue_depth: int, batch: int) -> int:
-    """Slots `engine_randread` lands records in, in turn: the waited batch, the records queued
-    ahead of it, and one batch more, so that no slot is reused while its read is in flight."""
+    """The fewest slots records can land in, in turn: the waited batch, the records queued ahead of
+    it, and one batch more, so that no slot is reused while its read is in flight."""
     return records_ahead(queue_depth, batch) + 2 * batch
+
+
+CACHE_SLAB_BYTES = 64 << 20
+
+
+def engine_slots(manifest: Manifest, spec: LayerSpec, queue_depth: int) -> int:
+    """Slots `engine_randread` lands records in: as many as the store's cache has for this layer's
+    shape at the default budget (every such expert), at most CACHE_SLAB_BYTES, at least the window."""
+    same_shape = sum(len(s.experts) for s in manifest.layers if signature(s) == signature(spec))
+    cache_sized = min(same_shape, max(1, CACHE_SLAB_BYTES // spec.payload_bytes))
+    return max(engine_window(queue_depth, min(manifest.top_k, len(spec.experts))), cache_sized)
 
 
 def engine_randread(
@@ -99,6 +113,7 @@ def engine_randread(
     continuous: bool = True,
     seed: int = 0,
     aio: bool = True,
+    huge_pages: bool = True,
 ) -> float:
     """GB/s of the cache's fetch path (`ExpertStore.load`: reader threads read, check and copy whole
     records into slab slots) on random records of one layer, with `queue_depth` reader threads.
@@ -116,7 +131,9 @@ def engine_randread(
         spec = store.layer(layer)
         batch = min(store.manifest.top_k, len(spec.experts))
         ahead = records_ahead(queue_depth, batch)
-        ring = Slab([spec], slots=engine_window(queue_depth, batch))  # the slots the reads land in, reused
+        ring = Slab([spec], slots=engine_slots(store.manifest, spec, queue_depth), huge_pages=huge_pages)
+        for rows in ring.rows.values():
+            rows[:] = 0  # every page faulted in now: the clock times a cache's steady state
         next_slot, in_flight = 0, deque()
         # the batches are drawn before the clock starts: numpy's sampling is not the fetch path
         draws = rng.permuted(np.tile(np.asarray(spec.experts), (4096, 1)), axis=1)[:, :batch].tolist()
@@ -144,6 +161,13 @@ def engine_randread(
         return landed / elapsed / 1e9
 
 
+# the A/B sides `run_io_bench` can add: name -> (engine_randread options, what the engine is, over it)
+SIDES = {
+    "threads": ({"aio": False}, "aio"),  # the reader threads where AIO is built
+    "small_pages": ({"huge_pages": False}, "huge"),  # slots in 4 KiB pages
+}
+
+
 def run_io_bench(
     store_path: Path,
     *,
@@ -152,10 +176,11 @@ def run_io_bench(
     rounds: int = 3,
     verify: bool = True,
     aio: bool = True,
-    threads_too: bool = False,
+    huge_pages: bool = True,
+    compare: tuple[str, ...] = (),
 ) -> dict:
     """fio and the engine at each queue depth, interleaved in short trials, `rounds` times.
-    `threads_too`: the reader threads' trial right after the AIO reader's in every round (A/B).
+    `compare`: SIDES whose trials run next to the engine's in every round (A/B, order alternating).
 
     A VM's virtual disk swings by 2-4x from second to second; alternating short trials and taking
     per-queue-depth medians makes both sides see the same disk, so the ratio means something.
@@ -164,46 +189,39 @@ def run_io_bench(
     with ExpertStore(store_path, queue_depth=1, aio=aio) as store:
         reader = store.reader
     span = len(spec.experts) * spec.record_size
-    fio_runs: dict[int, list[float]] = {qd: [] for qd in queue_depths}
-    engine_runs: dict[int, list[float]] = {qd: [] for qd in queue_depths}
-    sync_runs: dict[int, list[float]] = {qd: [] for qd in queue_depths}
-    threads_runs: dict[int, list[float]] = {qd: [] for qd in queue_depths}
+    engine = {"aio": aio, "huge_pages": huge_pages}
+    sides = {"engine": engine, **{name: engine | SIDES[name][0] for name in compare}}
+    runs: dict[str, dict[int, list[float]]] = {
+        name: {qd: [] for qd in queue_depths} for name in ["fio", *sides, "sync"]
+    }
+
+    def trial(qd: int, r: int, options: dict, *, continuous: bool = True) -> float:
+        return engine_randread(
+            store_path, spec.layer, queue_depth=qd, seconds=seconds, verify=verify, seed=r, continuous=continuous,
+            **options,
+        )  # fmt: skip
+
     for r in range(rounds):
         for qd in queue_depths:
-            fio_runs[qd].append(fio_randread(path, block=spec.record_size, queue_depth=qd, seconds=seconds, size=span))
-            # with `threads_too` the two readers take turns going first, so neither is always nearer fio's trial
-            sides = [(engine_runs, aio), (threads_runs, False)][: 2 if threads_too else 1]
-            for runs, use_aio in sides if r % 2 == 0 else sides[::-1]:
-                runs[qd].append(
-                    engine_randread(
-                        store_path, spec.layer, queue_depth=qd, seconds=seconds, verify=verify, seed=r, aio=use_aio
-                    )
-                )
-            sync_runs[qd].append(
-                engine_randread(
-                    store_path,
-                    spec.layer,
-                    queue_depth=qd,
-                    seconds=seconds,
-                    verify=verify,
-                    continuous=False,
-                    seed=r,
-                    aio=aio,
-                )
+            runs["fio"][qd].append(
+                fio_randread(path, block=spec.record_size, queue_depth=qd, seconds=seconds, size=span)
             )
-            log.info("round %d qd %d: fio %.3f GB/s, engine %.3f GB/s", r, qd, fio_runs[qd][-1], engine_runs[qd][-1])
-    fio = {qd: float(np.median(v)) for qd, v in fio_runs.items()}
-    engine = {qd: float(np.median(v)) for qd, v in engine_runs.items()}
-    sync = {qd: float(np.median(v)) for qd, v in sync_runs.items()}
-    fio_best, engine_best = max(fio.values()), max(engine.values())
-    # each engine trial over the fio trial just before it (the same moment of the disk), median
-    paired = {qd: _paired(engine_runs[qd], fio_runs[qd]) for qd in queue_depths}
+            order = list(sides) if r % 2 == 0 else list(sides)[::-1]  # neither side always nearer fio's trial
+            for name in order:
+                runs[name][qd].append(trial(qd, r, sides[name]))
+            runs["sync"][qd].append(trial(qd, r, engine, continuous=False))
+            log.info(
+                "round %d qd %d: fio %.3f GB/s, engine %.3f GB/s", r, qd, runs["fio"][qd][-1], runs["engine"][qd][-1]
+            )
+    medians = {name: {qd: float(np.median(v)) for qd, v in by_qd.items()} for name, by_qd in runs.items()}
+    fio, engine_gbps, sync = medians["fio"], medians["engine"], medians["sync"]
+    fio_best, engine_best = max(fio.values()), max(engine_gbps.values())
     ab = {}
-    if threads_too:
-        ab = {
-            "threads_engine_trials": {str(k): [round(x, 4) for x in v] for k, v in threads_runs.items()},
-            "threads_paired_ratio_by_qd": {str(qd): _paired(threads_runs[qd], fio_runs[qd]) for qd in queue_depths},
-            "aio_over_threads_by_qd": {str(qd): _paired(engine_runs[qd], threads_runs[qd]) for qd in queue_depths},
+    for name in compare:  # each side over fio's trial of its round, and the engine over the side, trial by trial
+        ab[f"{name}_engine_trials"] = _rounded(runs[name])
+        ab[f"{name}_paired_ratio_by_qd"] = {str(qd): _paired(runs[name][qd], runs["fio"][qd]) for qd in queue_depths}
+        ab[f"{SIDES[name][1]}_over_{name}_by_qd"] = {
+            str(qd): _paired(runs["engine"][qd], runs[name][qd]) for qd in queue_depths
         }
     return ab | {
         "bench": "io",
@@ -213,24 +231,31 @@ def run_io_bench(
         "record_bytes": spec.record_size,
         "verify_checksums": verify,
         "reader": reader,
+        "huge_pages": huge_pages,
+        "slots": engine_slots(Manifest.load(store_path), spec, max(queue_depths)),
         "seconds_per_trial": seconds,
         "rounds": rounds,
         "queue_depths": list(queue_depths),
         "fio_gbps_by_qd": {str(k): round(v, 4) for k, v in fio.items()},
-        "engine_gbps_by_qd": {str(k): round(v, 4) for k, v in engine.items()},
+        "engine_gbps_by_qd": {str(k): round(v, 4) for k, v in engine_gbps.items()},
         "engine_sync_gbps_by_qd": {str(k): round(v, 4) for k, v in sync.items()},
         "engine_sync_gbps": round(max(sync.values()), 4),
         "ratio_sync": round(max(sync.values()) / fio_best, 4) if fio_best else None,
-        "fio_trials": {str(k): [round(x, 4) for x in v] for k, v in fio_runs.items()},
-        "engine_trials": {str(k): [round(x, 4) for x in v] for k, v in engine_runs.items()},
+        "fio_trials": _rounded(runs["fio"]),
+        "engine_trials": _rounded(runs["engine"]),
         "fio_gbps": round(fio_best, 4),
         "fio_best_qd": max(fio, key=fio.get),
         "engine_gbps": round(engine_best, 4),
-        "engine_best_qd": max(engine, key=engine.get),
+        "engine_best_qd": max(engine_gbps, key=engine_gbps.get),
         "ratio": round(engine_best / fio_best, 4) if fio_best else None,
-        "ratio_by_qd": {str(k): round(engine[k] / fio[k], 4) for k in queue_depths if fio[k]},
-        "paired_ratio_by_qd": {str(k): round(v, 4) for k, v in paired.items()},
+        "ratio_by_qd": {str(k): round(engine_gbps[k] / fio[k], 4) for k in queue_depths if fio[k]},
+        # each engine trial over the fio trial just before it (the same moment of the disk), median
+        "paired_ratio_by_qd": {str(qd): _paired(runs["engine"][qd], runs["fio"][qd]) for qd in queue_depths},
     }
+
+
+def _rounded(by_qd: dict[int, list[float]]) -> dict[str, list[float]]:
+    return {str(k): [round(x, 4) for x in v] for k, v in by_qd.items()}
 
 
 def _paired(trials: list[float], baseline: list[float]) -> float:

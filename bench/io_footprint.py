@@ -2,10 +2,12 @@
 
 fio's libaio engine reads into its `iodepth` buffers over and over. A reader that lands records in
 a cache's slots writes to many more, and on a VM's virtual disk the destination's footprint can
-change the rate. This alternates, at one queue depth: fio; the same libaio loop in C
-(bench/aio_loop.c, compiled here) into fio's footprint (`queue_depth` buffers), into the engine's
-(`bench io`'s window of slots) and into a cache-sized one; and the engine itself (`bench io`'s
-continuous side). Each figure is over the fio trial of its round, median over rounds.
+change the rate, as do the pages under it (one segment per 4 KiB page, or per huge page). This
+alternates, at one queue depth: fio; the same libaio loop in C (bench/aio_loop.c, compiled here)
+into fio's footprint (`queue_depth` buffers), into the engine's (`bench io`'s slots) in 4 KiB pages
+and in huge pages, and into 512 buffers; and the engine itself (`bench io`'s continuous side, its
+slots in huge pages where Linux has them). Each figure is over the fio trial of its round, median
+over rounds.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from flashmesh.protos.errors import UserError
 
-from bench.io import engine_randread, engine_window, fio_randread, largest_layer
+from bench.io import engine_randread, engine_slots, fio_randread, largest_layer
 
 LOOP_SOURCE = Path(__file__).with_name("aio_loop.c")
 
@@ -36,11 +38,20 @@ def build_loop(out_dir: Path) -> Path:
 
 
 def loop_randread(
-    binary: Path, path: Path, *, record: int, records: int, queue_depth: int, buffers: int, seconds: float
+    binary: Path,
+    path: Path,
+    *,
+    record: int,
+    records: int,
+    queue_depth: int,
+    buffers: int,
+    seconds: float,
+    huge_pages: bool = False,
 ) -> float:
-    """GB/s of bench/aio_loop.c: fio's loop, landing in `buffers` buffers in turn."""
+    """GB/s of bench/aio_loop.c: fio's loop, landing in `buffers` buffers in turn (4 KiB or huge pages)."""
+    pages = "huge" if huge_pages else "4k"
     out = subprocess.run(
-        [str(binary), str(path), str(record), str(records), str(queue_depth), str(buffers), str(seconds)],
+        [str(binary), str(path), str(record), str(records), str(queue_depth), str(buffers), str(seconds), pages],
         check=True,
         capture_output=True,
         text=True,
@@ -60,12 +71,13 @@ def run_footprint_bench(
     """fio, the C loop at three footprints and the engine, alternating, at one queue depth."""
     manifest, spec, path = largest_layer(store_path)
     records = len(spec.experts)
-    window = engine_window(queue_depth, min(manifest.top_k, records))
+    slots = engine_slots(manifest, spec, queue_depth)
     loop = build_loop(out_dir)
-    footprints = {
-        "loop_fio_footprint": queue_depth,
-        "loop_engine_footprint": window,
-        "loop_cache_footprint": cache_buffers,
+    footprints = {  # name -> (buffers, huge pages)
+        "loop_fio_footprint": (queue_depth, False),
+        "loop_engine_footprint": (slots, False),
+        "loop_engine_footprint_huge": (slots, True),
+        "loop_cache_footprint": (cache_buffers, False),
     }
     trials: dict[str, list[float]] = {"fio": [], **{k: [] for k in footprints}, "engine": []}
     for r in range(rounds):
@@ -74,7 +86,7 @@ def run_footprint_bench(
                 path, block=spec.record_size, queue_depth=queue_depth, seconds=seconds, size=records * spec.record_size
             )
         )
-        for name, buffers in footprints.items():
+        for name, (buffers, huge) in footprints.items():
             trials[name].append(
                 loop_randread(
                     loop,
@@ -84,6 +96,7 @@ def run_footprint_bench(
                     queue_depth=queue_depth,
                     buffers=buffers,
                     seconds=seconds,
+                    huge_pages=huge,
                 )  # fmt: skip
             )
         trials["engine"].append(
@@ -98,10 +111,11 @@ def run_footprint_bench(
         "queue_depth": queue_depth,
         "rounds": rounds,
         "seconds_per_trial": seconds,
-        "buffers": {"fio": queue_depth, **footprints, "engine": window},
+        "buffers": {"fio": queue_depth, **{k: b for k, (b, _) in footprints.items()}, "engine": slots},
+        "huge_pages": {"fio": False, **{k: h for k, (_, h) in footprints.items()}, "engine": True},
         "trials_gbps": {k: [round(x, 4) for x in v] for k, v in trials.items()},
         "ratio_to_fio": {k: round(v, 4) for k, v in ratios.items()},
-        "engine_over_loop_at_its_footprint": round(ratios["engine"] / ratios["loop_engine_footprint"], 4),
+        "engine_over_loop_at_its_footprint": round(ratios["engine"] / ratios["loop_engine_footprint_huge"], 4),
     }
 
 
@@ -116,8 +130,9 @@ def plot_footprint(result: dict, path: Path) -> Path:
     ratios, buffers = result["ratio_to_fio"], result["buffers"]
     names = list(ratios)
     fig, ax = plt.subplots(figsize=(7, 3.8))
-    ax.bar(range(len(names)), [ratios[n] for n in names], color=["gray", "C0", "C0", "C0", "C1"])
-    ax.set_xticks(range(len(names)), [f"{n.replace('_', ' ')}\n{buffers[n]} buffers" for n in names], fontsize=7)
+    colors = ["gray" if n == "fio" else "C1" if n == "engine" else "C2" if n.endswith("huge") else "C0" for n in names]
+    ax.bar(range(len(names)), [ratios[n] for n in names], color=colors)
+    ax.set_xticks(range(len(names)), [f"{n.replace('_', ' ')}\n{buffers[n]} buffers" for n in names], fontsize=6)
     ax.axhline(0.9, ls="--", color="C3", lw=1, label="0.90 of fio")
     ax.set_ylabel("GB/s over the round's fio trial (median)")
     ax.set_title(

@@ -109,6 +109,8 @@ def print_stats(stats: dict, *, title: str, console: Console = err) -> None:
         ),
         ("expert bytes in the model", format_bytes(stats["expert_bytes_total"])),
     ]
+    if stats.get("cache_huge_page_bytes"):  # Linux: slabs in transparent huge pages (docs/store.md)
+        rows.append(("cache in huge pages", format_bytes(stats["cache_huge_page_bytes"])))
     if "lookahead" in stats:
         used = f"on, {stats['prefetch_used']} read-aheads used" if stats["lookahead"] else "off"
         rows.append(("router lookahead", used))

@@ -41,6 +41,8 @@ def run_report(streaming: StreamingModel, generation: GenerationStats, before: E
         lookahead=streaming.lookahead,
         prefetch_used=cache.prefetch_used,
     )
+    if streaming.cache is not None:
+        result["cache_huge_page_bytes"] = streaming.cache.huge_page_bytes()  # of ram_budget_bytes
     if streaming.store is not None:
         result["page_cache_bypassed"] = streaming.store.bypassing_cache
         result["reader"] = streaming.store.reader  # "aio" (Linux AIO, O_DIRECT) or "threads"

@@ -357,6 +357,10 @@ class ExpertCache:
                 self._unused_prefetch.discard(key)
                 self._stats.prefetch_wasted += 1
 
+    def huge_page_bytes(self) -> int:
+        """Bytes of the slabs that transparent huge pages back now (node/huge_pages.py; 0 off Linux)."""
+        return sum(slab.huge_page_bytes() for slab in {id(s): s for s in self._slabs.values()}.values())
+
     def close_stats(self) -> CacheStats:
         """Count prefetched experts nobody asked for as wasted; return the statistics."""
         self.drain()

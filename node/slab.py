@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import mlx.core as mx
 import numpy as np
+from flashmesh.node.huge_pages import advise_huge_pages, resident_huge_bytes
 from flashmesh.node.store_format import LayerSpec
 from flashmesh.protos.codec import DTYPES
 
@@ -44,7 +45,8 @@ def signature(spec: LayerSpec) -> Signature:
 class Slab:
     """`slots` experts' tensors as arrays [slots, *shape]; free slots are handed out and taken back."""
 
-    def __init__(self, specs: list[LayerSpec], *, slots: int) -> None:
+    def __init__(self, specs: list[LayerSpec], *, slots: int, huge_pages: bool = True) -> None:
+        """`huge_pages`: back the slots with transparent huge pages where Linux has them (node/huge_pages.py)."""
         spec = specs[0]
         self.payload_bytes = spec.payload_bytes
         self.slots = slots
@@ -53,6 +55,8 @@ class Slab:
         # byte views of the same memory [slots, bytes]: records are read or copied in through these, MLX
         # computes on `arrays`; page aligned, so a slot whose tensors are whole pages takes O_DIRECT reads
         self.rows = {name: np.array(a.view(mx.uint8), copy=False).reshape(slots, -1) for name, a in self.arrays.items()}
+        advised = (advise_huge_pages(r.ctypes.data, r.nbytes) for r in self.rows.values()) if huge_pages else ()
+        self.huge_ranges = [r for r in advised if r is not None]  # [(start, end)] advised, for huge_page_bytes
         self._home: dict[tuple[int, int], int] | None = None
         self._base: dict[int, int] = {}
         if slots >= self.experts:
@@ -63,6 +67,10 @@ class Slab:
                 base += len(s.experts)
             self._taken: set[int] = set()
         self._free = list(range(slots - 1, -1, -1))
+
+    def huge_page_bytes(self) -> int:
+        """Bytes of this slab that huge pages back now (they are faulted in as records land)."""
+        return resident_huge_bytes(self.huge_ranges)
 
     @property
     def holds_all(self) -> bool:

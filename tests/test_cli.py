@@ -58,6 +58,7 @@ def test_pack_then_run(models, tmp_path):
     result = json.loads(proc.stdout)
     assert RUN_KEYS <= set(result) and len(result["tokens"]) == 5
     assert result["ram_budget_bytes"] == 2**20
+    assert result["cache_huge_page_bytes"] == 0  # reported; a 1 MiB cache spans no whole huge page
 
 
 def test_run_prints_text_and_table(models):
