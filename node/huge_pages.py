@@ -33,9 +33,11 @@ def huge_page_bytes() -> int:
         return 0
 
 
-def advise_huge_pages(address: int, nbytes: int) -> tuple[int, int] | None:
+def advise_huge_pages(address: int, nbytes: int, *, huge: bool = True) -> tuple[int, int] | None:
     """Back the huge-page-aligned part of [address, address + nbytes) with huge pages from its next
-    fault. The range must hold zeros and no one else's bytes. The advised (start, end), or None."""
+    fault, or with `huge=False` with 4 KiB pages (MLX reuses freed buffers, advice and pages with them:
+    an A/B needs both said). The range must hold zeros and no one else's bytes. The advised (start,
+    end), or None."""
     size = huge_page_bytes()
     if not size:
         return None
@@ -43,7 +45,7 @@ def advise_huge_pages(address: int, nbytes: int) -> tuple[int, int] | None:
     if end <= start:
         return None
     libc = ctypes.CDLL(None, use_errno=True)
-    for advice in (mmap.MADV_HUGEPAGE, mmap.MADV_DONTNEED):
+    for advice in (mmap.MADV_HUGEPAGE if huge else mmap.MADV_NOHUGEPAGE, mmap.MADV_DONTNEED):
         if libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), advice) != 0:
             _note_once(f"no huge pages under the cache (madvise: {ctypes.get_errno()}): records land in 4 KiB pages")
             return None

@@ -46,7 +46,8 @@ class Slab:
     """`slots` experts' tensors as arrays [slots, *shape]; free slots are handed out and taken back."""
 
     def __init__(self, specs: list[LayerSpec], *, slots: int, huge_pages: bool = True) -> None:
-        """`huge_pages`: back the slots with transparent huge pages where Linux has them (node/huge_pages.py)."""
+        """`huge_pages`: back the slots with transparent huge pages where Linux has them, else with 4 KiB
+        pages (node/huge_pages.py)."""
         spec = specs[0]
         self.payload_bytes = spec.payload_bytes
         self.slots = slots
@@ -55,8 +56,8 @@ class Slab:
         # byte views of the same memory [slots, bytes]: records are read or copied in through these, MLX
         # computes on `arrays`; page aligned, so a slot whose tensors are whole pages takes O_DIRECT reads
         self.rows = {name: np.array(a.view(mx.uint8), copy=False).reshape(slots, -1) for name, a in self.arrays.items()}
-        advised = (advise_huge_pages(r.ctypes.data, r.nbytes) for r in self.rows.values()) if huge_pages else ()
-        self.huge_ranges = [r for r in advised if r is not None]  # [(start, end)] advised, for huge_page_bytes
+        advised = [advise_huge_pages(r.ctypes.data, r.nbytes, huge=huge_pages) for r in self.rows.values()]
+        self.huge_ranges = [r for r in advised if r is not None and huge_pages]  # for huge_page_bytes
         self._home: dict[tuple[int, int], int] | None = None
         self._base: dict[int, int] = {}
         if slots >= self.experts:
