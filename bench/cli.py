@@ -40,7 +40,7 @@ def _store_or_demo(store: Path | None) -> Path:
 
 
 def cmd_io(args: argparse.Namespace) -> int:
-    from bench.io import run_io_bench
+    from bench.io import plot_io, run_io_bench
 
     store = _store_or_demo(args.store)
     qds = tuple(int(q) for q in args.queue_depths.split(","))
@@ -56,7 +56,9 @@ def cmd_io(args: argparse.Namespace) -> int:
             side for side, on in (("threads", args.reader == "both"), ("small_pages", args.pages == "both")) if on
         ),
     )
-    path = write_result(args.name or f"io-{store.name}", result)
+    name = args.name or f"io-{store.name}"
+    result["plot"] = str(plot_io(result, RESULTS / f"{name}.png"))
+    path = write_result(name, result)
     if args.json:
         print(json.dumps(result))
     else:

@@ -261,3 +261,36 @@ def _rounded(by_qd: dict[int, list[float]]) -> dict[str, list[float]]:
 def _paired(trials: list[float], baseline: list[float]) -> float:
     """Median over rounds of each trial over the baseline trial of its round."""
     return round(float(np.median([t / b for t, b in zip(trials, baseline, strict=True) if b])), 4)
+
+
+def plot_io(result: dict, path: Path) -> Path:
+    """The engine's paired ratio to fio by queue depth, and each compared side's, against the 0.90 line."""
+    import matplotlib
+
+    from bench.plots import save_plot
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    qds = [str(q) for q in result["queue_depths"]]
+    pages = "huge pages" if result["huge_pages"] else "4 KiB pages"
+    bars = {f"engine ({result['reader']}, {pages})": result["paired_ratio_by_qd"]}
+    labels = {"threads": "reader threads", "small_pages": "engine, 4 KiB pages"}
+    bars |= {
+        labels[name]: result[f"{name}_paired_ratio_by_qd"] for name in SIDES if f"{name}_paired_ratio_by_qd" in result
+    }
+    fig, ax = plt.subplots(figsize=(7, 3.8))
+    width = 0.8 / len(bars)
+    for i, (label, by_qd) in enumerate(bars.items()):
+        ax.bar([q + i * width for q in range(len(qds))], [by_qd[q] for q in qds], width, label=label)
+    ax.set_xticks([q + width * (len(bars) - 1) / 2 for q in range(len(qds))], [f"qd {q}" for q in qds])
+    ax.axhline(1.0, color="gray", lw=1)
+    ax.axhline(0.9, ls="--", color="C3", lw=1, label="0.90 of fio")
+    ax.set_ylabel("GB/s over the round's fio trial (median)")
+    ax.set_title(
+        f"{result['record_bytes'] // 1024} KiB records into {result['slots']} slots, "
+        f"{result['rounds']} alternating rounds (fio: its own buffers, 4 KiB pages)",
+        fontsize=9,
+    )
+    ax.legend(fontsize=8, loc="lower right")
+    return save_plot(fig, path)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 from pathlib import Path
+from textwrap import fill
 
 import numpy as np
 from flashmesh.protos.errors import UserError
@@ -132,7 +133,8 @@ def plot_footprint(result: dict, path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(7, 3.8))
     colors = ["gray" if n == "fio" else "C1" if n == "engine" else "C2" if n.endswith("huge") else "C0" for n in names]
     ax.bar(range(len(names)), [ratios[n] for n in names], color=colors)
-    ax.set_xticks(range(len(names)), [f"{n.replace('_', ' ')}\n{buffers[n]} buffers" for n in names], fontsize=6)
+    labels = [f"{fill(n.replace('_', ' '), 16)}\n{buffers[n]} buffers" for n in names]
+    ax.set_xticks(range(len(names)), labels, fontsize=6)
     ax.axhline(0.9, ls="--", color="C3", lw=1, label="0.90 of fio")
     ax.set_ylabel("GB/s over the round's fio trial (median)")
     ax.set_title(
