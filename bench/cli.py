@@ -218,7 +218,10 @@ def cmd_overlap(args: argparse.Namespace) -> int:
     manifest = Manifest.load(args.store)
     limit = parse_bytes(args.limit) if args.limit else int(manifest.expert_bytes_total / 3)
     budget = parse_bytes(args.ram_budget) if args.ram_budget else int(limit * 0.45)
-    result = run_overlap_bench(args.store, limit_bytes=limit, ram_budget=budget, tokens=args.tokens, rounds=args.rounds)
+    result = run_overlap_bench(
+        args.store, limit_bytes=limit, ram_budget=budget, tokens=args.tokens, rounds=args.rounds,
+        small_pages_too=args.pages == "both",
+    )  # fmt: skip
     path = write_result(args.name or f"overlap-{args.store.name}", result)
     if args.json:
         print(json.dumps(result))
@@ -234,7 +237,8 @@ def cmd_overlap(args: argparse.Namespace) -> int:
         print(
             f"{name:>14}: {c['seconds_per_token']:.3f} s/token, read if serial {c['read_seconds_if_serial']:.3f} s,"
             f" compute {c['compute_seconds']:.3f} s: {c['over_max_read_compute']:.2f}x max(read, compute),"
-            f" {c['over_sum_read_compute']:.2f}x their sum, hit {c['hit_rate']:.3f}"
+            f" {c['over_sum_read_compute']:.2f}x their sum, hit {c['hit_rate']:.3f};"
+            f" {c['over_max_at_engine_rate']:.2f}x max with reads at the engine's rate"
         )
     u = result["reads_under_compute"]
     print(
@@ -736,6 +740,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", default=None, help="cgroup memory limit (default: expert bytes / 3)")
     p.add_argument("--ram-budget", default=None, help="expert cache budget (default: 45%% of the limit)")
     p.add_argument("--tokens", type=int, default=24, help="teacher-forced decode steps per run")
+    p.add_argument("--pages", choices=("huge", "both"), default="huge", help="both: the runs again in 4 KiB pages")
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--name", default=None)
     p.add_argument("--json", action="store_true")

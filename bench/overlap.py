@@ -40,14 +40,19 @@ TEXT = (
 )
 
 
-def forced_decode(store: Path, *, ram_budget: int, tokens: int, lookahead: bool, preload: bool) -> dict:
+def forced_decode(
+    store: Path, *, ram_budget: int, tokens: int, lookahead: bool, preload: bool, huge_pages: bool = True
+) -> dict:
     """Teacher-forced decode of TEXT's tokens, one step per token, with per-step timing and cache stats."""
     import mlx.core as mx
     from flashmesh.coordinator.engine import open_model
     from flashmesh.coordinator.options import ModelOptions
     from mlx_lm.models.cache import make_prompt_cache
 
-    streaming = open_model(ModelOptions(store=store, ram_budget=ram_budget, lookahead=lookahead, preload=preload))
+    options = ModelOptions(
+        store=store, ram_budget=ram_budget, lookahead=lookahead, preload=preload, huge_pages=huge_pages
+    )
+    streaming = open_model(options)
     try:
         ids = streaming.tokenizer.encode(TEXT * (1 + tokens // 40))[: tokens + 1]
         cache = make_prompt_cache(streaming.model)
@@ -132,7 +137,10 @@ def run_overlap_bench(
     rounds: int,
     queue_depth: int = 8,
     mlx_cache_bytes: int = 64 * 2**20,
+    small_pages_too: bool = False,
 ) -> dict:
+    """C (everything preloaded), lookahead off and on in the cgroup, alternating, `rounds` times;
+    `small_pages_too`: both again with the cache in 4 KiB pages (`--no-huge-pages`) in the same rounds."""
     manifest = Manifest.load(store)
     spec = max(manifest.layers, key=lambda s: len(s.experts) * s.record_size)
     file, span = store / spec.file, len(spec.experts) * spec.record_size
@@ -144,24 +152,29 @@ def run_overlap_bench(
     child = ["forced", str(store), str(tokens), str(mlx_cache_bytes)]
     preloaded = [*child, str(manifest.expert_bytes_total), "off", "preload"]
     cgroup = make_cgroup("fm-engine-overlap", limit_bytes=limit_bytes)
-    runs: dict[str, list[dict]] = {"lookahead_off": [], "lookahead_on": [], "compute_only": []}
+    streamed = ["lookahead_off", "lookahead_on"] + (["lookahead_off_4k", "lookahead_on_4k"] if small_pages_too else [])
+    runs: dict[str, list[dict]] = {name: [] for name in [*streamed, "compute_only"]}
     try:
         for r in range(rounds):
-            order = ("compute_only", "lookahead_off", "lookahead_on")
+            order = ("compute_only", *streamed)
             for name in order if r % 2 == 0 else order[::-1]:
                 drop_page_cache()
                 if name == "compute_only":  # C: every expert preloaded, outside the cgroup, in every round
                     runs[name].append(run_in_cgroup(None, preloaded, timeout=3600, module="bench.overlap"))
                     continue
-                flag = "on" if name == "lookahead_on" else "off"
+                flag = "on" if name.startswith("lookahead_on") else "off"
+                pages = "small" if name.endswith("_4k") else "huge"
                 runs[name].append(
                     run_in_cgroup(
-                        cgroup, [*child, str(ram_budget), flag, "stream"], timeout=3600, module="bench.overlap"
+                        cgroup, [*child, str(ram_budget), flag, "stream", pages], timeout=3600, module="bench.overlap"
                     )
                 )
     finally:
         cgroup.rmdir()
     fio_gbps = (fio_before + fio()) / 2
+    under = reads_under_compute(store, queue_depth=queue_depth, seconds=2.0, rounds=max(5, 2 * rounds))
+    # R at the engine's own read rate too: with its slabs in huge pages it reads faster than fio does
+    engine_gbps = statistics.median(under["read_gbps_alone"])
     computed = runs.pop("compute_only")
     c_by_round = [x.get("seconds_per_token") for x in computed]
     summary = {}
@@ -173,6 +186,8 @@ def run_overlap_bench(
         reads = [x["missed_expert_bytes_per_token"] / (fio_gbps * 1e9) for x, _ in pairs]
         over_max = [x["seconds_per_token"] / max(r, c) for (x, c), r in zip(pairs, reads, strict=True)]
         over_sum = [x["seconds_per_token"] / (r + c) for (x, c), r in zip(pairs, reads, strict=True)]
+        own = [x["missed_expert_bytes_per_token"] / (engine_gbps * 1e9) for x, _ in pairs]
+        over_max_own = [x["seconds_per_token"] / max(r, c) for (x, c), r in zip(pairs, own, strict=True)]
         summary[name] = {
             "seconds_per_token": statistics.median(x["seconds_per_token"] for x, _ in pairs),
             "read_seconds_if_serial": statistics.median(reads),
@@ -181,6 +196,8 @@ def run_overlap_bench(
             "over_max_read_compute": statistics.median(over_max),
             "over_max_by_round": [round(v, 3) for v in over_max],
             "over_sum_read_compute": statistics.median(over_sum),
+            "read_seconds_at_engine_rate": statistics.median(own),
+            "over_max_at_engine_rate": statistics.median(over_max_own),
             "hit_rate": statistics.median(x["hit_rate"] for x, _ in pairs),
             "runs": rs,
         }
@@ -196,9 +213,7 @@ def run_overlap_bench(
         "fio_gbps": fio_gbps,
         "compute_only": computed,
         "configs": summary,
-        "reads_under_compute": reads_under_compute(
-            store, queue_depth=queue_depth, seconds=2.0, rounds=max(5, 2 * rounds)
-        ),
+        "reads_under_compute": under,
     }
 
 
@@ -206,10 +221,12 @@ def child(argv: list[str]) -> int:
     import mlx.core as mx
 
     _, store, tokens, mlx_cache, budget, lookahead, mode = argv[:7]
+    pages = argv[7] if len(argv) > 7 else "huge"
     mx.set_cache_limit(int(mlx_cache))  # MLX's free-buffer cache counts against the cgroup too
     r = forced_decode(
-        Path(store), ram_budget=int(budget), tokens=int(tokens), lookahead=lookahead == "on", preload=mode == "preload"
-    )
+        Path(store), ram_budget=int(budget), tokens=int(tokens), lookahead=lookahead == "on", preload=mode == "preload",
+        huge_pages=pages == "huge",
+    )  # fmt: skip
     print(json.dumps(r))
     return 0
 

@@ -114,7 +114,7 @@ def _open_here(options: ModelOptions) -> StreamingModel:
         store_path, page_cache=options.page_cache, verify=options.verify, queue_depth=options.queue_depth
     )
     try:
-        cache = ExpertCache(store, budget_bytes=budget)
+        cache = ExpertCache(store, budget_bytes=budget, huge_pages=options.huge_pages)
     except UserError:
         store.close()
         raise

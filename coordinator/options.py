@@ -29,6 +29,7 @@ class ModelOptions:
     ram_budget: int | None = None  # bytes of experts cached; None: every expert, at most half the RAM
     page_cache: bool = False  # let the OS page cache help (default: bypass it)
     preload: bool = False  # read every expert up front when the budget holds them all
+    huge_pages: bool = True  # the cache's slabs in transparent huge pages where Linux has them
     verify: bool = True  # check every record's checksum
     queue_depth: int = 8  # reads in flight
     # --- experts on nodes
@@ -50,7 +51,8 @@ class ModelOptions:
         """Refuse options that would be silently ignored where the experts run."""
         if self.cluster:
             local = [f for f, on in (("--ram-budget", self.ram_budget is not None), ("--page-cache", self.page_cache),
-                                     ("--preload", self.preload)) if on]  # fmt: skip
+                                     ("--preload", self.preload), ("--no-huge-pages", not self.huge_pages))
+                     if on]  # fmt: skip
             if local:
                 raise UserError(
                     f"{', '.join(local)} set the cache of experts computed here; with --cluster each node "
@@ -93,6 +95,12 @@ def add_cache_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--page-cache", action="store_true", help="let the OS page cache help (default: bypass it)")
     p.add_argument("--preload", action="store_true", help="read every expert up front when the budget holds them all")
+    p.add_argument(
+        "--no-huge-pages",
+        dest="huge_pages",
+        action="store_false",
+        help="back the expert cache with 4 KiB pages, not transparent huge pages (Linux; docs/store.md)",
+    )
     p.add_argument(
         "--lookahead",
         action=argparse.BooleanOptionalAction,
@@ -147,6 +155,7 @@ def model_options(args: argparse.Namespace) -> ModelOptions:
         ram_budget=parse_bytes(args.ram_budget) if args.ram_budget else None,
         page_cache=args.page_cache,
         preload=args.preload,
+        huge_pages=args.huge_pages,
         cluster=cluster,
         nodes=tuple(args.node),
         zeroconf=zeroconf,

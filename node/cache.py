@@ -59,7 +59,13 @@ def effective_policy(policy: str) -> str:
 
 class ExpertCache:
     def __init__(
-        self, store: ExpertStore, *, budget_bytes: int, policy: str = "auto", lfu_decay: float = 0.999
+        self,
+        store: ExpertStore,
+        *,
+        budget_bytes: int,
+        policy: str = "auto",
+        lfu_decay: float = 0.999,
+        huge_pages: bool = True,
     ) -> None:
         minimum = store.manifest.min_budget_bytes
         if budget_bytes < minimum:
@@ -73,7 +79,9 @@ class ExpertCache:
         self.budget_bytes = budget_bytes
         self.policy = policy
         self.lfu_decay = lfu_decay  # per acquire: older uses count for less
-        self._slabs = _make_slabs(store.manifest, budget_bytes)  # layer -> its slab (shared by same-shape layers)
+        self._slabs = _make_slabs(
+            store.manifest, budget_bytes, huge_pages=huge_pages
+        )  # layer -> its slab (shared by same-shape layers)
         self._entries: OrderedDict[Key, int] = OrderedDict()  # -> slot; recency order, oldest first
         self._slot_of = {s.layer: np.full(s.num_experts, -1, dtype=np.int32) for s in store.manifest.layers}
         self._slot_arrays: dict[int, mx.array] = {}  # layer -> slot_of as an MLX array, made when asked for
@@ -369,7 +377,7 @@ class ExpertCache:
         return self._stats
 
 
-def _make_slabs(manifest: Manifest, budget_bytes: int) -> dict[int, Slab]:
+def _make_slabs(manifest: Manifest, budget_bytes: int, *, huge_pages: bool) -> dict[int, Slab]:
     """One slab per expert shape, its slots the budget's share (by expert bytes), at most one per expert."""
     groups: dict[tuple, list] = {}
     for spec in manifest.layers:
@@ -388,5 +396,5 @@ def _make_slabs(manifest: Manifest, budget_bytes: int) -> dict[int, Slab]:
             f"RAM budget {format_bytes(budget_bytes)} is below this model's minimum {format_bytes(minimum)} "
             f"(the top-k experts of one layer of each expert shape); pass --ram-budget {minimum} or more"
         )
-    slabs = {sig: Slab(specs, slots=slots[sig]) for sig, specs in groups.items()}
+    slabs = {sig: Slab(specs, slots=slots[sig], huge_pages=huge_pages) for sig, specs in groups.items()}
     return {spec.layer: slabs[sig] for sig, specs in groups.items() for spec in specs}

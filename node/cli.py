@@ -59,6 +59,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         "config)",
     )
     s.add_argument("--page-cache", action="store_true", help="let the OS page cache help (default: bypass it)")
+    s.add_argument(
+        "--no-huge-pages",
+        dest="huge_pages",
+        action="store_false",
+        help="back the expert cache with 4 KiB pages, not transparent huge pages (Linux; docs/store.md)",
+    )
     s.add_argument("--flash-gbps", type=float, default=None, help="report this read bandwidth instead of measuring")
     s.add_argument("--max-message", default=str(DEFAULT_MAX_MESSAGE_BYTES), help="largest request accepted")
     s.add_argument("--parent-pid", type=int, default=None, help=argparse.SUPPRESS)  # exit when this process goes
@@ -143,6 +149,7 @@ def _serve_node(
         token=token,
         name=args.name or (tls.name if tls else socket.gethostname()),
         page_cache=args.page_cache,
+        huge_pages=args.huge_pages,
         max_message_bytes=parse_bytes(args.max_message),
         flash_gbps=args.flash_gbps,
     )

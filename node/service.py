@@ -78,6 +78,7 @@ class NodeService:
         token: str,
         name: str = "node",
         page_cache: bool = False,
+        huge_pages: bool = True,
         verify: bool = True,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         flash_gbps: float | None = None,
@@ -98,7 +99,7 @@ class NodeService:
         )
         try:
             self.manifest = self.store.manifest
-            self.cache = ExpertCache(self.store, budget_bytes=ram_budget)
+            self.cache = ExpertCache(self.store, budget_bytes=ram_budget, huge_pages=huge_pages)
             self.hidden_size = max(s.input_dim for s in self.manifest.layers)  # what pack saw the banks take
             self._input_dim = {s.layer: s.input_dim for s in self.manifest.layers}
             self.top_k = self.manifest.top_k

@@ -57,6 +57,7 @@ class Slab:
         # computes on `arrays`; page aligned, so a slot whose tensors are whole pages takes O_DIRECT reads
         self.rows = {name: np.array(a.view(mx.uint8), copy=False).reshape(slots, -1) for name, a in self.arrays.items()}
         advised = [advise_huge_pages(r.ctypes.data, r.nbytes, huge=huge_pages) for r in self.rows.values()]
+        self.huge_pages = huge_pages
         self.huge_ranges = [r for r in advised if r is not None and huge_pages]  # for huge_page_bytes
         self._home: dict[tuple[int, int], int] | None = None
         self._base: dict[int, int] = {}

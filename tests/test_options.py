@@ -16,7 +16,7 @@ from flashmesh.protos.errors import UserError
 
 FLAG_SETS = {
     "defaults": [],
-    "local cache": ["--ram-budget", "3MiB", "--page-cache", "--preload", "--lookahead"],
+    "local cache": ["--ram-budget", "3MiB", "--page-cache", "--preload", "--lookahead", "--no-huge-pages"],
     "cluster": [
         "--cluster",
         "--node",
@@ -74,7 +74,10 @@ def test_the_cluster_flags_mean_what_they_say(tmp_path, monkeypatch):
     "flags,needle",
     [
         (["--cluster", "--ram-budget", "1GB"], "--ram-budget"),
-        (["--node", "127.0.0.1:9", "--page-cache", "--preload"], "--page-cache, --preload"),
+        (
+            ["--node", "127.0.0.1:9", "--page-cache", "--preload", "--no-huge-pages"],
+            "--page-cache, --preload, --no-huge",
+        ),
         (["--tls", "/tls/dir"], "--cluster"),
     ],
 )
@@ -102,10 +105,12 @@ def test_the_default_budget_is_every_expert_but_at_most_half_the_ram(models, mon
 def test_local_options_reach_the_cache_and_the_dispatch(models, command):
     _, store = models.get("qwen3_moe")
     budget = Manifest.load(store).min_budget_bytes * 2
-    streaming = open_model(_options(command, store, ["--ram-budget", str(budget), "--page-cache", "--lookahead"]))
+    flags = ["--ram-budget", str(budget), "--page-cache", "--lookahead", "--no-huge-pages"]
+    streaming = open_model(_options(command, store, flags))
     try:
         assert streaming.cache.budget_bytes == budget
         assert streaming.store.page_cache
+        assert not streaming.cache.slab(streaming.manifest.layers[0].layer).huge_pages
         assert any(m.lookahead is not None for m in streaming.model.modules() if isinstance(m, ExpertDispatch))
         assert streaming.remote is None and streaming.nodes == []
     finally:
