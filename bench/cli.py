@@ -181,8 +181,8 @@ def cmd_overhead(args: argparse.Namespace) -> int:
 
     configs = []
     for item in args.configs.split(","):
-        fraction, _, flag = item.partition(":")
-        configs.append((float(fraction), flag == "preload"))
+        fraction, *flags = item.split(":")
+        configs.append((float(fraction), "preload" in flags, "4k" not in flags))
     result = run_overhead(args.store, args.source, configs=configs, rounds=args.rounds, max_tokens=args.max_tokens)
     name = args.name or f"overhead-{args.store.name}"
     result["plot"] = str(plot_overhead([("engine", result)], RESULTS / f"{name}.png"))
@@ -762,7 +762,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--configs",
         default="1:preload,1,0.4",
-        help="comma-separated budget fractions of the expert bytes, ':preload' to preload (default %(default)s)",
+        help="comma-separated budget fractions of the expert bytes, ':preload' to preload, ':4k' for 4 KiB pages"
+        " (--no-huge-pages) (default %(default)s)",
     )
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--max-tokens", type=int, default=64)

@@ -81,8 +81,10 @@ def _clocks() -> tuple[float, float, float]:
     return time.perf_counter(), time.thread_time(), time.process_time()
 
 
-def _engine_decode(store: Path, *, budget: int, preload: bool, prompt: list[int], max_tokens: int) -> dict:
-    streaming = open_model(ModelOptions(store=store, ram_budget=budget, preload=preload))
+def _engine_decode(
+    store: Path, *, budget: int, preload: bool, huge_pages: bool, prompt: list[int], max_tokens: int
+) -> dict:
+    streaming = open_model(ModelOptions(store=store, ram_budget=budget, preload=preload, huge_pages=huge_pages))
     try:
         timer = CpuTimer(streaming.backend.compute)
         streaming.backend.compute = timer  # this instance only: the dispatch calls backend.compute
@@ -118,11 +120,11 @@ def run_overhead(
     store: Path,
     source: Path,
     *,
-    configs: list[tuple[float, bool]],
+    configs: list[tuple[float, bool, bool]],
     rounds: int,
     max_tokens: int,
 ) -> dict:
-    """configs: (budget as a fraction of the expert bytes, preload) pairs, all measured in each round."""
+    """configs: (budget as a fraction of the expert bytes, preload, huge pages), all measured in each round."""
     from mlx_lm import load
 
     manifest = Manifest.load(store)
@@ -131,25 +133,27 @@ def run_overhead(
     generate(model, tokenizer, prompt, SamplingParams(max_tokens=4))  # warm-up
     runs: dict[str, list[tuple[dict, dict]]] = {}
     for r in range(rounds):
-        for fraction, preload in configs:
-            name = f"budget{fraction:g}{'-preload' if preload else ''}"
+        for fraction, preload, huge_pages in configs:
+            name = f"budget{fraction:g}{'-preload' if preload else ''}{'' if huge_pages else '-4k'}"
             budget = max(int(manifest.expert_bytes_total * fraction), manifest.min_budget_bytes)
+            engine = {"budget": budget, "preload": preload, "huge_pages": huge_pages}
             if r % 2 == 0:
-                ours = _engine_decode(store, budget=budget, preload=preload, prompt=prompt, max_tokens=max_tokens)
+                ours = _engine_decode(store, **engine, prompt=prompt, max_tokens=max_tokens)
                 ref = _reference_decode(model, tokenizer, prompt, max_tokens=max_tokens)
             else:
                 ref = _reference_decode(model, tokenizer, prompt, max_tokens=max_tokens)
-                ours = _engine_decode(store, budget=budget, preload=preload, prompt=prompt, max_tokens=max_tokens)
+                ours = _engine_decode(store, **engine, prompt=prompt, max_tokens=max_tokens)
             runs.setdefault(name, []).append((ours, ref))
             log.info(
                 "round %d %s: %.2f vs %.2f tok/s", r, name, ours["decode_tokens_per_s"], ref["decode_tokens_per_s"]
             )
     summary = {}
-    for (fraction, preload), (name, pairs) in zip(configs, runs.items(), strict=True):
+    for (fraction, preload, huge_pages), (name, pairs) in zip(configs, runs.items(), strict=True):
         ratios = [o["decode_tokens_per_s"] / f["decode_tokens_per_s"] for o, f in pairs]
         summary[name] = {
             "budget_fraction": fraction,
             "preload": preload,
+            "huge_pages": huge_pages,
             "vs_mlx_lm": statistics.median(ratios),
             "ratio_by_round": [round(x, 4) for x in ratios],
             "ratio_min": min(ratios),
