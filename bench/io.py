@@ -267,8 +267,6 @@ def plot_io(result: dict, path: Path) -> Path:
     """The engine's paired ratio to fio by queue depth, and each compared side's, against the 0.90 line."""
     import matplotlib
 
-    from bench.plots import save_plot
-
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -285,12 +283,19 @@ def plot_io(result: dict, path: Path) -> Path:
         ax.bar([q + i * width for q in range(len(qds))], [by_qd[q] for q in qds], width, label=label)
     ax.set_xticks([q + width * (len(bars) - 1) / 2 for q in range(len(qds))], [f"qd {q}" for q in qds])
     ax.axhline(1.0, color="gray", lw=1)
+    title = (
+        f"{result['record_bytes'] // 1024} KiB records into up to {result['slots']} slots, "
+        f"{result['rounds']} alternating rounds (fio: its own buffers, 4 KiB pages)"
+    )
+    return save_fio_ratio_plot(fig, ax, title, path, legend_at="lower right")
+
+
+def save_fio_ratio_plot(fig, ax, title: str, path: Path, *, legend_at: str = "best") -> Path:
+    """The 0.90-of-fio line, the axis and the title every fetch-path plot has; saved."""
+    from bench.plots import save_plot
+
     ax.axhline(0.9, ls="--", color="C3", lw=1, label="0.90 of fio")
     ax.set_ylabel("GB/s over the round's fio trial (median)")
-    ax.set_title(
-        f"{result['record_bytes'] // 1024} KiB records into {result['slots']} slots, "
-        f"{result['rounds']} alternating rounds (fio: its own buffers, 4 KiB pages)",
-        fontsize=9,
-    )
-    ax.legend(fontsize=8, loc="lower right")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8, loc=legend_at)
     return save_plot(fig, path)

@@ -20,7 +20,7 @@ from textwrap import fill
 import numpy as np
 from flashmesh.protos.errors import UserError
 
-from bench.io import engine_randread, engine_slots, fio_randread, largest_layer
+from bench.io import engine_randread, engine_slots, fio_randread, largest_layer, save_fio_ratio_plot
 
 LOOP_SOURCE = Path(__file__).with_name("aio_loop.c")
 
@@ -123,8 +123,6 @@ def run_footprint_bench(
 def plot_footprint(result: dict, path: Path) -> Path:
     import matplotlib
 
-    from bench.plots import save_plot
-
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -135,12 +133,8 @@ def plot_footprint(result: dict, path: Path) -> Path:
     ax.bar(range(len(names)), [ratios[n] for n in names], color=colors)
     labels = [f"{fill(n.replace('_', ' '), 16)}\n{buffers[n]} buffers" for n in names]
     ax.set_xticks(range(len(names)), labels, fontsize=6)
-    ax.axhline(0.9, ls="--", color="C3", lw=1, label="0.90 of fio")
-    ax.set_ylabel("GB/s over the round's fio trial (median)")
-    ax.set_title(
+    title = (
         f"{result['record_bytes'] // 1024} KiB records, queue depth {result['queue_depth']}, "
-        f"{result['rounds']} alternating rounds",
-        fontsize=9,
+        f"{result['rounds']} alternating rounds"
     )
-    ax.legend(fontsize=8)
-    return save_plot(fig, path)
+    return save_fio_ratio_plot(fig, ax, title, path)
