@@ -44,7 +44,7 @@ def advise_huge_pages(address: int, nbytes: int, *, huge: bool = True) -> tuple[
     start, end = -(-address // size) * size, (address + nbytes) // size * size
     if end <= start:
         return None
-    libc = ctypes.CDLL(None, use_errno=True)
+    libc = _libc()
     for advice in (mmap.MADV_HUGEPAGE if huge else mmap.MADV_NOHUGEPAGE, mmap.MADV_DONTNEED):
         if libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), advice) != 0:
             _note_once(f"no huge pages under the cache (madvise: {ctypes.get_errno()}): records land in 4 KiB pages")
@@ -73,6 +73,11 @@ def resident_huge_bytes(ranges: list[tuple[int, int]]) -> int:
             elif inside and head == "AnonHugePages:":
                 total += int(line.split()[1]) * 1024
     return total
+
+
+@cache
+def _libc() -> ctypes.CDLL:
+    return ctypes.CDLL(None, use_errno=True)
 
 
 @cache

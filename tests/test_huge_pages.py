@@ -63,6 +63,20 @@ def test_records_land_in_huge_pages_byte_for_byte(models, aio):
         assert slab.huge_page_bytes() > 0
 
 
+def test_no_huge_pages_reaches_a_nodes_cache(models):
+    """`node serve --no-huge-pages` (run and serve: tests/test_options.py)."""
+    from flashmesh.coordinator.cli import build_parser
+    from flashmesh.node.service import NodeService
+
+    _, path = models.get("qwen3_moe")
+    assert build_parser().parse_args(["node", "serve", str(path), "--no-huge-pages"]).huge_pages is False
+    service = NodeService(path, ram_budget=2**30, token="t", huge_pages=False)
+    try:
+        assert not any(service.cache.slab(s.layer).huge_pages for s in service.manifest.layers)
+    finally:
+        service.close()
+
+
 def test_without_transparent_huge_pages_nothing_is_advised(monkeypatch, tmp_path):
     monkeypatch.setattr(huge_pages, "PMD_SIZE", tmp_path / "absent")  # a kernel without THP, or not Linux
     huge_pages.huge_page_bytes.cache_clear()
