@@ -79,9 +79,8 @@ class ExpertCache:
         self.budget_bytes = budget_bytes
         self.policy = policy
         self.lfu_decay = lfu_decay  # per acquire: older uses count for less
-        self._slabs = _make_slabs(
-            store.manifest, budget_bytes, huge_pages=huge_pages
-        )  # layer -> its slab (shared by same-shape layers)
+        # layer -> its slab (shared by same-shape layers)
+        self._slabs = _make_slabs(store.manifest, budget_bytes, huge_pages=huge_pages)
         self._entries: OrderedDict[Key, int] = OrderedDict()  # -> slot; recency order, oldest first
         self._slot_of = {s.layer: np.full(s.num_experts, -1, dtype=np.int32) for s in store.manifest.layers}
         self._slot_arrays: dict[int, mx.array] = {}  # layer -> slot_of as an MLX array, made when asked for

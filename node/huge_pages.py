@@ -2,7 +2,7 @@
 
 A record read straight into a slab slot reaches the disk as one segment per 4 KiB page unless the
 memory under it is a huge page. On a virtual disk the host handles each segment, and reads of 96 KiB
-records into huge pages ran 1.2-1.4x as fast as into 4 KiB pages on this project's VM
+records into huge pages ran 1.2-1.45x as fast as into 4 KiB pages on this project's VM
 (docs/benchmarks.md, "Huge pages under the slabs"). MLX allocates a slab and fills it with zeros;
 the part of it that whole huge pages cover is advised MADV_HUGEPAGE and its pages are dropped
 (MADV_DONTNEED: private anonymous memory reads as zeros again), so the first write to each huge
