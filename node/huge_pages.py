@@ -22,13 +22,17 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 PMD_SIZE = Path("/sys/kernel/mm/transparent_hugepage/hpage_pmd_size")
+ENABLED = Path("/sys/kernel/mm/transparent_hugepage/enabled")  # "always [madvise] never": the choice bracketed
 
 
 @cache
 def huge_page_bytes() -> int:
-    """The kernel's transparent huge page size (2 MiB on x86-64), 0 where it has none."""
+    """The kernel's transparent huge page size (2 MiB on x86-64), 0 where it has none or they are
+    turned off ("[never]": advising would only drop pages that mx.zeros had already faulted in)."""
+    if sys.platform != "linux":
+        return 0
     try:
-        return int(PMD_SIZE.read_text()) if sys.platform == "linux" else 0
+        return 0 if "[never]" in ENABLED.read_text() else int(PMD_SIZE.read_text())
     except (OSError, ValueError):
         return 0
 

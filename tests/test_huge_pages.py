@@ -77,14 +77,34 @@ def test_no_huge_pages_reaches_a_nodes_cache(models):
         service.close()
 
 
-def test_without_transparent_huge_pages_nothing_is_advised(monkeypatch, tmp_path):
-    monkeypatch.setattr(huge_pages, "PMD_SIZE", tmp_path / "absent")  # a kernel without THP, or not Linux
-    huge_pages.huge_page_bytes.cache_clear()
-    try:
-        assert huge_pages.huge_page_bytes() == 0
-        assert huge_pages.advise_huge_pages(1 << 30, 64 << 20) is None
-    finally:
+@pytest.fixture
+def kernel(monkeypatch, tmp_path):
+    """Point huge_pages at a fake /sys: kernel(enabled line, hpage_pmd_size or None)."""
+
+    def set_to(enabled: str, pmd: str | None) -> None:
+        (tmp_path / "enabled").write_text(enabled + "\n")
+        if pmd is not None:
+            (tmp_path / "pmd").write_text(pmd + "\n")
+        monkeypatch.setattr(huge_pages, "ENABLED", tmp_path / "enabled")
+        monkeypatch.setattr(huge_pages, "PMD_SIZE", tmp_path / "pmd")
+        monkeypatch.setattr(huge_pages.sys, "platform", "linux")
         huge_pages.huge_page_bytes.cache_clear()
+
+    yield set_to
+    huge_pages.huge_page_bytes.cache_clear()  # the real kernel's answer again, once monkeypatch undoes
+
+
+@pytest.mark.parametrize("enabled,pmd", [("always [madvise] never", None), ("always madvise [never]", "2097152")])
+def test_without_transparent_huge_pages_nothing_is_advised(kernel, enabled, pmd):
+    """A kernel without THP (no hpage_pmd_size), or with them turned off."""
+    kernel(enabled, pmd)
+    assert huge_pages.huge_page_bytes() == 0
+    assert huge_pages.advise_huge_pages(1 << 30, 64 << 20) is None
+
+
+def test_the_huge_page_size_is_the_kernels(kernel):
+    kernel("always [madvise] never", "2097152")
+    assert huge_pages.huge_page_bytes() == 2 << 20
 
 
 def test_resident_bytes_count_only_mappings_inside_the_ranges():
