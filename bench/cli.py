@@ -10,6 +10,7 @@ import argparse
 import datetime as dt
 import json
 import platform
+from collections.abc import Callable
 from pathlib import Path
 
 # Under the current directory: run from the repository root, results land in the repository's bench/results.
@@ -30,6 +31,12 @@ def write_result(name: str, result: dict, *, out: Path | None = None) -> Path:
     return path
 
 
+def write_plotted(name: str, result: dict, plot: Callable[[dict, Path], Path]) -> Path:
+    """`plot(result, path)` into bench/results/<name>.png, named in the result as "plot"; then write_result."""
+    result["plot"] = str(plot(result, RESULTS / f"{name}.png"))
+    return write_result(name, result)
+
+
 def _store_or_demo(store: Path | None) -> Path:
     if store is not None:
         return store
@@ -40,7 +47,7 @@ def _store_or_demo(store: Path | None) -> Path:
 
 
 def cmd_io(args: argparse.Namespace) -> int:
-    from bench.io import plot_io, run_io_bench
+    from bench.io import SIDES, plot_io, run_io_bench
 
     store = _store_or_demo(args.store)
     qds = tuple(int(q) for q in args.queue_depths.split(","))
@@ -57,8 +64,7 @@ def cmd_io(args: argparse.Namespace) -> int:
         ),
     )
     name = args.name or f"io-{store.name}"
-    result["plot"] = str(plot_io(result, RESULTS / f"{name}.png"))
-    path = write_result(name, result)
+    path = write_plotted(name, result, plot_io)
     if args.json:
         print(json.dumps(result))
     else:
@@ -73,7 +79,7 @@ def cmd_io(args: argparse.Namespace) -> int:
             f, e = result["fio_gbps_by_qd"][str(qd)], result["engine_gbps_by_qd"][str(qd)]
             y, pr = result["engine_sync_gbps_by_qd"][str(qd)], result["paired_ratio_by_qd"][str(qd)]
             print(f"{qd:>4} {f:>10.3f} {e:>12.3f} {e / f if f else 0:>7.2f} {pr:>7.2f} {y:>10.3f}")
-        for side, (label, over) in (("threads", ("reader threads", "aio")), ("small_pages", ("4 KiB pages", "huge"))):
+        for side, (_, over, label) in SIDES.items():
             if f"{side}_paired_ratio_by_qd" in result:
                 tp, ab = result[f"{side}_paired_ratio_by_qd"], result[f"{over}_over_{side}_by_qd"]
                 print(f"{label}, same rounds: paired " + ", ".join(f"qd {q} {tp[str(q)]:.2f}" for q in qds))
@@ -93,8 +99,7 @@ def cmd_io_footprint(args: argparse.Namespace) -> int:
         store, out_dir=RESULTS / "tmp", queue_depth=args.queue_depth, seconds=args.seconds, rounds=args.rounds
     )
     name = args.name or f"io-footprint-{store.name}"
-    result["plot"] = str(plot_footprint(result, RESULTS / f"{name}.png"))
-    path = write_result(name, result)
+    path = write_plotted(name, result, plot_footprint)
     if args.json:
         print(json.dumps(result))
         return 0
@@ -154,8 +159,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         store, source=source, max_tokens=args.max_tokens, points=args.points, lookahead=args.lookahead
     )
     name = args.name or f"sweep-{store.name}"
-    result["plot"] = str(plot_sweep(result, RESULTS / f"{name}.png"))
-    path = write_result(name, result)
+    path = write_plotted(name, result, plot_sweep)
     if args.json:
         print(json.dumps(result))
         return 0
@@ -185,8 +189,7 @@ def cmd_overhead(args: argparse.Namespace) -> int:
         configs.append((float(fraction), "preload" in flags, "4k" not in flags))
     result = run_overhead(args.store, args.source, configs=configs, rounds=args.rounds, max_tokens=args.max_tokens)
     name = args.name or f"overhead-{args.store.name}"
-    result["plot"] = str(plot_overhead([("engine", result)], RESULTS / f"{name}.png"))
-    path = write_result(name, result)
+    path = write_plotted(name, result, lambda r, at: plot_overhead([("engine", r)], at))
     if args.json:
         print(json.dumps(result))
         return 0
@@ -371,8 +374,7 @@ def cmd_scaling(args: argparse.Namespace) -> int:
             progress=lambda text: status.update(f"scaling: {text}"),
         )
     name = args.name or f"scaling-{args.store.name}"
-    result["plot"] = str(plot_scaling(result, RESULTS / f"{name}.png"))
-    path = write_result(name, result)
+    path = write_plotted(name, result, plot_scaling)
     if args.json:
         print(json.dumps(result))
         return 0
@@ -454,8 +456,7 @@ def cmd_plan_validate(args: argparse.Namespace) -> int:
     else:
         result = run_plan_validate(args.workdir, rounds=args.rounds, big_rounds=args.big_rounds,
                                    big_source=args.big_source)  # fmt: skip
-    result["plot"] = str(plot_plan_validate(result, RESULTS / f"{args.name}.png"))
-    path = write_result(args.name, result)
+    path = write_plotted(args.name, result, plot_plan_validate)
     print(f"{'model':<14} {'budget':>6} {'mode':<11} {'measured':>9} {'predicted':>9} {'error':>6} "
           f"{'rounds':>11} {'hit':>6} {'plan hit':>8} {'calib.':>7} {'c. hit':>6}")  # fmt: skip
     for r in result["rows"]:
@@ -497,8 +498,7 @@ def cmd_soak(args: argparse.Namespace) -> int:
             progress=lambda done, served: bar.update(task, completed=done, served=served),
         )  # fmt: skip
     result.update(store=str(store), ram_budget_bytes=budget)
-    result["plot"] = str(plot_soak(result, RESULTS / f"{name}.png"))
-    path = write_result(name, result)
+    path = write_plotted(name, result, plot_soak)
     if args.json:
         print(json.dumps({k: v for k, v in result.items() if k not in ("latencies", "rss_samples")}))
         return 0
@@ -547,8 +547,7 @@ def cmd_serving(args: argparse.Namespace) -> int:
             progress=lambda: bar.advance(task),
         )
     name = args.name or f"serving-{store.name}-{'n' + str(args.nodes) if args.nodes else 'local'}"
-    result["plot"] = str(plot_batching(result, RESULTS / f"{name}.png"))
-    path = write_result(name, result)
+    path = write_plotted(name, result, plot_batching)
     print(
         f"{'streams':>7} {'decode tok/s':>12} {'x one':>6} {'MB/token':>9} {'x one':>6} {'TTFT p50/p99 s':>15} "
         f"{'ITL p50/p99 ms':>15} {'CPU ms/token':>12} {'x one':>6}"

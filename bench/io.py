@@ -161,10 +161,10 @@ def engine_randread(
         return landed / elapsed / 1e9
 
 
-# the A/B sides `run_io_bench` can add: name -> (engine_randread options, what the engine is, over it)
+# the A/B sides `run_io_bench` can add: name -> (engine_randread options, what the engine is over it, label)
 SIDES = {
-    "threads": ({"aio": False}, "aio"),  # the reader threads where AIO is built
-    "small_pages": ({"huge_pages": False}, "huge"),  # slots in 4 KiB pages
+    "threads": ({"aio": False}, "aio", "reader threads"),  # the reader threads where AIO is built
+    "small_pages": ({"huge_pages": False}, "huge", "engine, 4 KiB pages"),  # slots in 4 KiB pages
 }
 
 
@@ -185,7 +185,7 @@ def run_io_bench(
     A VM's virtual disk swings by 2-4x from second to second; alternating short trials and taking
     per-queue-depth medians makes both sides see the same disk, so the ratio means something.
     """
-    _, spec, path = largest_layer(store_path)
+    manifest, spec, path = largest_layer(store_path)
     with ExpertStore(store_path, queue_depth=1, aio=aio) as store:
         reader = store.reader
     span = len(spec.experts) * spec.record_size
@@ -232,7 +232,7 @@ def run_io_bench(
         "verify_checksums": verify,
         "reader": reader,
         "huge_pages": huge_pages,
-        "slots": engine_slots(Manifest.load(store_path), spec, max(queue_depths)),
+        "slots": engine_slots(manifest, spec, max(queue_depths)),
         "seconds_per_trial": seconds,
         "rounds": rounds,
         "queue_depths": list(queue_depths),
@@ -273,9 +273,10 @@ def plot_io(result: dict, path: Path) -> Path:
     qds = [str(q) for q in result["queue_depths"]]
     pages = "huge pages" if result["huge_pages"] else "4 KiB pages"
     bars = {f"engine ({result['reader']}, {pages})": result["paired_ratio_by_qd"]}
-    labels = {"threads": "reader threads", "small_pages": "engine, 4 KiB pages"}
     bars |= {
-        labels[name]: result[f"{name}_paired_ratio_by_qd"] for name in SIDES if f"{name}_paired_ratio_by_qd" in result
+        label: result[f"{name}_paired_ratio_by_qd"]
+        for name, (_, _, label) in SIDES.items()
+        if f"{name}_paired_ratio_by_qd" in result
     }
     fig, ax = plt.subplots(figsize=(7, 3.8))
     width = 0.8 / len(bars)
