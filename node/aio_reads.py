@@ -12,6 +12,7 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
+import time
 from functools import cache
 from typing import Protocol
 
@@ -92,6 +93,7 @@ class AioReads:
             )
             for e, slot in slots.items()
         ]
+        self.started = time.perf_counter()
         self._batch = ring.submit(plan.fd, records, urgent)
 
     def done(self) -> bool:

@@ -36,6 +36,7 @@ from collections import OrderedDict
 
 import mlx.core as mx
 import numpy as np
+from flashmesh.node.busy_time import BusyTime
 from flashmesh.node.cache_stats import CacheStats
 from flashmesh.node.read_queue import Load
 from flashmesh.node.slab import Slab, signature
@@ -97,6 +98,8 @@ class ExpertCache:
         self._stats = CacheStats()
         self._tables: dict[int, mx.array] = {}  # layer -> expert -> slot, once it is resident for good
         self._uncounted: list[mx.array] = []  # expert ids of lazy calls, counted as hits when stats are read
+        self._in_flight: dict[int, Load] = {}  # id -> every load submitted and not yet landed
+        self._busy = BusyTime()  # the flash's time with reads in flight
 
     @property
     def stats(self) -> CacheStats:
@@ -192,7 +195,9 @@ class ExpertCache:
         self.bytes += len(slots) * self._cost(layer)
         self._stats.peak_bytes = max(self._stats.peak_bytes, self.bytes)
         self._stats.bytes_read += len(slots) * self.store.record_bytes(layer)  # counted when issued
-        return self.store.load(layer, slots, slab, urgent=urgent)
+        reads = self.store.load(layer, slots, slab, urgent=urgent)
+        self._in_flight[id(reads)] = reads
+        return reads
 
     def _land(self, reads: Load, *, waited: bool) -> None:
         """Wait for `reads` and make its experts entries; on a failed read give their room back and raise."""
@@ -211,6 +216,10 @@ class ExpertCache:
         finally:
             if waited:
                 self._stats.io_seconds += time.perf_counter() - start
+            del self._in_flight[id(reads)]
+            since = min((r.started for r in self._in_flight.values()), default=None)
+            self._busy.add(reads.started, reads.started + reads.seconds, in_flight_since=since)
+            self._stats.flash_busy_seconds = self._busy.seconds
         self.store.landed(reads)
         table = self._slot_of[layer]
         for e, slot in reads.slots.items():

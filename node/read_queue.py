@@ -43,6 +43,7 @@ class Load(Protocol):
 
     layer: int
     slots: dict[int, int]  # expert -> slot
+    started: float  # time.perf_counter() at submission
 
     def done(self) -> bool: ...
 
