@@ -111,6 +111,13 @@ def print_stats(stats: dict, *, title: str, console: Console = err) -> None:
     ]
     if stats.get("cache_huge_page_bytes"):  # Linux: slabs in transparent huge pages (docs/store.md)
         rows.append(("cache in huge pages", format_bytes(stats["cache_huge_page_bytes"])))
+    if stats.get("flash_busy_seconds"):  # a local cache: the union of its reads' time in flight
+        busy = stats["flash_busy_seconds"]
+        rows.append((
+            "flash busy",
+            f"{busy:.3f} s ({stats['flash_busy_share']:.0%} of the run) at "
+            f"{stats['expert_bytes_read'] / busy / 1e9:.2f} GB/s",
+        ))  # fmt: skip
     if "lookahead" in stats:
         used = f"on, {stats['prefetch_used']} read-aheads used" if stats["lookahead"] else "off"
         rows.append(("router lookahead", used))

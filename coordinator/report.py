@@ -43,6 +43,11 @@ def run_report(streaming: StreamingModel, generation: GenerationStats, before: E
     )
     if streaming.cache is not None:
         result["cache_huge_page_bytes"] = streaming.cache.huge_page_bytes()  # of ram_budget_bytes
+        # how long reads were in flight, overlapping ones once: near the run's time means flash-bound
+        result["flash_busy_seconds"] = cache.flash_busy_seconds
+        rate = generation.decode_tokens_per_s
+        run_seconds = generation.ttft_s + ((len(generation.tokens) - 1) / rate if rate else 0.0)
+        result["flash_busy_share"] = cache.flash_busy_seconds / max(1e-9, run_seconds)
     if streaming.store is not None:
         result["page_cache_bypassed"] = streaming.store.bypassing_cache
         result["reader"] = streaming.store.reader  # "aio" (Linux AIO, O_DIRECT) or "threads"

@@ -59,6 +59,7 @@ def test_pack_then_run(models, tmp_path):
     assert RUN_KEYS <= set(result) and len(result["tokens"]) == 5
     assert result["ram_budget_bytes"] == 2**20
     assert result["cache_huge_page_bytes"] == 0  # reported; a 1 MiB cache spans no whole huge page
+    assert 0 < result["flash_busy_share"] < 1 and result["flash_busy_seconds"] > 0
 
 
 def test_run_prints_text_and_table(models):

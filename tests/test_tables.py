@@ -78,10 +78,12 @@ def test_run_tables_fit():
         "bytes_read_per_token": 10**7, "read_gbps": 2.5, "io_seconds": 12.5, "compute_seconds": 30.25,
         "ram_budget_bytes": 4 * 2**30, "peak_cache_bytes": 4 * 2**30, "expert_bytes_total": 60 * 2**30,
         "tokens_match_reference": True, "reader": "aio", "cache_huge_page_bytes": 3 * 2**30,
+        "flash_busy_seconds": 4.0, "flash_busy_share": 0.25,
     }  # fmt: skip
     text = render(lambda c: print_stats(stats, title="flashmesh run /some/store/path", console=c))
     assert max(len(line) for line in text.splitlines()) <= 80 and "…" not in text
     assert "12.500 / 30.250" in text and "4GiB / 4GiB" in text and "AIO" in text and "3GiB" in text
+    assert "4.000 s (25% of the run) at 2.50 GB/s" in text
 
 
 def test_fitted_table_folds_what_cannot_fit():
