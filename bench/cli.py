@@ -243,10 +243,19 @@ def cmd_overlap(args: argparse.Namespace) -> int:
             f" {c['over_sum_read_compute']:.2f}x their sum, hit {c['hit_rate']:.3f};"
             f" {c['over_max_at_engine_rate']:.2f}x max with reads at the engine's rate"
         )
+        if c.get("engine_rate_over_rate_while_busy"):
+            print(
+                f"{'':>16}flash busy {c['flash_busy_seconds_per_token'] * 1e3:.0f} ms/token at"
+                f" {c['flash_gbps_while_busy']:.2f} GB/s, idle {c['flash_idle_seconds_per_token'] * 1e3:.0f} ms/token;"
+                f" over reads at the engine's rate: {c['engine_rate_over_rate_while_busy']:.2f} (rate) x"
+                f" {c['bytes_read_over_missed']:.2f} (bytes read / missed)"
+                f" + {c['flash_idle_over_engine_read_time']:.2f} (idle)"
+            )
     u = result["reads_under_compute"]
     print(
         f"reads while MLX computes: {u['ratio']:.2f} of reads alone"
-        f" (qd {u['queue_depth']}, by round {[round(x, 2) for x in u['ratio_by_round']]})"
+        f" (qd {u['queue_depth']}, by round {[round(x, 2) for x in u['ratio_by_round']]});"
+        f" one layer's batch at a time: {u['bursts_over_alone']:.2f}"
     )
     print(f"written to {path}")
     return 0

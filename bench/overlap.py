@@ -1,6 +1,6 @@
 """`python -m bench overlap STORE`: does flash I/O overlap compute when the experts do not fit?
 
-Two measurements in one run:
+Three things in one run:
 
 1. Time per token at ~3x oversubscription (a cgroup v1 memory limit of expert bytes / 3, page
    cache included, page cache dropped before each child) against the serial bounds: R = the bytes
@@ -12,7 +12,11 @@ Two measurements in one run:
    argmax): a random-weight model's routing would collapse onto one repeated token; on the
    realistic-routing models the text's routing is realistic too (docs/benchmarks.md).
 2. The store's load path GB/s (`bench.io.engine_randread`) alone and while MLX computes expert-sized
-   matmuls without pause on another thread of the same process, alternating.
+   matmuls without pause on another thread of the same process, and in bursts (one layer's batch at a
+   time, as decode reads when nothing is queued behind it), alternating.
+3. Where the time goes: the cache's flash busy time (node/busy_time.py) splits each token into reads
+   in flight and flash idle, and time per token over R' (R at the engine's own rate) into the rate
+   while busy, bytes read over bytes missed (wasted read-aheads) and idle.
 """
 
 from __future__ import annotations
@@ -79,6 +83,11 @@ def forced_decode(
             "prefetch_used_per_token": delta["prefetch_used"] / n,
             "prefetch_wasted_per_token": delta["prefetch_wasted"] / n,
             "peak_cache_bytes": stats.peak_bytes,
+            # the flash's own side: time with any read in flight, and the rate it read at meanwhile
+            "flash_busy_seconds_per_token": delta["flash_busy_seconds"] / n,
+            "flash_gbps_while_busy": delta["bytes_read"] / delta["flash_busy_seconds"] / 1e9
+            if delta["flash_busy_seconds"]
+            else 0.0,
         }
     finally:
         streaming.close()
@@ -102,28 +111,36 @@ def reads_under_compute(store: Path, *, queue_depth: int, seconds: float, rounds
             mx.eval(mx.tanh(x @ w).sum())
             done[0] += 1
 
-    alone, contended, steps_per_s = [], [], []
+    trials: dict[str, list[float]] = {"alone": [], "computing": [], "bursts": []}
+    steps_per_s = []
     for r in range(rounds):
-        for busy in (False, True) if r % 2 == 0 else (True, False):
-            worker = threading.Thread(target=compute) if busy else None
+        for kind in ("alone", "computing", "bursts") if r % 2 == 0 else ("bursts", "computing", "alone"):
+            worker = threading.Thread(target=compute) if kind == "computing" else None
             if worker:
                 stop.clear()
                 done[0] = 0
                 worker.start()
             start = time.perf_counter()
-            gbps = engine_randread(store, spec.layer, queue_depth=queue_depth, seconds=seconds, verify=True, seed=r)
+            # bursts: one layer's batch at a time, each waited for, as decode reads with nothing queued behind
+            gbps = engine_randread(
+                store, spec.layer, queue_depth=queue_depth, seconds=seconds, verify=True, seed=r,
+                continuous=kind != "bursts",
+            )  # fmt: skip
             if worker:
                 stop.set()
                 worker.join()
                 steps_per_s.append(done[0] / (time.perf_counter() - start))
-            (contended if busy else alone).append(gbps)
-    ratios = [c / a for a, c in zip(alone, contended, strict=True)]
+            trials[kind].append(gbps)
+    ratios = [c / a for a, c in zip(trials["alone"], trials["computing"], strict=True)]
+    bursts = [b / a for a, b in zip(trials["alone"], trials["bursts"], strict=True)]
     return {
         "queue_depth": queue_depth,
-        "read_gbps_alone": alone,
-        "read_gbps_while_computing": contended,
+        "read_gbps_alone": trials["alone"],
+        "read_gbps_while_computing": trials["computing"],
+        "read_gbps_in_bursts": trials["bursts"],
         "ratio_by_round": ratios,
         "ratio": statistics.median(ratios),
+        "bursts_over_alone": statistics.median(bursts),
         "compute_steps_per_s_while_reading": steps_per_s,
     }
 
@@ -188,7 +205,18 @@ def run_overlap_bench(
         over_sum = [x["seconds_per_token"] / (r + c) for (x, c), r in zip(pairs, reads, strict=True)]
         own = [x["missed_expert_bytes_per_token"] / (engine_gbps * 1e9) for x, _ in pairs]
         over_max_own = [x["seconds_per_token"] / max(r, c) for (x, c), r in zip(pairs, own, strict=True)]
+        # time per token over R' = (engine's rate alone / flash's rate while busy) x (bytes read / missed
+        # bytes) + flash idle / R': the three things that stand between a token and its reads
+        slower = [engine_gbps / x["flash_gbps_while_busy"] for x, _ in pairs if x["flash_gbps_while_busy"]]
+        extra = [x["bytes_read_per_token"] / x["missed_expert_bytes_per_token"] for x, _ in pairs]
+        idle = [x["seconds_per_token"] - x["flash_busy_seconds_per_token"] for x, _ in pairs]
         summary[name] = {
+            "flash_busy_seconds_per_token": statistics.median(x["flash_busy_seconds_per_token"] for x, _ in pairs),
+            "flash_idle_seconds_per_token": statistics.median(idle),
+            "flash_gbps_while_busy": statistics.median(x["flash_gbps_while_busy"] for x, _ in pairs),
+            "engine_rate_over_rate_while_busy": statistics.median(slower) if slower else None,
+            "bytes_read_over_missed": statistics.median(extra),
+            "flash_idle_over_engine_read_time": statistics.median(i / r for i, r in zip(idle, own, strict=True)),
             "seconds_per_token": statistics.median(x["seconds_per_token"] for x, _ in pairs),
             "read_seconds_if_serial": statistics.median(reads),
             "compute_seconds": statistics.median(c for _, c in pairs),
