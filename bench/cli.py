@@ -246,7 +246,8 @@ def cmd_overlap(args: argparse.Namespace) -> int:
         if c.get("engine_rate_over_rate_while_busy"):
             print(
                 f"{'':>16}flash busy {c['flash_busy_seconds_per_token'] * 1e3:.0f} ms/token at"
-                f" {c['flash_gbps_while_busy']:.2f} GB/s, idle {c['flash_idle_seconds_per_token'] * 1e3:.0f} ms/token;"
+                f" {c['flash_gbps_while_busy']:.2f} GB/s, idle {c['flash_idle_seconds_per_token'] * 1e3:.0f} ms/token"
+                f" ({c['flash_idle_at_token_boundary_seconds'] * 1e3:.0f} at the token's edges);"
                 f" over reads at the engine's rate: {c['engine_rate_over_rate_while_busy']:.2f} (rate) x"
                 f" {c['bytes_read_over_missed']:.2f} (bytes read / missed)"
                 f" + {c['flash_idle_over_engine_read_time']:.2f} (idle)"

@@ -16,7 +16,8 @@ Three things in one run:
    time, as decode reads when nothing is queued behind it), alternating.
 3. Where the time goes: the cache's flash busy time (node/busy_time.py) splits each token into reads
    in flight and flash idle, and time per token over R' (R at the engine's own rate) into the rate
-   while busy, bytes read over bytes missed (wasted read-aheads) and idle.
+   while busy, bytes read over bytes missed (wasted read-aheads) and idle; the loads' own spans say
+   how much of the idle is at the token's edges (before its first read, after its last).
 """
 
 from __future__ import annotations
@@ -63,11 +64,13 @@ def forced_decode(
         mx.eval(streaming.model(mx.array(ids[:1])[None], cache=cache))  # first step: cold, not timed
         streaming.cache.drain()
         before = streaming.cache.close_stats().__dict__.copy()
-        steps = []
+        loads = _record_loads(streaming.store)
+        spans = []  # each step's (start, end)
         for t in ids[1:]:
             start = time.perf_counter()
             mx.eval(streaming.model(mx.array([[t]]), cache=cache))
-            steps.append(time.perf_counter() - start)
+            spans.append((start, time.perf_counter()))
+        steps = [end - start for start, end in spans]
         stats = streaming.cache.close_stats()
         delta = {k: v - before[k] for k, v in stats.__dict__.items() if isinstance(v, int | float)}
         n = len(steps)
@@ -88,9 +91,40 @@ def forced_decode(
             "flash_gbps_while_busy": delta["bytes_read"] / delta["flash_busy_seconds"] / 1e9
             if delta["flash_busy_seconds"]
             else 0.0,
+            **_token_boundary(spans, loads),
         }
     finally:
         streaming.close()
+
+
+def _record_loads(store) -> list:
+    """Every load the cache submits to `store` from now on (the bench wraps the store's `load`)."""
+    loads = []
+    submit = store.load
+
+    def load(layer, slots, slab, *, urgent):
+        reads = submit(layer, slots, slab, urgent=urgent)
+        loads.append(reads)
+        return reads
+
+    store.load = load
+    return loads
+
+
+def _token_boundary(spans: list[tuple[float, float]], loads: list) -> dict:
+    """Flash idle at each step's edges, medians over steps: from the step's start to its first read
+    (the token's first layer cannot be predicted, so nothing is in flight) and from its last read
+    landing to the step's end (the last layer's experts and the head)."""
+    before, after = [], []
+    for start, end in spans:
+        mine = [r for r in loads if start <= r.started < end]
+        if mine:
+            before.append(min(r.started for r in mine) - start)
+            after.append(max(0.0, end - max(r.started + r.seconds for r in mine)))
+    return {
+        "flash_idle_before_first_read_seconds": statistics.median(before) if before else 0.0,
+        "flash_idle_after_last_read_seconds": statistics.median(after) if after else 0.0,
+    }
 
 
 def reads_under_compute(store: Path, *, queue_depth: int, seconds: float, rounds: int) -> dict:
@@ -210,7 +244,9 @@ def run_overlap_bench(
         slower = [engine_gbps / x["flash_gbps_while_busy"] for x, _ in pairs if x["flash_gbps_while_busy"]]
         extra = [x["bytes_read_per_token"] / x["missed_expert_bytes_per_token"] for x, _ in pairs]
         idle = [x["seconds_per_token"] - x["flash_busy_seconds_per_token"] for x, _ in pairs]
+        edges = [x["flash_idle_before_first_read_seconds"] + x["flash_idle_after_last_read_seconds"] for x, _ in pairs]
         summary[name] = {
+            "flash_idle_at_token_boundary_seconds": statistics.median(edges),
             "flash_busy_seconds_per_token": statistics.median(x["flash_busy_seconds_per_token"] for x, _ in pairs),
             "flash_idle_seconds_per_token": statistics.median(idle),
             "flash_gbps_while_busy": statistics.median(x["flash_gbps_while_busy"] for x, _ in pairs),
