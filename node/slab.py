@@ -31,49 +31,32 @@ MAX_DIMENSION = 2**31 - 1  # MLX shapes are 32-bit
 
 
 def _aligned_zeros(shape: tuple[int, ...], dtype: mx.Dtype, row_bytes: int) -> mx.array:
-    """mx.zeros(shape) whose memory starts on a page: a page-aligned window of a larger uint8 buffer
-    (an evaluated slice shares its buffer), so each slot of `row_bytes` is page aligned when that is."""
-    nbytes = shape[0] * row_bytes
-    if nbytes + PAGE > MAX_DIMENSION:
-        return _aligned_zeros_2d(shape, dtype, row_bytes)
-    raw = mx.zeros((nbytes + PAGE,), dtype=mx.uint8)
-    mx.eval(raw)
-    skew = (-np.array(raw, copy=False).ctypes.data) % PAGE
-    array = raw[skew : skew + nbytes].view(dtype).reshape(shape)
-    mx.eval(array)
-    return array
-
-
-def _aligned_zeros_2d(shape: tuple[int, ...], dtype: mx.Dtype, row_bytes: int) -> mx.array:
-    """The same for a buffer too big for one MLX dimension: a 2-D buffer [rows, width] whose window is
-    a run of whole rows. The width is an odd factor m (enough that the rows fit a dimension) times
-    the powers of 2 that the page skew and `row_bytes` share, so that some window start that is
-    page aligned falls on a row; the window is padded to whole `row_bytes` rows (at most m of them)."""
+    """mx.zeros(shape) whose memory starts on a page, so each slot of `row_bytes` is page aligned when
+    that is: a window of whole rows of a larger 2-D uint8 buffer [rows, width] (an evaluated slice
+    shares its buffer). Two dimensions because one cannot hold more than 2 GiB (a budget of many GiB
+    puts that much in one tensor's slots). The width is an odd factor m, just enough for the rows to
+    fit a dimension, times the powers of 2 that the page skew and `row_bytes` share, so that some
+    page-aligned start falls on a row; the window is padded to whole `row_bytes` rows (m - 1 at most)."""
     slots, nbytes = shape[0], shape[0] * row_bytes
     twos = (row_bytes & -row_bytes).bit_length() - 1  # 2-adic valuation of row_bytes
     m = 1
-    while (_window_bound(nbytes, row_bytes, m) + 3 * m * PAGE) // m > MAX_DIMENSION:  # rows of width
+    while (nbytes + (m - 1) * row_bytes + 3 * m * PAGE) // m > MAX_DIMENSION:  # rows of width, at most
         m += 2
-    rows = -(-(_window_bound(nbytes, row_bytes, m) + 2 * m * PAGE) // (m * PAGE)) * m  # of PAGE bytes, m | rows
+    rows = -(-(nbytes + (m - 1) * row_bytes + 2 * m * PAGE) // (m * PAGE)) * m  # of PAGE bytes, m | rows
     raw = mx.zeros((rows, PAGE), dtype=mx.uint8)
     mx.eval(raw)
     skew = (-np.array(raw, copy=False).ctypes.data) % PAGE
     skew_twos = (skew & -skew).bit_length() - 1 if skew else 12
-    width = (1 << min(twos, skew_twos, 12)) * m  # divides rows * PAGE
+    width = (1 << min(twos, skew_twos, 12)) * m  # divides rows * PAGE, and row_bytes * m
     # a start = skew (mod PAGE) that the odd m divides (the powers of 2 divide skew and PAGE already)
     start = skew + ((-skew * pow(PAGE, -1, m)) % m) * PAGE
-    unit = math.lcm(width, row_bytes)
-    window = -(-nbytes // unit) * unit  # whole rows of width and of row_bytes
+    unit = math.lcm(width, row_bytes)  # at most m * row_bytes, and nbytes is whole row_bytes
+    window = -(-nbytes // unit) * unit
     assert start % width == 0 and start + window <= rows * PAGE
     flat = raw.reshape(rows * PAGE // width, width)[start // width : (start + window) // width]
     array = flat.reshape(window // row_bytes, row_bytes)[:slots].view(dtype).reshape(shape)
     mx.eval(array)
     return array
-
-
-def _window_bound(nbytes: int, row_bytes: int, m: int) -> int:
-    """An upper bound on the padded window: the lcm of width and row_bytes is at most m * row_bytes."""
-    return nbytes + m * row_bytes
 
 
 def signature(spec: LayerSpec) -> Signature:

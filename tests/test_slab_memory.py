@@ -22,7 +22,7 @@ def _check(array: mx.array, shape: tuple[int, ...], row_bytes: int) -> None:
 
 @pytest.mark.parametrize("row_bytes", [PAGE, 3 * PAGE, 6 * 1024 + 8, 4096 * 5 + 2])
 def test_a_buffer_past_the_dimension_limit_is_a_run_of_rows(monkeypatch, row_bytes):
-    monkeypatch.setattr(slab, "MAX_DIMENSION", 64 * PAGE)  # the 2-D path at a small size
+    monkeypatch.setattr(slab, "MAX_DIMENSION", 64 * PAGE)  # an odd width factor above 1, at a small size
     slots = 200
     dtype = mx.uint16 if row_bytes % 2 == 0 else mx.uint8
     shape = (slots, row_bytes // dtype.size)
