@@ -5,6 +5,8 @@
  * path"). Here a batch (one layer's records) is queued in one call; `depth` reads stay in flight
  * through io_submit (the kernel's AIO, as fio's libaio engine does), and one POSIX thread reaps
  * completions, checks each record's xxh3, and wakes the waiter once, when its batch is complete.
+ * Read-aheads (not urgent) hold at most `later_limit` bytes of the kernel's reads, so a demand read
+ * arriving shares the flash with little; a batch none of whose records was submitted can be dropped.
  * Nothing per record runs under the GIL. Linux only, and only on O_DIRECT descriptors: AIO on a
  * buffered file reads synchronously inside io_submit. The caller keeps every buffer alive until
  * the batch is done or `close` has returned.
@@ -37,6 +39,7 @@
 #define SHORT_READ (-1)
 #define MISMATCH (-2)
 #define CANCELLED (-3)
+#define DROPPED (-4) /* dropped by its caller before it was submitted (`Batch.drop`) */
 
 typedef struct BatchState BatchState;
 
@@ -53,6 +56,8 @@ typedef struct Record {
     void *padding; /* owned: the record's bytes that belong to no tensor (hashed, then dropped) */
     int status;
     long long got;
+    int later;  /* taken from the read-ahead queue: its bytes count against `later_limit` */
+    int queued; /* in a queue, not yet submitted */
 } Record;
 
 struct BatchState {
@@ -76,6 +81,8 @@ typedef struct {
     aio_context_t ctx;
     Fifo urgent, later;
     int depth;
+    long long later_limit; /* read-aheads in the kernel hold at most this many bytes (0: no limit) */
+    long long later_bytes; /* bytes of read-ahead records claimed or in the kernel */
     int inflight;  /* records claimed for submission or in the kernel: at most `depth` */
     int submitted; /* records in the kernel: what io_getevents can return */
     int closed, started;
@@ -98,6 +105,7 @@ static double now(void) {
 
 static void fifo_push(Fifo *q, Record *r) {
     r->next = NULL;
+    r->queued = 1;
     if (q->tail) {
         q->tail->next = r;
     } else {
@@ -111,6 +119,7 @@ static Record *fifo_pop(Fifo *q) {
     if (r) {
         q->head = r->next;
         if (!q->head) q->tail = NULL;
+        r->queued = 0;
     }
     return r;
 }
@@ -140,27 +149,48 @@ static void finish_locked(Ring *ring, Record *r, int status, long long got) {
 static void requeue_locked(Ring *ring, struct iocb **cbs, int n) {
     for (int i = n - 1; i >= 0; i--) {
         Record *r = (Record *)(uintptr_t)cbs[i]->aio_data;
+        if (r->later) ring->later_bytes -= r->length;
         if (ring->closed) {
             finish_locked(ring, r, CANCELLED, 0);
             continue;
         }
-        r->next = ring->urgent.head;
-        ring->urgent.head = r;
-        if (!ring->urgent.tail) ring->urgent.tail = r;
+        Fifo *q = r->later ? &ring->later : &ring->urgent; /* back to the front of its own queue */
+        r->next = q->head;
+        r->queued = 1;
+        q->head = r;
+        if (!q->tail) q->tail = r;
     }
+}
+
+/* The next record to submit: urgent ones first, then read-aheads while they hold fewer than
+ * `later_limit` bytes in the kernel (always one at least), so that a demand read arriving shares
+ * the flash with little: one multi-MB record alone keeps the flash near its full rate. */
+static Record *next_record(Ring *ring) {
+    if (ring->urgent.head) {
+        Record *r = fifo_pop(&ring->urgent);
+        r->later = 0;
+        return r;
+    }
+    Record *r = ring->later.head;
+    if (!r || (ring->later_limit && ring->later_bytes && ring->later_bytes + r->length > ring->later_limit)) return NULL;
+    fifo_pop(&ring->later);
+    r->later = 1;
+    ring->later_bytes += r->length;
+    return r;
 }
 
 /* Keep `depth` reads in flight from the queues (urgent first). Called and returns with the mutex
  * held, but io_submit runs without it, so that a thread submitting never holds up the reaper. */
 static void submit_locked(Ring *ring) {
     struct iocb *cbs[REAP];
-    while (ring->inflight < ring->depth && (ring->urgent.head || ring->later.head)) {
+    while (ring->inflight < ring->depth) {
         int n = 0;
         while (n < REAP && ring->inflight + n < ring->depth) {
-            Record *r = ring->urgent.head ? fifo_pop(&ring->urgent) : fifo_pop(&ring->later);
+            Record *r = next_record(ring);
             if (!r) break;
             cbs[n++] = &r->cb;
         }
+        if (!n) return;
         ring->inflight += n; /* claimed, so that no other thread overfills the depth meanwhile */
         pthread_mutex_unlock(&ring->mu);
         int done = 0, err = 0;
@@ -212,6 +242,10 @@ static void *reap(void *arg) {
         if (n < 0) continue; /* EINTR */
         ring->submitted -= (int)n;
         ring->inflight -= (int)n;
+        for (long i = 0; i < n; i++) {
+            Record *r = (Record *)(uintptr_t)events[i].data;
+            if (r->later) ring->later_bytes -= r->length;
+        }
         if (!ring->closed) submit_locked(ring);
         pthread_mutex_unlock(&ring->mu);
         for (long i = 0; i < n; i++) {
@@ -230,15 +264,16 @@ static void *reap(void *arg) {
 }
 
 static int Ring_init(Ring *self, PyObject *args, PyObject *kwds) {
-    static char *kwlist[] = {"depth", NULL};
+    static char *kwlist[] = {"depth", "later_limit", NULL};
     int depth;
+    long long later_limit = 0;
     if (self->started) {
         PyErr_SetString(PyExc_RuntimeError, "the ring is already running");
         return -1;
     }
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "i", kwlist, &depth)) return -1;
-    if (depth < 1 || depth > 4096) {
-        PyErr_SetString(PyExc_ValueError, "depth must be 1..4096");
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "i|L", kwlist, &depth, &later_limit)) return -1;
+    if (depth < 1 || depth > 4096 || later_limit < 0) {
+        PyErr_SetString(PyExc_ValueError, "depth must be 1..4096, later_limit >= 0");
         return -1;
     }
     self->ctx = 0;
@@ -247,6 +282,7 @@ static int Ring_init(Ring *self, PyObject *args, PyObject *kwds) {
         return -1;
     }
     self->depth = depth;
+    self->later_limit = later_limit;
     pthread_mutex_init(&self->mu, NULL);
     pthread_cond_init(&self->work, NULL);
     pthread_cond_init(&self->landed, NULL);
@@ -475,7 +511,8 @@ static PyTypeObject RingType = {
     .tp_name = "flashmesh.node._aio_reads.Ring",
     .tp_basicsize = sizeof(Ring),
     .tp_flags = Py_TPFLAGS_DEFAULT,
-    .tp_doc = "Ring(depth): `depth` O_DIRECT reads in flight through Linux AIO, checked by one POSIX thread",
+    .tp_doc = "Ring(depth, later_limit=0): `depth` O_DIRECT reads in flight through Linux AIO, checked by one "
+              "POSIX thread; read-aheads hold at most `later_limit` bytes of them (0: no limit)",
     .tp_new = PyType_GenericNew,
     .tp_init = (initproc)Ring_init,
     .tp_dealloc = (destructor)Ring_dealloc,
@@ -510,6 +547,33 @@ static PyObject *Batch_done(Batch *self, PyObject *Py_UNUSED(ignored)) {
     return PyBool_FromLong(done);
 }
 
+/* drop() -> bool: if no record of the batch has been submitted, finish them all as DROPPED (never
+ * read) and return True; else change nothing and return False. */
+static PyObject *Batch_drop(Batch *self, PyObject *Py_UNUSED(ignored)) {
+    Ring *ring = self->ring;
+    BatchState *s = self->state;
+    pthread_mutex_lock(&ring->mu);
+    int queued = s->left == s->total;
+    for (Py_ssize_t i = 0; queued && i < s->total; i++) queued = s->records[i].queued;
+    if (queued && s->total) {
+        Fifo *queues[2] = {&ring->urgent, &ring->later};
+        for (int q = 0; q < 2; q++) {
+            Fifo kept = {NULL, NULL};
+            Record *r;
+            while ((r = fifo_pop(queues[q])) != NULL) {
+                if (r->batch == s) {
+                    finish_locked(ring, r, DROPPED, 0);
+                } else {
+                    fifo_push(&kept, r);
+                }
+            }
+            *queues[q] = kept;
+        }
+    }
+    pthread_mutex_unlock(&ring->mu);
+    return PyBool_FromLong(queued && s->total);
+}
+
 /* failures() -> [(index, status, bytes read)]: status > 0 errno, -1 short, -2 mismatch, -3 cancelled */
 static PyObject *Batch_failures(Batch *self, PyObject *Py_UNUSED(ignored)) {
     PyObject *out = PyList_New(0);
@@ -536,6 +600,7 @@ static PyMethodDef Batch_methods[] = {
     {"wait", (PyCFunction)Batch_wait, METH_NOARGS, "block (without the GIL) until every record is done"},
     {"done", (PyCFunction)Batch_done, METH_NOARGS, "whether every record is done"},
     {"failures", (PyCFunction)Batch_failures, METH_NOARGS, "[(index, status, bytes read)] of failed records"},
+    {"drop", (PyCFunction)Batch_drop, METH_NOARGS, "finish the batch unread if none of it was submitted; say whether"},
     {NULL, NULL, 0, NULL},
 };
 
@@ -570,5 +635,6 @@ PyMODINIT_FUNC PyInit__aio_reads(void) {
     PyModule_AddIntConstant(m, "SHORT_READ", SHORT_READ);
     PyModule_AddIntConstant(m, "MISMATCH", MISMATCH);
     PyModule_AddIntConstant(m, "CANCELLED", CANCELLED);
+    PyModule_AddIntConstant(m, "DROPPED", DROPPED);
     return m;
 }

@@ -37,12 +37,18 @@ class Batch(Protocol):
     def done(self) -> bool: ...
 
     def failures(self) -> list[tuple[int, int, int]]:
-        """(index, status, bytes read) of each failed record: errno > 0, or SHORT_READ, MISMATCH, CANCELLED."""
+        """(index, status, bytes read) of each failed record: errno > 0, or SHORT_READ, MISMATCH,
+        CANCELLED, DROPPED."""
+        ...
+
+    def drop(self) -> bool:
+        """If none of its records was submitted yet, finish them all unread (DROPPED) and say so."""
         ...
 
 
 class Ring(Protocol):
-    """`depth` O_DIRECT reads in flight through Linux AIO (node/_aio_reads.c)."""
+    """`depth` O_DIRECT reads in flight through Linux AIO (node/_aio_reads.c); read-aheads (not
+    urgent) hold at most `later_limit` bytes of them, one record at least."""
 
     def submit(self, fd: int, records: list[tuple[int, list[tuple[int, int]], int | None]], urgent: bool) -> Batch:
         """Queue (offset, [(address, or 0 for padding, length)], xxh3 or None) records, in order."""
@@ -55,13 +61,14 @@ class Ring(Protocol):
         """Cancel what is queued, finish what is in flight, stop the reaper."""
 
 
-def open_ring(depth: int) -> Ring | None:
-    """An AIO ring keeping `depth` reads in flight, or None where there is none (logged once)."""
+def open_ring(depth: int, *, later_limit: int = 0) -> Ring | None:
+    """An AIO ring keeping `depth` reads in flight, read-aheads at most `later_limit` bytes of them
+    (0: no limit), or None where there is none (logged once)."""
     if _aio_reads is None:
         _note_once("the compiled AIO reader is not built here; Python reader threads read records")
         return None
     try:
-        return _aio_reads.Ring(depth)
+        return _aio_reads.Ring(depth, later_limit)
     except OSError as e:  # io_setup refused (aio-max-nr reached, a sandbox without AIO)
         _note_once(f"Linux AIO unavailable ({e.strerror}); Python reader threads read records")
         return None
@@ -99,6 +106,10 @@ class AioReads:
     def done(self) -> bool:
         return self._batch.done()
 
+    def drop(self) -> bool:
+        """Finish unread if none of its records was submitted yet; say whether."""
+        return self._batch.drop()
+
     @property
     def seconds(self) -> float:
         """Submission to the last record read and checked."""
@@ -119,5 +130,7 @@ class AioReads:
                 raise mismatch(plan, expert)
             if status == _aio_reads.CANCELLED:
                 raise RuntimeError("read queue is closed")
+            if status == _aio_reads.DROPPED:
+                raise RuntimeError("these reads were dropped before they started")
             raise lost(plan, expert, os.strerror(status))
         return self.slots

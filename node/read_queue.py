@@ -5,7 +5,9 @@ record (or per chunk of a large record) on one queue served by `threads` reader 
 many reads as there are threads are in flight as long as any are wanted: nothing waits for a whole
 layer's batch to finish before the next layer's reads start. Reads a caller is blocked on go to the
 front (`urgent`); read-aheads and fills behind them, and a caller that comes to need a read-ahead
-moves what is left of it to the front (`promote`).
+moves what is left of it to the front (`promote`). Read-aheads being read hold at most
+`later_limit` bytes, so that a demand read arriving shares the flash with little, and one not yet
+started can be taken back (`drop`).
 
 A record whose tensors are whole pages is read by one `preadv` straight into the expert's reserved
 slab slot (node/slab.py), its padding into the reader's own buffer, and checked (xxh3, ~2 us for
@@ -19,7 +21,8 @@ behind).
 
 On Linux, where the compiled AIO reader is built, records that go straight into their slots from
 an O_DIRECT file skip the threads: `threads` reads stay in flight in the kernel's AIO, and no Python
-runs per record (node/aio_reads.py). Its queue keeps the same order (urgent first, `promote`).
+runs per record (node/aio_reads.py). Its queue keeps the same order and limit (urgent first,
+`promote`, `later_limit`, `drop`).
 """
 
 from __future__ import annotations
@@ -46,6 +49,11 @@ class Load(Protocol):
     started: float  # time.perf_counter() at submission
 
     def done(self) -> bool: ...
+
+    def drop(self) -> bool:
+        """If none of its records has started, finish them all unread and return True (the slots are
+        the caller's again; `wait` raises); else change nothing and return False."""
+        ...
 
     @property
     def seconds(self) -> float:
@@ -82,6 +90,9 @@ class SlotReads:
     def done(self) -> bool:
         return self.left == 0
 
+    def drop(self) -> bool:
+        return self.queue.drop(self)
+
     @property
     def seconds(self) -> float:
         """Submission to the last record landed (reads overlapped with anything else count once)."""
@@ -100,15 +111,26 @@ class SlotReads:
 
 
 class ReadQueue:
-    """`threads` reader threads over one two-level job queue (urgent first)."""
+    """`threads` reader threads over one two-level job queue (urgent first); read-aheads being read
+    hold at most `later_limit` bytes (one job at least; 0: no limit), so that a demand read shares
+    the flash with little of them."""
 
     def __init__(
-        self, threads: int, *, chunk_bytes: int, landers: int = 2, aio: bool = True, name: str = "flashmesh-read"
+        self,
+        threads: int,
+        *,
+        chunk_bytes: int,
+        later_limit: int = 0,
+        landers: int = 2,
+        aio: bool = True,
+        name: str = "flashmesh-read",
     ) -> None:
         """`aio`: read O_DIRECT records that can go straight into their slots through Linux AIO
         (node/aio_reads.py) where it is built; the threads read everything else."""
         self.chunk_bytes = chunk_bytes
-        self.ring = aio_reads.open_ring(threads) if aio else None
+        self.later_limit = later_limit
+        self._later_bytes = 0  # of read-ahead jobs being read
+        self.ring = aio_reads.open_ring(threads, later_limit=later_limit) if aio else None
         self._takes_aio: dict[int, bool] = {}  # fd -> opened O_DIRECT
         self._urgent: deque = deque()
         self._later: deque = deque()
@@ -159,14 +181,40 @@ class ReadQueue:
                 self._later = deque(kept)
                 self._urgent.extendleft(reversed(moved))
 
-    def _next(self) -> tuple[_Record, int, int] | None:
-        """The next job, its record given a staging buffer (holding the permit the caller took)."""
+    def drop(self, reads: SlotReads) -> bool:
+        """Take `reads`'s jobs out of the queue if none has started; say whether (then it is done)."""
         with self._work:
-            while not self._urgent and not self._later:
+            mine = set(map(id, reads.jobs))
+            queued = [j for j in (*self._urgent, *self._later) if id(j) in mine]
+            if not reads.jobs or len(queued) != len(reads.jobs):
+                return False
+            self._urgent = deque(j for j in self._urgent if id(j) not in mine)
+            self._later = deque(j for j in self._later if id(j) not in mine)
+        with self.landed:
+            reads.error = RuntimeError("these reads were dropped before they started")
+            reads.left, reads.finished = 0, time.perf_counter()
+            self.landed.notify_all()
+        return True
+
+    def _later_fits(self) -> bool:
+        """Whether the next read-ahead job may start (read-aheads being read stay under the limit)."""
+        if not self._later:
+            return False
+        limit, busy = self.later_limit, self._later_bytes
+        return not limit or not busy or busy + self._later[0][2] <= limit
+
+    def _next(self) -> tuple[_Record, int, int, bool] | None:
+        """The next job and whether it is a read-ahead, its record given a staging buffer (holding
+        the permit the caller took)."""
+        with self._work:
+            while not self._urgent and not self._later_fits():
                 if self._closed:
                     return None
                 self._work.wait()
-            job = self._urgent.popleft() if self._urgent else self._later.popleft()
+            later = not self._urgent
+            job = self._later.popleft() if later else self._urgent.popleft()
+            if later:
+                self._later_bytes += job[2]
             record = job[0]
             if record.reads.plan.scatter:  # read by this thread into its own padding buffer: no staging
                 self._permits.release()
@@ -176,7 +224,13 @@ class ReadQueue:
                 record.buffer = pool.pop() if pool else mmap.mmap(-1, size)  # anonymous: page aligned
             else:
                 self._permits.release()  # a later chunk: its record already holds one
-            return job
+            return (*job, later)
+
+    def _read_done(self, length: int, later: bool) -> None:
+        if later:
+            with self._work:
+                self._later_bytes -= length
+                self._work.notify()  # a read-ahead held back by the limit may start
 
     def _serve(self) -> None:
         padding: dict[int, mmap.mmap] = {}  # this thread's buffers for scattered records' padding, by size
@@ -186,7 +240,7 @@ class ReadQueue:
             if job is None:
                 self._permits.release()
                 return
-            record, offset, length = job
+            record, offset, length, later = job
             plan = record.reads.plan
             if plan.scatter:  # one read straight into the slot, checked here: no hand-off, no staging
                 size = max(PAGE, plan.staging_bytes)
@@ -194,9 +248,11 @@ class ReadQueue:
                     padding[size] = mmap.mmap(-1, size)
                 record.buffer = padding[size]
                 self._read(record, offset, length)
+                self._read_done(length, later)
                 self._land(record)
                 continue
             self._read(record, offset, length)
+            self._read_done(length, later)
             with self._lock:
                 record.chunks_left -= 1
                 last = record.chunks_left == 0

@@ -36,6 +36,10 @@ log = logging.getLogger(__name__)
 
 F_NOCACHE = 48  # macOS fcntl command; not exported by Python's fcntl module
 _PAGE = 4096  # O_DIRECT buffer alignment (covers 512 B and 4 KiB logical blocks)
+# Read-aheads being read hold at most this many bytes (one record at least): a demand read then
+# shares the flash with little. One multi-MB record alone reads at 0.95 of eight (`bench io`
+# --queue-depths 1,8 on the realistic big store), and 96 KiB records keep all of the queue's depth.
+READ_AHEAD_BYTES = 4 * 2**20
 
 
 @dataclass
@@ -105,11 +109,13 @@ class ExpertStore:
         aio: bool = True,
         manifest: Manifest | None = None,
         record_specs: dict[int, LayerSpec] | None = None,
+        read_ahead_bytes: int = READ_AHEAD_BYTES,
     ) -> None:
         """`manifest` and `record_specs` let a subclass read another layout (node.bundle_source): the
         manifest describes the arrays handed out (what the cache counts), `record_specs` the records on
         flash (size, offset, checksum, tensor table); by default both are the store's. `aio`: O_DIRECT
-        records go through Linux AIO where it is built (node/aio_reads.py); False: reader threads only."""
+        records go through Linux AIO where it is built (node/aio_reads.py); False: reader threads only.
+        `read_ahead_bytes`: what read-aheads being read may hold (one record at least; 0: no limit)."""
         self.path = Path(path)
         self.manifest = manifest or Manifest.load(self.path)
         self.page_cache = page_cache
@@ -124,7 +130,7 @@ class ExpertStore:
             self._fds[spec.layer] = self._open(spec)
         self._direct = self.direct
         self._pool = ThreadPoolExecutor(max_workers=queue_depth, thread_name_prefix="flashmesh-read")
-        self._queue = ReadQueue(queue_depth, chunk_bytes=self.chunk_bytes, aio=aio)
+        self._queue = ReadQueue(queue_depth, chunk_bytes=self.chunk_bytes, later_limit=read_ahead_bytes, aio=aio)
         self._plans: dict[tuple[int, int], RecordPlan] = {}
         self._buffers: list[mmap.mmap] = []
         self._lock = threading.Lock()
@@ -356,6 +362,10 @@ class ConvertedReads:
 
     def done(self) -> bool:
         return self._pending.done()
+
+    def drop(self) -> bool:
+        """Never: its chunks went to the store's pool when it was made, and one might have started."""
+        return False
 
     @property
     def seconds(self) -> float:

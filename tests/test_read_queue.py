@@ -193,3 +193,32 @@ def test_closing_cancels_what_is_queued_and_finishes_what_is_in_flight(models, a
     if aio:
         assert outcomes[0] == "landed"  # in the kernel at once (a reader thread may not have taken it yet)
     assert set(outcomes) <= {"landed", "cancelled"}
+
+
+@pytest.mark.parametrize("aio", READERS)
+def test_a_read_ahead_not_yet_started_can_be_dropped(models, aio):
+    """Read-aheads being read hold at most `read_ahead_bytes` (one record at least): with a limit of
+    one byte they go one at a time, so the last of many has not started and can be taken back."""
+    _, path = models.get("qwen3_moe")
+    store = ExpertStore(path, aio=aio, read_ahead_bytes=1)
+    if aio and not (BUILT and store._queue.ring is not None):
+        store.close()
+        pytest.skip("the AIO reader is not built here")
+    with store:
+        spec = store.manifest.layers[0]
+        cache = ExpertCache(store, budget_bytes=store.manifest.expert_bytes_total)
+        slab = cache.slab(spec.layer)
+        slots = [{e: slab.take((spec.layer, e))} for e in spec.experts]
+        loads = [store.load(spec.layer, s, slab, urgent=False) for s in slots]
+        if aio:  # in the kernel at once: the limit lets one record through (a thread may not have taken it yet)
+            assert not loads[0].drop()
+        assert loads[-1].drop()  # behind all the others, one at a time
+        assert loads[-1].done()
+        with pytest.raises(RuntimeError, match="dropped"):
+            loads[-1].wait()
+        for load in loads[:-1]:
+            ((e, slot),) = load.wait().items()
+            raw = store.read_raw(spec.layer, e)
+            for t in spec.tensors:
+                assert slab.rows[t.name][slot].tobytes() == raw[t.offset : t.offset + t.nbytes]
+            assert not load.drop()  # landed: nothing to take back
