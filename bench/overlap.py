@@ -85,6 +85,7 @@ def forced_decode(
             "io_wait_seconds_per_token": delta["io_seconds"] / n,
             "prefetch_used_per_token": delta["prefetch_used"] / n,
             "prefetch_wasted_per_token": delta["prefetch_wasted"] / n,
+            "prefetch_dropped_per_token": delta["prefetch_dropped"] / n,  # taken back unread: their layer came
             "peak_cache_bytes": stats.peak_bytes,
             # the flash's own side: time with any read in flight, and the rate it read at meanwhile
             "flash_busy_seconds_per_token": delta["flash_busy_seconds"] / n,

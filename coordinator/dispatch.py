@@ -55,13 +55,17 @@ class Lookahead:
     router: nn.Module  # the next layer's gate: logits [N, E], or a gate returning (indices, scores)
 
     def predict(self, x: mx.array, k: int) -> list[int]:
-        """x [N, D] -> the distinct experts of the top-k of each row."""
+        """x [N, D] -> the distinct experts of the top-k of each row, most likely first (by their
+        best rank in any row), so that reads the layer turns out not to need are the last queued."""
         out = self.router(x)
-        if isinstance(out, tuple):  # e.g. deepseek's MoEGate: (indices [N, k], scores)
-            ids = out[0]
+        if isinstance(out, tuple):  # e.g. deepseek's MoEGate: (indices [N, k], scores [N, k])
+            ids, scores = out[0], out[1]
         else:
-            ids = mx.argpartition(-out.astype(mx.float32), kth=k - 1, axis=-1)[..., :k]  # [N, k]
-        return np.unique(np.array(ids)).tolist()
+            logits = out.astype(mx.float32)  # [N, E]
+            ids = mx.argpartition(-logits, kth=k - 1, axis=-1)[..., :k]  # [N, k], unordered
+            scores = mx.take_along_axis(logits, ids, axis=-1)
+        ranked = mx.take_along_axis(ids, mx.argsort(-scores, axis=-1), axis=-1)  # [N, k], best first
+        return list(dict.fromkeys(np.array(ranked).T.reshape(-1).tolist()))
 
 
 class ExpertDispatch(nn.Module):

@@ -12,10 +12,14 @@ experts, where LRU hits nothing (docs/benchmarks.md). The cache never holds more
 `budget_bytes` of expert weights, counting records whose reads are still in flight (prefetches):
 a request larger than the budget is split into waves by `plan_waves`, each of which fits.
 
-Prefetch: `prefetch(layer, experts)` reserves room and submits the reads to the store's threads
-without waiting; the next `acquire` of that layer (or `drain`) turns them into entries, on the
-caller's thread. Statistics say how many prefetched experts were then used (misses covered) and
-how many were evicted or never asked for (wasted reads).
+Prefetch: `prefetch(layer, experts)` reserves room and submits the reads, one load per record,
+most likely first, without waiting; the next `acquire` of that layer (or `drain`) turns them into
+entries, on the caller's thread. That acquire first takes back the read-aheads it does not need
+that have not started (the store keeps few read-aheads in flight: node/store_reader.py,
+READ_AHEAD_BYTES) and reads its misses ahead of the rest, so a wrong guess costs flash time only
+when the flash had time to spare. Statistics say how many prefetched experts were then used
+(misses covered), how many were evicted or never asked for (wasted reads) and how many were taken
+back unread (dropped).
 
 Memory: entries live in slots of preallocated slabs (node/slab.py), allocated when the cache is made
 (budget // expert bytes slots, at most one per expert), so the budget is the memory, and compute
@@ -206,17 +210,12 @@ class ExpertCache:
         try:
             reads.wait()
         except UserError:
-            slab = self._slabs[layer]
-            for e, slot in reads.slots.items():
-                del self._reserved[(layer, e)]
-                slab.give_back(slot)
-                self._unused_prefetch.discard((layer, e))
-            self.bytes -= len(reads.slots) * self._cost(layer)
+            self._unreserve(reads)
             raise
         finally:
             if waited:
                 self._stats.io_seconds += time.perf_counter() - start
-            del self._in_flight[id(reads)]
+            self._in_flight.pop(id(reads), None)
             since = min((r.started for r in self._in_flight.values()), default=None)
             self._busy.add(reads.started, reads.started + reads.seconds, in_flight_since=since)
             self._stats.flash_busy_seconds = self._busy.seconds
@@ -274,43 +273,79 @@ class ExpertCache:
         slab = self._slabs[layer]
         if len(experts) > slab.slots:
             raise ValueError("acquire() asked for more than the budget; use plan_waves()")
-        if layer in self._pending:
-            # A layer being filled keeps its other reads going; otherwise all of this layer's read-aheads
-            # land now, so what is resident never depends on read timing (the Swift node agrees).
-            self._collect(layer, experts if layer in self._filling else self.store.layer(layer).experts)
+        if layer in self._pending and layer not in self._filling:
+            self._drop_unneeded(layer, set(experts))
         self._now = self._position.get(layer, 0)
         self._clock /= self.lfu_decay
         if self._clock > 1e100:  # renormalise the decayed counts before floats overflow
             self._freq = {k: v / self._clock for k, v in self._freq.items()}
             self._clock = 1.0
-        entries = self._entries
-        missing = [e for e in experts if (layer, e) not in entries]
-        self._stats.hits += len(experts) - len(missing)
-        self._stats.misses += len(missing)
-        for e in experts:
-            key = (layer, e)
-            if key in entries:
-                if key in self._unused_prefetch:
-                    self._unused_prefetch.discard(key)
-                    self._stats.prefetch_used += 1  # a hit (no blocking read) that prefetch paid for
-                self._touch(key)
-            self._pinned.add(key)
-        if missing:
-            try:
+        missing = [e for e in experts if (layer, e) not in self]  # neither resident nor read ahead
+        self._pinned.update((layer, e) for e in experts)
+        try:
+            # The misses go first, ahead of read-aheads not yet started; then this layer's read-aheads
+            # land (all that were not taken back, so that what is resident never depends on read
+            # timing but through those: the Swift node agrees), then the misses.
+            misses = None
+            if missing:
                 self._make_room(layer, len(missing))
-                self._land(self._load(layer, missing, urgent=True), waited=True)
-            except BaseException:
-                self.release(layer, experts)  # a failed read (corrupt record) must not leave pins behind
-                raise
-            for e in missing:
-                self._touch((layer, e))
+                misses = self._load(layer, missing, urgent=True)
+            if layer in self._pending:
+                self._collect(layer, experts if layer in self._filling else self.store.layer(layer).experts)
+            if misses is not None:
+                self._land(misses, waited=True)
+            lost = [e for e in experts if (layer, e) not in self._entries]  # a read-ahead that failed
+            if lost:
+                self._make_room(layer, len(lost))
+                self._land(self._load(layer, lost, urgent=True), waited=True)  # raises what is wrong
+        except BaseException:
+            self.release(layer, experts)  # a failed read (corrupt record) must not leave pins behind
+            raise
+        read = set(missing) | set(lost)
+        self._stats.hits += len(experts) - len(read)
+        self._stats.misses += len(read)
+        for e in [e for e in experts if e not in read] + missing + lost:  # the order node/cache.py always had
+            key = (layer, e)
+            if key in self._unused_prefetch:
+                self._unused_prefetch.discard(key)
+                self._stats.prefetch_used += 1  # a hit (no blocking read) that prefetch paid for
+            self._touch(key)
+        entries = self._entries
         return {e: entries[(layer, e)] for e in experts}
 
+    def _drop_unneeded(self, layer: int, needed: set[int]) -> None:
+        """Take back this layer's read-aheads of experts not in `needed` that have not started: the
+        flash reads the misses instead."""
+        kept = []
+        for reads in self._pending[layer]:
+            if needed.isdisjoint(reads.slots) and not reads.done() and reads.drop():
+                self._unreserve(reads)
+                self._stats.prefetched -= len(reads.slots)
+                self._stats.prefetch_dropped += len(reads.slots)
+                self._stats.bytes_read -= len(reads.slots) * self.store.record_bytes(layer)  # never read
+            else:
+                kept.append(reads)
+        if kept:
+            self._pending[layer] = kept
+        else:
+            del self._pending[layer]
+
+    def _unreserve(self, reads: Load) -> None:
+        """Give back the slots and room of a load that will not become entries."""
+        layer, slab = reads.layer, self._slabs[reads.layer]
+        self._in_flight.pop(id(reads), None)
+        for e, slot in reads.slots.items():
+            del self._reserved[(layer, e)]
+            slab.give_back(slot)
+            self._unused_prefetch.discard((layer, e))
+        self.bytes -= len(reads.slots) * self._cost(layer)
+
     def prefetch(self, layer: int, experts: list[int]) -> list[int]:
-        """Start reading `experts` of `layer` that are neither resident nor in flight, as many as fit
-        after evicting unpinned entries; return the experts submitted. Does not wait."""
+        """Start reading `experts` of `layer` (most likely first) that are neither resident nor in
+        flight, as many as fit after evicting unpinned entries; return the experts submitted. Does
+        not wait."""
         if self._pending.get(layer) and layer not in self._filling:
-            self._collect(layer, self.store.layer(layer).experts)  # one batch in flight per layer
+            self._collect(layer, self.store.layer(layer).experts)  # an earlier read-ahead's rest lands first
         wanted = [e for e in dict.fromkeys(experts) if (layer, e) not in self]
         wanted = wanted[: self._free_room(layer, limit=len(wanted))]
         if not wanted:
@@ -318,7 +353,9 @@ class ExpertCache:
         # A read-ahead evicts what is needed furthest in layer order, whatever the policy: under LRU
         # the oldest entries are those of the very next layers, which a prefetch must not displace.
         self._make_room(layer, len(wanted), policy="cyclic")
-        self._pending.setdefault(layer, []).append(self._load(layer, wanted, urgent=False))
+        # one load per record, in the order given (most likely first): acquire waits only for those it
+        # needs, and takes back those it does not that have not started
+        self._pending.setdefault(layer, []).extend(self._load(layer, [e], urgent=False) for e in wanted)
         self._stats.prefetched += len(wanted)
         self._unused_prefetch.update((layer, e) for e in wanted)
         return wanted

@@ -36,6 +36,7 @@ class CacheStats:
     prefetched: int = 0  # experts read ahead of need
     prefetch_used: int = 0  # of those, asked for by acquire (each one a miss avoided)
     prefetch_wasted: int = 0  # of those, evicted or dropped before anyone asked for them
+    prefetch_dropped: int = 0  # read-aheads taken back before they started: their layer came, without them
     prefetch_wait_seconds: float = 0.0  # time acquire waited on reads already in flight
     flash_busy_seconds: float = 0.0  # wall time with any read in flight (node/busy_time.py)
     filled: int = 0  # experts read in the background because the budget holds every expert

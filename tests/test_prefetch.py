@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import mlx.core as mx
+import mlx.nn as nn
 import pytest
-from flashmesh.coordinator.dispatch import set_lookahead
+from flashmesh.coordinator.dispatch import Lookahead, set_lookahead
 from flashmesh.coordinator.engine import open_model
 from flashmesh.coordinator.generate import SamplingParams, generate
 from flashmesh.coordinator.options import ModelOptions
+from flashmesh.node.cache import ExpertCache
 from flashmesh.node.store_format import Manifest
+from flashmesh.node.store_reader import ExpertStore
 from mlx_lm import load
 
 from .conftest import PROMPT
@@ -79,3 +83,44 @@ def test_cyclic_policy_evicts_the_layer_needed_last(models):
         assert not any((layers[1], e) in cache for e in range(k))  # evicted when layer 2 came in
         assert all((layers[0], e) in cache for e in range(k))  # needed soonest after layer 2
         assert cache.effective_policy == "cyclic"
+
+
+class _FixedRouter(nn.Module):
+    def __init__(self, logits: list[list[float]]) -> None:
+        super().__init__()
+        self.logits = mx.array(logits)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return self.logits  # [N, E]
+
+
+def test_lookahead_predicts_the_most_likely_experts_first():
+    """Experts in order of their best rank in any row: the least likely are the last read ahead."""
+    router = _FixedRouter([[0.1, 0.9, 0.5, 0.0, 0.7], [0.8, 0.0, 0.1, 0.6, 0.2]])
+    assert Lookahead(1, router).predict(mx.zeros((2, 4)), 3) == [1, 0, 4, 3, 2]
+
+
+def test_acquire_takes_back_the_read_aheads_it_does_not_need(models):
+    """Read-aheads its layer turns out not to need that have not started are dropped, never read:
+    the misses go first. Counters stay whole: what was prefetched was used or wasted, bytes read
+    are the records really read."""
+    _, path = models.get("qwen3_moe")
+    with ExpertStore(path, read_ahead_bytes=1) as store:  # read-aheads one at a time
+        spec = store.manifest.layers[1]
+        cache = ExpertCache(store, budget_bytes=store.manifest.expert_bytes_total // 2)
+        submitted = cache.prefetch(spec.layer, spec.experts[:-1])
+        assert len(submitted) > 2
+        needed = [submitted[0], spec.experts[-1]]  # one read ahead, one miss
+        slots = cache.acquire(spec.layer, needed)
+        for e, slot in slots.items():
+            raw = store.read_raw(spec.layer, e)
+            for t in spec.tensors:
+                assert cache.slab(spec.layer).rows[t.name][slot].tobytes() == raw[t.offset : t.offset + t.nbytes]
+        cache.release(spec.layer, needed)
+        stats = cache.close_stats()
+        assert stats.prefetch_dropped > 0
+        assert stats.prefetched + stats.prefetch_dropped == len(submitted)
+        assert stats.prefetch_used == 1 and stats.misses == 1
+        assert stats.prefetch_used + stats.prefetch_wasted == stats.prefetched
+        assert stats.bytes_read == (stats.prefetched + stats.misses) * store.record_bytes(spec.layer)
+        assert cache.bytes <= cache.budget_bytes

@@ -82,27 +82,32 @@ public final class ExpertCache: @unchecked Sendable {
     public func acquire(_ layer: Int, _ experts: [Int]) throws(RecordError) -> [Int: Int] {
         guard let plan = plans[layer], let slab = slabs[layer] else { return [:] }
         precondition(experts.count <= slab.slots, "acquire() asked for more than the budget; use planWaves()")
-        collect(layer)
         now = position[layer] ?? 0
         clock /= lfuDecay
         if clock > 1e100 {  // renormalise the decayed counts before floats overflow
             frequency = frequency.mapValues { $0 / clock }
             clock = 1
         }
-        let missing = experts.filter { entries[Key(layer, $0)] == nil }
+        let fresh = experts.filter { !contains(Key(layer, $0)) }  // neither resident nor read ahead
+        for e in experts { pinned.insert(Key(layer, e)) }
+        // Room for the misses is made before this layer's read-aheads land, as node/cache.py does (it
+        // reads the misses first): read-aheads in flight are not evictable.
+        if !fresh.isEmpty { makeRoom(layer, count: fresh.count) }
+        collect(layer)
+        let lost = experts.filter { entries[Key(layer, $0)] == nil && !fresh.contains($0) }  // a failed read-ahead
+        let missing = fresh + lost
+        if !lost.isEmpty { makeRoom(layer, count: missing.count) }  // the misses take their slots below
         stats.hits += experts.count - missing.count
         stats.misses += missing.count
-        for e in experts {
+        for e in experts where entries[Key(layer, e)] != nil {
             let key = Key(layer, e)
             if unusedPrefetch.remove(key) != nil { stats.prefetchUsed += 1 }
-            if entries[key] != nil { touch(key) }
-            pinned.insert(key)
+            touch(key)
         }
         if !missing.isEmpty {
             let records: [Int: AlignedBuffer]
             let before: RecordReader.Stats
             do {
-                makeRoom(layer, count: missing.count)  // may land read-aheads: counted when they were issued
                 before = reader.stats
                 records = try reader.read(plan, missing)
             } catch {
