@@ -7,8 +7,8 @@ Three things in one run:
    of experts not resident when first wanted, per token, at fio's random-read GB/s (the read time
    if nothing overlapped), and C = the time per token of the same engine on the same tokens with
    every expert preloaded, outside the cgroup (compute only), measured in every round alternating
-   with the streamed runs. Each round also takes its own read rates, fio's and the engine's alone
-   (R'), and sets its runs against them: the strictest figure uses the faster of the two. Perfect
+   with the streamed runs. Each round takes fio's rate, and each streamed run the engine's alone
+   just before and after it (R'): the strictest figure uses the faster of the two. Perfect
    overlap gives max(R, C), none gives R + C. Tokens are teacher-forced from a fixed text (each
    step's input is the text's next token, not the model's argmax): a random-weight model's routing
    would collapse onto one repeated token; on the realistic-routing models the text's routing is
@@ -210,14 +210,15 @@ def run_overlap_bench(
     cgroup = make_cgroup("fm-engine-overlap", limit_bytes=limit_bytes)
     streamed = ["lookahead_off", "lookahead_on"] + (["lookahead_off_4k", "lookahead_on_4k"] if small_pages_too else [])
     runs: dict[str, list[dict]] = {name: [] for name in [*streamed, "compute_only"]}
-    # The flash's rate swings between minutes here (fio 0.56-2.26 GB/s): each round takes its own,
-    # fio's and the engine's alone, so that every run is set against the rate of its own minutes.
-    rates: dict[str, list[float]] = {"fio": [], "engine": []}
+    # The flash's rate drifts within minutes here (1.3 to 1.7 GB/s alone, fio 0.56-2.26 GB/s between
+    # runs): each round takes fio's, and each streamed run is bracketed by the engine's rate alone,
+    # 2 s just before and just after it, so that it is set against the rate of its own minute.
+    fio_by_round: list[float] = []
+    engine_around: dict[str, list[float]] = {name: [] for name in streamed}
     try:
         for r in range(rounds):
             drop_page_cache()
-            rates["fio"].append(fio())
-            rates["engine"].append(engine_alone(r))
+            fio_by_round.append(fio())
             order = ("compute_only", *streamed)
             for name in order if r % 2 == 0 else order[::-1]:
                 drop_page_cache()
@@ -226,24 +227,27 @@ def run_overlap_bench(
                     continue
                 flag = "on" if name.startswith("lookahead_on") else "off"
                 pages = "small" if name.endswith("_4k") else "huge"
+                before = engine_alone(2 * r)
+                drop_page_cache()
                 runs[name].append(
                     run_in_cgroup(
                         cgroup, [*child, str(ram_budget), flag, "stream", pages], timeout=3600, module="bench.overlap"
                     )
                 )
+                engine_around[name].append((before + engine_alone(2 * r + 1)) / 2)
     finally:
         cgroup.rmdir()
-    fio_gbps = statistics.median(rates["fio"])
+    fio_gbps = statistics.median(fio_by_round)
     under = reads_under_compute(store, queue_depth=queue_depth, seconds=2.0, rounds=max(5, 2 * rounds))
     # R at the engine's own read rate too: with its slabs in huge pages it often reads faster than fio
-    engine_gbps = statistics.median(rates["engine"])
+    engine_gbps = statistics.median(v for vs in engine_around.values() for v in vs)
     computed = runs.pop("compute_only")
     c_by_round = [x.get("seconds_per_token") for x in computed]
     summary = {}
     for name, rs in runs.items():
         rounds_ok = [
             (x, c, f, e)
-            for x, c, f, e in zip(rs, c_by_round, rates["fio"], rates["engine"], strict=True)
+            for x, c, f, e in zip(rs, c_by_round, fio_by_round, engine_around[name], strict=True)
             if "seconds_per_token" in x and c is not None
         ]
         pairs = [(x, c) for x, c, _, _ in rounds_ok]
@@ -282,6 +286,7 @@ def run_overlap_bench(
             "read_seconds_at_engine_rate": statistics.median(own),
             "over_max_at_engine_rate": statistics.median(over_max_own),
             "over_max_at_engine_rate_by_round": [round(v, 3) for v in over_max_own],
+            "engine_gbps_around_by_round": [round(e, 3) for _, _, _, e in rounds_ok],
             "over_max_at_fastest_rate": statistics.median(over_max_fastest),
             "hit_rate": statistics.median(x["hit_rate"] for x, _ in pairs),
             "runs": rs,
@@ -296,9 +301,8 @@ def run_overlap_bench(
         "tokens": tokens,
         "rounds": rounds,
         "fio_gbps": fio_gbps,
-        "fio_gbps_by_round": rates["fio"],
+        "fio_gbps_by_round": fio_by_round,
         "engine_gbps": engine_gbps,
-        "engine_gbps_by_round": rates["engine"],
         "compute_only": computed,
         "configs": summary,
         "reads_under_compute": under,
