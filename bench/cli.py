@@ -258,6 +258,8 @@ def cmd_overlap(args: argparse.Namespace) -> int:
     print(
         f"reads while MLX computes: {u['ratio']:.2f} of reads alone"
         f" (qd {u['queue_depth']}, by round {[round(x, 2) for x in u['ratio_by_round']]});"
+        f" while a preloaded decode runs: {u['ratio_while_decoding']:.2f}"
+        f" (by round {[round(x, 2) for x in u['decoding_ratio_by_round']]});"
         f" one layer's batch at a time: {u['bursts_over_alone']:.2f}"
     )
     print(f"written to {path}")

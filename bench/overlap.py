@@ -14,8 +14,9 @@ Three things in one run:
    would collapse onto one repeated token; on the realistic-routing models the text's routing is
    realistic too (docs/benchmarks.md).
 2. The store's load path GB/s (`bench.io.engine_randread`) alone and while MLX computes expert-sized
-   matmuls without pause on another thread of the same process, and in bursts (one layer's batch at a
-   time, as decode reads when nothing is queued behind it), alternating.
+   matmuls without pause on another thread of the same process, while a real decode (every expert
+   preloaded) runs in another process, and in bursts (one layer's batch at a time, as decode reads
+   when nothing is queued behind it), alternating.
 3. Where the time goes: the cache's flash busy time (node/busy_time.py) splits each token into reads
    in flight and flash idle, and time per token over R' (R at the engine's own rate) into the rate
    while busy, bytes read over bytes missed (wasted read-aheads) and idle; the loads' own spans say
@@ -26,7 +27,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import signal
 import statistics
+import subprocess
 import sys
 import threading
 import time
@@ -131,7 +135,8 @@ def _token_boundary(spans: list[tuple[float, float]], loads: list) -> dict:
 
 
 def reads_under_compute(store: Path, *, queue_depth: int, seconds: float, rounds: int) -> dict:
-    """Load-path GB/s alone vs while an MLX thread computes without pause; alternating trials."""
+    """Load-path GB/s alone vs while an MLX thread computes without pause, and vs while a real decode
+    (every expert preloaded) runs in another process; alternating trials."""
     import mlx.core as mx
 
     manifest = Manifest.load(store)
@@ -148,28 +153,40 @@ def reads_under_compute(store: Path, *, queue_depth: int, seconds: float, rounds
             mx.eval(mx.tanh(x @ w).sum())
             done[0] += 1
 
-    trials: dict[str, list[float]] = {"alone": [], "computing": [], "bursts": []}
-    steps_per_s = []
-    for r in range(rounds):
-        for kind in ("alone", "computing", "bursts") if r % 2 == 0 else ("bursts", "computing", "alone"):
-            worker = threading.Thread(target=compute) if kind == "computing" else None
-            if worker:
-                stop.clear()
-                done[0] = 0
-                worker.start()
-            start = time.perf_counter()
-            # bursts: one layer's batch at a time, each waited for, as decode reads with nothing queued behind
-            gbps = engine_randread(
-                store, spec.layer, queue_depth=queue_depth, seconds=seconds, verify=True, seed=r,
-                continuous=kind != "bursts",
-            )  # fmt: skip
-            if worker:
-                stop.set()
-                worker.join()
-                steps_per_s.append(done[0] / (time.perf_counter() - start))
-            trials[kind].append(gbps)
+    trials: dict[str, list[float]] = {"alone": [], "computing": [], "bursts": [], "decoding": []}
+    steps_per_s, decode_cores = [], []  # the decode's CPU seconds per second of its trials: cores it kept busy
+    decoder = _Decoder(store)  # started once, stopped (SIGSTOP) between its trials
+    try:
+        for r in range(rounds):
+            kinds = ("alone", "computing", "bursts", "decoding")
+            for kind in kinds if r % 2 == 0 else kinds[::-1]:
+                worker = threading.Thread(target=compute) if kind == "computing" else None
+                if worker:
+                    stop.clear()
+                    done[0] = 0
+                    worker.start()
+                if kind == "decoding":
+                    decoder.resume()
+                    cpu_before = decoder.cpu_seconds()
+                start = time.perf_counter()
+                # bursts: one layer's batch at a time, each waited for, as decode reads with nothing queued behind
+                gbps = engine_randread(
+                    store, spec.layer, queue_depth=queue_depth, seconds=seconds, verify=True, seed=r,
+                    continuous=kind != "bursts",
+                )  # fmt: skip
+                if kind == "decoding":
+                    decoder.pause()
+                    decode_cores.append((decoder.cpu_seconds() - cpu_before) / (time.perf_counter() - start))
+                if worker:
+                    stop.set()
+                    worker.join()
+                    steps_per_s.append(done[0] / (time.perf_counter() - start))
+                trials[kind].append(gbps)
+    finally:
+        decoder.close()
     ratios = [c / a for a, c in zip(trials["alone"], trials["computing"], strict=True)]
     bursts = [b / a for a, b in zip(trials["alone"], trials["bursts"], strict=True)]
+    decoding = [d / a for a, d in zip(trials["alone"], trials["decoding"], strict=True)]
     return {
         "queue_depth": queue_depth,
         "read_gbps_alone": trials["alone"],
@@ -178,6 +195,11 @@ def reads_under_compute(store: Path, *, queue_depth: int, seconds: float, rounds
         "ratio_by_round": ratios,
         "ratio": statistics.median(ratios),
         "bursts_over_alone": statistics.median(bursts),
+        # the whole CPU load of a decode step (MLX's threads, the graph), not one thread's matmuls
+        "read_gbps_while_decoding": trials["decoding"],
+        "decoding_ratio_by_round": decoding,
+        "ratio_while_decoding": statistics.median(decoding),
+        "decode_cores_busy": decode_cores,
         "compute_steps_per_s_while_reading": steps_per_s,
     }
 
@@ -309,9 +331,70 @@ def run_overlap_bench(
     }
 
 
+class _Decoder:
+    """A teacher-forced decode with every expert preloaded, in a child process, run only between
+    `resume` and `pause` (SIGCONT / SIGSTOP): the CPU load of a real decode step next to reads."""
+
+    def __init__(self, store: Path) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "bench.overlap", "--child", "decode-until-stopped", str(store)],
+            stdout=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        line = self.proc.stdout.readline()  # after the preload: decoding from now on
+        if line.strip() != "decoding":
+            self.close()
+            raise RuntimeError(f"the preloaded decode did not start (exit {self.proc.returncode})")
+        self.pause()
+
+    def resume(self) -> None:
+        self.proc.send_signal(signal.SIGCONT)
+
+    def pause(self) -> None:
+        self.proc.send_signal(signal.SIGSTOP)
+
+    def cpu_seconds(self) -> float:
+        """The decode's CPU time so far (user + system, all its threads; Linux's /proc)."""
+        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.send_signal(signal.SIGCONT)  # a stopped process acts on SIGTERM once continued
+        self.proc.wait(timeout=60)
+
+
+def decode_until_stopped(store: Path) -> int:
+    """Teacher-forced decode steps of TEXT, every expert preloaded, until SIGTERM; says "decoding"
+    on stdout once the preload is done."""
+    import mlx.core as mx
+    from flashmesh.coordinator.engine import open_model
+    from flashmesh.coordinator.options import ModelOptions
+    from mlx_lm.models.cache import make_prompt_cache
+
+    stopping = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stopping.set())
+    manifest = Manifest.load(store)
+    streaming = open_model(ModelOptions(store=store, ram_budget=manifest.expert_bytes_total, preload=True))
+    try:
+        ids = streaming.tokenizer.encode(TEXT)[:64]
+        print("decoding", flush=True)
+        while not stopping.is_set():
+            cache = make_prompt_cache(streaming.model)
+            for t in ids:
+                if stopping.is_set():
+                    break
+                mx.eval(streaming.model(mx.array([[t]]), cache=cache))
+    finally:
+        streaming.close()
+    return 0
+
+
 def child(argv: list[str]) -> int:
     import mlx.core as mx
 
+    if argv[0] == "decode-until-stopped":
+        return decode_until_stopped(Path(argv[1]))
     _, store, tokens, mlx_cache, budget, lookahead, mode = argv[:7]
     pages = argv[7] if len(argv) > 7 else "huge"
     mx.set_cache_limit(int(mlx_cache))  # MLX's free-buffer cache counts against the cgroup too
