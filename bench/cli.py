@@ -336,8 +336,7 @@ def cmd_oversub(args: argparse.Namespace) -> int:
         return 0
     print(
         f"experts {result['expert_bytes_total'] / 1e9:.2f} GB, cgroup {limit / 1e9:.2f} GB "
-        f"({result['oversubscription']:.1f}x), budget {budget / 1e9:.2f} GB, fio by round"
-        f" {[round(x, 2) for x in result['fio_gbps_by_round']]} GB/s"
+        f"({result['oversubscription']:.1f}x), budget {budget / 1e9:.2f} GB, fio {result['fio_gbps']:.2f} GB/s"
     )
     for name, r in result["runs"].items():
         if "decode_tokens_per_s" in r:
