@@ -110,7 +110,7 @@ class LocalExperts:
     def prefetch(self, layer: int, experts: list[int]) -> None:
         """Start reading `experts` of `layer` (most likely first) into the cache, as many as fit; does not wait."""
         self.settle()
-        self.cache.prefetch(layer, list(dict.fromkeys(experts)))  # most likely first
+        self.cache.prefetch(layer, experts)  # most likely first; the cache drops repeats
 
     def stats(self) -> ExpertStats:
         return ExpertStats({LOCAL: dataclasses.replace(self.cache.stats)}, {LOCAL: self.cache.budget_bytes})
@@ -137,7 +137,7 @@ class LocalExperts:
             if issue_hint and self._hint is not None:
                 hinted, self._hint = self._hint, None
                 if hinted[0] != layer:
-                    self.cache.prefetch(hinted[0], list(dict.fromkeys(hinted[1])))
+                    self.cache.prefetch(hinted[0], hinted[1])
             y = self.templates[layer](x, self.cache.slot_table(layer)[ids])  # [..., k, D]
         except BaseException:
             self.cache.release(layer, wave)

@@ -216,7 +216,7 @@ class NodeService:
         # Runs on the MLX thread.
         if req.HasField("next") and req.next.experts:
             # LocalExperts starts these reads once this call's experts are pinned, so they overlap it.
-            self.experts.hint(req.next.layer, list(dict.fromkeys(req.next.experts)))  # most likely first
+            self.experts.hint(req.next.layer, list(req.next.experts))  # most likely first
         x = decode(req.x)  # [M, D]
         pairs_x = x[mx.array(rows)]  # [P, D]
         y = self.experts.compute(req.layer, pairs_x, mx.array(experts)[:, None])  # [P, 1, D]
