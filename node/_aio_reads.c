@@ -5,8 +5,10 @@
  * path"). Here a batch (one layer's records) is queued in one call; `depth` reads stay in flight
  * through io_submit (the kernel's AIO, as fio's libaio engine does), and one POSIX thread reaps
  * completions, checks each record's xxh3, and wakes the waiter once, when its batch is complete.
- * Read-aheads (not urgent) hold at most `later_limit` bytes of the kernel's reads, so a demand read
- * arriving shares the flash with little; a batch none of whose records was submitted can be dropped.
+ * A read-ahead (not urgent) starts only while the reads in the kernel, demand reads included, hold
+ * less than `later_limit` bytes (or none are in flight), so a demand read arriving shares the flash
+ * with little and read-aheads wait for the demand reads; a batch none of whose records was
+ * submitted can be dropped.
  * Nothing per record runs under the GIL. Linux only, and only on O_DIRECT descriptors: AIO on a
  * buffered file reads synchronously inside io_submit. The caller keeps every buffer alive until
  * the batch is done or `close` has returned.
@@ -56,7 +58,7 @@ typedef struct Record {
     void *padding; /* owned: the record's bytes that belong to no tensor (hashed, then dropped) */
     int status;
     long long got;
-    int later;  /* taken from the read-ahead queue: its bytes count against `later_limit` */
+    int later;  /* taken from the read-ahead queue (requeued there if a submit is refused) */
     int queued; /* in a queue, not yet submitted */
 } Record;
 
@@ -81,8 +83,8 @@ typedef struct {
     aio_context_t ctx;
     Fifo urgent, later;
     int depth;
-    long long later_limit; /* read-aheads in the kernel hold at most this many bytes (0: no limit) */
-    long long later_bytes; /* bytes of read-ahead records claimed or in the kernel */
+    long long later_limit;   /* a read-ahead starts only below this many bytes in flight (0: no limit) */
+    long long reading_bytes; /* bytes of the records claimed or in the kernel, urgent or not */
     int inflight;  /* records claimed for submission or in the kernel: at most `depth` */
     int submitted; /* records in the kernel: what io_getevents can return */
     int closed, started;
@@ -149,7 +151,7 @@ static void finish_locked(Ring *ring, Record *r, int status, long long got) {
 static void requeue_locked(Ring *ring, struct iocb **cbs, int n) {
     for (int i = n - 1; i >= 0; i--) {
         Record *r = (Record *)(uintptr_t)cbs[i]->aio_data;
-        if (r->later) ring->later_bytes -= r->length;
+        ring->reading_bytes -= r->length;
         if (ring->closed) {
             finish_locked(ring, r, CANCELLED, 0);
             continue;
@@ -162,20 +164,23 @@ static void requeue_locked(Ring *ring, struct iocb **cbs, int n) {
     }
 }
 
-/* The next record to submit: urgent ones first, then read-aheads while they hold fewer than
- * `later_limit` bytes in the kernel (always one at least), so that a demand read arriving shares
- * the flash with little: one multi-MB record alone keeps the flash near its full rate. */
+/* The next record to submit: urgent ones first, then a read-ahead while all reads in flight hold
+ * fewer than `later_limit` bytes with it (or none are in flight), so that demand reads never share
+ * the flash with read-aheads started after them, and one arriving shares it with little: one
+ * multi-MB record alone keeps the flash near its full rate. */
 static Record *next_record(Ring *ring) {
-    if (ring->urgent.head) {
-        Record *r = fifo_pop(&ring->urgent);
+    Record *r = ring->urgent.head;
+    if (r) {
+        fifo_pop(&ring->urgent);
         r->later = 0;
-        return r;
+    } else {
+        r = ring->later.head;
+        if (!r || (ring->later_limit && ring->reading_bytes && ring->reading_bytes + r->length > ring->later_limit))
+            return NULL;
+        fifo_pop(&ring->later);
+        r->later = 1;
     }
-    Record *r = ring->later.head;
-    if (!r || (ring->later_limit && ring->later_bytes && ring->later_bytes + r->length > ring->later_limit)) return NULL;
-    fifo_pop(&ring->later);
-    r->later = 1;
-    ring->later_bytes += r->length;
+    ring->reading_bytes += r->length;
     return r;
 }
 
@@ -244,7 +249,7 @@ static void *reap(void *arg) {
         ring->inflight -= (int)n;
         for (long i = 0; i < n; i++) {
             Record *r = (Record *)(uintptr_t)events[i].data;
-            if (r->later) ring->later_bytes -= r->length;
+            ring->reading_bytes -= r->length;
         }
         if (!ring->closed) submit_locked(ring);
         pthread_mutex_unlock(&ring->mu);
@@ -512,7 +517,7 @@ static PyTypeObject RingType = {
     .tp_basicsize = sizeof(Ring),
     .tp_flags = Py_TPFLAGS_DEFAULT,
     .tp_doc = "Ring(depth, later_limit=0): `depth` O_DIRECT reads in flight through Linux AIO, checked by one "
-              "POSIX thread; read-aheads hold at most `later_limit` bytes of them (0: no limit)",
+              "POSIX thread; a read-ahead starts only while reads in flight hold less than `later_limit` bytes (0: no limit)",
     .tp_new = PyType_GenericNew,
     .tp_init = (initproc)Ring_init,
     .tp_dealloc = (destructor)Ring_dealloc,

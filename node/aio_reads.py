@@ -47,8 +47,9 @@ class Batch(Protocol):
 
 
 class Ring(Protocol):
-    """`depth` O_DIRECT reads in flight through Linux AIO (node/_aio_reads.c); read-aheads (not
-    urgent) hold at most `later_limit` bytes of them, one record at least."""
+    """`depth` O_DIRECT reads in flight through Linux AIO (node/_aio_reads.c); a read-ahead (not
+    urgent) starts only while the reads in flight hold less than `later_limit` bytes with it, or
+    none are in flight."""
 
     def submit(self, fd: int, records: list[tuple[int, list[tuple[int, int]], int | None]], urgent: bool) -> Batch:
         """Queue (offset, [(address, or 0 for padding, length)], xxh3 or None) records, in order."""
@@ -62,8 +63,8 @@ class Ring(Protocol):
 
 
 def open_ring(depth: int, *, later_limit: int = 0) -> Ring | None:
-    """An AIO ring keeping `depth` reads in flight, read-aheads at most `later_limit` bytes of them
-    (0: no limit), or None where there is none (logged once)."""
+    """An AIO ring keeping `depth` reads in flight, read-aheads starting only below `later_limit`
+    bytes in flight (0: no limit), or None where there is none (logged once)."""
     if _aio_reads is None:
         _note_once("the compiled AIO reader is not built here; Python reader threads read records")
         return None

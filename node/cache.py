@@ -267,9 +267,14 @@ class ExpertCache:
         self._pending.setdefault(layer, []).extend(self._load(layer, [e], urgent=False) for e in rest)
         self._stats.filled += len(rest)
 
-    def acquire(self, layer: int, experts: list[int]) -> dict[int, int]:
+    def acquire(
+        self, layer: int, experts: list[int], *, read_ahead: tuple[int, list[int]] | None = None
+    ) -> dict[int, int]:
         """Make `experts` resident (reading misses in parallel) and pin them until release();
-        return expert -> its slot in `slab(layer)`."""
+        return expert -> its slot in `slab(layer)`. `read_ahead`: (layer, experts) to prefetch once
+        these are pinned and their misses queued, before waiting for them, so that the flash goes
+        on to the read-aheads the moment the misses are read (the store starts read-aheads only
+        while demand reads hold little of the flash)."""
         slab = self._slabs[layer]
         if len(experts) > slab.slots:
             raise ValueError("acquire() asked for more than the budget; use plan_waves()")
@@ -290,6 +295,8 @@ class ExpertCache:
             if missing:
                 self._make_room(layer, len(missing))
                 misses = self._load(layer, missing, urgent=True)
+            if read_ahead is not None and read_ahead[0] != layer:
+                self.prefetch(*read_ahead)  # evicts nothing pinned: these experts are pinned now
             if layer in self._pending:
                 self._collect(layer, experts if layer in self._filling else self.store.layer(layer).experts)
             if misses is not None:

@@ -122,7 +122,8 @@ class LocalExperts:
 
     def hint(self, layer: int, experts: list[int]) -> None:
         """Predicted experts of an upcoming layer: read them as soon as the next compute() has pinned
-        its own experts, so that the reads overlap its compute without evicting what it needs."""
+        its own experts and queued its misses, so that the reads follow those misses and overlap its
+        compute without evicting what it needs."""
         if self._hint is not None:
             self.prefetch(*self._hint)
         self._hint = (layer, list(experts))
@@ -132,12 +133,11 @@ class LocalExperts:
     ) -> mx.array:
         """mlx-lm's module on the slab for the pairs of x [..., D] and expert ids [..., k] (all in `wave`)."""
         self.settle()
-        self.cache.acquire(layer, wave)
+        hinted = None
+        if issue_hint:
+            hinted, self._hint = self._hint, None
+        self.cache.acquire(layer, wave, read_ahead=hinted)
         try:
-            if issue_hint and self._hint is not None:
-                hinted, self._hint = self._hint, None
-                if hinted[0] != layer:
-                    self.cache.prefetch(hinted[0], hinted[1])
             y = self.templates[layer](x, self.cache.slot_table(layer)[ids])  # [..., k, D]
         except BaseException:
             self.cache.release(layer, wave)

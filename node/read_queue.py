@@ -5,9 +5,10 @@ record (or per chunk of a large record) on one queue served by `threads` reader 
 many reads as there are threads are in flight as long as any are wanted: nothing waits for a whole
 layer's batch to finish before the next layer's reads start. Reads a caller is blocked on go to the
 front (`urgent`); read-aheads and fills behind them, and a caller that comes to need a read-ahead
-moves what is left of it to the front (`promote`). Read-aheads being read hold at most
-`later_limit` bytes, so that a demand read arriving shares the flash with little, and one not yet
-started can be taken back (`drop`).
+moves what is left of it to the front (`promote`). A read-ahead starts only while the reads in
+flight, demand reads included, hold less than `later_limit` bytes with it (or none are in flight):
+demand reads then never share the flash with read-aheads started after them, one arriving shares
+it with little, and a read-ahead not yet started can be taken back (`drop`).
 
 A record whose tensors are whole pages is read by one `preadv` straight into the expert's reserved
 slab slot (node/slab.py), its padding into the reader's own buffer, and checked (xxh3, ~2 us for
@@ -111,9 +112,9 @@ class SlotReads:
 
 
 class ReadQueue:
-    """`threads` reader threads over one two-level job queue (urgent first); read-aheads being read
-    hold at most `later_limit` bytes (one job at least; 0: no limit), so that a demand read shares
-    the flash with little of them."""
+    """`threads` reader threads over one two-level job queue (urgent first); a read-ahead job starts
+    only while the jobs being read hold less than `later_limit` bytes with it (or none are being
+    read; 0: no limit), so that demand reads share the flash with little of them."""
 
     def __init__(
         self,
@@ -129,7 +130,7 @@ class ReadQueue:
         (node/aio_reads.py) where it is built; the threads read everything else."""
         self.chunk_bytes = chunk_bytes
         self.later_limit = later_limit
-        self._later_bytes = 0  # of read-ahead jobs being read
+        self._reading_bytes = 0  # of the jobs being read, urgent or not
         self.ring = aio_reads.open_ring(threads, later_limit=later_limit) if aio else None
         self._takes_aio: dict[int, bool] = {}  # fd -> opened O_DIRECT
         self._urgent: deque = deque()
@@ -197,24 +198,22 @@ class ReadQueue:
         return True
 
     def _later_fits(self) -> bool:
-        """Whether the next read-ahead job may start (read-aheads being read stay under the limit)."""
+        """Whether the next read-ahead job may start (the jobs being read stay under the limit)."""
         if not self._later:
             return False
-        limit, busy = self.later_limit, self._later_bytes
+        limit, busy = self.later_limit, self._reading_bytes
         return not limit or not busy or busy + self._later[0][2] <= limit
 
-    def _next(self) -> tuple[_Record, int, int, bool] | None:
-        """The next job and whether it is a read-ahead, its record given a staging buffer (holding
-        the permit the caller took)."""
+    def _next(self) -> tuple[_Record, int, int] | None:
+        """The next job (record, offset, length), its record given a staging buffer (holding the
+        permit the caller took)."""
         with self._work:
             while not self._urgent and not self._later_fits():
                 if self._closed:
                     return None
                 self._work.wait()
-            later = not self._urgent
-            job = self._later.popleft() if later else self._urgent.popleft()
-            if later:
-                self._later_bytes += job[2]
+            job = self._urgent.popleft() if self._urgent else self._later.popleft()
+            self._reading_bytes += job[2]
             record = job[0]
             if record.reads.plan.scatter:  # read by this thread into its own padding buffer: no staging
                 self._permits.release()
@@ -224,12 +223,12 @@ class ReadQueue:
                 record.buffer = pool.pop() if pool else mmap.mmap(-1, size)  # anonymous: page aligned
             else:
                 self._permits.release()  # a later chunk: its record already holds one
-            return (*job, later)
+            return job
 
-    def _read_done(self, length: int, later: bool) -> None:
-        if later:
-            with self._work:
-                self._later_bytes -= length
+    def _read_done(self, length: int) -> None:
+        with self._work:
+            self._reading_bytes -= length
+            if self._later:
                 self._work.notify()  # a read-ahead held back by the limit may start
 
     def _serve(self) -> None:
@@ -240,7 +239,7 @@ class ReadQueue:
             if job is None:
                 self._permits.release()
                 return
-            record, offset, length, later = job
+            record, offset, length = job
             plan = record.reads.plan
             if plan.scatter:  # one read straight into the slot, checked here: no hand-off, no staging
                 size = max(PAGE, plan.staging_bytes)
@@ -248,11 +247,11 @@ class ReadQueue:
                     padding[size] = mmap.mmap(-1, size)
                 record.buffer = padding[size]
                 self._read(record, offset, length)
-                self._read_done(length, later)
+                self._read_done(length)
                 self._land(record)
                 continue
             self._read(record, offset, length)
-            self._read_done(length, later)
+            self._read_done(length)
             with self._lock:
                 record.chunks_left -= 1
                 last = record.chunks_left == 0

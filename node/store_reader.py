@@ -36,8 +36,9 @@ log = logging.getLogger(__name__)
 
 F_NOCACHE = 48  # macOS fcntl command; not exported by Python's fcntl module
 _PAGE = 4096  # O_DIRECT buffer alignment (covers 512 B and 4 KiB logical blocks)
-# Read-aheads being read hold at most this many bytes (one record at least): a demand read then
-# shares the flash with little. One multi-MB record alone reads at 0.95 of eight (`bench io`
+# A read-ahead starts only while the reads in flight, demand reads too, hold less than this many
+# bytes with it (or none are in flight): a demand read then shares the flash with little, and waits
+# for no read-ahead queued after it. One multi-MB record alone reads at 0.95 of eight (`bench io`
 # --queue-depths 1,8 on the realistic big store), and 96 KiB records keep all of the queue's depth.
 READ_AHEAD_BYTES = 4 * 2**20
 
@@ -115,7 +116,7 @@ class ExpertStore:
         manifest describes the arrays handed out (what the cache counts), `record_specs` the records on
         flash (size, offset, checksum, tensor table); by default both are the store's. `aio`: O_DIRECT
         records go through Linux AIO where it is built (node/aio_reads.py); False: reader threads only.
-        `read_ahead_bytes`: what read-aheads being read may hold (one record at least; 0: no limit)."""
+        `read_ahead_bytes`: a read-ahead starts only below this many bytes in flight (0: no limit)."""
         self.path = Path(path)
         self.manifest = manifest or Manifest.load(self.path)
         self.page_cache = page_cache

@@ -124,3 +124,47 @@ def test_acquire_takes_back_the_read_aheads_it_does_not_need(models):
         assert stats.prefetch_used + stats.prefetch_wasted == stats.prefetched
         assert stats.bytes_read == (stats.prefetched + stats.misses) * store.record_bytes(spec.layer)
         assert cache.bytes <= cache.budget_bytes
+
+
+class _Logged:
+    """A store's load that logs when it is waited for."""
+
+    def __init__(self, load, log: list) -> None:
+        self._load, self._log = load, log
+
+    def __getattr__(self, name):
+        return getattr(self._load, name)
+
+    def wait(self):
+        self._log.append(("wait", self._load.layer))
+        return self._load.wait()
+
+
+def test_acquire_queues_the_next_read_aheads_before_it_waits(models):
+    """acquire(read_ahead=...) submits the next layer's read-aheads behind its misses before it
+    waits for them (the flash goes on to them as the misses land), and they evict nothing it pinned."""
+    _, path = models.get("qwen3_moe")
+    with ExpertStore(path) as store:
+        first, second = store.manifest.layers[:2]
+        events = []
+        submit = store.load
+
+        def load(layer, slots, slab, *, urgent):
+            events.append(("load", layer, urgent))
+            return _Logged(submit(layer, slots, slab, urgent=urgent), events)
+
+        store.load = load
+        k = store.manifest.top_k
+        cache = ExpertCache(store, budget_bytes=2 * store.manifest.min_budget_bytes)  # two layers' top-k
+        needed = first.experts[:k]
+        slots = cache.acquire(first.layer, needed, read_ahead=(second.layer, second.experts))
+        assert events[0] == ("load", first.layer, True)
+        assert events.index(("wait", first.layer)) > events.index(("load", second.layer, False)) > 0
+        assert events.count(("load", second.layer, False)) == k  # the room left, not the pinned experts'
+        for e, slot in slots.items():
+            raw = store.read_raw(first.layer, e)
+            for t in first.tensors:
+                assert cache.slab(first.layer).rows[t.name][slot].tobytes() == raw[t.offset : t.offset + t.nbytes]
+        cache.release(first.layer, needed)
+        assert cache.bytes <= cache.budget_bytes
+        cache.close_stats()

@@ -222,3 +222,44 @@ def test_a_read_ahead_not_yet_started_can_be_dropped(models, aio):
             for t in spec.tensors:
                 assert slab.rows[t.name][slot].tobytes() == raw[t.offset : t.offset + t.nbytes]
             assert not load.drop()  # landed: nothing to take back
+
+
+def _read_ahead_behind_demand(store: ExpertStore) -> tuple[bool, bool]:
+    """Every layer's records but the last's as demand reads, then one read-ahead: whether demand
+    reads were still in flight when it was looked at, and whether it could be taken back."""
+    layers = store.manifest.layers
+    cache = ExpertCache(store, budget_bytes=store.manifest.expert_bytes_total)
+    demand = []
+    for spec in layers[:-1]:
+        slab = cache.slab(spec.layer)
+        demand.append(store.load(spec.layer, {e: slab.take((spec.layer, e)) for e in spec.experts}, slab, urgent=True))
+    last, slab = layers[-1], cache.slab(layers[-1].layer)
+    ahead = store.load(last.layer, {last.experts[0]: slab.take((last.layer, last.experts[0]))}, slab, urgent=False)
+    reading = not all(load.done() for load in demand)
+    dropped = ahead.drop()
+    for load in demand:
+        load.wait()
+    if not dropped:
+        ahead.wait()
+    return reading, dropped
+
+
+@pytest.mark.parametrize("aio", READERS)
+def test_a_read_ahead_waits_for_the_demand_reads_in_flight(models, aio):
+    """A read-ahead starts only while all reads in flight, demand reads too, hold less than
+    `read_ahead_bytes`: queued behind demand reads, it is still queued (so it can be taken back)
+    while they read, though the queue has depth to spare for it."""
+    _, path = models.get("qwen3_moe")
+    manifest = Manifest.load(path)
+    demand_records = sum(len(spec.experts) for spec in manifest.layers[:-1])
+    store = ExpertStore(path, aio=aio, queue_depth=demand_records + 8, read_ahead_bytes=1)
+    if aio and not (BUILT and store._queue.ring is not None):
+        store.close()
+        pytest.skip("the AIO reader is not built here")
+    with store:
+        for _ in range(5):  # the demand reads may all land before the read-ahead is looked at: again
+            reading, dropped = _read_ahead_behind_demand(store)
+            if reading:
+                break
+        assert reading, "the demand reads kept landing before the read-ahead could be looked at"
+        assert dropped
