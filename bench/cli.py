@@ -254,6 +254,13 @@ def cmd_overlap(args: argparse.Namespace) -> int:
                 f" {c['bytes_read_over_missed']:.2f} (bytes read / missed)"
                 f" + {c['flash_idle_over_engine_read_time']:.2f} (idle)"
             )
+        if "over_max_at_disk_rate" in c:
+            print(
+                f"{'':>16}the disk itself (block trace): reads in flight {c['disk_busy_fraction']:.2f} of the decode,"
+                f" at {c['disk_gbps_while_busy_by_round']} GB/s ({c['disk_rate_over_alone'] or 0:.2f} of its rate in"
+                f" reads alone around each run); {c['over_max_at_disk_rate']:.2f}x max(read, compute) with reads"
+                f" at the disk's rate in the run (by round {c['over_max_at_disk_rate_by_round']})"
+            )
     u = result["reads_under_compute"]
     print(
         f"reads while MLX computes: {u['ratio']:.2f} of reads alone"

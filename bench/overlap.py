@@ -21,10 +21,15 @@ Three things in one run:
    in flight and flash idle, and time per token over R' (R at the engine's own rate) into the rate
    while busy, bytes read over bytes missed (wasted read-aheads) and idle; the loads' own spans say
    how much of the idle is at the token's edges (before its first read, after its last).
+4. The disk's own timeline, where the block layer can be traced (root, tracefs; bench/block_trace.py):
+   the share of each decode the disk had reads in flight and its rate meanwhile, against its rate
+   in the engine's reads alone just around the run, and time per token over max(R, C) with R at the
+   disk's rate during that very run, which the drift from minute to minute cannot move.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -38,6 +43,7 @@ from pathlib import Path
 
 from flashmesh.node.store_format import Manifest
 
+from bench.block_trace import DiskWindow, trace_if_possible
 from bench.io import engine_randread, fio_randread
 from bench.oversub import drop_page_cache, make_cgroup, run_in_cgroup
 
@@ -98,10 +104,35 @@ def forced_decode(
             "flash_gbps_while_busy": delta["bytes_read"] / delta["flash_busy_seconds"] / 1e9
             if delta["flash_busy_seconds"]
             else 0.0,
+            "decode_window": [spans[0][0], spans[-1][1]],  # perf_counter: the disk's trace is cut to it
             **_token_boundary(spans, loads),
         }
     finally:
         streaming.close()
+
+
+def _against_the_disk(pairs: list[tuple[dict, float]]) -> dict:
+    """Each run against its disk's own timeline: the share of the decode the disk had reads in
+    flight, its rate meanwhile, and time per token over max(R, C) with R at that rate (that run's
+    bytes at its own minute's rate); empty where the disk was not traced."""
+    traced = [(x, c, DiskWindow(**x["disk"])) for x, c in pairs if "disk" in x and x["disk"]["busy_seconds"] > 0]
+    if not traced:
+        return {}
+    disks = [d for _, _, d in traced]
+    alone = [x["disk_gbps_alone_around"] for x, _, _ in traced]
+    reads = [x["missed_expert_bytes_per_token"] / (d.gbps_while_busy * 1e9) for x, _, d in traced]
+    over = [x["seconds_per_token"] / max(r, c) for (x, c, _), r in zip(traced, reads, strict=True)]
+    # the disk's rate in the decode over its rate in the engine's reads alone just around it
+    in_decode = [d.gbps_while_busy / a for d, a in zip(disks, alone, strict=True) if a]
+    return {
+        "disk_busy_fraction": statistics.median(d.busy_fraction for d in disks),
+        "disk_gbps_while_busy_by_round": [round(d.gbps_while_busy, 3) for d in disks],
+        "disk_gbps_alone_around_by_round": [round(a, 3) for a in alone],
+        "disk_rate_over_alone": statistics.median(in_decode) if in_decode else None,
+        "read_seconds_at_disk_rate": statistics.median(reads),
+        "over_max_at_disk_rate": statistics.median(over),
+        "over_max_at_disk_rate_by_round": [round(v, 3) for v in over],
+    }
 
 
 def _record_loads(store) -> list:
@@ -237,6 +268,8 @@ def run_overlap_bench(
     # 2 s just before and just after it, so that it is set against the rate of its own minute.
     fio_by_round: list[float] = []
     engine_around: dict[str, list[float]] = {name: [] for name in streamed}
+    # the disk's own timeline (block tracepoints) during each run and its brackets, where it can be had
+    trace = trace_if_possible(store)
     try:
         for r in range(rounds):
             drop_page_cache()
@@ -249,14 +282,23 @@ def run_overlap_bench(
                     continue
                 flag = "on" if name.startswith("lookahead_on") else "off"
                 pages = "small" if name.endswith("_4k") else "huge"
-                before = engine_alone(2 * r)
-                drop_page_cache()
-                runs[name].append(
-                    run_in_cgroup(
+                with trace or contextlib.nullcontext():
+                    t0 = time.perf_counter()
+                    before = engine_alone(2 * r)
+                    t1 = time.perf_counter()
+                    drop_page_cache()
+                    run = run_in_cgroup(
                         cgroup, [*child, str(ram_budget), flag, "stream", pages], timeout=3600, module="bench.overlap"
                     )
-                )
-                engine_around[name].append((before + engine_alone(2 * r + 1)) / 2)
+                    t2 = time.perf_counter()
+                    after = engine_alone(2 * r + 1)
+                    t3 = time.perf_counter()
+                engine_around[name].append((before + after) / 2)
+                if trace is not None and "decode_window" in run:
+                    run["disk"] = trace.window(*run["decode_window"]).__dict__
+                    brackets = [trace.window(t0, t1), trace.window(t2, t3)]  # the engine's reads alone
+                    run["disk_gbps_alone_around"] = statistics.mean(w.gbps_while_busy for w in brackets)
+                runs[name].append(run)
     finally:
         cgroup.rmdir()
     fio_gbps = statistics.median(fio_by_round)
@@ -311,6 +353,7 @@ def run_overlap_bench(
             "engine_gbps_around_by_round": [round(e, 3) for _, _, _, e in rounds_ok],
             "over_max_at_fastest_rate": statistics.median(over_max_fastest),
             "hit_rate": statistics.median(x["hit_rate"] for x, _ in pairs),
+            **_against_the_disk(pairs),
             "runs": rs,
         }
     return {

@@ -73,3 +73,31 @@ def test_calibration_counts_only_the_generation_after_the_warm_up():
     assert counted_hit_rate(trace, warm=2, capacity=4) == 1.0  # everything the warm-up read is still there
     assert counted_hit_rate(trace, warm=2, capacity=2) == 0.0  # LFU with aging kept the later 2, 3
     assert counted_hit_rate(trace, warm=1, capacity=4) == 0.5  # [2, 3] cold, [0, 1] hits
+
+
+def test_block_trace_times_the_disks_own_busy_spans():
+    """The disk's timeline from block tracepoint lines: busy while any read of this disk is in flight,
+    bytes of the reads completed in the window; other disks, writes and reads issued before tracing
+    are left out."""
+    from bench.block_trace import BlockTrace
+
+    trace = BlockTrace.__new__(BlockTrace)
+    trace.disk, trace._busy, trace._completed = (254, 0), [], []
+    lines = [
+        "  <idle>-0 [001] ..s1. 9.500000: block_rq_complete: 254,0 R () 1 + 8 be,0,4 [0]",  # before tracing
+        "  python-1 [000] ..... 10.000000: block_rq_issue: 254,0 R 4096 () 8 + 8 be,0,4 [python]",
+        "  python-1 [000] ..... 10.001000: block_rq_issue: 254,0 RA 8192 () 64 + 16 be,0,4 [python]",
+        "  python-1 [000] ..... 10.001500: block_rq_issue: 254,16 R 4096 () 8 + 8 be,0,4 [python]",  # another disk
+        "  <idle>-0 [001] ..s1. 10.002000: block_rq_complete: 254,0 R () 8 + 8 be,0,4 [0]",
+        "  kworker-9 [001] ..... 10.002500: block_rq_issue: 254,0 WS 4096 () 99 + 8 be,0,4 [kworker]",  # a write
+        "  <idle>-0 [001] ..s1. 10.004000: block_rq_complete: 254,0 RA () 64 + 16 be,0,4 [0]",
+        "  python-1 [000] ..... 10.010000: block_rq_issue: 254,0 R 4096 () 8 + 8 be,0,4 [python]",
+        "  <idle>-0 [001] ..s1. 10.011000: block_rq_complete: 254,0 R () 8 + 8 be,0,4 [0]",
+    ]
+    trace._parse(lines)
+    assert trace._busy == [(10.0, 10.004), (10.01, 10.011)]
+    whole = trace.window(10.0, 10.02)
+    assert whole.busy_seconds == pytest.approx(0.005)
+    assert whole.bytes_read == (8 + 16 + 8) * 512
+    assert whole.busy_fraction == pytest.approx(0.25)
+    assert trace.window(10.003, 10.0105).busy_seconds == pytest.approx(0.0015)  # cut to the window
