@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 TRACEFS = Path("/sys/kernel/tracing")
 EVENTS = ("block/block_rq_issue", "block/block_rq_complete")
 # "block_rq_issue: 254,0 R 4096 () 8851208 + 8 ..." / "block_rq_complete: 254,0 R () 8851208 + 8 ..."
-_LINE = re.compile(r"\s(\d+\.\d+): block_rq_(issue|complete): (\d+),(\d+) (\S+)(?: \d+)? \(\) \d+ \+ (\d+)")
+_LINE = re.compile(r"\s(\d+\.\d+): block_rq_(issue|complete): (\d+),(\d+) (\S+)(?: \d+)? \(\) (\d+) \+ (\d+)")
 _SECTOR = 512
 
 
@@ -91,20 +91,23 @@ class BlockTrace:
             self._write("trace", "")
 
     def _parse(self, lines) -> None:
-        depth, since = 0, 0.0
+        # Requests are keyed by their first sector: a request the driver could not take is requeued
+        # and issued again (a second issue event, one completion).
+        in_flight: set[int] = set()
+        since = 0.0
         for line in lines:
             m = _LINE.search(line)
             if not m or (int(m[3]), int(m[4])) != self.disk or "R" not in m[5]:
                 continue
-            t = float(m[1])
+            t, sector = float(m[1]), int(m[6])
             if m[2] == "issue":
-                if depth == 0:
+                if not in_flight:
                     since = t
-                depth += 1
-            elif depth:  # a completion of a request issued before tracing began is left out
-                depth -= 1
-                self._completed.append((t, int(m[6]) * _SECTOR))
-                if depth == 0:
+                in_flight.add(sector)
+            elif sector in in_flight:  # a request issued before tracing began is left out
+                in_flight.discard(sector)
+                self._completed.append((t, int(m[7]) * _SECTOR))
+                if not in_flight:
                     self._busy.append((since, t))
 
     def window(self, start: float, end: float) -> DiskWindow:

@@ -77,8 +77,8 @@ def test_calibration_counts_only_the_generation_after_the_warm_up():
 
 def test_block_trace_times_the_disks_own_busy_spans():
     """The disk's timeline from block tracepoint lines: busy while any read of this disk is in flight,
-    bytes of the reads completed in the window; other disks, writes and reads issued before tracing
-    are left out."""
+    bytes of the reads completed in the window; a requeued request issued twice counts once; other
+    disks, writes and reads issued before tracing are left out."""
     from bench.block_trace import BlockTrace
 
     trace = BlockTrace.__new__(BlockTrace)
@@ -88,6 +88,7 @@ def test_block_trace_times_the_disks_own_busy_spans():
         "  python-1 [000] ..... 10.000000: block_rq_issue: 254,0 R 4096 () 8 + 8 be,0,4 [python]",
         "  python-1 [000] ..... 10.001000: block_rq_issue: 254,0 RA 8192 () 64 + 16 be,0,4 [python]",
         "  python-1 [000] ..... 10.001500: block_rq_issue: 254,16 R 4096 () 8 + 8 be,0,4 [python]",  # another disk
+        "  python-1 [000] ..... 10.001800: block_rq_issue: 254,0 R 4096 () 8 + 8 be,0,4 [python]",  # requeued
         "  <idle>-0 [001] ..s1. 10.002000: block_rq_complete: 254,0 R () 8 + 8 be,0,4 [0]",
         "  kworker-9 [001] ..... 10.002500: block_rq_issue: 254,0 WS 4096 () 99 + 8 be,0,4 [kworker]",  # a write
         "  <idle>-0 [001] ..s1. 10.004000: block_rq_complete: 254,0 RA () 64 + 16 be,0,4 [0]",
