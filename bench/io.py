@@ -103,6 +103,13 @@ def engine_slots(manifest: Manifest, spec: LayerSpec, queue_depth: int) -> int:
     return max(engine_window(queue_depth, min(manifest.top_k, len(spec.experts))), cache_sized)
 
 
+def fault_in(slab: Slab) -> None:
+    """Write every page of `slab` now, so that the clock times a cache's steady state: a slot's pages
+    first touched by a read are zeroed inside io_submit, slowly where the VM backs memory lazily."""
+    for rows in slab.rows.values():
+        rows[:] = 0
+
+
 def engine_randread(
     store_path: Path,
     layer: int,
@@ -132,8 +139,7 @@ def engine_randread(
         batch = min(store.manifest.top_k, len(spec.experts))
         ahead = records_ahead(queue_depth, batch)
         ring = Slab([spec], slots=engine_slots(store.manifest, spec, queue_depth), huge_pages=huge_pages)
-        for rows in ring.rows.values():
-            rows[:] = 0  # every page faulted in now: the clock times a cache's steady state
+        fault_in(ring)
         next_slot, in_flight = 0, deque()
         # the batches are drawn before the clock starts: numpy's sampling is not the fetch path
         draws = rng.permuted(np.tile(np.asarray(spec.experts), (4096, 1)), axis=1)[:, :batch].tolist()

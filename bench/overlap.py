@@ -44,7 +44,7 @@ from pathlib import Path
 from flashmesh.node.store_format import Manifest
 
 from bench.block_trace import DiskWindow, trace_if_possible
-from bench.io import engine_randread, fio_randread
+from bench.io import engine_randread, fault_in, fio_randread
 from bench.oversub import drop_page_cache, make_cgroup, run_in_cgroup
 
 log = logging.getLogger(__name__)
@@ -71,11 +71,10 @@ def forced_decode(
     )
     streaming = open_model(options)
     try:
-        if not preload:  # every slab page faulted in now, as bench.io does: the clock times a steady state
+        if not preload:
             slabs = (streaming.cache.slab(spec.layer) for spec in streaming.manifest.layers)
-            for slab in {id(slab): slab for slab in slabs}.values():
-                for rows in slab.rows.values():
-                    rows[:] = 0
+            for slab in {id(slab): slab for slab in slabs}.values():  # layers of one shape share a slab
+                fault_in(slab)
         ids = streaming.tokenizer.encode(TEXT * (1 + tokens // 40))[: tokens + 1]
         cache = make_prompt_cache(streaming.model)
         mx.eval(streaming.model(mx.array(ids[:1])[None], cache=cache))  # first step: cold, not timed
@@ -117,6 +116,11 @@ def forced_decode(
         streaming.close()
 
 
+def _over_max(pairs: list[tuple[dict, float]], reads: list[float]) -> list[float]:
+    """Each run's time per token over max(R, C), with its round's C and the R given for it."""
+    return [x["seconds_per_token"] / max(r, c) for (x, c), r in zip(pairs, reads, strict=True)]
+
+
 def _against_the_disk(pairs: list[tuple[dict, float]]) -> dict:
     """Each run against its disk's own timeline: the share of the decode the disk had reads in
     flight, its rate meanwhile, and time per token over max(R, C) with R at that rate (that run's
@@ -127,7 +131,7 @@ def _against_the_disk(pairs: list[tuple[dict, float]]) -> dict:
     disks = [d for _, _, d in traced]
     alone = [x["disk_gbps_alone_around"] for x, _, _ in traced]
     reads = [x["missed_expert_bytes_per_token"] / (d.gbps_while_busy * 1e9) for x, _, d in traced]
-    over = [x["seconds_per_token"] / max(r, c) for (x, c, _), r in zip(traced, reads, strict=True)]
+    over = _over_max([(x, c) for x, c, _ in traced], reads)
     # the disk's rate in the decode over its rate in the engine's reads alone just around it
     in_decode = [d.gbps_while_busy / a for d, a in zip(disks, alone, strict=True) if a]
     return {
@@ -325,13 +329,13 @@ def run_overlap_bench(
             summary[name] = {"runs": rs}
             continue
         reads = [x["missed_expert_bytes_per_token"] / (f * 1e9) for x, _, f, _ in rounds_ok]
-        over_max = [x["seconds_per_token"] / max(r, c) for (x, c), r in zip(pairs, reads, strict=True)]
+        over_max = _over_max(pairs, reads)
         over_sum = [x["seconds_per_token"] / (r + c) for (x, c), r in zip(pairs, reads, strict=True)]
         own = [x["missed_expert_bytes_per_token"] / (e * 1e9) for x, _, _, e in rounds_ok]
-        over_max_own = [x["seconds_per_token"] / max(r, c) for (x, c), r in zip(pairs, own, strict=True)]
+        over_max_own = _over_max(pairs, own)
         # the strictest bound: each round's faster rate of the two
         fastest = [min(r, o) for r, o in zip(reads, own, strict=True)]
-        over_max_fastest = [x["seconds_per_token"] / max(r, c) for (x, c), r in zip(pairs, fastest, strict=True)]
+        over_max_fastest = _over_max(pairs, fastest)
         # time per token over R' = (engine's rate alone / flash's rate while busy) x (bytes read / missed
         # bytes) + flash idle / R': the three things that stand between a token and its reads
         slower = [e / x["flash_gbps_while_busy"] for x, _, _, e in rounds_ok if x["flash_gbps_while_busy"]]
